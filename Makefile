@@ -1,0 +1,30 @@
+# Everything runs inside .venv, created on first use with the system's python3.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test lint demo bench faults clean
+
+$(STAMP): setup.py pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check banyan bench tests
+	$(VENV)/bin/ruff format --check banyan bench tests
+	$(VENV)/bin/mypy
+
+demo: $(STAMP)
+	$(PY) -m banyan.demo
+
+bench: $(STAMP)
+	$(PY) bench/claim_scaling.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
