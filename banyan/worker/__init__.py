@@ -1,0 +1,1 @@
+"""The worker daemon: claims jobs, runs them as process groups, reports back."""
