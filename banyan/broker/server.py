@@ -1,0 +1,431 @@
+"""The broker's shell: recv → decode → state machine → one commit → send.
+
+One process, one poll loop, two ROUTER sockets. Each turn drains what is waiting on both
+sockets, applies every message to the state machine inside one LMDB write transaction (each
+message in its own child transaction, so a refused one leaves nothing behind), commits once,
+and only then sends replies, assignments and cancels. Nothing is acknowledged before it is
+durable (SPEC §7).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from banyan import defaults, protocol
+from banyan.broker import queries
+from banyan.broker.records import WorkerState
+from banyan.broker.state import Actor, Config, Core, Effect, Logged
+from banyan.broker.store import ReadTx, Store, StoreFull, WriteTx
+from banyan.errors import BanyanError, NoSpace, NotFound
+
+log = logging.getLogger("banyan.broker")
+
+# Messages taken from one socket per turn: enough to batch commits, few enough that a flood
+# on one socket cannot starve heartbeats on the other.
+BATCH = 512
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    state_dir: str
+    bind: str = defaults.BROKER_HOST
+    client_port: int = defaults.CLIENT_PORT
+    worker_port: int = defaults.WORKER_PORT
+    core: Config = field(default_factory=Config)
+    sync: bool = True
+
+
+@dataclass
+class Session:
+    """A worker's live connection: volatile, rebuilt from re-registration after a restart."""
+
+    identity: bytes | None
+    last_seen: float
+
+
+@dataclass
+class Waiter:
+    identity: bytes
+    req: int
+    jobs: set[int]
+    all_jobs: list[int]
+    deadline: float | None
+
+
+@dataclass
+class Turn:
+    """What one poll turn decided; sent only after its commit."""
+
+    replies: list[tuple[str, bytes, bytes]] = field(default_factory=list)  # socket, peer, bytes
+    effects: list[Effect] = field(default_factory=list)
+    events: list[Logged] = field(default_factory=list)
+    waiters: list[Waiter] = field(default_factory=list)
+
+
+class Broker:
+    def __init__(
+        self,
+        config: BrokerConfig,
+        ctx: zmq.Context[Any] | None = None,
+        clock: Callable[[], float] = time.time,
+        actor: Actor | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.ctx = ctx or zmq.Context.instance()
+        self.store = Store(config.state_dir, sync=config.sync)
+        self.actor = actor or Actor("local", "admin")
+        self.client = self._bind(config.client_port)
+        self.worker = self._bind(config.worker_port)
+        self.client_port = _port(self.client)
+        self.worker_port = _port(self.worker)
+        self.poller = zmq.Poller()
+        self.poller.register(self.client, zmq.POLLIN)
+        self.poller.register(self.worker, zmq.POLLIN)
+        self.sessions: dict[str, Session] = {}
+        self.names: dict[bytes, str] = {}
+        self.waiters: dict[int, list[Waiter]] = {}
+        self.refused = 0
+        self.stopping = False
+        self.next_heartbeat = 0.0
+        self._recover()
+
+    def _bind(self, port: int) -> zmq.Socket[Any]:
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, defaults.MAX_MESSAGE_BYTES)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        if port:
+            sock.bind(f"tcp://{self.config.bind}:{port}")
+        else:
+            sock.bind_to_random_port(f"tcp://{self.config.bind}")
+        return sock
+
+    def _recover(self) -> None:
+        """After a start or restart, every worker that was not lost gets one liveness window
+        to re-register with the attempts it holds; claims from before are void."""
+        now = self.clock()
+
+        def reset(tx: WriteTx) -> list[str]:
+            names = []
+            for worker in list(tx.workers()):
+                if worker.wants:
+                    worker.wants = 0
+                    tx.put_worker(worker)
+                if worker.state != WorkerState.LOST.value:
+                    names.append(worker.name)
+            return names
+
+        for name in self.store.write_batch(reset):
+            self.sessions[name] = Session(None, now)
+        log.info("state loaded from %s; %d workers expected back", self.config.state_dir,
+                 len(self.sessions))
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        log.info("listening: clients on %s:%d, workers on %s:%d", self.config.bind,
+                 self.client_port, self.config.bind, self.worker_port)
+        while not self.stopping:
+            self.step(timeout=self._poll_timeout())
+        self.close()
+
+    def _poll_timeout(self) -> float:
+        return max(0.0, min(self.next_heartbeat - self.clock(), self.config.core.heartbeat))
+
+    def step(self, timeout: float = 0.0) -> None:
+        """One turn: wait up to `timeout` s for input, handle it all, commit once, send."""
+        ready = dict(self.poller.poll(int(timeout * 1000)))
+        inbox: list[tuple[str, list[bytes]]] = []
+        for kind, sock in (("client", self.client), ("worker", self.worker)):
+            if sock in ready:
+                inbox += [(kind, frames) for frames in _drain(sock)]
+        now = self.clock()
+        for kind, frames in inbox:
+            if kind == "worker" and frames:
+                self._touch(frames[0], now)
+        lost = self._expired(now)
+        due = self._due_waiters(now)
+        if inbox or lost or due:
+            self._turn(inbox, lost, due, now)
+        if now >= self.next_heartbeat:
+            self._heartbeat(now)
+
+    def _turn(self, inbox: list[tuple[str, list[bytes]]], lost: list[str],
+              due: list[Waiter], now: float) -> None:
+        try:
+            turn = self.store.write_batch(lambda tx: self._apply(tx, inbox, lost, due, now))
+        except StoreFull as e:
+            log.error("store full: %s; refusing this turn's %d messages", e, len(inbox))
+            turn = self._refuse_all(inbox, NoSpace(f"no space left in the broker's store: {e}"))
+        for name in lost:
+            self.sessions.pop(name, None)
+        self._send(turn, now)
+
+    def _apply(self, tx: WriteTx, inbox: list[tuple[str, list[bytes]]], lost: list[str],
+               due: list[Waiter], now: float) -> Turn:
+        turn = Turn()
+        wake = False
+        for kind, frames in inbox:
+            handle = self._client_message if kind == "client" else self._worker_message
+            wake = handle(tx, frames, now, turn) or wake
+        for name in lost:
+            wake = self._in_child(tx, now, turn, lambda c, n=name: c.worker_lost(
+                n, f"worker {n} silent for {self._window():g} s")) or wake
+        for waiter in due:
+            turn.replies.append(("client", waiter.identity, self._waited(tx, waiter, True)))
+        if wake:
+            self._in_child(tx, now, turn, lambda c: c.match())
+        return turn
+
+    def _in_child(self, tx: WriteTx, now: float, turn: Turn, fn: Callable[[Core], Any]) -> bool:
+        with tx.child() as child:
+            core = Core(child, now, self.config.core)
+            fn(core)
+        turn.effects += core.effects
+        turn.events += core.events
+        return core.wake
+
+    # ---- clients ----------------------------------------------------------------------------
+
+    def _client_message(self, tx: WriteTx, frames: list[bytes], now: float, turn: Turn) -> bool:
+        if len(frames) != 2:
+            return self._drop(f"client message with {len(frames)} frames")
+        identity, payload = frames
+        try:
+            msg = protocol.decode(payload, protocol.CLIENT_REQUESTS)
+        except protocol.ProtocolError as e:
+            self.refused += 1
+            log.info("refused client message: %s", e.reason)
+            if e.req is not None:
+                turn.replies.append(("client", identity, _error(e.code, e.reason, e.req)))
+            return False
+        core: Core | None = None
+        try:
+            with tx.child() as child:
+                core = Core(child, now, self.config.core)
+                reply = queries.handle(core, self.actor, msg.type, msg.body, self._last_seen())
+        except BanyanError as e:
+            self.refused += 1
+            turn.replies.append(("client", identity, _error(e.code, e.message, msg.req)))
+            return False
+        except StoreFull:
+            raise
+        except Exception:
+            log.exception("internal error on %s", msg.type)
+            turn.replies.append(("client", identity, _error("internal", "internal broker error", msg.req)))
+            return False
+        turn.effects += core.effects
+        turn.events += core.events
+        if msg.type == "wait" and reply is not None:
+            pending = set(reply["pending"])
+            if pending:
+                timeout = msg.body.get("timeout")
+                deadline = now + timeout if timeout is not None else None
+                turn.waiters.append(Waiter(identity, msg.req, pending, reply["all"], deadline))
+                return core.wake
+            reply = {"jobs": reply["jobs"], "timed_out": False}
+        assert reply is not None
+        rtype, body = reply.pop("_type", None) or queries.REPLY[msg.type], reply
+        turn.replies.append(("client", identity, protocol.encode(rtype, body, msg.req)))
+        return core.wake
+
+    def _waited(self, tx: ReadTx, waiter: Waiter, timed_out: bool) -> bytes:
+        jobs = queries.brief(tx, waiter.all_jobs)
+        return protocol.encode("waited", {"jobs": jobs, "timed_out": timed_out}, waiter.req)
+
+    # ---- workers ----------------------------------------------------------------------------
+
+    def _worker_message(self, tx: WriteTx, frames: list[bytes], now: float, turn: Turn) -> bool:
+        if len(frames) != 2:
+            return self._drop(f"worker message with {len(frames)} frames")
+        identity, payload = frames
+        try:
+            msg = protocol.decode(payload, protocol.WORKER_TO_BROKER)
+        except protocol.ProtocolError as e:
+            self.refused += 1
+            log.info("refused worker message: %s", e.reason)
+            turn.replies.append(("worker", identity, _error(e.code, e.reason, e.req or 0)))
+            return False
+        body = msg.body
+        if msg.type == "register":
+            name = body["name"]
+            self.names[identity] = name
+            self.sessions[name] = Session(identity, now)
+            running = [(int(j), int(t)) for j, t in body["running"]]
+            capacity = (float(body["cpus"]), int(body["memory"]), int(body["gpus"]))
+            log.info("worker %s registered from %s (%g cpus, %d MiB, %d gpus, %d running)",
+                     name, body["host"], *capacity, len(running))
+            return self._in_child(tx, now, turn, lambda c: c.register(
+                name, body["host"], capacity, body["tags"], running))
+        name = self.names.get(identity)
+        if name is None or self.sessions.get(name, Session(None, 0)).identity != identity:
+            turn.replies.append(("worker", identity, protocol.encode("reregister", {})))
+            return False
+        try:
+            return self._in_child(tx, now, turn, lambda c: _worker_report(c, name, msg))
+        except NotFound:
+            turn.replies.append(("worker", identity, protocol.encode("reregister", {})))
+            return False
+        except StoreFull:
+            raise
+        except BanyanError as e:
+            self.refused += 1
+            turn.replies.append(("worker", identity, _error(e.code, e.message, msg.req)))
+            return False
+        except Exception:
+            log.exception("internal error on worker %s's %s", name, msg.type)
+            return False
+
+    def _last_seen(self) -> dict[str, float]:
+        return {name: s.last_seen for name, s in self.sessions.items()}
+
+    def _touch(self, identity: bytes, now: float) -> None:
+        name = self.names.get(identity)
+        session = self.sessions.get(name) if name else None
+        if session is not None and session.identity == identity:
+            session.last_seen = now
+
+    def _window(self) -> float:
+        return self.config.core.heartbeat * self.config.core.liveness
+
+    def _expired(self, now: float) -> list[str]:
+        limit = now - self._window()
+        return [name for name, s in self.sessions.items() if s.last_seen < limit]
+
+    def _heartbeat(self, now: float) -> None:
+        beat = protocol.encode("heartbeat", {})
+        for session in self.sessions.values():
+            if session.identity is not None:
+                self.worker.send_multipart([session.identity, beat], flags=zmq.NOBLOCK)
+        self.next_heartbeat = now + self.config.core.heartbeat
+
+    # ---- after the commit -------------------------------------------------------------------
+
+    def _send(self, turn: Turn, now: float) -> None:
+        for kind, identity, payload in turn.replies:
+            _send(self.client if kind == "client" else self.worker, identity, payload)
+        for effect in turn.effects:
+            session = self.sessions.get(effect.worker)
+            if session is None or session.identity is None:
+                continue  # it will re-register and be reconciled then
+            _send(self.worker, session.identity, protocol.encode(effect.type, effect.body))
+        for waiter in turn.waiters:
+            for job in waiter.jobs:
+                self.waiters.setdefault(job, []).append(waiter)
+        if turn.waiters:
+            self._recheck(turn.waiters)
+        ended = {e.job for e in turn.events if e.to in ("terminated", "cancelled")}
+        self._wake_waiters(ended)
+
+    def _recheck(self, waiters: list[Waiter]) -> None:
+        """A wait registered this turn may already be met by this same turn's events."""
+        with self.store.read() as tx:
+            done = {j for w in waiters for j in w.jobs if queries.is_terminal(tx, j)}
+        self._wake_waiters(done)
+
+    def _wake_waiters(self, ended: set[int]) -> None:
+        ready: list[Waiter] = []
+        for job in ended:
+            for waiter in self.waiters.pop(job, []):
+                waiter.jobs.discard(job)
+                if not waiter.jobs:
+                    ready.append(waiter)
+        if not ready:
+            return
+        with self.store.read() as tx:
+            for waiter in ready:
+                _send(self.client, waiter.identity, self._waited(tx, waiter, False))
+
+    def _due_waiters(self, now: float) -> list[Waiter]:
+        due = []
+        for job, waiters in list(self.waiters.items()):
+            keep = []
+            for w in waiters:
+                if w.deadline is not None and w.deadline <= now:
+                    if w not in due:
+                        due.append(w)
+                else:
+                    keep.append(w)
+            if keep:
+                self.waiters[job] = keep
+            else:
+                del self.waiters[job]
+        return due
+
+    def _refuse_all(self, inbox: list[tuple[str, list[bytes]]], error: BanyanError) -> Turn:
+        turn = Turn()
+        for kind, frames in inbox:
+            if kind != "client" or len(frames) != 2:
+                continue
+            try:
+                req = protocol.decode(frames[1], protocol.CLIENT_REQUESTS).req
+            except protocol.ProtocolError:
+                continue
+            turn.replies.append((kind, frames[0], _error(error.code, error.message, req)))
+        return turn
+
+    def _drop(self, why: str) -> bool:
+        self.refused += 1
+        log.info("dropped: %s", why)
+        return False
+
+    def close(self) -> None:
+        self.client.close(linger=0)
+        self.worker.close(linger=0)
+        self.store.close()
+        log.info("stopped; %d messages refused in this run", self.refused)
+
+
+def _worker_report(core: Core, name: str, msg: protocol.Message) -> None:
+    b = msg.body
+    if msg.type == "heartbeat":
+        core.heartbeat(name, [(int(r[0]), int(r[1]), r[2], r[3]) for r in b["running"]])
+    elif msg.type == "claim":
+        core.claim(name, b["max"])
+    elif msg.type == "started":
+        core.started(name, b["job"], b["token"])
+    elif msg.type == "progress":
+        core.progress(name, b["job"], b["token"], b["percent"], b["message"],
+                      (b["cpu_percent"], b["rss"]))
+    elif msg.type == "result":
+        tails = (_text(b["stdout_tail"]), _text(b["stderr_tail"]))
+        core.result(name, b["job"], b["token"], b["outcome"], b["exit_code"], b["signal"], tails)
+        core.wake = True  # its resources are free again for its standing claim
+
+
+def _text(data: bytes | str) -> str:
+    return data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+
+
+def _error(code: str, message: str, req: int) -> bytes:
+    return protocol.encode("error", {"code": code, "message": message}, req)
+
+
+def _drain(sock: zmq.Socket[Any]) -> list[list[bytes]]:
+    out = []
+    for _ in range(BATCH):
+        try:
+            out.append(sock.recv_multipart(zmq.NOBLOCK))
+        except zmq.Again:
+            break
+    return out
+
+
+def _send(sock: zmq.Socket[Any], identity: bytes, payload: bytes) -> None:
+    try:
+        sock.send_multipart([identity, payload], flags=zmq.NOBLOCK)
+    except zmq.ZMQError as e:  # the peer is gone; it will ask again
+        log.debug("send to %r failed: %s", identity, e)
+
+
+def _port(sock: zmq.Socket[Any]) -> int:
+    endpoint = sock.getsockopt(zmq.LAST_ENDPOINT)
+    return int(endpoint.decode().rsplit(":", 1)[1])

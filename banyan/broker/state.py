@@ -1,0 +1,865 @@
+"""The job state machine (SPEC §3–§5): pure, with no sockets, no LMDB and no clock of its own.
+
+A `Core` is made for one message (or one timer step) over one store transaction `tx` and the
+current time `now`. Its handlers read and write records through `tx` and *return* what must be
+said to workers as `effects`, plus the `events` they logged; the server sends them only after the
+transaction is durable. A handler that refuses raises a `BanyanError` before anything is
+written, and the server's child transaction makes even a half-done handler leave nothing behind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from banyan import defaults
+from banyan.broker.graph import DepGraph
+from banyan.broker.records import (
+    Attempt,
+    Dep,
+    DepKind,
+    Group,
+    Job,
+    JobState,
+    Outcome,
+    Tx,
+    Worker,
+    WorkerState,
+)
+from banyan.errors import BadRequest, Conflict, Forbidden, NotFound
+
+S = JobState
+
+# The one table of legal moves (SPEC §3). Anything else is an error reply, never an overwrite.
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    S.INACTIVE: frozenset({S.AVAILABLE, S.CANCELLED}),
+    S.AVAILABLE: frozenset({S.INACTIVE, S.RUNNING, S.CANCELLED}),
+    S.RUNNING: frozenset({S.AVAILABLE, S.TERMINATED, S.PENDING_CANCELLATION}),
+    S.PENDING_CANCELLATION: frozenset({S.CANCELLED, S.TERMINATED}),
+    S.TERMINATED: frozenset(),
+    S.CANCELLED: frozenset(),
+}
+
+# Which fields `modify` may write, and in which states (SPEC §2).
+EDITABLE: dict[str, frozenset[JobState]] = {
+    name: frozenset({S.INACTIVE})
+    for name in (
+        "name",
+        "command",
+        "cwd",
+        "env",
+        "cpus",
+        "memory",
+        "gpus",
+        "tags",
+        "max_attempts",
+        "time_limit",
+        "cancel_grace",
+        "output",
+        "depends_on",
+    )
+}
+EDITABLE["priority"] = frozenset({S.INACTIVE, S.AVAILABLE})
+
+ADMIN = "admin"
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who asks: the identity and role of the authenticated connection, never message content."""
+
+    name: str
+    role: str = ADMIN
+
+    def may_touch(self, owner: str) -> bool:
+        return self.role == ADMIN or self.name == owner
+
+
+@dataclass(frozen=True, slots=True)
+class Effect:
+    """A message for one worker, sent after the commit."""
+
+    worker: str
+    type: str
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    heartbeat: float = defaults.HEARTBEAT_INTERVAL
+    liveness: int = defaults.LIVENESS
+    max_lost_requeues: int = defaults.MAX_LOST_REQUEUES
+    claim_scan_limit: int = defaults.CLAIM_SCAN_LIMIT
+
+
+@dataclass(slots=True)
+class Logged:
+    """A state change this Core logged, for the server's waiters and watchers."""
+
+    seq: int
+    job: int
+    frm: str | None
+    to: str
+
+
+@dataclass
+class Core:
+    tx: Tx
+    now: float
+    config: Config = field(default_factory=Config)
+    effects: list[Effect] = field(default_factory=list)
+    events: list[Logged] = field(default_factory=list)
+    wake: bool = False  # a job became eligible or a claim arrived: run `match`
+
+    # ---- transitions ------------------------------------------------------------------------
+
+    def _move(self, job: Job, to: JobState, reason: str | None = None) -> None:
+        frm = job.st
+        if to not in TRANSITIONS[frm]:
+            raise Conflict(f"job {job.id}: cannot go from {frm.value} to {to.value}")
+        job.state = to.value
+        if to.terminal:
+            job.ended = self.now
+        self.tx.put_job(job)
+        self._log(job, frm.value, reason)
+
+    def _load(self, job_id: int) -> Job:
+        job = self.tx.get_job(job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id}")
+        return job
+
+    def _group(self, ref: str | int) -> Group:
+        group = self.tx.get_group(ref) if isinstance(ref, int) else self.tx.group_by_name(ref)
+        if group is None:
+            raise NotFound(f"no group {ref!r}")
+        return group
+
+    # ---- submission -------------------------------------------------------------------------
+
+    def submit(
+        self,
+        actor: Actor,
+        jobs: list[dict[str, Any]],
+        groups: list[dict[str, Any]],
+        submit_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Create jobs, groups and edges atomically; returns `{jobs: [ids], groups: {name: id}}`.
+
+        Resubmitting with the same `submit_key` returns the first result and creates nothing.
+        """
+        if submit_key:
+            prior = self.tx.get_submit_key(actor.name, submit_key)
+            if prior is not None:
+                return dict(prior)
+        if not jobs and not groups:
+            raise BadRequest("nothing to submit: no jobs and no groups")
+        by_name, joined = self._open_groups(actor, jobs, groups)
+        first = self.tx.next_id("job")
+        for _ in range(len(jobs) - 1):
+            self.tx.next_id("job")
+        ids = list(range(first, first + len(jobs)))
+        new: dict[int, list[Dep]] = {}
+        members: dict[int, list[int]] = {}
+        for i, spec in enumerate(jobs):
+            new[ids[i]] = self._resolve_deps(i, spec, by_name, ids)
+            for name in spec.get("groups", ()):
+                members.setdefault(by_name[name].id, []).append(ids[i])
+        DepGraph(self.tx).check(new, members, joined)
+
+        for gid, member_ids in members.items():
+            self._group_of(by_name, gid).total += len(member_ids)
+        for group in by_name.values():
+            self.tx.put_group(group)
+        born_doomed: list[tuple[int, str]] = []
+        for i, spec in enumerate(jobs):
+            job = self._new_job(ids[i], actor.name, spec)
+            job.groups = [by_name[name].id for name in spec.get("groups", ())]
+            job.depends_on = [d.pack() for d in new[job.id]]
+            doom = None
+            for dep in new[job.id]:
+                verdict = self._verdict(dep, ids)
+                if verdict == WAIT:
+                    job.pending += 1
+                    self.tx.add_dependent(dep.target, dep.id, job.id, dep.kind)
+                elif verdict != MET and doom is None:
+                    doom = verdict
+            self.tx.put_job(job)
+            self._log(job, None, "submitted")
+            if doom is not None:
+                born_doomed.append((job.id, doom))
+        for job_id, reason in born_doomed:
+            self._cancel(self._load(job_id), reason)
+        result = {"jobs": ids, "groups": {name: g.id for name, g in by_name.items()}}
+        if submit_key:
+            self.tx.put_submit_key(actor.name, submit_key, result)
+        return result
+
+    def _log(self, job: Job, frm: str | None, reason: str | None) -> None:
+        seq = self.tx.append_event(self.now, job.id, frm, job.state, reason)
+        self.events.append(Logged(seq, job.id, frm, job.state))
+        if job.eligible:
+            self.wake = True
+
+    @staticmethod
+    def _group_of(by_name: dict[str, Group], gid: int) -> Group:
+        return next(g for g in by_name.values() if g.id == gid)
+
+    def _new_job(self, job_id: int, owner: str, spec: dict[str, Any]) -> Job:
+        hold = bool(spec.get("hold", False))
+        return Job(
+            id=job_id,
+            name=spec.get("name") or "",
+            command=spec["command"],
+            owner=owner,
+            submitted=self.now,
+            state=(S.INACTIVE if hold else S.AVAILABLE).value,
+            cwd=spec.get("cwd"),
+            env=dict(spec.get("env") or {}),
+            cpus=float(spec.get("cpus", defaults.CPUS)),
+            memory=int(spec.get("memory", defaults.MEMORY_MIB)),
+            gpus=int(spec.get("gpus", defaults.GPUS)),
+            tags=list(spec.get("tags") or []),
+            priority=int(spec.get("priority", defaults.PRIORITY)),
+            max_attempts=int(spec.get("max_attempts", defaults.MAX_ATTEMPTS)),
+            time_limit=spec.get("time_limit"),
+            cancel_grace=float(spec.get("cancel_grace", defaults.CANCEL_GRACE)),
+            output=spec.get("output"),
+        )
+
+    def _open_groups(
+        self, actor: Actor, jobs: list[dict[str, Any]], groups: list[dict[str, Any]]
+    ) -> tuple[dict[str, Group], set[int]]:
+        """Create the submission's new groups and find the open ones it joins.
+
+        A listed group that already exists is joined if it is open (and the actor's); a job may
+        also name an existing open group without listing it.
+        """
+        by_name: dict[str, Group] = {}
+        joined: set[int] = set()
+        wanted = [(spec["name"], bool(spec.get("open", False)), "groups") for spec in groups]
+        for i, spec in enumerate(jobs):
+            wanted += [(name, False, f"jobs[{i}].groups") for name in spec.get("groups", ())]
+        listed = {spec["name"] for spec in groups}
+        if len(listed) != len(groups):
+            raise BadRequest("groups: a group name is listed twice")
+        for name, is_open, where in wanted:
+            if name in by_name:
+                continue
+            existing = self.tx.group_by_name(name)
+            if existing is not None:
+                if not existing.open:
+                    raise Conflict(f"{where}: group {name!r} is sealed; only open groups "
+                                   "take new members")
+                if not actor.may_touch(existing.owner):
+                    raise Forbidden(f"{where}: group {name!r} belongs to {existing.owner}")
+                by_name[name] = existing
+                joined.add(existing.id)
+            elif name in listed:
+                by_name[name] = Group(self.tx.next_id("group"), name, actor.name, self.now, is_open)
+            else:
+                raise NotFound(f"{where}: no group {name!r} (list it in the submission's groups)")
+        return by_name, joined
+
+    def _resolve_deps(
+        self, index: int, spec: dict[str, Any], by_name: dict[str, Group], ids: list[int]
+    ) -> list[Dep]:
+        """Check that every dependency of jobs[index] exists; duplicates collapse."""
+        out: dict[tuple[str, int], Dep] = {}
+        for k, dep in enumerate(spec.get("depends_on", ())):
+            where = f"jobs[{index}].depends_on[{k}]"
+            kind = dep.get("kind") or DepKind.AFTER.value
+            if dep.get("local") is not None:
+                local = int(dep["local"])
+                if not 0 <= local < len(ids) or local == index:
+                    raise BadRequest(f"{where}: local {local} is not another job of this submission")
+                target, tid = "job", ids[local]
+            elif dep.get("job") is not None:
+                target, tid = "job", int(dep["job"])
+                self._load_ref(tid, where)
+            else:
+                ref = dep["group"]
+                group = by_name.get(ref) if isinstance(ref, str) else None
+                target, tid = "group", (group or self._group_ref(ref, where)).id
+            out[(target, tid)] = Dep(kind, target, tid)
+        return list(out.values())
+
+    def _load_ref(self, job_id: int, where: str) -> Job:
+        job = self.tx.get_job(job_id)
+        if job is None:
+            raise NotFound(f"{where}: no job {job_id}")
+        return job
+
+    def _group_ref(self, ref: str | int, where: str) -> Group:
+        try:
+            return self._group(ref)
+        except NotFound as e:
+            raise NotFound(f"{where}: {e}") from None
+
+    def _verdict(self, dep: Dep, new_ids: list[int]) -> str:
+        """What a dependency means right now: WAIT, MET (already met) or a cancel reason."""
+        if dep.target == "job":
+            if new_ids and new_ids[0] <= dep.id <= new_ids[-1]:
+                return WAIT
+            target = self._load(dep.id)
+            if not target.st.terminal:
+                if dep.kind == DepKind.AFTER.value and target.doomed:
+                    return f"dependency {dep.id} will not succeed"
+                return WAIT
+            return _ended_verdict(dep.kind, target.outcome == Outcome.SUCCESS.value,
+                                       f"dependency {dep.id}")
+        group = self._group(dep.id)
+        if dep.kind == DepKind.AFTER.value and group.doomed:
+            return f"group {group.name!r} will not fully succeed"
+        if not group.complete:
+            return WAIT
+        return _ended_verdict(dep.kind, group.succeeded == group.total,
+                                   f"group {group.name!r}")
+
+
+
+    # ---- dependencies: what an ending (or a doom) does downstream ----------------------------
+
+    def _doom(self, job: Job, reason: str) -> None:
+        """`job` will never succeed: cancel its `after` dependents now (SPEC §4)."""
+        if job.doomed:
+            return
+        job.doomed = True
+        self.tx.put_job(job)
+        for dep_id, kind in self._dependents("job", job.id):
+            if kind == DepKind.AFTER.value:
+                self._cancel(self._load(dep_id), f"dependency {job.id} {reason}")
+        for gid in job.groups:
+            group = self._group(gid)
+            group.doomed += 1
+            self.tx.put_group(group)
+            if group.doomed == 1:
+                for dep_id, kind in self._dependents("group", gid):
+                    if kind == DepKind.AFTER.value:
+                        why = f"group {group.name!r}: job {job.id} {reason}"
+                        self._cancel(self._load(dep_id), why)
+
+    def _ended(self, job: Job) -> None:
+        """`job` reached a terminal state: settle its dependents and its groups."""
+        success = job.outcome == Outcome.SUCCESS.value
+        if not success:
+            self._doom(job, _failure_word(job))
+        for dep_id, kind in self._dependents("job", job.id):
+            self._settle(dep_id, _ended_verdict(kind, success, f"dependency {job.id}"))
+        for gid in job.groups:
+            group = self._group(gid)
+            group.ended += 1
+            group.succeeded += success
+            self.tx.put_group(group)
+            self._group_complete(group)
+
+    def _group_complete(self, group: Group) -> None:
+        if not group.complete:
+            return
+        success = group.succeeded == group.total
+        for dep_id, kind in self._dependents("group", group.id):
+            self._settle(dep_id, _ended_verdict(kind, success, f"group {group.name!r}"))
+
+    def _settle(self, job_id: int, verdict: str) -> None:
+        job = self._load(job_id)
+        if job.st.terminal:
+            return
+        if verdict != MET:
+            self._cancel(job, verdict)
+            return
+        job.pending -= 1
+        self.tx.put_job(job)
+        if job.eligible:
+            self.wake = True
+
+    def _dependents(self, target: str, target_id: int) -> list[tuple[int, str]]:
+        """Live dependents of a job or group, with the kind their own record gives.
+
+        The edge index may hold edges a `modify` has since dropped; the job's own
+        `depends_on` is the truth. Callers reload each dependent before acting on it, since
+        settling one may already have cascaded into the next.
+        """
+        out = []
+        for dep_id, _ in self.tx.dependents(target, target_id):
+            job = self.tx.get_job(dep_id)
+            if job is None or job.st.terminal:
+                continue
+            out += [(dep_id, kind) for kind, t, tid in job.depends_on
+                    if t == target and tid == target_id]
+        return out
+
+    # ---- cancellation -----------------------------------------------------------------------
+
+    def cancel(
+        self, actor: Actor, job_ids: list[int], group_refs: list[str | int], reason: str | None
+    ) -> dict[str, list[int]]:
+        """Cancel jobs and groups; cancelling what is already over is a success (SPEC §8)."""
+        jobs = [self._load(j) for j in job_ids]
+        groups = [self._group(g) for g in group_refs]
+        for job in jobs:
+            if not actor.may_touch(job.owner):
+                raise Forbidden(f"job {job.id} belongs to {job.owner}; only they or an admin "
+                                "may cancel it")
+        for group in groups:
+            if not actor.may_touch(group.owner):
+                raise Forbidden(f"group {group.name!r} belongs to {group.owner}")
+        why = f"cancelled by {actor.name}" + (f": {reason}" if reason else "")
+        out: dict[str, list[int]] = {"cancelled": [], "pending": [], "already": []}
+        for group in groups:
+            group.cancel_reason = why
+            was_open, group.open = group.open, False
+            self.tx.put_group(group)
+            members = list(self.tx.group_members(group.id))
+            for member in members:
+                job = self._load(member)
+                self._sort(out, job, self._cancel(job, f"group {group.name!r} {why}"))
+            if was_open:
+                self._group_complete(self._group(group.id))
+        for job in jobs:
+            self._sort(out, job, self._cancel(self._load(job.id), why))
+        return out
+
+    @staticmethod
+    def _sort(out: dict[str, list[int]], job: Job, what: str) -> None:
+        if job.id not in out[what]:
+            out[what].append(job.id)
+
+    def _cancel(self, job: Job, reason: str) -> str:
+        """Cancel one job: "cancelled", "pending" (a running job was asked) or "already"."""
+        st = job.st
+        if st.terminal or st == S.PENDING_CANCELLATION:
+            return "already" if st.terminal else "pending"
+        job.cancel_reason = reason
+        job.cancel_requested = True
+        if st == S.RUNNING and job.worker is not None and job.token is not None:
+            self._move(job, S.PENDING_CANCELLATION, reason)
+            self.effects.append(Effect(job.worker, "cancel",
+                                       {"job": job.id, "token": job.token, "reason": reason}))
+            self._doom(job, "was cancelled")
+            return "pending"
+        self._move(job, S.CANCELLED, reason)
+        self._ended(job)
+        return "cancelled"
+
+    # ---- hold, release, modify --------------------------------------------------------------
+
+    def modify(
+        self,
+        actor: Actor,
+        job_id: int,
+        changes: dict[str, Any],
+        hold: bool = False,
+        release: bool = False,
+    ) -> Job:
+        """Edit fields under the per-state rules, and hold or release (SPEC §2, §3)."""
+        job = self._load(job_id)
+        if not actor.may_touch(job.owner):
+            raise Forbidden(f"job {job.id} belongs to {job.owner}; only they or an admin may "
+                            "modify it")
+        if hold and release:
+            raise BadRequest("hold and release together make no sense")
+        if hold and job.st != S.INACTIVE:
+            if job.st != S.AVAILABLE:
+                raise Conflict(f"job {job.id} is {job.state}; only an available job can be held")
+            self._move(job, S.INACTIVE, f"held by {actor.name}")
+        for name in changes:
+            allowed = EDITABLE.get(name)
+            if allowed is None:
+                raise BadRequest(f"{name}: not a field that can be modified")
+            if job.st not in allowed:
+                states = " or ".join(sorted(s.value for s in allowed))
+                raise Conflict(f"{name}: may only be changed while the job is {states} "
+                               f"(job {job.id} is {job.state})")
+        for name, value in changes.items():
+            if name == "depends_on":
+                self._replace_deps(job, value)
+            else:
+                setattr(job, name, value)
+        self.tx.put_job(job)
+        if release and job.st == S.INACTIVE:
+            self._move(job, S.AVAILABLE, f"released by {actor.name}")
+        elif release and job.st != S.AVAILABLE:
+            raise Conflict(f"job {job.id} is {job.state}; only an inactive job can be released")
+        return job
+
+    def _replace_deps(self, job: Job, specs: list[dict[str, Any]]) -> None:
+        deps = self._resolve_deps(0, {"depends_on": specs}, {}, [job.id])
+        DepGraph(self.tx).check({job.id: deps}, {}, set(), existing=True)
+        pending = 0
+        for dep in deps:
+            verdict = self._verdict(dep, [])
+            if verdict == WAIT:
+                pending += 1
+                self.tx.add_dependent(dep.target, dep.id, job.id, dep.kind)
+            elif verdict != MET:
+                raise Conflict(f"depends_on: {verdict}; this job could never run")
+        job.depends_on = [d.pack() for d in deps]
+        job.pending = pending
+
+    def close_group(self, actor: Actor, ref: str | int) -> Group:
+        group = self._group(ref)
+        if not actor.may_touch(group.owner):
+            raise Forbidden(f"group {group.name!r} belongs to {group.owner}")
+        if group.open:
+            group.open = False
+            self.tx.put_group(group)
+            self._group_complete(group)
+        return group
+
+    # ---- workers ----------------------------------------------------------------------------
+
+    def register(
+        self,
+        name: str,
+        host: str,
+        capacity: tuple[float, int, int],
+        tags: list[str],
+        running: list[tuple[int, int]],
+    ) -> Worker:
+        """A worker (re)connects and lists the attempts it holds (SPEC §5)."""
+        worker = self.tx.get_worker(name)
+        cpus, memory, gpus = capacity
+        if worker is None:
+            worker = Worker(name, host, cpus, memory, gpus, list(tags), registered=self.now)
+        worker.host, worker.cpus, worker.memory, worker.gpus = host, cpus, memory, gpus
+        worker.tags = list(tags)
+        worker.registered = worker.last_seen = self.now
+        worker.wants = 0
+        if worker.state == WorkerState.LOST.value:
+            worker.state = WorkerState.ACTIVE.value
+        listed = dict(running)
+        for job_id, token in list(worker.running.items()):
+            if listed.get(job_id) != token:
+                self._lose_attempt(worker, job_id, token, f"worker {name} restarted without it")
+        for job_id, token in listed.items():
+            if worker.running.get(job_id) != token:
+                self._kill_stale(name, job_id, token)
+        self._recount(worker)
+        self._settle_drain(worker)
+        self.tx.put_worker(worker)
+        self.effects.append(Effect(name, "registered", {
+            "heartbeat": self.config.heartbeat, "liveness": self.config.liveness}))
+        return worker
+
+    def _recount(self, worker: Worker) -> None:
+        """Derive the worker's used resources from the attempts it holds."""
+        worker.used_cpus, worker.used_memory, worker.used_gpus = 0.0, 0, []
+        for job_id, token in worker.running.items():
+            job = self.tx.get_job(job_id)
+            if job is None or job.token != token:
+                continue
+            worker.used_cpus += job.cpus
+            worker.used_memory += job.memory
+            attempt = self.tx.get_attempt(job_id, job.attempts)
+            if attempt is not None:
+                worker.used_gpus += attempt.gpu_ids
+
+    def heartbeat(self, name: str, running: list[tuple[int, int, float | None, int | None]]) -> None:
+        """Usage of held attempts; resend lost cancels; fence attempts that are not its own."""
+        worker = self._worker(name)
+        for job_id, token, cpu, rss in running:
+            if worker.running.get(job_id) != token:
+                self._kill_stale(name, job_id, token)
+                continue
+            job = self.tx.get_job(job_id)
+            if job is None:
+                continue
+            if job.st == S.PENDING_CANCELLATION:
+                self.effects.append(Effect(name, "cancel", {
+                    "job": job_id, "token": token, "reason": job.cancel_reason or "cancelled"}))
+            attempt = self.tx.get_attempt(job_id, job.attempts)
+            if attempt is not None and (attempt.cpu_percent, attempt.rss) != (cpu, rss):
+                attempt.cpu_percent, attempt.rss = cpu, rss
+                self.tx.put_attempt(attempt)
+
+    def _worker(self, name: str) -> Worker:
+        worker = self.tx.get_worker(name)
+        if worker is None:
+            raise NotFound(f"no worker {name!r}")
+        return worker
+
+    def claim(self, name: str, count: int) -> None:
+        """The worker has room for `count` more jobs; they are assigned by `match`."""
+        worker = self._worker(name)
+        worker.wants = count if worker.state == WorkerState.ACTIVE.value else 0
+        self.tx.put_worker(worker)
+        self.wake = self.wake or worker.wants > 0
+
+    def match(self) -> int:
+        """Answer outstanding claims with the best eligible jobs that fit; returns how many.
+
+        The least loaded claimer goes first, so work spreads. Each claimer scans the eligible
+        index from the top, skipping jobs too big for it, at most `claim_scan_limit` entries.
+        """
+        claimers = [w for n in self.tx.claimers() if (w := self.tx.get_worker(n)) is not None]
+        claimers.sort(key=lambda w: (w.used_cpus / w.cpus if w.cpus else 1.0, w.name))
+        assigned = 0
+        for worker in claimers:
+            if worker.state != WorkerState.ACTIVE.value:
+                worker.wants = 0
+                self.tx.put_worker(worker)
+                continue
+            chosen = self._choose(worker)
+            batch = [self._assign(worker, job_id) for job_id in chosen]
+            if batch:
+                self.tx.put_worker(worker)
+                self.effects.append(Effect(worker.name, "assign", {"jobs": batch}))
+                assigned += len(batch)
+        return assigned
+
+    def _choose(self, worker: Worker) -> list[int]:
+        """Pick jobs for one claim without writing, so the index cursor stays valid."""
+        free_cpus = worker.cpus - worker.used_cpus
+        free_mem = worker.memory - worker.used_memory
+        free_gpus = worker.gpus - len(worker.used_gpus)
+        chosen: list[int] = []
+        for scanned, (job_id, (cpus, memory, gpus, tags)) in enumerate(self.tx.eligible()):
+            if scanned >= self.config.claim_scan_limit or len(chosen) >= worker.wants:
+                break
+            if cpus > free_cpus + 1e-9 or memory > free_mem or gpus > free_gpus:
+                continue
+            if tags and not all(t in worker.tags for t in tags):
+                continue
+            chosen.append(job_id)
+            free_cpus -= cpus
+            free_mem -= memory
+            free_gpus -= gpus
+        return chosen
+
+    def _assign(self, worker: Worker, job_id: int) -> dict[str, Any]:
+        job = self._load(job_id)
+        token = self.tx.next_id("token")
+        gpu_ids = [i for i in range(worker.gpus) if i not in worker.used_gpus][: job.gpus]
+        job.attempts += 1
+        job.token, job.worker = token, worker.name
+        job.progress = job.progress_message = None
+        if job.started is None:
+            job.started = self.now
+        self.tx.put_attempt(Attempt(job.id, job.attempts, token, worker.name, self.now, gpu_ids))
+        self._move(job, S.RUNNING, f"claimed by {worker.name}")
+        worker.used_cpus += job.cpus
+        worker.used_memory += job.memory
+        worker.used_gpus = sorted(worker.used_gpus + gpu_ids)
+        worker.running[job.id] = token
+        worker.wants -= 1
+        return {
+            "job": job.id, "token": token, "attempt": job.attempts, "command": job.command,
+            "cwd": job.cwd, "env": job.env, "gpu_ids": gpu_ids, "time_limit": job.time_limit,
+            "cancel_grace": job.cancel_grace, "output": job.output,
+        }
+
+    # ---- reports about attempts -------------------------------------------------------------
+
+    def _held(self, name: str, job_id: int, token: int) -> tuple[Job, Attempt] | None:
+        """The live attempt `(job, token)` if `name` holds it; otherwise fence it and say None."""
+        job = self.tx.get_job(job_id)
+        if (
+            job is None
+            or job.token != token
+            or job.worker != name
+            or job.st not in (S.RUNNING, S.PENDING_CANCELLATION)
+        ):
+            self._kill_stale(name, job_id, token)
+            return None
+        attempt = self.tx.get_attempt(job_id, job.attempts)
+        if attempt is None:  # cannot happen while the store is consistent; fence, don't crash
+            self._kill_stale(name, job_id, token)
+            return None
+        return job, attempt
+
+    def _kill_stale(self, name: str, job_id: int, token: int) -> None:
+        self.effects.append(Effect(name, "kill_stale", {"job": job_id, "token": token}))
+
+    def started(self, name: str, job_id: int, token: int) -> None:
+        held = self._held(name, job_id, token)
+        if held is not None:
+            held[1].started = self.now
+            self.tx.put_attempt(held[1])
+
+    def progress(
+        self,
+        name: str,
+        job_id: int,
+        token: int,
+        percent: float | None,
+        message: str,
+        usage: tuple[float | None, int | None] = (None, None),
+    ) -> None:
+        held = self._held(name, job_id, token)
+        if held is None:
+            return
+        job, attempt = held
+        job.progress, job.progress_message = percent, message
+        attempt.progress, attempt.progress_message = percent, message
+        if usage != (None, None):
+            attempt.cpu_percent, attempt.rss = usage
+        self.tx.put_job(job)
+        self.tx.put_attempt(attempt)
+
+    def result(
+        self,
+        name: str,
+        job_id: int,
+        token: int,
+        outcome: str,
+        exit_code: int | None,
+        signal: int | None,
+        tails: tuple[str, str] = ("", ""),
+    ) -> None:
+        """An attempt ended on the worker. Idempotent per token: a repeat is acked again."""
+        ack = Effect(name, "ack", {"job": job_id, "token": token})
+        if self._already_reported(name, job_id, token):
+            self.effects.append(ack)
+            return
+        held = self._held(name, job_id, token)
+        if held is None:
+            return
+        job, attempt = held
+        attempt.ended, attempt.exit_code, attempt.signal = self.now, exit_code, signal
+        attempt.stdout_tail, attempt.stderr_tail = tails
+        job.exit_code, job.signal = exit_code, signal
+        worker = self._worker(name)
+        self._release(worker, job)
+        worker.completed += 1
+        self._settle_drain(worker)
+        self.tx.put_worker(worker)
+        self.effects.append(ack)
+        if outcome == "cancelled" and job.st == S.RUNNING:
+            # Nobody asked: the worker stopped it (a cold shutdown). Not the job's fault.
+            attempt.outcome = Outcome.CANCELLED.value
+            attempt.reason = f"worker {name} stopped it"
+            self.tx.put_attempt(attempt)
+            self._requeue_or_lose(job, attempt.reason)
+            return
+        if outcome == "cancelled":
+            attempt.outcome = Outcome.CANCELLED.value
+            self.tx.put_attempt(attempt)
+            job.token = None
+            self._move(job, S.CANCELLED, job.cancel_reason)
+            self._ended(job)
+            return
+        final = _outcome(outcome, exit_code, signal)
+        attempt.outcome = final.value
+        self.tx.put_attempt(attempt)
+        job.token = None
+        if final != Outcome.SUCCESS and job.st == S.RUNNING:
+            job.failures += 1
+            if job.failures < job.max_attempts:
+                job.worker = None
+                self._move(job, S.AVAILABLE, f"attempt {job.attempts} {final.value}; retrying")
+                return
+        job.outcome = final.value
+        self._move(job, S.TERMINATED, final.value)
+        self._ended(job)
+
+    def _already_reported(self, name: str, job_id: int, token: int) -> bool:
+        job = self.tx.get_job(job_id)
+        if job is None or job.token == token:
+            return False
+        for attempt in reversed(self.tx.attempts_of(job_id)):
+            if attempt.token == token:
+                return attempt.worker == name and attempt.ended is not None and (
+                    attempt.reason is None)
+        return False
+
+    def _release(self, worker: Worker, job: Job) -> None:
+        """Give the attempt's resources back to its worker."""
+        if worker.running.pop(job.id, None) is None:
+            return
+        worker.used_cpus = max(0.0, worker.used_cpus - job.cpus)
+        worker.used_memory = max(0, worker.used_memory - job.memory)
+        attempt = self.tx.get_attempt(job.id, job.attempts)
+        if attempt is not None:
+            worker.used_gpus = [g for g in worker.used_gpus if g not in attempt.gpu_ids]
+
+    def _settle_drain(self, worker: Worker) -> None:
+        if worker.state == WorkerState.DRAINING.value and not worker.running:
+            worker.state = WorkerState.DRAINED.value
+
+    def drain(self, actor: Actor, name: str, resume: bool) -> Worker:
+        if actor.role != ADMIN:
+            raise Forbidden("draining and resuming workers is for admins")
+        worker = self._worker(name)
+        if resume:
+            if worker.state in (WorkerState.DRAINING.value, WorkerState.DRAINED.value):
+                worker.state = WorkerState.ACTIVE.value
+        elif worker.state == WorkerState.LOST.value:
+            raise Conflict(f"worker {name!r} is lost; nothing to drain")
+        else:
+            worker.state = WorkerState.DRAINING.value
+            worker.wants = 0
+            self._settle_drain(worker)
+        self.tx.put_worker(worker)
+        self.effects.append(Effect(name, "drain", {"resume": resume}))
+        return worker
+
+    # ---- lost workers -----------------------------------------------------------------------
+
+    def worker_lost(self, name: str, reason: str) -> None:
+        """Silent past the liveness window: requeue its jobs without spending retries (SPEC §5)."""
+        worker = self.tx.get_worker(name)
+        if worker is None or worker.state == WorkerState.LOST.value:
+            return
+        for job_id, token in list(worker.running.items()):
+            self._lose_attempt(worker, job_id, token, reason)
+        worker.state = WorkerState.LOST.value
+        worker.wants = 0
+        worker.last_seen = self.now
+        self._recount(worker)
+        self.tx.put_worker(worker)
+
+    def _lose_attempt(self, worker: Worker, job_id: int, token: int, reason: str) -> None:
+        job = self.tx.get_job(job_id)
+        worker.running.pop(job_id, None)
+        if job is None or job.token != token:
+            return
+        attempt = self.tx.get_attempt(job_id, job.attempts)
+        if attempt is not None:
+            attempt.ended, attempt.outcome, attempt.reason = self.now, Outcome.LOST.value, reason
+            self.tx.put_attempt(attempt)
+        job.token = None
+        if job.st == S.PENDING_CANCELLATION:
+            self._move(job, S.CANCELLED, job.cancel_reason)
+            self._ended(job)
+        elif job.st == S.RUNNING:
+            self._requeue_or_lose(job, reason)
+
+    def _requeue_or_lose(self, job: Job, reason: str) -> None:
+        job.token = None
+        if job.requeues < self.config.max_lost_requeues:
+            job.requeues += 1
+            job.worker = None
+            self._move(job, S.AVAILABLE, f"{reason}; requeued ({job.requeues} of "
+                       f"{self.config.max_lost_requeues})")
+            return
+        job.outcome = Outcome.LOST.value
+        self._move(job, S.TERMINATED, f"{reason}; requeued {job.requeues} times already")
+        self._ended(job)
+
+
+def _outcome(reported: str, exit_code: int | None, signal: int | None) -> Outcome:
+    if reported == "timeout":
+        return Outcome.TIMEOUT
+    if exit_code == 0 and signal is None:
+        return Outcome.SUCCESS
+    return Outcome.FAILED
+
+
+def _failure_word(job: Job) -> str:
+    if job.st == S.CANCELLED:
+        return "was cancelled"
+    return {"failed": "failed", "timeout": "timed out", "lost": "was lost"}.get(
+        job.outcome or "", "did not succeed")
+
+
+WAIT = "wait"
+MET = "met"
+
+
+def _ended_verdict(kind: str, succeeded: bool, what: str) -> str:
+    """A dependency on something that has ended: met, or the reason the dependent is cancelled."""
+    if kind == DepKind.AFTER_ANY.value:
+        return MET
+    if kind == DepKind.AFTER.value:
+        return MET if succeeded else f"{what} did not succeed"
+    return f"{what} succeeded, so after_fail will never run" if succeeded else MET

@@ -1,0 +1,69 @@
+"""`banyan-stats`: counts, rates and percentiles, read from the records and the event log."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from banyan.broker.records import Tx, WorkerState
+
+WINDOW_EVENTS = 20_000  # the recent history the rates and percentiles are drawn from
+MINUTES = 10
+
+
+def summary(tx: Tx, now: float) -> dict[str, Any]:
+    last = tx.get_meta("counter:event") or 0
+    events = tx.events_from(max(1, int(last) - WINDOW_EVENTS + 1), WINDOW_EVENTS)
+    per_minute: dict[str, list[int]] = {k: [0] * MINUTES for k in ("submitted", "started", "finished")}
+    finished: dict[int, str] = {}
+    for e in events:
+        age = int((now - e.time) // 60)
+        kind = (
+            "submitted" if e.frm is None
+            else "started" if e.to == "running"
+            else "finished" if e.to in ("terminated", "cancelled")
+            else None
+        )
+        if kind and 0 <= age < MINUTES:
+            per_minute[kind][age] += 1
+        if e.to in ("terminated", "cancelled"):
+            finished[e.job] = e.to
+    waits, runs, outcomes = [], [], {"success": 0, "failed": 0, "timeout": 0, "lost": 0}
+    for job_id in finished:
+        job = tx.get_job(job_id)
+        if job is None:
+            continue
+        if job.outcome in outcomes:
+            outcomes[job.outcome] += 1
+        if job.started is not None:
+            waits.append(job.started - job.submitted)
+            if job.ended is not None:
+                runs.append(job.ended - job.started)
+    ended = sum(outcomes.values())
+    live = [w for w in tx.workers() if w.state != WorkerState.LOST.value]
+    total_cpus = sum(w.cpus for w in live)
+    return {
+        "counts": tx.state_counts(),
+        "per_minute": per_minute,
+        "queue_wait": percentiles(waits),
+        "run_time": percentiles(runs),
+        "outcomes": outcomes,
+        "success_rate": outcomes["success"] / ended if ended else None,
+        "workers": {
+            "live": len(live),
+            "cpus": total_cpus,
+            "used_cpus": sum(w.used_cpus for w in live),
+            "utilisation": sum(w.used_cpus for w in live) / total_cpus if total_cpus else None,
+        },
+        "window_events": len(events),
+    }
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p90": None, "p99": None, "max": None, "n": 0}
+    values = sorted(values)
+
+    def at(q: float) -> float:
+        return values[min(len(values) - 1, int(q * len(values)))]
+
+    return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": values[-1], "n": len(values)}

@@ -1,0 +1,79 @@
+"""banyan-broker: the one process that owns the durable queue.
+
+Usage:
+  banyan-broker [options]
+
+Options:
+  --bind HOST          Address to bind both sockets to [default: 127.0.0.1].
+  --client-port N      Port for users' tools [default: 7411].
+  --worker-port N      Port for worker daemons [default: 7412].
+  --state-dir DIR      LMDB state directory (default: $BANYAN_HOME/state).
+  --heartbeat S        Heartbeat interval in seconds [default: 1.0].
+  --liveness N         Missed heartbeats before a worker is lost [default: 5].
+  --insecure           Allow a non-loopback bind without keys (loudly warned about).
+  --log-level LEVEL    debug, info, warning or error [default: info].
+  -h --help            Show this help.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from typing import Any
+
+from docopt import DocoptExit, docopt
+
+from banyan.broker.server import Broker, BrokerConfig
+from banyan.broker.state import Config
+from banyan.cli import EXIT_OK, EXIT_USAGE
+from banyan.config import home
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = docopt(__doc__, argv=argv)
+        config = BrokerConfig(
+            state_dir=args["--state-dir"] or str(home() / "state"),
+            bind=args["--bind"],
+            client_port=int(args["--client-port"]),
+            worker_port=int(args["--worker-port"]),
+            core=Config(heartbeat=float(args["--heartbeat"]), liveness=int(args["--liveness"])),
+        )
+    except (DocoptExit, ValueError) as e:
+        print(e, file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(
+        level=args["--log-level"].upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not _loopback(config.bind) and not args["--insecure"]:
+        print(
+            f"banyan-broker: refusing to bind {config.bind} without keys; "
+            "use --insecure to accept unauthenticated peers from the network",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    if not _loopback(config.bind):
+        logging.getLogger("banyan.broker").warning(
+            "INSECURE: listening on %s with no authentication; anyone who can reach it can "
+            "submit and run commands", config.bind)
+    broker = Broker(config)
+
+    def stop(*_: Any) -> None:
+        # Only a flag: the loop finishes its turn, commits and closes (SPEC: signals set flags).
+        broker.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    broker.run()
+    return EXIT_OK
+
+
+def _loopback(host: str) -> bool:
+    return host in ("localhost", "::1", "[::1]") or host.startswith("127.")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""banyan-worker: run jobs from a broker on this machine.
+
+Usage:
+  banyan-worker [options] [--tag T]...
+
+Options:
+  --broker HOST[:PORT]  The broker's worker socket (default: $BANYAN_BROKER, port 7412).
+  --name NAME           Worker name (default: this host's name).
+  --cpus N              CPUs to offer (default: all logical CPUs).
+  --memory MB           Memory in MiB to offer (default: all physical memory).
+  --gpus N              GPUs to offer (default: CUDA_VISIBLE_DEVICES or nvidia-smi).
+  --tag T               A label jobs can ask for; repeat for more.
+  --spool DIR           Where job output goes (default: $BANYAN_HOME/spool/NAME).
+  --log-level LEVEL     debug, info, warning or error [default: info].
+  -h --help             Show this help.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+from pathlib import Path
+
+from docopt import DocoptExit, docopt
+
+from banyan import defaults
+from banyan.cli import EXIT_USAGE
+from banyan.config import address, home
+from banyan.worker import resources
+from banyan.worker.daemon import WorkerConfig, WorkerDaemon
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = docopt(__doc__, argv=argv)
+        name = args["--name"] or socket.gethostname()
+        capacity = resources.override(
+            resources.detect(),
+            cpus=float(args["--cpus"]) if args["--cpus"] else None,
+            memory=int(args["--memory"]) if args["--memory"] else None,
+            gpus=int(args["--gpus"]) if args["--gpus"] else None,
+        )
+        config = WorkerConfig(
+            broker=address(args["--broker"], defaults.WORKER_PORT),
+            name=name,
+            spool=Path(args["--spool"] or home() / "spool" / name),
+            cpus=capacity.cpus,
+            memory=capacity.memory_mib,
+            gpus=list(capacity.gpus),
+            tags=tuple(args["--tag"]),
+        )
+    except (DocoptExit, ValueError) as e:
+        print(e, file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(
+        level=args["--log-level"].upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("banyan.worker").info(
+        "worker %s: %g cpus, %d MiB, %d gpus, tags %s -> %s", config.name, config.cpus,
+        config.memory, len(config.gpus), ",".join(config.tags) or "-", config.broker)
+    return WorkerDaemon(config).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Error types shared by the broker, the client and the tools.
+
+Every refusal carries a wire `code` (see docs/protocol.md) and a message meant for a person.
+"""
+
+from __future__ import annotations
+
+
+class BanyanError(Exception):
+    """A refused request. `code` travels on the wire; `message` is shown to the user."""
+
+    code = "internal"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class BadRequest(BanyanError):
+    code = "bad_request"
+
+
+class NotFound(BanyanError):
+    code = "not_found"
+
+
+class Conflict(BanyanError):
+    """An illegal transition, a field not writable in this state, a cycle, a duplicate name."""
+
+    code = "conflict"
+
+
+class Forbidden(BanyanError):
+    code = "forbidden"
+
+
+class NoSpace(BanyanError):
+    code = "no_space"
+
+
+class Unavailable(BanyanError):
+    code = "unavailable"
+
+
+BY_CODE: dict[str, type[BanyanError]] = {
+    cls.code: cls for cls in (BadRequest, NotFound, Conflict, Forbidden, NoSpace, Unavailable)
+}
+
+
+def from_wire(code: str, message: str) -> BanyanError:
+    """Rebuild the typed error a broker sent, so clients can catch it by class."""
+    return BY_CODE.get(code, BanyanError)(message, code)

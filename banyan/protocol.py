@@ -1,0 +1,1037 @@
+"""Wire messages: one schema per message type, and `encode` / `decode` that enforce them.
+
+This module is the executable form of docs/protocol.md; read that page for the meaning of each
+message. Every frame is a msgpack array `[version, type, req, body]`. `decode` turns any bytes into
+either a `Message` whose body is complete (defaults filled in, ints widened to floats where a
+number is expected) or a `ProtocolError`, never anything else, so the broker can feed it whatever
+arrives on a socket. `encode` checks a body against the same schema before packing, so a bug on
+the sending side shows up where it happens rather than as a refusal on the far end.
+
+Some type names travel in more than one direction with different bodies (`drain`, `cancel`,
+`heartbeat`, `error`). Passing the socket's type set (`CLIENT_REQUESTS`, `CLIENT_REPLIES`,
+`WORKER_TO_BROKER`, `BROKER_TO_WORKER`) as `allowed` selects that direction's schemas; without
+it a body is accepted if it fits any of them.
+
+Requests into the broker are checked strictly. Replies from the broker are checked loosely: the
+listed top-level keys with their types, while JobInfo, GroupInfo, WorkerInfo and `stats` are
+free-form maps of plain data (string keys, finite numbers, bounded nesting).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, NoReturn
+
+import msgpack
+
+from banyan import defaults
+from banyan.defaults import PROTOCOL_VERSION
+
+__all__ = [
+    "BAD_REQUEST",
+    "BROKER_TO_WORKER",
+    "CLIENT_REPLIES",
+    "CLIENT_REQUESTS",
+    "ERROR_CODES",
+    "PROTOCOL_VERSION",
+    "UNSUPPORTED_VERSION",
+    "WORKER_TO_BROKER",
+    "Message",
+    "ProtocolError",
+    "decode",
+    "encode",
+]
+
+BAD_REQUEST: Final = "bad_request"
+UNSUPPORTED_VERSION: Final = "unsupported_version"
+ERROR_CODES: Final = frozenset(
+    {
+        BAD_REQUEST,
+        UNSUPPORTED_VERSION,
+        "not_found",
+        "conflict",
+        "forbidden",
+        "no_space",
+        "unavailable",
+        "internal",
+    }
+)
+
+# Limits that docs/protocol.md states but defaults.py does not name; only the wire cares.
+MAX_INT: Final = (1 << 63) - 1  # ids, req, offsets: everything must fit an int64 downstream
+MAX_CPUS: Final = 1_000_000.0
+MAX_MEMORY: Final = 1 << 40  # MiB
+MAX_GPUS: Final = 1024
+MAX_ATTEMPTS_LIMIT: Final = 1000
+MAX_TIME_LIMIT: Final = 1e9
+MAX_CANCEL_GRACE: Final = 86_400.0
+MAX_REASON: Final = 1024
+MAX_TAG: Final = 64
+MAX_LOG_CHUNK: Final = 1 << 20
+MAX_SIGNAL: Final = 127  # WTERMSIG is 7 bits
+# Free-form reply maps are ours, so this only has to be deeper than anything views.py builds;
+# it also keeps the checker's recursion far from Python's limit whatever arrives.
+FREE_DEPTH: Final = 8
+
+_INT32_MIN: Final = -(1 << 31)
+_INT32_MAX: Final = (1 << 31) - 1
+_WIRE_INT_MIN: Final = -(1 << 63)  # what msgpack can carry at all
+_WIRE_INT_MAX: Final = (1 << 64) - 1
+_BIG: Final = 1 << 62  # "no length limit but the frame's": lists and strings in replies
+
+
+class ProtocolError(Exception):
+    """A frame or body that breaks docs/protocol.md.
+
+    `code` is `bad_request` or `unsupported_version`; `reason` names the field path and the rule
+    (`jobs[3].cpus: must be > 0, got -1`). `type` and `req` are set when the envelope could be
+    read that far, so the server can answer with an `error` that echoes `req`; when `req` is None
+    there is nobody to answer and the frame should be counted and dropped.
+    """
+
+    def __init__(
+        self, code: str, reason: str, *, type: str | None = None, req: int | None = None
+    ) -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+        self.type = type
+        self.req = req
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.reason}"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    type: str
+    req: int
+    body: dict[str, Any]
+
+
+# --- validators ------------------------------------------------------------------------------
+#
+# A validator takes a value and returns it normalised, or raises _Bad. _Bad collects the path on
+# the way out (innermost segment first), so the happy path never builds a path string.
+
+Check = Callable[[Any], Any]
+
+
+class _Bad(Exception):
+    def __init__(self, rule: str, *segs: str, what: str | None = None, got: str = "") -> None:
+        super().__init__(rule)
+        self.rule = rule
+        self.path: list[str] = list(reversed(segs))
+        # Set for type mismatches, so `_nullable` can say "an int or null".
+        self.what = what
+        self.got = got
+
+    def where(self) -> str:
+        return "".join(reversed(self.path)).lstrip(".")
+
+
+_TYPE_NAMES: Final[dict[type, str]] = {
+    type(None): "null",
+    bool: "bool",
+    int: "int",
+    float: "float",
+    str: "str",
+    bytes: "bytes",
+    list: "array",
+    tuple: "array",
+    dict: "map",
+}
+
+
+def _tname(v: Any) -> str:
+    return _TYPE_NAMES.get(type(v)) or type(v).__name__
+
+
+def _show(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _seg(key: Any) -> str:
+    if isinstance(key, str) and key.isidentifier() and len(key) <= 64:
+        return "." + key
+    return f"[{_show(key)}]"
+
+
+def _type_error(what: str, v: Any) -> NoReturn:
+    got = _tname(v)
+    raise _Bad(f"must be {what}, got {got}", what=what, got=got)
+
+
+def _is_int(v: Any) -> bool:
+    return type(v) is int or (isinstance(v, int) and not isinstance(v, bool))
+
+
+def _int(lo: int, hi: int) -> Check:
+    def check(v: Any) -> Any:
+        if type(v) is not int:
+            if not _is_int(v):
+                _type_error("an int", v)
+            v = int(v)
+        if v < lo:
+            raise _Bad(f"must be >= {lo}, got {v}")
+        if v > hi:
+            raise _Bad(f"must be <= {hi}, got {v}")
+        return v
+
+    return check
+
+
+def _num(lo: float, hi: float, *, above: bool = False) -> Check:
+    """A finite number in [lo, hi] (or (lo, hi] when `above`); ints become floats."""
+    isfinite = math.isfinite
+
+    def check(v: Any) -> Any:
+        if type(v) is not float:
+            if isinstance(v, float):
+                v = float(v)
+            elif _is_int(v):
+                try:
+                    v = float(v)
+                except OverflowError:
+                    raise _Bad(f"must be <= {hi:g}, got {_show(v)}") from None
+            else:
+                _type_error("a number", v)
+        if not isfinite(v):
+            raise _Bad(f"must be a finite number, got {v!r}")
+        if above:
+            if v <= lo:
+                raise _Bad(f"must be > {lo:g}, got {v:g}")
+        elif v < lo:
+            raise _Bad(f"must be >= {lo:g}, got {v:g}")
+        if v > hi:
+            raise _Bad(f"must be <= {hi:g}, got {v:g}")
+        return v
+
+    return check
+
+
+def _str(lo: int = 0, hi: int = defaults.MAX_NAME, *, nul: bool = True) -> Check:
+    """A str of lo..hi characters; `nul=False` refuses NUL, which execve cannot pass on."""
+
+    def check(v: Any) -> Any:
+        if not isinstance(v, str):
+            _type_error("a str", v)
+        n = len(v)
+        if n < lo:
+            raise _Bad("must not be empty" if lo == 1 else f"must be at least {lo} characters")
+        if n > hi:
+            raise _Bad(f"must be at most {hi} characters, got {n}")
+        if not nul and "\0" in v:
+            raise _Bad("must not contain NUL")
+        return v
+
+    return check
+
+
+def _utf8(lo: int, hi: int) -> Check:
+    """A str of lo..hi bytes once encoded as UTF-8, without NUL (it ends up in argv)."""
+
+    def check(v: Any) -> Any:
+        if not isinstance(v, str):
+            _type_error("a str", v)
+        n = len(v)
+        # Every character is 1..4 bytes, so the encode is only needed near the limit.
+        if n > hi or n * 4 > hi:
+            n = len(v.encode("utf-8", "surrogatepass"))
+        if n < lo:
+            raise _Bad("must not be empty" if lo == 1 else f"must be at least {lo} bytes")
+        if n > hi:
+            raise _Bad(f"must be at most {hi} bytes of UTF-8, got {n}")
+        if "\0" in v:
+            raise _Bad("must not contain NUL")
+        return v
+
+    return check
+
+
+def _bytes(hi: int) -> Check:
+    def check(v: Any) -> Any:
+        if not isinstance(v, bytes):
+            _type_error("bytes", v)
+        if len(v) > hi:
+            raise _Bad(f"must be at most {hi} bytes, got {len(v)}")
+        return v
+
+    return check
+
+
+def _bool(v: Any) -> Any:
+    if v is True or v is False:
+        return v
+    _type_error("a bool", v)
+
+
+def _enum(*values: str) -> Check:
+    # Mapping each value to itself turns a str enum member into its plain value on the way.
+    canonical = {x: x for x in values}
+    listed = ", ".join(repr(x) for x in values)
+
+    def check(v: Any) -> Any:
+        if not isinstance(v, str):
+            _type_error("a str", v)
+        plain = canonical.get(v)
+        if plain is None:
+            raise _Bad(f"must be one of {listed}, got {_show(v)}")
+        return plain
+
+    return check
+
+
+def _nullable(inner: Check) -> Check:
+    def check(v: Any) -> Any:
+        if v is None:
+            return None
+        try:
+            return inner(v)
+        except _Bad as e:
+            if e.what is not None and not e.path:
+                e.rule = f"must be {e.what} or null, got {e.got}"
+            raise
+
+    return check
+
+
+def _either(what: str, on_str: Check, on_int: Check) -> Check:
+    """A name or an id: groups are addressed by either."""
+
+    def check(v: Any) -> Any:
+        if isinstance(v, str):
+            return on_str(v)
+        if _is_int(v):
+            return on_int(v)
+        _type_error(what, v)
+
+    return check
+
+
+def _locate(item: Check, v: list[Any] | tuple[Any, ...]) -> NoReturn:
+    """Re-run a failed list check one item at a time to name the index; validators are pure."""
+    for i, x in enumerate(v):
+        try:
+            item(x)
+        except _Bad as e:
+            e.path.append(f"[{i}]")
+            raise
+    raise AssertionError("a list check failed but no item does")  # pragma: no cover
+
+
+def _list(item: Check, hi: int, lo: int = 0) -> Check:
+    def check(v: Any) -> Any:
+        if type(v) is not list and not isinstance(v, (list, tuple)):
+            _type_error("an array", v)
+        n = len(v)
+        if n > hi:
+            raise _Bad(f"must have at most {hi} items, got {n}")
+        if n < lo:
+            raise _Bad(f"must have at least {lo} item{'s' if lo > 1 else ''}")
+        try:
+            return [item(x) for x in v]
+        except _Bad:
+            _locate(item, v)
+
+    return check
+
+
+def _row(shape: str, *items: Check) -> Check:
+    """A fixed-arity array such as `[job, token]`; `shape` names the positions for the reader."""
+    arity = len(items)
+
+    def check(v: Any) -> Any:
+        if not isinstance(v, (list, tuple)):
+            _type_error(f"an array {shape}", v)
+        if len(v) != arity:
+            raise _Bad(f"must be an array of {arity} items {shape}, got {len(v)} items")
+        out = []
+        for i, (c, x) in enumerate(zip(items, v, strict=True)):
+            try:
+                out.append(c(x))
+            except _Bad as e:
+                e.path.append(f"[{i}]")
+                raise
+        return out
+
+    return check
+
+
+def _map(key: Check, value: Check, hi: int) -> Check:
+    """A map with caller-chosen keys (env, groups by name)."""
+
+    def check(v: Any) -> Any:
+        if not isinstance(v, dict):
+            _type_error("a map", v)
+        if len(v) > hi:
+            raise _Bad(f"must have at most {hi} entries, got {len(v)}")
+        out = {}
+        for k, x in v.items():
+            try:
+                k = key(k)
+            except _Bad as e:
+                e.rule = "key " + e.rule
+                e.path.append(f"[{_show(k)}]")
+                raise
+            try:
+                out[k] = value(x)
+            except _Bad as e:
+                e.path.append(_seg(k))
+                raise
+        return out
+
+    return check
+
+
+# Field modes. A default that is a list or dict is copied per message so no body shares it.
+_REQUIRED: Final = object()
+_OMIT: Final = object()  # optional and left out when absent (DepSpec targets, modify's `set`)
+
+Fields = dict[str, tuple[Check, Any]]
+Post = Callable[[dict[str, Any]], None]
+
+
+def _mode(default: Any) -> int:
+    if default is _REQUIRED:
+        return 0
+    if default is _OMIT:
+        return 1
+    if isinstance(default, list):
+        return 3
+    if isinstance(default, dict):
+        return 4
+    return 2
+
+
+def _record(fields: Fields, post: Post | None = None) -> Check:
+    """A map with a fixed set of string keys: unknown keys refused, defaults filled in."""
+    names = frozenset(fields)
+    spec = tuple(
+        (name, _seg(name), check, _mode(default), default)
+        for name, (check, default) in fields.items()
+    )
+
+    def check(v: Any) -> Any:
+        if type(v) is not dict and not isinstance(v, dict):
+            _type_error("a map", v)
+        if not v.keys() <= names:
+            unknown = sorted((k for k in v if k not in names), key=repr)
+            raise _Bad("unknown field", _seg(unknown[0]))
+        out: dict[str, Any] = {}
+        for name, seg, chk, mode, default in spec:
+            if name in v:
+                try:
+                    out[name] = chk(v[name])
+                except _Bad as e:
+                    e.path.append(seg)
+                    raise
+            elif mode == 0:
+                raise _Bad("required field missing", seg)
+            elif mode == 2:
+                out[name] = default
+            elif mode == 3:
+                out[name] = []
+            elif mode == 4:
+                out[name] = {}
+        if post is not None:
+            post(out)
+        return out
+
+    return check
+
+
+def _free_value(x: Any, depth: int) -> None:
+    """Plain msgpack data: what a reply's free-form maps may hold."""
+    t = type(x)
+    if t is str or t is bool or x is None or t is bytes:
+        return
+    if t is int:
+        if not _WIRE_INT_MIN <= x <= _WIRE_INT_MAX:
+            raise _Bad(f"int out of the 64-bit range, got {x}")
+        return
+    if t is float:
+        if not math.isfinite(x):
+            raise _Bad(f"must be a finite number, got {x!r}")
+        return
+    if t is dict or t is list or t is tuple:
+        if depth <= 0:
+            raise _Bad(f"nested deeper than {FREE_DEPTH} levels")
+        if t is dict:
+            for k, y in x.items():
+                if not isinstance(k, str):
+                    raise _Bad(f"map keys must be str, got {_tname(k)}", f"[{_show(k)}]")
+                try:
+                    _free_value(y, depth - 1)
+                except _Bad as e:
+                    e.path.append(_seg(k))
+                    raise
+        else:
+            for i, y in enumerate(x):
+                try:
+                    _free_value(y, depth - 1)
+                except _Bad as e:
+                    e.path.append(f"[{i}]")
+                    raise
+        return
+    # Subclasses (a str enum in a view, say) pack as their base type.
+    if isinstance(x, (str, bytes)):
+        return
+    if isinstance(x, (int, float)):
+        _free_value(float(x) if isinstance(x, float) else int(x), depth)
+        return
+    if isinstance(x, (dict, list, tuple)):
+        _free_value(dict(x) if isinstance(x, dict) else list(x), depth)
+        return
+    raise _Bad(f"must be plain data, got {_tname(x)}")
+
+
+def _free(v: Any) -> Any:
+    """A free-form map (JobInfo, GroupInfo, WorkerInfo, stats): string keys, plain data."""
+    if not isinstance(v, dict):
+        _type_error("a map", v)
+    _free_value(v, FREE_DEPTH)
+    return v
+
+
+# --- shared pieces ---------------------------------------------------------------------------
+
+_ID = _int(1, MAX_INT)  # job ids, group ids, tokens, attempts
+_INDEX = _int(0, MAX_INT)
+_ANY_INT = _int(_WIRE_INT_MIN, _WIRE_INT_MAX)
+_ANY_NUM = _num(-math.inf, math.inf)
+_NAME = _str(1, defaults.MAX_NAME)
+_GROUP_REF = _either("a group name (str) or id (int)", _NAME, _ID)
+_REASON = _str(0, MAX_REASON)
+_STREAM = _enum("stdout", "stderr")
+_TAGS = _list(_str(1, MAX_TAG), defaults.MAX_TAGS)
+_JOB_IDS = _list(_ID, defaults.MAX_JOBS_PER_SUBMIT)
+_GROUP_REFS = _list(_GROUP_REF, defaults.MAX_GROUPS_PER_SUBMIT)
+_STATES = ("inactive", "available", "running", "pending_cancellation", "terminated", "cancelled")
+
+_COMMAND = _utf8(1, defaults.MAX_COMMAND_BYTES)
+_CWD = _nullable(_str(0, defaults.MAX_PATH, nul=False))
+_OUTPUT = _nullable(_str(0, defaults.MAX_PATH, nul=False))
+_TIME_LIMIT = _nullable(_num(0.0, MAX_TIME_LIMIT, above=True))
+_CANCEL_GRACE = _num(0.0, MAX_CANCEL_GRACE)
+
+
+def _env_key(v: Any) -> Any:
+    _str(1, defaults.MAX_NAME, nul=False)(v)
+    if "=" in v:
+        raise _Bad("must not contain '='")
+    return v
+
+
+_ENV = _map(_env_key, _str(0, defaults.MAX_COMMAND_BYTES, nul=False), defaults.MAX_ENV_ENTRIES)
+
+
+def _dep_spec(local: bool) -> Check:
+    """DepSpec: exactly one of job, group, local. `local` exists only inside a submission."""
+    fields: Fields = {
+        "kind": (_enum("after", "after_any", "after_fail"), "after"),
+        "job": (_ID, _OMIT),
+        "group": (_GROUP_REF, _OMIT),
+    }
+    if local:
+        fields["local"] = (_int(0, defaults.MAX_JOBS_PER_SUBMIT - 1), _OMIT)
+
+    def one_target(d: dict[str, Any]) -> None:
+        n = len(d) - 1  # every key but `kind` is a target
+        if n != 1:
+            names = "job, group or local" if local else "job or group"
+            got = "none" if n == 0 else " and ".join(k for k in d if k != "kind")
+            raise _Bad(f"must name exactly one of {names}, got {got}")
+
+    return _record(fields, one_target)
+
+
+_JOB_FIELDS: Final[Fields] = {
+    "command": (_COMMAND, _REQUIRED),
+    "name": (_str(0, defaults.MAX_NAME), ""),
+    "cwd": (_CWD, None),
+    "env": (_ENV, {}),
+    "cpus": (_num(0.0, MAX_CPUS, above=True), float(defaults.CPUS)),
+    "memory": (_int(0, MAX_MEMORY), defaults.MEMORY_MIB),
+    "gpus": (_int(0, MAX_GPUS), defaults.GPUS),
+    "tags": (_TAGS, []),
+    "priority": (_int(_INT32_MIN, _INT32_MAX), defaults.PRIORITY),
+    "max_attempts": (_int(1, MAX_ATTEMPTS_LIMIT), defaults.MAX_ATTEMPTS),
+    "time_limit": (_TIME_LIMIT, None),
+    "cancel_grace": (_CANCEL_GRACE, float(defaults.CANCEL_GRACE)),
+    "output": (_OUTPUT, None),
+    "depends_on": (_list(_dep_spec(local=True), defaults.MAX_DEPS_PER_JOB), []),
+    "groups": (_list(_NAME, defaults.MAX_TAGS), []),
+    "hold": (_bool, False),
+}
+_JOB_SPEC = _record(_JOB_FIELDS)
+_GROUP_SPEC = _record({"name": (_NAME, _REQUIRED), "open": (_bool, False)})
+
+# The doc's list of fields `modify` may set is every JobSpec field but membership and holding,
+# which have their own requests.
+_MODIFIABLE = tuple(name for name in _JOB_FIELDS if name not in ("groups", "hold"))
+_MODIFY_SET = _record(
+    {
+        name: (
+            _list(_dep_spec(local=False), defaults.MAX_DEPS_PER_JOB)
+            if name == "depends_on"
+            else _JOB_FIELDS[name][0],
+            _OMIT,
+        )
+        for name in _MODIFIABLE
+    }
+)
+
+
+def _submit_post(body: dict[str, Any]) -> None:
+    # Cross-item rules the per-item schemas cannot see.
+    jobs = body["jobs"]
+    njobs = len(jobs)
+    for i, job in enumerate(jobs):
+        for j, dep in enumerate(job["depends_on"]):
+            local = dep.get("local")
+            if local is None:
+                continue
+            where = (".jobs", f"[{i}]", ".depends_on", f"[{j}]", ".local")
+            if local >= njobs:
+                raise _Bad(f"must be < {njobs} (jobs in this submission), got {local}", *where)
+            if local == i:
+                raise _Bad("must not name the job itself", *where)
+    seen: dict[str, int] = {}
+    for i, group in enumerate(body["groups"]):
+        first = seen.setdefault(group["name"], i)
+        if first != i:
+            raise _Bad(f"duplicate of groups[{first}].name", ".groups", f"[{i}]", ".name")
+
+
+def _modify_post(body: dict[str, Any]) -> None:
+    if body["hold"] and body["release"]:
+        raise _Bad("hold and release cannot both be true", ".release")
+
+
+def _result_post(body: dict[str, Any]) -> None:
+    # The state machine tells success from failure by exit_code; an exit with neither is noise.
+    if body["outcome"] == "exited" and body["exit_code"] is None and body["signal"] is None:
+        raise _Bad("an 'exited' result needs exit_code or signal", ".exit_code")
+
+
+_JOB_TOKEN: Final[Fields] = {"job": (_ID, _REQUIRED), "token": (_ID, _REQUIRED)}
+
+
+# --- schemas, one per message type and direction ----------------------------------------------
+
+_CLIENT_REQUEST_SCHEMAS: Final[dict[str, Check]] = {
+    "ping": _record({}),
+    "submit": _record(
+        {
+            "jobs": (_list(_JOB_SPEC, defaults.MAX_JOBS_PER_SUBMIT), []),
+            "groups": (_list(_GROUP_SPEC, defaults.MAX_GROUPS_PER_SUBMIT), []),
+            "submit_key": (_nullable(_NAME), None),
+        },
+        _submit_post,
+    ),
+    "cancel": _record(
+        {
+            "jobs": (_JOB_IDS, []),
+            "groups": (_GROUP_REFS, []),
+            "reason": (_nullable(_REASON), None),
+        }
+    ),
+    "modify": _record(
+        {
+            "job": (_ID, _REQUIRED),
+            "set": (_MODIFY_SET, {}),
+            "hold": (_bool, False),
+            "release": (_bool, False),
+        },
+        _modify_post,
+    ),
+    "close_group": _record({"group": (_GROUP_REF, _REQUIRED)}),
+    "status": _record(
+        {
+            "jobs": (_JOB_IDS, []),
+            "group": (_nullable(_GROUP_REF), None),
+            "state": (_nullable(_enum(*_STATES)), None),
+            "owner": (_nullable(_str(1, defaults.MAX_NAME)), None),
+            "all": (_bool, False),
+            "limit": (_int(1, defaults.MAX_JOBS_PER_SUBMIT), defaults.STATUS_LIMIT),
+            "detail": (_bool, False),
+        }
+    ),
+    "wait": _record(
+        {
+            "jobs": (_JOB_IDS, []),
+            "groups": (_GROUP_REFS, []),
+            "timeout": (_nullable(_num(0.0, MAX_TIME_LIMIT)), None),
+        }
+    ),
+    "workers": _record({}),
+    "drain": _record({"worker": (_NAME, _REQUIRED), "resume": (_bool, False)}),
+    "stats": _record({}),
+    "events": _record(
+        {
+            "since": (_INDEX, 0),
+            "limit": (_int(1, defaults.EVENTS_LIMIT), defaults.EVENTS_LIMIT),
+        }
+    ),
+    "logs": _record(
+        {
+            "job": (_ID, _REQUIRED),
+            "stream": (_STREAM, "stdout"),
+            "offset": (_INDEX, 0),
+            "limit": (_int(1, MAX_LOG_CHUNK), MAX_LOG_CHUNK),
+        }
+    ),
+}
+
+_ERROR = _record(
+    {
+        "code": (_enum(*sorted(ERROR_CODES)), _REQUIRED),
+        "message": (_str(0, _BIG), ""),
+    }
+)
+_INT_LIST = _list(_ANY_INT, _BIG)
+_FREE_LIST = _list(_free, _BIG)
+_EVENT = _row(
+    "[seq, time, job, from, to, reason]",
+    _ANY_INT,
+    _ANY_NUM,
+    _ANY_INT,
+    _nullable(_str(0, _BIG)),
+    _str(0, _BIG),
+    _nullable(_str(0, _BIG)),
+)
+
+_CLIENT_REPLY_SCHEMAS: Final[dict[str, Check]] = {
+    "pong": _record({"version": (_ANY_INT, _REQUIRED), "time": (_ANY_NUM, _REQUIRED)}),
+    "submitted": _record(
+        {
+            "jobs": (_INT_LIST, _REQUIRED),
+            "groups": (_map(_str(0, _BIG), _ANY_INT, _BIG), _REQUIRED),
+        }
+    ),
+    "cancelled": _record(
+        {
+            "cancelled": (_INT_LIST, _REQUIRED),
+            "pending": (_INT_LIST, _REQUIRED),
+            "already": (_INT_LIST, _REQUIRED),
+        }
+    ),
+    "job": _record({"job": (_free, _REQUIRED)}),
+    "group": _record({"group": (_free, _REQUIRED)}),
+    "status": _record(
+        {
+            "jobs": (_FREE_LIST, _REQUIRED),
+            "groups": (_FREE_LIST, _REQUIRED),
+            "truncated": (_bool, _REQUIRED),
+        }
+    ),
+    "waited": _record({"jobs": (_FREE_LIST, _REQUIRED), "timed_out": (_bool, _REQUIRED)}),
+    "workers": _record({"workers": (_FREE_LIST, _REQUIRED)}),
+    "stats": _free,
+    "events": _record({"events": (_list(_EVENT, _BIG), _REQUIRED), "next": (_ANY_INT, _REQUIRED)}),
+    "logs": _record(
+        {
+            "data": (_bytes(_BIG), _REQUIRED),
+            "offset": (_ANY_INT, _REQUIRED),
+            "size": (_ANY_INT, _REQUIRED),
+            "live": (_bool, _REQUIRED),
+            "eof": (_bool, _REQUIRED),
+        }
+    ),
+    "error": _ERROR,
+}
+
+_CPU_PERCENT = _nullable(_num(0.0, math.inf))
+_RSS = _nullable(_INDEX)
+
+_WORKER_TO_BROKER_SCHEMAS: Final[dict[str, Check]] = {
+    "register": _record(
+        {
+            "name": (_NAME, _REQUIRED),
+            "host": (_str(0, defaults.MAX_NAME), ""),
+            "cpus": (_num(0.0, MAX_CPUS, above=True), _REQUIRED),
+            "memory": (_int(0, MAX_MEMORY), _REQUIRED),
+            "gpus": (_int(0, MAX_GPUS), _REQUIRED),
+            "tags": (_TAGS, []),
+            "running": (_list(_row("[job, token]", _ID, _ID), _BIG), []),
+            "pid": (_ID, _REQUIRED),
+        }
+    ),
+    # `running` is required: an empty heartbeat would claim the worker runs nothing.
+    "heartbeat": _record(
+        {
+            "running": (
+                _list(_row("[job, token, cpu_percent, rss]", _ID, _ID, _CPU_PERCENT, _RSS), _BIG),
+                _REQUIRED,
+            )
+        }
+    ),
+    "claim": _record({"max": (_int(1, defaults.MAX_CLAIM), _REQUIRED)}),
+    "started": _record({**_JOB_TOKEN, "pid": (_ID, _REQUIRED)}),
+    "progress": _record(
+        {
+            **_JOB_TOKEN,
+            "percent": (_nullable(_num(0.0, 100.0)), None),
+            "message": (_str(0, defaults.PROGRESS_MESSAGE_MAX), ""),
+            "cpu_percent": (_CPU_PERCENT, None),
+            "rss": (_RSS, None),
+        }
+    ),
+    "result": _record(
+        {
+            **_JOB_TOKEN,
+            "outcome": (_enum("exited", "cancelled", "timeout"), _REQUIRED),
+            "exit_code": (_nullable(_int(_INT32_MIN, _INT32_MAX)), None),
+            "signal": (_nullable(_int(1, MAX_SIGNAL)), None),
+            "stdout_tail": (_bytes(defaults.OUTPUT_TAIL_BYTES), b""),
+            "stderr_tail": (_bytes(defaults.OUTPUT_TAIL_BYTES), b""),
+        },
+        _result_post,
+    ),
+    "log_chunk": _record(
+        {
+            "request": (_INDEX, _REQUIRED),
+            "data": (_bytes(MAX_LOG_CHUNK), b""),
+            "offset": (_INDEX, 0),
+            "size": (_INDEX, 0),
+            "eof": (_bool, False),
+            "error": (_nullable(_REASON), None),
+        }
+    ),
+}
+
+_ASSIGNMENT = _record(
+    {
+        **_JOB_TOKEN,
+        "attempt": (_ID, _REQUIRED),
+        "command": (_COMMAND, _REQUIRED),
+        "cwd": (_CWD, None),
+        "env": (_ENV, {}),
+        "gpu_ids": (_list(_int(0, MAX_GPUS - 1), MAX_GPUS), []),
+        "time_limit": (_TIME_LIMIT, None),
+        "cancel_grace": (_CANCEL_GRACE, float(defaults.CANCEL_GRACE)),
+        "output": (_OUTPUT, None),
+    }
+)
+
+_BROKER_TO_WORKER_SCHEMAS: Final[dict[str, Check]] = {
+    "registered": _record(
+        {
+            "heartbeat": (_num(0.0, MAX_CANCEL_GRACE, above=True), _REQUIRED),
+            "liveness": (_int(1, 1000), _REQUIRED),
+        }
+    ),
+    "assign": _record({"jobs": (_list(_ASSIGNMENT, defaults.MAX_CLAIM, lo=1), _REQUIRED)}),
+    "cancel": _record({**_JOB_TOKEN, "reason": (_REASON, "")}),
+    "kill_stale": _record(_JOB_TOKEN),
+    "ack": _record(_JOB_TOKEN),
+    "drain": _record({"resume": (_bool, False)}),
+    "heartbeat": _record({}),
+    "reregister": _record({}),
+    "fetch_log": _record(
+        {
+            "request": (_INDEX, _REQUIRED),
+            **_JOB_TOKEN,
+            "stream": (_STREAM, "stdout"),
+            "offset": (_INDEX, 0),
+            "limit": (_int(1, MAX_LOG_CHUNK), MAX_LOG_CHUNK),
+        }
+    ),
+    "error": _ERROR,
+}
+
+CLIENT_REQUESTS: Final = frozenset(_CLIENT_REQUEST_SCHEMAS)
+CLIENT_REPLIES: Final = frozenset(_CLIENT_REPLY_SCHEMAS)
+WORKER_TO_BROKER: Final = frozenset(_WORKER_TO_BROKER_SCHEMAS)
+BROKER_TO_WORKER: Final = frozenset(_BROKER_TO_WORKER_SCHEMAS)
+
+_TABLES: Final[dict[frozenset[str], dict[str, Check]]] = {
+    CLIENT_REQUESTS: _CLIENT_REQUEST_SCHEMAS,
+    CLIENT_REPLIES: _CLIENT_REPLY_SCHEMAS,
+    WORKER_TO_BROKER: _WORKER_TO_BROKER_SCHEMAS,
+    BROKER_TO_WORKER: _BROKER_TO_WORKER_SCHEMAS,
+}
+_DIRECTION_NAMES: Final = {
+    id(_CLIENT_REQUEST_SCHEMAS): "client request",
+    id(_CLIENT_REPLY_SCHEMAS): "client reply",
+    id(_WORKER_TO_BROKER_SCHEMAS): "worker to broker",
+    id(_BROKER_TO_WORKER_SCHEMAS): "broker to worker",
+}
+# Every schema a type name may mean, labelled by direction, for callers that pass no `allowed`.
+_ANY: Final[dict[str, tuple[tuple[str, Check], ...]]] = {}
+for _table in _TABLES.values():
+    for _name, _check in _table.items():
+        if all(c is not _check for _, c in _ANY.get(_name, ())):
+            _ANY[_name] = (*_ANY.get(_name, ()), (_DIRECTION_NAMES[id(_table)], _check))
+del _table, _name, _check
+
+
+# --- envelope --------------------------------------------------------------------------------
+
+
+def _no_ext(code: int, data: bytes) -> NoReturn:
+    raise ValueError(f"ext type {code} is not allowed")
+
+
+_unpackb = msgpack.unpackb
+_packb = msgpack.packb
+
+
+def _validate(
+    mtype: str, body: Any, req: int | None, allowed: frozenset[str] | None
+) -> dict[str, Any]:
+    table = _TABLES.get(allowed) if allowed is not None else None
+    if table is not None:
+        check = table[mtype]
+        try:
+            out: dict[str, Any] = check(body)
+            return out
+        except _Bad as e:
+            raise ProtocolError(BAD_REQUEST, _reason(e), type=mtype, req=req) from None
+    candidates = _ANY[mtype]
+    failures: list[str] = []
+    for direction, check in candidates:
+        try:
+            out = check(body)
+            return out
+        except _Bad as e:
+            failures.append(_reason(e) + (f" (as {direction})" if len(candidates) > 1 else ""))
+    raise ProtocolError(BAD_REQUEST, "; ".join(failures), type=mtype, req=req)
+
+
+def _reason(e: _Bad) -> str:
+    return f"{e.where() or 'body'}: {e.rule}"
+
+
+def _check_type(mtype: Any, req: int | None, allowed: frozenset[str] | None) -> str:
+    if not isinstance(mtype, str):
+        raise ProtocolError(BAD_REQUEST, f"type: must be a str, got {_tname(mtype)}", req=req)
+    if mtype not in _ANY:
+        raise ProtocolError(BAD_REQUEST, f"type: unknown message type {_show(mtype)}", req=req)
+    if allowed is not None and mtype not in allowed:
+        raise ProtocolError(
+            BAD_REQUEST, f"type: {mtype!r} is not accepted on this socket", type=mtype, req=req
+        )
+    return str(mtype)
+
+
+def _req_or_none(env: list[Any]) -> int | None:
+    if len(env) < 3:
+        return None
+    req = env[2]
+    return req if type(req) is int and 0 <= req <= MAX_INT else None
+
+
+def _type_or_none(env: list[Any]) -> str | None:
+    mtype = env[1] if len(env) >= 2 else None
+    return mtype if type(mtype) is str and mtype in _ANY else None
+
+
+def decode(frame: bytes, allowed: frozenset[str] | None = None) -> Message:
+    """Parse and check one frame; raise ProtocolError, and nothing else, if it breaks the spec.
+
+    `allowed` is the set of types this socket accepts (one of the four direction constants, or
+    any subset); the direction constants also pick the schema for names used both ways.
+    """
+    data: object = frame  # typed as bytes, but whatever arrives must end as ProtocolError
+    if isinstance(data, (bytes, bytearray)):
+        size = len(data)
+    elif isinstance(data, memoryview):
+        size = data.nbytes
+    else:
+        raise ProtocolError(BAD_REQUEST, f"frame: must be bytes, got {_tname(data)}")
+    if size > defaults.MAX_MESSAGE_BYTES:
+        raise ProtocolError(
+            BAD_REQUEST, f"frame: {size} bytes is over the {defaults.MAX_MESSAGE_BYTES} limit"
+        )
+    try:
+        env = _unpackb(frame, raw=False, ext_hook=_no_ext)
+    except Exception as e:
+        # msgpack raises many types (ExtraData, StackError, UnicodeDecodeError, ValueError for
+        # non-str keys, ...); to the sender they all mean the same thing.
+        detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        raise ProtocolError(
+            BAD_REQUEST, f"frame: not a valid msgpack message ({detail[:200]})"
+        ) from None
+    if type(env) is not list or not env:
+        got = f"{_tname(env)}" if type(env) is not list else "an empty array"
+        raise ProtocolError(
+            BAD_REQUEST, f"envelope: must be an array [version, type, req, body], got {got}"
+        )
+    version = env[0]
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        req = _req_or_none(env)
+        mtype = _type_or_none(env)
+        if type(version) is int:
+            raise ProtocolError(
+                UNSUPPORTED_VERSION,
+                f"version: {version} is not supported, this end speaks {PROTOCOL_VERSION}",
+                type=mtype,
+                req=req,
+            )
+        raise ProtocolError(
+            BAD_REQUEST,
+            f"version: must be an int, got {_tname(version)}",
+            type=mtype,
+            req=req,
+        )
+    if len(env) != 4:
+        raise ProtocolError(
+            BAD_REQUEST,
+            f"envelope: must have 4 items [version, type, req, body], got {len(env)}",
+            type=_type_or_none(env),
+            req=_req_or_none(env),
+        )
+    _, mtype, req, body = env
+    if type(req) is not int or not 0 <= req <= MAX_INT:
+        rule = (
+            f"must be an int, got {_tname(req)}"
+            if not _is_int(req)
+            else f"must be in 0..{MAX_INT}, got {req}"
+        )
+        raise ProtocolError(BAD_REQUEST, f"req: {rule}", type=_type_or_none(env))
+    if (
+        type(mtype) is not str
+        or mtype not in _ANY
+        or (allowed is not None and mtype not in allowed)
+    ):
+        _check_type(mtype, req, allowed)
+    return Message(mtype, req, _validate(mtype, body, req, allowed))
+
+
+def encode(
+    type: str, body: dict[str, Any], req: int = 0, *, allowed: frozenset[str] | None = None
+) -> bytes:
+    """Check `body` against the schema for `type` and pack the frame.
+
+    The body goes out as given, without defaults filled in, to keep frames small. `allowed`
+    works as in `decode`: pass the receiving socket's constant to pick the direction of a name
+    used both ways (`drain`, `cancel`, `heartbeat`).
+    """
+    if not _is_int(req) or not 0 <= req <= MAX_INT:
+        raise ProtocolError(BAD_REQUEST, f"req: must be an int in 0..{MAX_INT}, got {_show(req)}")
+    mtype = _check_type(type, req, allowed)
+    _validate(mtype, body, req, allowed)
+    try:
+        frame: bytes = _packb([PROTOCOL_VERSION, mtype, int(req), body], use_bin_type=True)
+    except Exception as e:
+        # Validation admits only packable values, bar strings Python holds but UTF-8 cannot
+        # express (lone surrogates).
+        raise ProtocolError(
+            BAD_REQUEST,
+            f"body: cannot be packed ({e.__class__.__name__}: {e})",
+            type=mtype,
+            req=req,
+        ) from None
+    if len(frame) > defaults.MAX_MESSAGE_BYTES:
+        raise ProtocolError(
+            BAD_REQUEST,
+            f"frame: {len(frame)} bytes is over the {defaults.MAX_MESSAGE_BYTES} limit",
+            type=mtype,
+            req=req,
+        )
+    return frame

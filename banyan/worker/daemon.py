@@ -1,0 +1,267 @@
+"""The worker daemon: one DEALER to the broker, one poll loop, jobs as process groups.
+
+It registers, heartbeats, keeps one claim outstanding while it is not draining, runs what it
+is assigned, and reports progress and results. Results stay in `unacked` until the broker
+acknowledges them, across reconnects and broker restarts (SPEC §5).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from banyan import defaults, protocol
+from banyan.worker.runner import Finished, Launch, Runner
+
+log = logging.getLogger("banyan.worker")
+
+Key = tuple[int, int]  # (job, token)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    broker: str  # tcp://host:port of the broker's worker socket
+    name: str
+    spool: Path
+    cpus: float
+    memory: int
+    gpus: list[str]  # visible device ids; len() is the gpu capacity
+    tags: tuple[str, ...] = ()
+    heartbeat: float = defaults.HEARTBEAT_INTERVAL
+    liveness: int = defaults.LIVENESS
+
+
+@dataclass
+class Link:
+    """What the worker knows about its connection to the broker."""
+
+    registered: bool = False
+    claimed: bool = False
+    last_heard: float = 0.0
+    next_heartbeat: float = 0.0
+    next_connect: float = 0.0
+    backoff: float = defaults.RECONNECT_MIN
+    unacked: dict[Key, tuple[bytes, float]] = field(default_factory=dict)  # result, last sent
+
+
+class WorkerDaemon:
+    def __init__(
+        self, config: WorkerConfig, ctx: zmq.Context[Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.ctx = ctx or zmq.Context.instance()
+        config.spool.mkdir(parents=True, exist_ok=True)
+        self.runner = Runner(config.spool, config.gpus)
+        self.link = Link()
+        self.sock: zmq.Socket[Any] | None = None
+        self.draining = False  # by the broker (admin) or by our own first SIGTERM
+        self.stop_requested = 0  # count of SIGTERM/SIGINT received
+        self.heartbeat = config.heartbeat
+        self.liveness = config.liveness
+        self._wakeup_r, self._wakeup_w = socket.socketpair()
+        self._wakeup_r.setblocking(False)
+        self._wakeup_w.setblocking(False)
+        self._connect(self.clock())
+
+    # ---- connection -------------------------------------------------------------------------
+
+    def _connect(self, now: float) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=0)
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, defaults.MAX_MESSAGE_BYTES)
+        self.sock.connect(self.config.broker)
+        self.link.registered = self.link.claimed = False
+        self.link.last_heard = now
+        self._send("register", {
+            "name": self.config.name,
+            "host": socket.gethostname(),
+            "cpus": float(self.config.cpus),
+            "memory": int(self.config.memory),
+            "gpus": len(self.config.gpus),
+            "tags": list(self.config.tags),
+            "running": [list(k) for k in self._held()],
+            "pid": os.getpid(),
+        })
+
+    def _held(self) -> list[Key]:
+        """Attempts this worker answers for: running ones, and ended ones not yet acked."""
+        return sorted(set(self.runner.running()) | set(self.link.unacked))
+
+    def _send(self, kind: str, body: dict[str, Any]) -> None:
+        assert self.sock is not None
+        try:
+            self.sock.send(protocol.encode(kind, body), zmq.NOBLOCK)
+        except zmq.Again:
+            log.debug("send queue full; %s dropped (it will be repeated)", kind)
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        previous = signal.set_wakeup_fd(self._wakeup_w.fileno())
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the poll via the fd
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        try:
+            while not self.finished():
+                self.step(timeout=self._timeout())
+        finally:
+            signal.set_wakeup_fd(previous)
+            self.close()
+        return 0
+
+    def _on_stop(self, *_: Any) -> None:
+        # Handlers only set flags; the loop does the work (a warm stop, then a cold one).
+        self.stop_requested += 1
+
+    def finished(self) -> bool:
+        return self.stop_requested > 0 and not self.runner.running() and not self.link.unacked
+
+    def _timeout(self) -> float:
+        return min(0.25, max(0.0, self.link.next_heartbeat - self.clock()))
+
+    def step(self, timeout: float = 0.0) -> None:
+        assert self.sock is not None
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._wakeup_r.fileno(), zmq.POLLIN)
+        ready = dict(poller.poll(int(timeout * 1000)))
+        if self._wakeup_r.fileno() in ready:
+            try:
+                self._wakeup_r.recv(4096)
+            except BlockingIOError:
+                pass
+        now = self.clock()
+        self._obey_signals(now)
+        if self.sock in ready:
+            for _ in range(1000):
+                try:
+                    frame = self.sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._on_message(frame, now)
+        self._report(now)
+        self._maybe_claim()
+        self._timers(now)
+
+    def _obey_signals(self, now: float) -> None:
+        if self.stop_requested == 1 and not self.draining:
+            log.info("SIGTERM: draining; finishing %d running jobs", len(self.runner.running()))
+            self.draining = True
+        elif self.stop_requested >= 2 and self.runner.running():
+            log.info("second SIGTERM: cancelling %d running jobs", len(self.runner.running()))
+            self.runner.shutdown_all(now)
+
+    def _on_message(self, frame: bytes, now: float) -> None:
+        try:
+            msg = protocol.decode(frame, protocol.BROKER_TO_WORKER)
+        except protocol.ProtocolError as e:
+            log.warning("ignored a malformed message from the broker: %s", e.reason)
+            return
+        self.link.last_heard = now
+        self.link.backoff = defaults.RECONNECT_MIN
+        b = msg.body
+        if msg.type == "registered":
+            self.link.registered = True
+            self.heartbeat, self.liveness = float(b["heartbeat"]), int(b["liveness"])
+            for payload, _ in self.link.unacked.values():
+                self.sock.send(payload, zmq.NOBLOCK)  # type: ignore[union-attr]
+        elif msg.type == "assign":
+            self.link.claimed = False
+            for a in b["jobs"]:
+                self._start(a, now)
+        elif msg.type == "cancel":
+            self.runner.cancel(b["job"], b["token"], now, b.get("reason", ""))
+        elif msg.type == "kill_stale":
+            key = (b["job"], b["token"])
+            self.link.unacked.pop(key, None)
+            self.runner.kill_stale(*key)
+            log.info("job %d token %d is not ours any more: killed", *key)
+        elif msg.type == "ack":
+            self.link.unacked.pop((b["job"], b["token"]), None)
+        elif msg.type == "drain":
+            self.draining = not b["resume"] or self.stop_requested > 0
+            self.link.claimed = False
+        elif msg.type == "reregister":
+            self._connect(now)
+        elif msg.type == "error":
+            log.warning("broker refused a message: %s", b["message"])
+
+    def _start(self, a: dict[str, Any], now: float) -> None:
+        launch = Launch(
+            job=a["job"], token=a["token"], attempt=a["attempt"], command=a["command"],
+            cwd=a["cwd"], env=dict(a["env"]), gpu_ids=list(a["gpu_ids"]),
+            time_limit=a["time_limit"], cancel_grace=float(a["cancel_grace"]), output=a["output"],
+        )
+        running = self.runner.start(launch, now)
+        self._send("started", {"job": launch.job, "token": launch.token,
+                               "pid": getattr(running, "pid", 0) or 0})
+
+    def _report(self, now: float) -> None:
+        for done in self.runner.poll(now):
+            self._result(done, now)
+        for p in self.runner.progress(now):
+            self._send("progress", {"job": p.job, "token": p.token, "percent": p.percent,
+                                    "message": p.message, "cpu_percent": None, "rss": None})
+
+    def _result(self, done: Finished, now: float) -> None:
+        payload = protocol.encode("result", {
+            "job": done.job, "token": done.token, "outcome": done.outcome,
+            "exit_code": done.exit_code, "signal": done.signal,
+            "stdout_tail": done.stdout_tail, "stderr_tail": done.stderr_tail,
+        })
+        self.link.unacked[(done.job, done.token)] = (payload, now)
+        self.link.claimed = False  # room again: renew the claim
+        assert self.sock is not None
+        try:
+            self.sock.send(payload, zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def _maybe_claim(self) -> None:
+        if self.link.registered and not self.link.claimed and not self.draining:
+            self._send("claim", {"max": defaults.MAX_CLAIM})
+            self.link.claimed = True
+
+    def _timers(self, now: float) -> None:
+        link = self.link
+        if now - link.last_heard > self.heartbeat * self.liveness and now >= link.next_connect:
+            log.warning("broker silent for %.1f s; reconnecting", now - link.last_heard)
+            link.next_connect = now + link.backoff
+            link.backoff = min(link.backoff * 2, defaults.RECONNECT_MAX)
+            self._connect(now)
+            return
+        if now >= link.next_heartbeat:
+            usage = self.runner.usage(now)
+            rows = [[j, t, *usage.get((j, t), (None, None))] for j, t in self._held()]
+            self._send("heartbeat", {"running": rows})
+            link.next_heartbeat = now + self.heartbeat
+        for key, (payload, sent) in list(link.unacked.items()):
+            if now - sent >= defaults.RESULT_RESEND:
+                link.unacked[key] = (payload, now)
+                self._send_raw(payload)
+
+    def _send_raw(self, payload: bytes) -> None:
+        assert self.sock is not None
+        try:
+            self.sock.send(payload, zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=0)
+        self._wakeup_r.close()
+        self._wakeup_w.close()

@@ -1,0 +1,103 @@
+"""Drive the pure state machine over a real LMDB store in a temp dir, as the server would."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from banyan.broker.records import Job, Worker
+from banyan.broker.state import Actor, Config, Core, Effect
+from banyan.broker.store import Store
+
+T = TypeVar("T")
+ALICE = Actor("alice", "user")
+BOB = Actor("bob", "user")
+ROOT = Actor("root", "admin")
+
+
+class Harness:
+    """One `do` = one message: a child transaction, then `match` as the server runs it."""
+
+    def __init__(self, path: Path, config: Config | None = None) -> None:
+        self.path = path
+        self.store = Store(path)
+        self.now = 1000.0
+        self.config = config or Config()
+        self.effects: list[Effect] = []
+
+    def do(self, fn: Callable[[Core], T]) -> T:
+        with self.store.write() as tx:
+            with tx.child() as child:
+                core = Core(child, self.now, self.config)
+                result = fn(core)
+            self.effects += core.effects
+            if core.wake:
+                matcher = Core(tx, self.now, self.config)
+                matcher.match()
+                self.effects += matcher.effects
+        return result
+
+    def take(self, kind: str | None = None, worker: str | None = None) -> list[Effect]:
+        """Remove and return the effects sent so far (of one type / to one worker)."""
+        keep, out = [], []
+        for e in self.effects:
+            match = (kind is None or e.type == kind) and (worker is None or e.worker == worker)
+            (out if match else keep).append(e)
+        self.effects = keep
+        return out
+
+    def assigned(self, worker: str) -> list[int]:
+        """Job ids assigned to `worker` since the last look."""
+        return [int(j["job"]) for e in self.take("assign", worker) for j in e.body["jobs"]]
+
+    def submit(self, *jobs: dict[str, Any], actor: Actor = ALICE, **kw: Any) -> list[int]:
+        groups = kw.pop("groups", [])
+        result = self.do(lambda c: c.submit(actor, list(jobs), groups, kw.pop("key", None)))
+        return list(result["jobs"])
+
+    def job(self, job_id: int) -> Job:
+        with self.store.read() as tx:
+            job = tx.get_job(job_id)
+        assert job is not None
+        return job
+
+    def worker(self, name: str) -> Worker:
+        with self.store.read() as tx:
+            worker = tx.get_worker(name)
+        assert worker is not None
+        return worker
+
+    def state(self, job_id: int) -> str:
+        return self.job(job_id).state
+
+    def add_worker(
+        self, name: str, cpus: float = 2, memory: int = 1024, gpus: int = 0, tags: list[str] | None = None
+    ) -> None:
+        self.do(lambda c: c.register(name, "host-" + name, (cpus, memory, gpus), tags or [], []))
+        self.take("registered", name)
+
+    def claim(self, name: str, count: int = 1) -> list[dict[str, Any]]:
+        """Claim and return the assignments that answered it (now or already pending)."""
+        self.do(lambda c: c.claim(name, count))
+        return [j for e in self.take("assign", name) for j in e.body["jobs"]]
+
+    def finish(
+        self, name: str, assignment: dict[str, Any], exit_code: int = 0, outcome: str = "exited"
+    ) -> None:
+        job, token = assignment["job"], assignment["token"]
+        self.do(lambda c: c.result(name, job, token, outcome, exit_code, None, ("out", "")))
+
+    def run_one(self, name: str, exit_code: int = 0) -> int:
+        """Claim one job on `name`, finish it with `exit_code`; returns its id."""
+        (a,) = self.claim(name, 1)
+        self.finish(name, a, exit_code)
+        return int(a["job"])
+
+
+def spec(command: str = "true", **fields: Any) -> dict[str, Any]:
+    return {"command": command, **fields}
+
+
+def after(*ids: int, kind: str = "after") -> list[dict[str, Any]]:
+    return [{"kind": kind, "job": i} for i in ids]

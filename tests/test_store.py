@@ -1,0 +1,672 @@
+"""The LMDB store on a real environment: records, indexes, transactions, growth, dumps."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import pytest
+
+from banyan.broker.records import (
+    Attempt,
+    DepKind,
+    Event,
+    Group,
+    Job,
+    JobState,
+    Tx,
+    Worker,
+)
+from banyan.broker.store import (
+    MapGrown,
+    ReadOnly,
+    ReadTx,
+    Store,
+    StoreError,
+    StoreFull,
+    WriteTx,
+)
+
+AVAILABLE, RUNNING = JobState.AVAILABLE.value, JobState.RUNNING.value
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(tmp_path / "db", sync=False)
+    yield s
+    s.close()
+
+
+def job(job_id: int, **kw: Any) -> Job:
+    kw.setdefault("command", "true")
+    return Job(id=job_id, name=f"j{job_id}", owner="ann", submitted=1.0, **kw)
+
+
+def put(store: Store, *jobs: Job) -> None:
+    with store.write() as tx:
+        for j in jobs:
+            tx.put_job(j)
+
+
+def eligible_ids(store: Store) -> list[int]:
+    with store.read() as tx:
+        return [job_id for job_id, _ in tx.eligible()]
+
+
+def check_indexes(store: Store) -> None:
+    """Every index equals what the job records alone imply."""
+    with store.read() as tx:
+        jobs = [tx.get_job(i) for i in range(1, 1000)]
+        present = [j for j in jobs if j is not None]
+        best_first = sorted((j for j in present if j.eligible), key=lambda j: (-j.priority, j.id))
+        assert list(tx.eligible()) == [
+            (j.id, (j.cpus, j.memory, j.gpus, j.tags)) for j in best_first
+        ]
+        for state in JobState:
+            assert list(tx.jobs_in_state(state.value)) == [
+                j.id for j in present if j.state == state.value
+            ]
+            assert tx.state_counts()[state.value] == sum(j.state == state.value for j in present)
+        for group_id in range(1, 6):
+            assert list(tx.group_members(group_id)) == [
+                j.id for j in present if group_id in j.groups
+            ]
+
+
+# -- records and counters ------------------------------------------------------------------
+
+
+def test_next_id_counters_start_at_one_and_are_independent(store: Store) -> None:
+    with store.write() as tx:
+        assert [tx.next_id("job") for _ in range(3)] == [1, 2, 3]
+        assert tx.next_id("group") == 1
+    with store.write() as tx:
+        assert tx.next_id("job") == 4
+        assert tx.next_id("token") == 1
+
+
+def test_job_round_trip_and_missing(store: Store) -> None:
+    j = job(7, env={"A": "1"}, tags=["x"], groups=[2], depends_on=[["after", "job", 3]])
+    put(store, j)
+    with store.read() as tx:
+        assert tx.get_job(7) == j
+        assert tx.get_job(8) is None
+
+
+def test_attempts_by_job_in_number_order(store: Store) -> None:
+    with store.write() as tx:
+        for job_id, number in [(1, 2), (256, 1), (1, 1), (2, 1), (1, 10)]:
+            tx.put_attempt(Attempt(job_id, number, token=number, worker="w", claimed=0.0))
+        tx.put_attempt(Attempt(1, 2, token=99, worker="w", claimed=0.0, gpu_ids=[0, 1]))
+    with store.read() as tx:
+        assert [a.number for a in tx.attempts_of(1)] == [1, 2, 10]
+        assert [a.job for a in tx.attempts_of(256)] == [256]
+        assert tx.attempts_of(3) == []
+        assert tx.get_attempt(1, 2) == Attempt(1, 2, 99, "w", 0.0, gpu_ids=[0, 1])
+        assert tx.get_attempt(1, 3) is None
+
+
+def test_dependents_by_target_in_dependent_order(store: Store) -> None:
+    with store.write() as tx:
+        tx.add_dependent("job", 5, 9, DepKind.AFTER.value)
+        tx.add_dependent("job", 5, 6, DepKind.AFTER_FAIL.value)
+        tx.add_dependent("job", 5, 300, DepKind.AFTER_ANY.value)
+        tx.add_dependent("group", 5, 7, DepKind.AFTER.value)
+        tx.add_dependent("job", 6, 8, DepKind.AFTER.value)
+    with store.read() as tx:
+        assert tx.dependents("job", 5) == [(6, "after_fail"), (9, "after"), (300, "after_any")]
+        assert tx.dependents("group", 5) == [(7, "after")]
+        assert tx.dependents("group", 6) == []
+
+
+def test_groups_by_id_by_name_and_all(store: Store) -> None:
+    with store.write() as tx:
+        tx.put_group(Group(2, "b", "ann", 1.0, open=True))
+        tx.put_group(Group(1, "a", "ann", 1.0))
+    with store.write() as tx:
+        g = tx.get_group(2)
+        assert g is not None
+        g.total, g.name = 3, "renamed"
+        tx.put_group(g)
+    with store.read() as tx:
+        assert [g.id for g in tx.groups()] == [1, 2]
+        assert tx.group_by_name("renamed") == Group(2, "renamed", "ann", 1.0, open=True, total=3)
+        assert tx.group_by_name("b") is None
+        assert tx.get_group(3) is None
+
+
+def test_workers_and_claimers(store: Store) -> None:
+    with store.write() as tx:
+        tx.put_worker(Worker("w2", "h", 4, 1024, 0, wants=2, running={5: 17}))
+        tx.put_worker(Worker("w1", "h", 4, 1024, 0, wants=1))
+        tx.put_worker(Worker("w3", "h", 4, 1024, 0))
+    with store.write() as tx:
+        assert tx.claimers() == ["w1", "w2"]
+        w = tx.get_worker("w1")
+        assert w is not None
+        w.wants = 0
+        tx.put_worker(w)
+    with store.read() as tx:
+        assert tx.claimers() == ["w2"]
+        assert [w.name for w in tx.workers()] == ["w1", "w2", "w3"]
+        w2 = tx.get_worker("w2")
+        assert w2 is not None and w2.running == {5: 17}  # int map keys survive
+        assert tx.get_worker("nobody") is None
+
+
+def test_submit_keys_and_meta(store: Store) -> None:
+    with store.write() as tx:
+        assert tx.get_submit_key("ann", "k") is None
+        tx.put_submit_key("ann", "k", {"jobs": [1, 2], "groups": {"g": 3}})
+        tx.put_submit_key("bob", "k", [9])
+        tx.put_meta("version", 1)
+        tx.put_meta("blob", b"\x00\xff")
+    with store.read() as tx:
+        assert tx.get_submit_key("ann", "k") == {"jobs": [1, 2], "groups": {"g": 3}}
+        assert tx.get_submit_key("bob", "k") == [9]
+        assert tx.get_submit_key("ann", "other") is None
+        assert tx.get_meta("version") == 1
+        assert tx.get_meta("blob") == b"\x00\xff"
+        assert tx.get_meta("missing") is None
+
+
+def test_long_names_fit_lmdb_keys(store: Store) -> None:
+    # 256 four-byte characters is past LMDB's 511-byte key limit.
+    long_a, long_b = "𝄞" * 256, "𝄞" * 255 + "x"
+    with store.write() as tx:
+        tx.put_group(Group(1, long_a, "ann", 1.0))
+        tx.put_group(Group(2, long_b, "ann", 1.0))
+        tx.put_worker(Worker(long_a, "h", 1, 1, 0, wants=1))
+        tx.put_submit_key(long_a, long_b, 1)
+        tx.put_submit_key(long_a, long_a, 2)
+    with store.read() as tx:
+        assert [g.id for g in (tx.group_by_name(long_a), tx.group_by_name(long_b)) if g] == [1, 2]
+        assert tx.claimers() == [long_a]
+        assert tx.get_worker(long_a) is not None
+        assert [tx.get_submit_key(long_a, k) for k in (long_b, long_a)] == [1, 2]
+
+
+def test_events_in_order_from_seq_inclusive(store: Store) -> None:
+    with store.write() as tx:
+        seqs = [
+            tx.append_event(float(i), i, None if i == 0 else AVAILABLE, RUNNING, None)
+            for i in range(5)
+        ]
+        assert seqs == [1, 2, 3, 4, 5]
+    with store.write() as tx:
+        assert tx.append_event(9.0, 9, RUNNING, "terminated", "done") == 6
+    with store.read() as tx:
+        assert tx.events_from(0, 100)[0] == Event(1, 0.0, 0, None, RUNNING, None)
+        assert [e.seq for e in tx.events_from(3, 2)] == [3, 4]
+        assert tx.events_from(6, 10) == [Event(6, 9.0, 9, RUNNING, "terminated", "done")]
+        assert tx.events_from(7, 10) == []
+        assert tx.events_from(1, 0) == []
+
+
+# -- job indexes ---------------------------------------------------------------------------
+
+
+def test_eligible_order_priority_desc_then_id(store: Store) -> None:
+    priorities = {1: 0, 2: 5, 3: -3, 4: 5, 5: 2**31 - 1, 6: -(2**31), 7: 0, 8: -1, 300: 5}
+    put(store, *(job(i, priority=p) for i, p in sorted(priorities.items(), reverse=True)))
+    assert eligible_ids(store) == [5, 2, 4, 300, 1, 7, 8, 3, 6]
+    check_indexes(store)
+
+
+def test_eligible_carries_the_request(store: Store) -> None:
+    put(store, job(1, cpus=2.5, memory=512, gpus=1, tags=["gpu", "fast"]))
+    with store.read() as tx:
+        assert list(tx.eligible()) == [(1, (2.5, 512, 1, ["gpu", "fast"]))]
+    with store.write() as tx:
+        j = tx.get_job(1)
+        assert j is not None
+        j.memory, j.tags = 1024, []
+        tx.put_job(j)
+    with store.read() as tx:
+        assert list(tx.eligible()) == [(1, (2.5, 1024, 1, []))]
+
+
+def test_state_changes_keep_indexes_in_step(store: Store) -> None:
+    put(store, job(1), job(2), job(3, pending=1), job(4, state=JobState.INACTIVE.value))
+    assert eligible_ids(store) == [1, 2]
+    with store.read() as tx:
+        assert tx.state_counts() == {
+            "inactive": 1, "available": 3, "running": 0,
+            "pending_cancellation": 0, "terminated": 0, "cancelled": 0,
+        }  # fmt: skip
+
+    with store.write() as tx:  # claim job 1
+        j = tx.get_job(1)
+        assert j is not None
+        j.state = RUNNING
+        tx.put_job(j)
+    assert eligible_ids(store) == [2]
+
+    with store.write() as tx:  # job 3's dependency ends; job 1 finishes
+        j3, j1 = tx.get_job(3), tx.get_job(1)
+        assert j3 is not None and j1 is not None
+        j3.pending = 0
+        j1.state = JobState.TERMINATED.value
+        tx.put_job(j3)
+        tx.put_job(j1)
+    assert eligible_ids(store) == [2, 3]
+    with store.read() as tx:
+        assert list(tx.jobs_in_state(AVAILABLE)) == [2, 3]
+        assert list(tx.jobs_in_state("terminated")) == [1]
+        assert list(tx.jobs_in_state(RUNNING)) == []
+        counts = tx.state_counts()
+        assert (counts["available"], counts["running"], counts["terminated"]) == (2, 0, 1)
+    check_indexes(store)
+
+
+def test_priority_change_reorders(store: Store) -> None:
+    put(store, job(1), job(2), job(3))
+    with store.write() as tx:
+        j = tx.get_job(3)
+        assert j is not None
+        j.priority = 10
+        tx.put_job(j)
+    assert eligible_ids(store) == [3, 1, 2]
+    with store.write() as tx:
+        j = tx.get_job(3)
+        assert j is not None
+        j.priority = -10
+        tx.put_job(j)
+    assert eligible_ids(store) == [1, 2, 3]
+    check_indexes(store)
+
+
+def test_pending_jobs_are_not_eligible(store: Store) -> None:
+    put(store, job(1, pending=2, priority=100), job(2))
+    assert eligible_ids(store) == [2]
+    with store.write() as tx:
+        j = tx.get_job(1)
+        assert j is not None
+        j.pending = 0
+        tx.put_job(j)
+    assert eligible_ids(store) == [1, 2]
+
+
+def test_group_member_index(store: Store) -> None:
+    put(store, job(1, groups=[1]), job(2, groups=[1, 2]), job(3, groups=[2]))
+    with store.write() as tx:
+        j = tx.get_job(2)
+        assert j is not None
+        j.groups = [2, 3]
+        tx.put_job(j)
+    with store.read() as tx:
+        assert list(tx.group_members(1)) == [1]
+        assert list(tx.group_members(2)) == [2, 3]
+        assert list(tx.group_members(3)) == [2]
+        assert list(tx.group_members(4)) == []
+    check_indexes(store)
+
+
+def test_rewriting_the_same_record_changes_nothing(store: Store) -> None:
+    put(store, job(1))
+    before = store.dump()
+    put(store, job(1))
+    assert store.dump() == before
+    with store.read() as tx:
+        assert tx.state_counts()["available"] == 1
+
+
+def test_priority_outside_int32_is_refused(store: Store) -> None:
+    with pytest.raises(ValueError), store.write() as tx:
+        tx.put_job(job(1, priority=2**31))
+    assert eligible_ids(store) == []
+
+
+def test_claiming_while_iterating_eligible(store: Store) -> None:
+    """The claim loop writes while it walks the index: each job is seen once, in order."""
+    put(store, *(job(i, priority=i % 3) for i in range(1, 201)))
+    expected = eligible_ids(store)
+    seen = []
+    with store.write() as tx:
+        for job_id, _ in tx.eligible():
+            seen.append(job_id)
+            j = tx.get_job(job_id)
+            assert j is not None
+            j.state = RUNNING
+            tx.put_job(j)
+            tx.put_job(job(1000 + job_id, priority=-5))  # new work lands behind the cursor
+            if len(seen) == 200:
+                break
+    assert seen == expected
+    assert eligible_ids(store) == list(range(1001, 1201))
+
+
+def test_rewriting_while_iterating_states_and_groups(store: Store) -> None:
+    put(store, *(job(i, groups=[1]) for i in range(1, 101)))
+    with store.write() as tx:
+        for job_id in tx.jobs_in_state(AVAILABLE):
+            j = tx.get_job(job_id)
+            assert j is not None
+            j.state = JobState.CANCELLED.value
+            tx.put_job(j)
+        assert list(tx.jobs_in_state(AVAILABLE)) == []
+        members = []
+        for job_id in tx.group_members(1):
+            members.append(job_id)
+            j = tx.get_job(job_id)
+            assert j is not None
+            j.groups = [2]
+            tx.put_job(j)
+        assert members == list(range(1, 101))
+        for g in tx.groups():
+            tx.put_group(g)
+
+
+def test_random_histories_keep_indexes_consistent(store: Store) -> None:
+    rng = random.Random(7)
+    states = [s.value for s in JobState]
+    for _ in range(30):
+        with store.write() as tx:
+            for _ in range(20):
+                job_id = rng.randint(1, 60)
+                j = tx.get_job(job_id) or job(job_id)
+                j.state = rng.choice(states)
+                j.pending = rng.choice([0, 0, 1])
+                j.priority = rng.randint(-3, 3)
+                j.groups = rng.sample(range(1, 6), rng.randint(0, 2))
+                j.cpus = rng.choice([1.0, 2.0])
+                tx.put_job(j)
+        check_indexes(store)
+
+
+# -- transactions --------------------------------------------------------------------------
+
+
+def test_outer_abort_leaves_store_untouched(store: Store) -> None:
+    put(store, job(1))
+    before = store.dump()
+    with pytest.raises(RuntimeError), store.write() as tx:
+        tx.put_job(job(2))
+        tx.put_group(Group(1, "g", "ann", 1.0))
+        tx.next_id("job")
+        raise RuntimeError("refused")
+    assert store.dump() == before
+    with store.write() as tx:
+        assert tx.next_id("job") == 1
+        assert tx.group_by_name("g") is None
+
+
+def test_child_abort_leaves_parent_untouched_and_commit_merges(store: Store) -> None:
+    with store.write() as tx:
+        tx.put_job(job(1))
+        with pytest.raises(RuntimeError), tx.child() as child:
+            j = child.get_job(1)
+            assert j is not None
+            j.state = RUNNING
+            child.put_job(j)
+            child.put_job(job(2))
+            assert child.next_id("job") == 1
+            raise RuntimeError("refused")
+        assert tx.get_job(2) is None
+        assert list(tx.eligible()) == [(1, (1.0, 0, 0, []))]
+        assert tx.state_counts()["running"] == 0
+        with tx.child() as child:
+            child.put_job(job(3))
+            assert child.next_id("job") == 1
+            with child.child() as grandchild:
+                grandchild.put_job(job(4))
+        assert [i for i, _ in tx.eligible()] == [1, 3, 4]
+        assert tx.next_id("job") == 2
+    assert eligible_ids(store) == [1, 3, 4]
+
+
+def test_many_children_share_one_commit(store: Store) -> None:
+    with store.write() as tx:
+        for i in range(1, 11):
+            try:
+                with tx.child() as child:
+                    child.put_job(job(i))
+                    if i % 2:
+                        raise ValueError("odd jobs refused")
+            except ValueError:
+                pass
+        assert eligible_ids(store) == []  # nothing durable before the outer commit
+    assert eligible_ids(store) == [2, 4, 6, 8, 10]
+
+
+def test_reopen_shows_exactly_what_was_committed(tmp_path: Path) -> None:
+    with Store(tmp_path / "db") as s:
+        put(s, job(1, groups=[1]), job(2, pending=1))
+        with s.write() as tx:
+            tx.put_group(Group(1, "g", "ann", 1.0))
+            tx.add_dependent("job", 1, 2, "after")
+            tx.put_attempt(Attempt(1, 1, 5, "w", 2.0))
+            tx.append_event(1.0, 1, None, AVAILABLE, None)
+            tx.put_worker(Worker("w", "h", 1, 1, 0, wants=1))
+            tx.put_meta("m", [1])
+        with pytest.raises(RuntimeError), s.write() as tx:
+            tx.put_job(job(3))
+            raise RuntimeError
+        dump = s.dump()
+    with Store(tmp_path / "db") as s:
+        assert s.dump() == dump
+        assert eligible_ids(s) == [1]
+        with s.write() as tx:
+            assert tx.get_job(3) is None
+            assert list(tx.group_members(1)) == [1]
+            assert tx.dependents("job", 1) == [(2, "after")]
+            assert len(tx.events_from(1, 10)) == 1
+            assert tx.claimers() == ["w"]
+            assert tx.get_meta("m") == [1]
+            assert tx.next_id("event") == 2
+
+
+def test_read_view_is_a_snapshot_and_refuses_writes(store: Store) -> None:
+    put(store, job(1))
+    with store.read() as view:
+        put(store, job(2))
+        assert view.get_job(2) is None
+        assert [i for i, _ in view.eligible()] == [1]
+        for write in (
+            lambda: view.put_job(job(3)),
+            lambda: view.next_id("job"),
+            lambda: view.put_attempt(Attempt(1, 1, 1, "w", 0.0)),
+            lambda: view.add_dependent("job", 1, 2, "after"),
+            lambda: view.put_group(Group(1, "g", "ann", 1.0)),
+            lambda: view.put_worker(Worker("w", "h", 1, 1, 0)),
+            lambda: view.put_submit_key("ann", "k", 1),
+            lambda: view.append_event(1.0, 1, None, AVAILABLE, None),
+            lambda: view.put_meta("k", 1),
+        ):
+            with pytest.raises(ReadOnly):
+                write()
+    assert eligible_ids(store) == [1, 2]
+
+
+def test_views_satisfy_the_tx_protocol(store: Store) -> None:
+    def count(tx: Tx) -> int:
+        return sum(tx.state_counts().values())
+
+    put(store, job(1))
+    with store.write() as wtx:
+        assert count(wtx) == 1
+        assert isinstance(wtx, WriteTx)
+    with store.read() as rtx:
+        assert count(rtx) == 1
+        assert isinstance(rtx, ReadTx)
+
+
+def test_nested_write_is_refused(store: Store) -> None:
+    with store.write(), pytest.raises(StoreError), store.write():
+        pass
+
+
+# -- growth and running out of room --------------------------------------------------------
+
+
+def big_job(i: int) -> Job:
+    return job(i, command="x" * 200, groups=[i % 7], priority=i % 11)
+
+
+def test_write_batch_grows_the_map_and_keeps_everything(tmp_path: Path) -> None:
+    with Store(tmp_path / "db", map_size=64 * 1024, sync=False) as s:
+        start = s.map_size
+        runs = 0
+
+        def fill(tx: WriteTx, lo: int, hi: int) -> int:
+            nonlocal runs
+            runs += 1
+            for i in range(lo, hi):
+                tx.put_job(big_job(i))
+                tx.put_attempt(Attempt(i, 1, i, "w", 0.0, stdout_tail="y" * 100))
+            return hi - lo
+
+        assert s.write_batch(lambda tx: fill(tx, 1, 3001)) == 3000
+        assert s.write_batch(lambda tx: fill(tx, 3001, 6001)) == 3000
+        assert s.map_size >= 8 * start  # at least three doublings
+        assert runs > 2  # batches were re-run from scratch after growing
+        with s.read() as tx:
+            assert tx.state_counts()["available"] == 6000
+            assert all(tx.get_job(i) == big_job(i) for i in range(1, 6001))
+            assert len(list(tx.eligible())) == 6000
+            assert len(list(tx.group_members(3))) == len(range(3, 6001, 7))
+        dump = s.dump()
+    with Store(tmp_path / "db", map_size=64 * 1024) as s:
+        assert s.dump() == dump
+
+
+def test_write_raises_map_grown_then_succeeds(tmp_path: Path) -> None:
+    with Store(tmp_path / "db", map_size=64 * 1024, sync=False) as s:
+        with pytest.raises(MapGrown), s.write() as tx:
+            for i in range(1, 2001):
+                tx.put_job(big_job(i))
+        assert eligible_ids(s) == []
+        grown = s.map_size
+        assert grown >= 2 * 64 * 1024
+        while True:
+            try:
+                with s.write() as tx:
+                    for i in range(1, 2001):
+                        tx.put_job(big_job(i))
+                break
+            except MapGrown:
+                assert s.map_size > grown
+                grown = s.map_size
+        assert len(eligible_ids(s)) == 2000
+
+
+def test_map_full_swallowed_in_a_child_still_dooms_the_batch(tmp_path: Path) -> None:
+    with Store(tmp_path / "db", map_size=64 * 1024, sync=False) as s:
+        answers: list[str] = []
+
+        def handle_messages(tx: WriteTx) -> list[str]:
+            answers.clear()
+            for i in range(1, 41):
+                try:  # a broker answers each message, even "internal error"
+                    with tx.child() as child:
+                        for k in range(100):
+                            child.put_job(big_job(i * 100 + k))
+                    answers.append("ok")
+                except Exception:
+                    answers.append("error")
+            return list(answers)
+
+        assert s.write_batch(handle_messages) == ["ok"] * 40
+        assert len(eligible_ids(s)) == 4000
+
+
+def test_store_full_at_max_size_and_still_usable(tmp_path: Path) -> None:
+    with Store(tmp_path / "db", map_size=64 * 1024, max_map_size=256 * 1024, sync=False) as s:
+        put(s, job(1))
+        with pytest.raises(StoreFull):
+            s.write_batch(lambda tx: [tx.put_job(big_job(i)) for i in range(2, 100_000)])
+        assert s.map_size == 256 * 1024
+        assert eligible_ids(s) == [1]  # the failed batch left no trace
+        put(s, job(2))
+        assert eligible_ids(s) == [1, 2]
+
+
+class FailingTxn:
+    """Stands in for an LMDB transaction whose puts fail (by default: the disk is full)."""
+
+    def __init__(self, txn: Any, error: Exception | None = None) -> None:
+        self._txn = txn
+        self._error = error or lmdb.DiskError("mdb_put: No space left on device")
+
+    def put(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._error
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._txn, name)
+
+
+def test_disk_full_on_write_is_store_full_without_retry(store: Store) -> None:
+    put(store, job(1))
+    runs = 0
+
+    def fn(tx: WriteTx) -> None:
+        nonlocal runs
+        runs += 1
+        tx.put_job(job(2))
+        tx._txn = FailingTxn(tx._txn)  # type: ignore[assignment]
+        with pytest.raises(StoreFull):
+            tx.put_meta("k", 1)
+
+    size = store.map_size
+    with pytest.raises(StoreFull):
+        store.write_batch(fn)
+    assert runs == 1 and store.map_size == size
+    assert eligible_ids(store) == [1]
+
+
+def test_other_lmdb_errors_are_store_errors(store: Store) -> None:
+    with pytest.raises(StoreError) as caught, store.write() as tx:
+        tx.put_job(job(1))
+        tx._txn = FailingTxn(tx._txn, lmdb.BadValsizeError("mdb_put"))  # type: ignore[assignment]
+        tx.put_meta("k", 1)
+    assert not isinstance(caught.value, StoreFull | MapGrown)
+    assert eligible_ids(store) == []
+
+
+@pytest.mark.parametrize("in_child", [False, True])
+def test_disk_full_on_commit_is_store_full(
+    store: Store, monkeypatch: pytest.MonkeyPatch, in_child: bool
+) -> None:
+    def commit(self: WriteTx) -> None:
+        raise lmdb.Error("mdb_txn_commit: No space left on device")
+
+    with pytest.raises(StoreFull), store.write() as tx:
+        tx.put_job(job(1))
+        with tx.child() as child:
+            child.put_job(job(2))
+            if in_child:
+                monkeypatch.setattr(WriteTx, "_commit", commit)
+        monkeypatch.setattr(WriteTx, "_commit", commit)  # the outer commit
+    monkeypatch.undo()
+    assert eligible_ids(store) == []
+    put(store, job(3))
+    assert eligible_ids(store) == [3]
+
+
+# -- dumps ---------------------------------------------------------------------------------
+
+
+def build(s: Store) -> None:
+    with s.write() as tx:
+        for i in (3, 1, 2):
+            tx.put_job(job(i, groups=[1], priority=i))
+        tx.put_group(Group(1, "g", "ann", 1.0, total=3))
+        tx.add_dependent("group", 1, 3, "after_any")
+        tx.put_attempt(Attempt(1, 1, 1, "w", 0.0))
+
+
+def test_dump_is_deterministic(tmp_path: Path) -> None:
+    with Store(tmp_path / "a") as a, Store(tmp_path / "b") as b:
+        build(a)
+        with b.write() as tx:  # other workers and events do not count
+            tx.put_worker(Worker("w", "h", 1, 1, 0))
+            tx.append_event(1.0, 1, None, AVAILABLE, None)
+        build(b)
+        assert a.dump() == b.dump()
+        assert a.dump() == a.dump()
+        with b.write() as tx:
+            tx.add_dependent("job", 1, 2, "after")
+        assert a.dump() != b.dump()
