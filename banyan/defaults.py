@@ -55,3 +55,12 @@ RECONNECT_MAX = 5.0
 
 # Client: how long a request may wait for the broker before BrokerUnavailable.
 CLIENT_TIMEOUT = 10.0
+
+# Worker runner (banyan/worker/runner.py).
+# A pass over /proc costs milliseconds: hunt a finished job's escaped processes at most this often.
+ORPHAN_SWEEP_INTERVAL = 1.0
+# Ended attempts whose output files the worker still serves to `banyan-logs` (~0.5 KiB each).
+FINISHED_LOGS_KEPT = 10_000
+LOG_CHUNK_MAX = 1024 * 1024  # protocol: log_chunk data ≤ 1 MiB
+# nvidia-smi can hang on a wedged driver; the worker must still start.
+GPU_PROBE_TIMEOUT = 5.0

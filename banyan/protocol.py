@@ -20,7 +20,8 @@ free-form maps of plain data (string keys, finite numbers, bounded nesting).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
@@ -35,6 +36,20 @@ __all__ = [
     "CLIENT_REPLIES",
     "CLIENT_REQUESTS",
     "ERROR_CODES",
+    "FREE_DEPTH",
+    "MAX_ATTEMPTS_LIMIT",
+    "MAX_CANCEL_GRACE",
+    "MAX_CPUS",
+    "MAX_GPUS",
+    "MAX_HEARTBEAT",
+    "MAX_INT",
+    "MAX_LIVENESS",
+    "MAX_LOG_CHUNK",
+    "MAX_MEMORY",
+    "MAX_REASON",
+    "MAX_SIGNAL",
+    "MAX_TAG",
+    "MAX_TIME_LIMIT",
     "PROTOCOL_VERSION",
     "UNSUPPORTED_VERSION",
     "WORKER_TO_BROKER",
@@ -71,6 +86,9 @@ MAX_REASON: Final = 1024
 MAX_TAG: Final = 64
 MAX_LOG_CHUNK: Final = 1 << 20
 MAX_SIGNAL: Final = 127  # WTERMSIG is 7 bits
+# Not in the doc: past these a broker's settings are a mistake, not a choice.
+MAX_HEARTBEAT: Final = 3600.0
+MAX_LIVENESS: Final = 1000
 # Free-form reply maps are ours, so this only has to be deeper than anything views.py builds;
 # it also keeps the checker's recursion far from Python's limit whatever arrives.
 FREE_DEPTH: Final = 8
@@ -109,6 +127,22 @@ class Message:
     type: str
     req: int
     body: dict[str, Any]
+
+
+# A frozen dataclass's __init__ goes through object.__setattr__ per field, which is a third of
+# a small decode; decode fills the slots directly instead.
+_new_object = object.__new__
+_set_type = Message.__dict__["type"].__set__
+_set_req = Message.__dict__["req"].__set__
+_set_body = Message.__dict__["body"].__set__
+
+
+def _message(mtype: str, req: int, body: dict[str, Any]) -> Message:
+    m: Message = _new_object(Message)
+    _set_type(m, mtype)
+    _set_req(m, req)
+    _set_body(m, body)
+    return m
 
 
 # --- validators ------------------------------------------------------------------------------
@@ -150,8 +184,14 @@ def _tname(v: Any) -> str:
 
 
 def _show(v: Any) -> str:
-    text = repr(v)
-    return text if len(text) <= 60 else text[:57] + "..."
+    """A short rendering for a refusal; never repr() a whole hostile value (size, nesting)."""
+    if isinstance(v, (str, bytes)):
+        return repr(v[:60]) + ("..." if len(v) > 60 else "")
+    if isinstance(v, int) and v.bit_length() > 128:
+        return f"an int of {v.bit_length()} bits"  # str() refuses ints past 4300 digits
+    if isinstance(v, (int, float)) or v is None:
+        return repr(v)
+    return f"a {_tname(v)}"
 
 
 def _seg(key: Any) -> str:
@@ -169,37 +209,50 @@ def _is_int(v: Any) -> bool:
     return type(v) is int or (isinstance(v, int) and not isinstance(v, bool))
 
 
-def _int(lo: int, hi: int) -> Check:
+# Each validator tries one cheap test for the common, valid case and leaves conversion and the
+# wording of refusals to a slower path: decode is on the broker's hot path.
+
+
+def _int(lo: int, hi: int, *, null: bool = False) -> Check:
+    what = "an int or null" if null else "an int"
+
     def check(v: Any) -> Any:
-        if type(v) is not int:
-            if not _is_int(v):
-                _type_error("an int", v)
-            v = int(v)
+        if type(v) is int and lo <= v <= hi:
+            return v
+        if v is None and null:
+            return None
+        if not _is_int(v):
+            _type_error(what, v)
+        v = int(v)
         if v < lo:
-            raise _Bad(f"must be >= {lo}, got {v}")
+            raise _Bad(f"must be >= {lo}, got {_show(v)}")
         if v > hi:
-            raise _Bad(f"must be <= {hi}, got {v}")
+            raise _Bad(f"must be <= {hi}, got {_show(v)}")
         return v
 
     return check
 
 
-def _num(lo: float, hi: float, *, above: bool = False) -> Check:
+def _num(lo: float, hi: float, *, above: bool = False, null: bool = False) -> Check:
     """A finite number in [lo, hi] (or (lo, hi] when `above`); ints become floats."""
-    isfinite = math.isfinite
+    what = "a number or null" if null else "a number"
+    # A finite `hi` makes the fast test refuse inf; NaN fails every comparison anyway.
+    hi = min(hi, sys.float_info.max)
+    lo = max(lo, -sys.float_info.max)
 
-    def check(v: Any) -> Any:
-        if type(v) is not float:
-            if isinstance(v, float):
+    def slow(v: Any) -> Any:
+        if v is None and null:
+            return None
+        if isinstance(v, float):
+            v = float(v)
+        elif _is_int(v):
+            try:
                 v = float(v)
-            elif _is_int(v):
-                try:
-                    v = float(v)
-                except OverflowError:
-                    raise _Bad(f"must be <= {hi:g}, got {_show(v)}") from None
-            else:
-                _type_error("a number", v)
-        if not isfinite(v):
+            except OverflowError:
+                raise _Bad(f"must be <= {hi:g}, got {_show(v)}") from None
+        else:
+            _type_error(what, v)
+        if not math.isfinite(v):
             raise _Bad(f"must be a finite number, got {v!r}")
         if above:
             if v <= lo:
@@ -210,6 +263,20 @@ def _num(lo: float, hi: float, *, above: bool = False) -> Check:
             raise _Bad(f"must be <= {hi:g}, got {v:g}")
         return v
 
+    if above:
+
+        def check(v: Any) -> Any:
+            if type(v) is float and lo < v <= hi:
+                return v
+            return slow(v)
+
+    else:
+
+        def check(v: Any) -> Any:
+            if type(v) is float and lo <= v <= hi:
+                return v
+            return slow(v)
+
     return check
 
 
@@ -217,6 +284,8 @@ def _str(lo: int = 0, hi: int = defaults.MAX_NAME, *, nul: bool = True) -> Check
     """A str of lo..hi characters; `nul=False` refuses NUL, which execve cannot pass on."""
 
     def check(v: Any) -> Any:
+        if type(v) is str and lo <= len(v) <= hi and (nul or "\0" not in v):
+            return v
         if not isinstance(v, str):
             _type_error("a str", v)
         n = len(v)
@@ -239,7 +308,7 @@ def _utf8(lo: int, hi: int) -> Check:
             _type_error("a str", v)
         n = len(v)
         # Every character is 1..4 bytes, so the encode is only needed near the limit.
-        if n > hi or n * 4 > hi:
+        if n * 4 > hi:
             n = len(v.encode("utf-8", "surrogatepass"))
         if n < lo:
             raise _Bad("must not be empty" if lo == 1 else f"must be at least {lo} bytes")
@@ -254,6 +323,8 @@ def _utf8(lo: int, hi: int) -> Check:
 
 def _bytes(hi: int) -> Check:
     def check(v: Any) -> Any:
+        if type(v) is bytes and len(v) <= hi:
+            return v
         if not isinstance(v, bytes):
             _type_error("bytes", v)
         if len(v) > hi:
@@ -312,15 +383,28 @@ def _either(what: str, on_str: Check, on_int: Check) -> Check:
     return check
 
 
+def _refuse(rule: str) -> Check:
+    """A field that is known but not allowed here, refused with a better word than "unknown"."""
+
+    def check(v: Any) -> Any:
+        raise _Bad(rule)
+
+    return check
+
+
 def _locate(item: Check, v: list[Any] | tuple[Any, ...]) -> NoReturn:
     """Re-run a failed list check one item at a time to name the index; validators are pure."""
-    for i, x in enumerate(v):
+    _locate_each([item] * len(v), v)
+
+
+def _locate_each(checks: Sequence[Check], v: Sequence[Any]) -> NoReturn:
+    for i, (check, x) in enumerate(zip(checks, v, strict=True)):
         try:
-            item(x)
+            check(x)
         except _Bad as e:
             e.path.append(f"[{i}]")
             raise
-    raise AssertionError("a list check failed but no item does")  # pragma: no cover
+    raise AssertionError("a check failed on the whole but on no item")  # pragma: no cover
 
 
 def _list(item: Check, hi: int, lo: int = 0) -> Check:
@@ -333,7 +417,7 @@ def _list(item: Check, hi: int, lo: int = 0) -> Check:
         if n < lo:
             raise _Bad(f"must have at least {lo} item{'s' if lo > 1 else ''}")
         try:
-            return [item(x) for x in v]
+            return list(map(item, v))
         except _Bad:
             _locate(item, v)
 
@@ -341,24 +425,38 @@ def _list(item: Check, hi: int, lo: int = 0) -> Check:
 
 
 def _row(shape: str, *items: Check) -> Check:
-    """A fixed-arity array such as `[job, token]`; `shape` names the positions for the reader."""
+    """A fixed-arity array such as `[job, token]`; `shape` names the positions for the reader.
+
+    Generated like `_record`: heartbeats carry one row per running job.
+    """
     arity = len(items)
 
-    def check(v: Any) -> Any:
+    def as_list(v: Any) -> list[Any]:
         if not isinstance(v, (list, tuple)):
             _type_error(f"an array {shape}", v)
         if len(v) != arity:
             raise _Bad(f"must be an array of {arity} items {shape}, got {len(v)} items")
-        out = []
-        for i, (c, x) in enumerate(zip(items, v, strict=True)):
-            try:
-                out.append(c(x))
-            except _Bad as e:
-                e.path.append(f"[{i}]")
-                raise
-        return out
+        return list(v)
 
-    return check
+    def locate(v: list[Any]) -> NoReturn:
+        _locate_each(items, v)
+
+    env: dict[str, Any] = {"Bad": _Bad, "list": list, "len": len, "as_list": as_list}
+    env.update({f"c{i}": c for i, c in enumerate(items)})
+    env["locate"] = locate
+    cells = ", ".join(f"c{i}(v[{i}])" for i in range(arity))
+    source = f"""\
+def check(v):
+    if type(v) is not list or len(v) != {arity}:
+        v = as_list(v)
+    try:
+        return [{cells}]
+    except Bad:
+        locate(v)
+"""
+    exec(source, env)
+    generated: Check = env["check"]
+    return generated
 
 
 def _map(key: Check, value: Check, hi: int) -> Check:
@@ -387,61 +485,87 @@ def _map(key: Check, value: Check, hi: int) -> Check:
     return check
 
 
-# Field modes. A default that is a list or dict is copied per message so no body shares it.
+# What a field does when absent. Any other default is used as is, except that a list or dict
+# is copied so that no two bodies share one.
 _REQUIRED: Final = object()
 _OMIT: Final = object()  # optional and left out when absent (DepSpec targets, modify's `set`)
+_MISSING: Final = object()
 
 Fields = dict[str, tuple[Check, Any]]
 Post = Callable[[dict[str, Any]], None]
 
 
-def _mode(default: Any) -> int:
-    if default is _REQUIRED:
-        return 0
-    if default is _OMIT:
-        return 1
-    if isinstance(default, list):
-        return 3
-    if isinstance(default, dict):
-        return 4
-    return 2
-
-
 def _record(fields: Fields, post: Post | None = None) -> Check:
-    """A map with a fixed set of string keys: unknown keys refused, defaults filled in."""
+    """A map with a fixed set of string keys: unknown keys refused, defaults filled in.
+
+    The checker is generated as straight-line code, one block per field, because this is the
+    inner loop of every decode and a generic loop over the field table costs about twice as much.
+    """
     names = frozenset(fields)
-    spec = tuple(
-        (name, _seg(name), check, _mode(default), default)
-        for name, (check, default) in fields.items()
-    )
 
-    def check(v: Any) -> Any:
-        if type(v) is not dict and not isinstance(v, dict):
+    def unknown(v: dict[Any, Any]) -> None:
+        for k in v:
+            if k not in names:
+                raise _Bad("unknown field", _seg(k))
+
+    def missing(v: dict[Any, Any], seg: str) -> NoReturn:
+        unknown(v)  # a misspelt field explains a missing one better than "missing" does
+        raise _Bad("required field missing", seg)
+
+    def as_dict(v: Any) -> dict[Any, Any]:
+        if not isinstance(v, dict):
             _type_error("a map", v)
-        if not v.keys() <= names:
-            unknown = sorted((k for k in v if k not in names), key=repr)
-            raise _Bad("unknown field", _seg(unknown[0]))
-        out: dict[str, Any] = {}
-        for name, seg, chk, mode, default in spec:
-            if name in v:
-                try:
-                    out[name] = chk(v[name])
-                except _Bad as e:
-                    e.path.append(seg)
-                    raise
-            elif mode == 0:
-                raise _Bad("required field missing", seg)
-            elif mode == 2:
-                out[name] = default
-            elif mode == 3:
-                out[name] = []
-            elif mode == 4:
-                out[name] = {}
-        if post is not None:
-            post(out)
-        return out
+        return dict(v)
 
-    return check
+    env: dict[str, Any] = {
+        "M": _MISSING,
+        "Bad": _Bad,
+        "dict": dict,
+        "len": len,
+        "unknown": unknown,
+        "missing": missing,
+        "as_dict": as_dict,
+        "post": post,
+    }
+    lines = [
+        "def check(v):",
+        "    if type(v) is not dict:",
+        "        v = as_dict(v)",
+        "    get = v.get",
+        "    out = {}",
+        "    filled = 0",
+    ]
+    for i, (name, (check, default)) in enumerate(fields.items()):
+        env[f"c{i}"] = check
+        env[f"d{i}"] = default
+        if default is _REQUIRED:
+            absent = [f"missing(v, {_seg(name)!r})"]
+        elif default is _OMIT:
+            absent = ["pass"]
+        elif type(default) in (list, dict):
+            absent = [f"out[{name!r}] = {'[]' if type(default) is list else '{}'}", "filled += 1"]
+        else:
+            absent = [f"out[{name!r}] = d{i}", "filled += 1"]
+        lines += [
+            f"    x = get({name!r}, M)",
+            "    if x is not M:",
+            "        try:",
+            f"            out[{name!r}] = c{i}(x)",
+            "        except Bad as e:",
+            f"            e.path.append({_seg(name)!r})",
+            "            raise",
+            "    else:",
+            *("        " + line for line in absent),
+        ]
+    lines += [
+        "    if len(out) - filled != len(v):",
+        "        unknown(v)",
+        *(["    post(out)"] if post is not None else []),
+        "    return out",
+    ]
+    exec("\n".join(lines), env)
+    generated: Check = env["check"]
+    return generated
 
 
 def _free_value(x: Any, depth: int) -> None:
@@ -451,7 +575,7 @@ def _free_value(x: Any, depth: int) -> None:
         return
     if t is int:
         if not _WIRE_INT_MIN <= x <= _WIRE_INT_MAX:
-            raise _Bad(f"int out of the 64-bit range, got {x}")
+            raise _Bad(f"int out of the 64-bit range, got {_show(x)}")
         return
     if t is float:
         if not math.isfinite(x):
@@ -462,7 +586,7 @@ def _free_value(x: Any, depth: int) -> None:
             raise _Bad(f"nested deeper than {FREE_DEPTH} levels")
         if t is dict:
             for k, y in x.items():
-                if not isinstance(k, str):
+                if type(k) is not str and not isinstance(k, str):
                     raise _Bad(f"map keys must be str, got {_tname(k)}", f"[{_show(k)}]")
                 try:
                     _free_value(y, depth - 1)
@@ -480,18 +604,24 @@ def _free_value(x: Any, depth: int) -> None:
     # Subclasses (a str enum in a view, say) pack as their base type.
     if isinstance(x, (str, bytes)):
         return
-    if isinstance(x, (int, float)):
-        _free_value(float(x) if isinstance(x, float) else int(x), depth)
+    if isinstance(x, float):
+        _free_value(float(x), depth)
         return
-    if isinstance(x, (dict, list, tuple)):
-        _free_value(dict(x) if isinstance(x, dict) else list(x), depth)
+    if isinstance(x, int):
+        _free_value(int(x), depth)
+        return
+    if isinstance(x, dict):
+        _free_value(dict(x), depth)
+        return
+    if isinstance(x, (list, tuple)):
+        _free_value(list(x), depth)
         return
     raise _Bad(f"must be plain data, got {_tname(x)}")
 
 
 def _free(v: Any) -> Any:
     """A free-form map (JobInfo, GroupInfo, WorkerInfo, stats): string keys, plain data."""
-    if not isinstance(v, dict):
+    if type(v) is not dict and not isinstance(v, dict):
         _type_error("a map", v)
     _free_value(v, FREE_DEPTH)
     return v
@@ -502,7 +632,7 @@ def _free(v: Any) -> Any:
 _ID = _int(1, MAX_INT)  # job ids, group ids, tokens, attempts
 _INDEX = _int(0, MAX_INT)
 _ANY_INT = _int(_WIRE_INT_MIN, _WIRE_INT_MAX)
-_ANY_NUM = _num(-math.inf, math.inf)
+_ANY_NUM = _num(-math.inf, math.inf)  # still finite: _num clamps to the float range
 _NAME = _str(1, defaults.MAX_NAME)
 _GROUP_REF = _either("a group name (str) or id (int)", _NAME, _ID)
 _REASON = _str(0, MAX_REASON)
@@ -515,13 +645,16 @@ _STATES = ("inactive", "available", "running", "pending_cancellation", "terminat
 _COMMAND = _utf8(1, defaults.MAX_COMMAND_BYTES)
 _CWD = _nullable(_str(0, defaults.MAX_PATH, nul=False))
 _OUTPUT = _nullable(_str(0, defaults.MAX_PATH, nul=False))
-_TIME_LIMIT = _nullable(_num(0.0, MAX_TIME_LIMIT, above=True))
+_TIME_LIMIT = _num(0.0, MAX_TIME_LIMIT, above=True, null=True)
 _CANCEL_GRACE = _num(0.0, MAX_CANCEL_GRACE)
 
 
+_ENV_NAME = _str(1, defaults.MAX_NAME, nul=False)
+
+
 def _env_key(v: Any) -> Any:
-    _str(1, defaults.MAX_NAME, nul=False)(v)
-    if "=" in v:
+    # execve cannot pass a name with "=" in it: the job would fail on every worker.
+    if "=" in _ENV_NAME(v):
         raise _Bad("must not contain '='")
     return v
 
@@ -538,6 +671,8 @@ def _dep_spec(local: bool) -> Check:
     }
     if local:
         fields["local"] = (_int(0, defaults.MAX_JOBS_PER_SUBMIT - 1), _OMIT)
+    else:
+        fields["local"] = (_refuse("only valid in submit, where it indexes the jobs sent"), _OMIT)
 
     def one_target(d: dict[str, Any]) -> None:
         n = len(d) - 1  # every key but `kind` is a target
@@ -665,7 +800,7 @@ _CLIENT_REQUEST_SCHEMAS: Final[dict[str, Check]] = {
         {
             "jobs": (_JOB_IDS, []),
             "groups": (_GROUP_REFS, []),
-            "timeout": (_nullable(_num(0.0, MAX_TIME_LIMIT)), None),
+            "timeout": (_num(0.0, MAX_TIME_LIMIT, null=True), None),
         }
     ),
     "workers": _record({}),
@@ -745,8 +880,8 @@ _CLIENT_REPLY_SCHEMAS: Final[dict[str, Check]] = {
     "error": _ERROR,
 }
 
-_CPU_PERCENT = _nullable(_num(0.0, math.inf))
-_RSS = _nullable(_INDEX)
+_CPU_PERCENT = _num(0.0, math.inf, null=True)
+_RSS = _int(0, MAX_INT, null=True)
 
 _WORKER_TO_BROKER_SCHEMAS: Final[dict[str, Check]] = {
     "register": _record(
@@ -758,7 +893,7 @@ _WORKER_TO_BROKER_SCHEMAS: Final[dict[str, Check]] = {
             "gpus": (_int(0, MAX_GPUS), _REQUIRED),
             "tags": (_TAGS, []),
             "running": (_list(_row("[job, token]", _ID, _ID), _BIG), []),
-            "pid": (_ID, _REQUIRED),
+            "pid": (_INDEX, _REQUIRED),
         }
     ),
     # `running` is required: an empty heartbeat would claim the worker runs nothing.
@@ -771,11 +906,12 @@ _WORKER_TO_BROKER_SCHEMAS: Final[dict[str, Check]] = {
         }
     ),
     "claim": _record({"max": (_int(1, defaults.MAX_CLAIM), _REQUIRED)}),
-    "started": _record({**_JOB_TOKEN, "pid": (_ID, _REQUIRED)}),
+    # pid is only shown to people; 0 stands for "not known" (register's pid likewise).
+    "started": _record({**_JOB_TOKEN, "pid": (_INDEX, _REQUIRED)}),
     "progress": _record(
         {
             **_JOB_TOKEN,
-            "percent": (_nullable(_num(0.0, 100.0)), None),
+            "percent": (_num(0.0, 100.0, null=True), None),
             "message": (_str(0, defaults.PROGRESS_MESSAGE_MAX), ""),
             "cpu_percent": (_CPU_PERCENT, None),
             "rss": (_RSS, None),
@@ -785,8 +921,8 @@ _WORKER_TO_BROKER_SCHEMAS: Final[dict[str, Check]] = {
         {
             **_JOB_TOKEN,
             "outcome": (_enum("exited", "cancelled", "timeout"), _REQUIRED),
-            "exit_code": (_nullable(_int(_INT32_MIN, _INT32_MAX)), None),
-            "signal": (_nullable(_int(1, MAX_SIGNAL)), None),
+            "exit_code": (_int(_INT32_MIN, _INT32_MAX, null=True), None),
+            "signal": (_int(1, MAX_SIGNAL, null=True), None),
             "stdout_tail": (_bytes(defaults.OUTPUT_TAIL_BYTES), b""),
             "stderr_tail": (_bytes(defaults.OUTPUT_TAIL_BYTES), b""),
         },
@@ -821,12 +957,13 @@ _ASSIGNMENT = _record(
 _BROKER_TO_WORKER_SCHEMAS: Final[dict[str, Check]] = {
     "registered": _record(
         {
-            "heartbeat": (_num(0.0, MAX_CANCEL_GRACE, above=True), _REQUIRED),
-            "liveness": (_int(1, 1000), _REQUIRED),
+            "heartbeat": (_num(0.0, MAX_HEARTBEAT, above=True), _REQUIRED),
+            "liveness": (_int(1, MAX_LIVENESS), _REQUIRED),
         }
     ),
     "assign": _record({"jobs": (_list(_ASSIGNMENT, defaults.MAX_CLAIM, lo=1), _REQUIRED)}),
-    "cancel": _record({**_JOB_TOKEN, "reason": (_REASON, "")}),
+    # The broker writes this reason, sometimes from a dependency's; only the frame bounds it.
+    "cancel": _record({**_JOB_TOKEN, "reason": (_str(0, _BIG), "")}),
     "kill_stale": _record(_JOB_TOKEN),
     "ack": _record(_JOB_TOKEN),
     "drain": _record({"resume": (_bool, False)}),
@@ -849,25 +986,22 @@ CLIENT_REPLIES: Final = frozenset(_CLIENT_REPLY_SCHEMAS)
 WORKER_TO_BROKER: Final = frozenset(_WORKER_TO_BROKER_SCHEMAS)
 BROKER_TO_WORKER: Final = frozenset(_BROKER_TO_WORKER_SCHEMAS)
 
+_DIRECTIONS: Final = (
+    ("client request", _CLIENT_REQUEST_SCHEMAS),
+    ("client reply", _CLIENT_REPLY_SCHEMAS),
+    ("worker to broker", _WORKER_TO_BROKER_SCHEMAS),
+    ("broker to worker", _BROKER_TO_WORKER_SCHEMAS),
+)
 _TABLES: Final[dict[frozenset[str], dict[str, Check]]] = {
-    CLIENT_REQUESTS: _CLIENT_REQUEST_SCHEMAS,
-    CLIENT_REPLIES: _CLIENT_REPLY_SCHEMAS,
-    WORKER_TO_BROKER: _WORKER_TO_BROKER_SCHEMAS,
-    BROKER_TO_WORKER: _BROKER_TO_WORKER_SCHEMAS,
-}
-_DIRECTION_NAMES: Final = {
-    id(_CLIENT_REQUEST_SCHEMAS): "client request",
-    id(_CLIENT_REPLY_SCHEMAS): "client reply",
-    id(_WORKER_TO_BROKER_SCHEMAS): "worker to broker",
-    id(_BROKER_TO_WORKER_SCHEMAS): "broker to worker",
+    frozenset(table): table for _, table in _DIRECTIONS
 }
 # Every schema a type name may mean, labelled by direction, for callers that pass no `allowed`.
 _ANY: Final[dict[str, tuple[tuple[str, Check], ...]]] = {}
-for _table in _TABLES.values():
+for _direction, _table in _DIRECTIONS:
     for _name, _check in _table.items():
         if all(c is not _check for _, c in _ANY.get(_name, ())):
-            _ANY[_name] = (*_ANY.get(_name, ()), (_DIRECTION_NAMES[id(_table)], _check))
-del _table, _name, _check
+            _ANY[_name] = (*_ANY.get(_name, ()), (_direction, _check))
+del _direction, _table, _name, _check
 
 
 # --- envelope --------------------------------------------------------------------------------
@@ -931,32 +1065,60 @@ def _type_or_none(env: list[Any]) -> str | None:
     return mtype if type(mtype) is str and mtype in _ANY else None
 
 
-def decode(frame: bytes, allowed: frozenset[str] | None = None) -> Message:
+def _check_frame(frame: object) -> None:
+    if isinstance(frame, (bytes, bytearray)):
+        size = len(frame)
+    elif isinstance(frame, memoryview):
+        size = frame.nbytes
+    else:
+        raise ProtocolError(BAD_REQUEST, f"frame: must be bytes, got {_tname(frame)}")
+    if size > defaults.MAX_MESSAGE_BYTES:
+        raise ProtocolError(
+            BAD_REQUEST, f"frame: {size} bytes is over the {defaults.MAX_MESSAGE_BYTES} limit"
+        )
+
+
+def decode(frame: bytes | bytearray | memoryview, allowed: frozenset[str] | None = None) -> Message:
     """Parse and check one frame; raise ProtocolError, and nothing else, if it breaks the spec.
 
     `allowed` is the set of types this socket accepts (one of the four direction constants, or
     any subset); the direction constants also pick the schema for names used both ways.
     """
-    data: object = frame  # typed as bytes, but whatever arrives must end as ProtocolError
-    if isinstance(data, (bytes, bytearray)):
-        size = len(data)
-    elif isinstance(data, memoryview):
-        size = data.nbytes
-    else:
-        raise ProtocolError(BAD_REQUEST, f"frame: must be bytes, got {_tname(data)}")
-    if size > defaults.MAX_MESSAGE_BYTES:
-        raise ProtocolError(
-            BAD_REQUEST, f"frame: {size} bytes is over the {defaults.MAX_MESSAGE_BYTES} limit"
-        )
+    if type(frame) is not bytes or len(frame) > defaults.MAX_MESSAGE_BYTES:
+        _check_frame(frame)
     try:
         env = _unpackb(frame, raw=False, ext_hook=_no_ext)
     except Exception as e:
         # msgpack raises many types (ExtraData, StackError, UnicodeDecodeError, ValueError for
         # non-str keys, ...); to the sender they all mean the same thing.
         detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        if isinstance(e, msgpack.exceptions.StackError):
+            detail += ": nested too deep"
         raise ProtocolError(
             BAD_REQUEST, f"frame: not a valid msgpack message ({detail[:200]})"
         ) from None
+    # The common case in as few tests as possible; anything unusual takes the careful path.
+    if type(env) is list and len(env) == 4 and allowed is not None:
+        version, mtype, req, body = env
+        table = _TABLES.get(allowed)
+        if (
+            table is not None
+            and type(version) is int
+            and version == PROTOCOL_VERSION
+            and type(req) is int
+            and 0 <= req <= MAX_INT
+            and type(mtype) is str
+        ):
+            check = table.get(mtype)
+            if check is not None:
+                try:
+                    return _message(mtype, req, check(body))
+                except _Bad as e:
+                    raise ProtocolError(BAD_REQUEST, _reason(e), type=mtype, req=req) from None
+    return _decode_envelope(env, allowed)
+
+
+def _decode_envelope(env: Any, allowed: frozenset[str] | None) -> Message:
     if type(env) is not list or not env:
         got = f"{_tname(env)}" if type(env) is not list else "an empty array"
         raise ProtocolError(
@@ -974,10 +1136,7 @@ def decode(frame: bytes, allowed: frozenset[str] | None = None) -> Message:
                 req=req,
             )
         raise ProtocolError(
-            BAD_REQUEST,
-            f"version: must be an int, got {_tname(version)}",
-            type=mtype,
-            req=req,
+            BAD_REQUEST, f"version: must be an int, got {_tname(version)}", type=mtype, req=req
         )
     if len(env) != 4:
         raise ProtocolError(
@@ -994,13 +1153,8 @@ def decode(frame: bytes, allowed: frozenset[str] | None = None) -> Message:
             else f"must be in 0..{MAX_INT}, got {req}"
         )
         raise ProtocolError(BAD_REQUEST, f"req: {rule}", type=_type_or_none(env))
-    if (
-        type(mtype) is not str
-        or mtype not in _ANY
-        or (allowed is not None and mtype not in allowed)
-    ):
-        _check_type(mtype, req, allowed)
-    return Message(mtype, req, _validate(mtype, body, req, allowed))
+    mtype = _check_type(mtype, req, allowed)
+    return _message(mtype, req, _validate(mtype, body, req, allowed))
 
 
 def encode(

@@ -21,7 +21,7 @@ class Harness:
 
     def __init__(self, path: Path, config: Config | None = None) -> None:
         self.path = path
-        self.store = Store(path)
+        self.store = Store(path, sync=False)
         self.now = 1000.0
         self.config = config or Config()
         self.effects: list[Effect] = []

@@ -418,6 +418,23 @@ def test_child_abort_leaves_parent_untouched_and_commit_merges(store: Store) -> 
     assert eligible_ids(store) == [1, 3, 4]
 
 
+def test_a_scan_survives_children_writing_under_it(store: Store) -> None:
+    put(store, *(job(i) for i in range(1, 11)))
+    with store.write() as tx:
+        scan = tx.eligible()
+        assert [next(scan)[0] for _ in range(3)] == [1, 2, 3]
+        with tx.child() as child:
+            for i in (4, 5):
+                j = child.get_job(i)
+                assert j is not None
+                j.state = RUNNING
+                child.put_job(j)
+        with pytest.raises(RuntimeError), tx.child() as child:
+            child.put_job(job(6, state=RUNNING))
+            raise RuntimeError
+        assert [i for i, _ in scan] == [6, 7, 8, 9, 10]
+
+
 def test_many_children_share_one_commit(store: Store) -> None:
     with store.write() as tx:
         for i in range(1, 11):
@@ -445,6 +462,7 @@ def test_reopen_shows_exactly_what_was_committed(tmp_path: Path) -> None:
         with pytest.raises(RuntimeError), s.write() as tx:
             tx.put_job(job(3))
             raise RuntimeError
+        s.sync()
         dump = s.dump()
     with Store(tmp_path / "db") as s:
         assert s.dump() == dump
@@ -582,6 +600,14 @@ def test_store_full_at_max_size_and_still_usable(tmp_path: Path) -> None:
         assert eligible_ids(s) == [1]  # the failed batch left no trace
         put(s, job(2))
         assert eligible_ids(s) == [1, 2]
+
+
+def test_the_map_does_not_move_under_a_read_view(tmp_path: Path) -> None:
+    with Store(tmp_path / "db", map_size=64 * 1024, sync=False) as s, s.read():
+        with pytest.raises(StoreError) as caught:
+            s.write_batch(lambda tx: [tx.put_job(big_job(i)) for i in range(1, 5000)])
+        assert not isinstance(caught.value, StoreFull | MapGrown)
+        assert s.map_size == 64 * 1024
 
 
 class FailingTxn:

@@ -155,9 +155,7 @@ class Core:
         if not jobs and not groups:
             raise BadRequest("nothing to submit: no jobs and no groups")
         by_name, joined = self._open_groups(actor, jobs, groups)
-        first = self.tx.next_id("job")
-        for _ in range(len(jobs) - 1):
-            self.tx.next_id("job")
+        first = self.tx.next_id("job", len(jobs)) if jobs else 0
         ids = list(range(first, first + len(jobs)))
         new: dict[int, list[Dep]] = {}
         members: dict[int, list[int]] = {}

@@ -11,8 +11,8 @@ MINUTES = 10
 
 
 def summary(tx: Tx, now: float) -> dict[str, Any]:
-    last = tx.get_meta("counter:event") or 0
-    events = tx.events_from(max(1, int(last) - WINDOW_EVENTS + 1), WINDOW_EVENTS)
+    last = tx.last_id("event")
+    events = tx.events_from(max(1, last - WINDOW_EVENTS + 1), WINDOW_EVENTS)
     per_minute: dict[str, list[int]] = {k: [0] * MINUTES for k in ("submitted", "started", "finished")}
     finished: dict[int, str] = {}
     for e in events:

@@ -108,8 +108,11 @@ class ReadOnly(StoreError):
 
 
 def _no_space(exc: lmdb.Error) -> bool:
+    # lmdb names ENOSPC (DiskError); other errnos only show in the message.
     text = str(exc).lower()
-    return isinstance(exc, lmdb.DiskError) or "no space" in text or "enospc" in text
+    return isinstance(exc, lmdb.DiskError) or any(
+        words in text for words in ("no space", "enospc", "quota exceeded")
+    )
 
 
 class _Batch:
@@ -261,8 +264,12 @@ class ReadTx:
         return None if raw is None else _unpack(raw)
 
     # The writers of records.Tx, so a read view can stand wherever a Tx is expected.
-    def next_id(self, counter: str) -> int:
+    def next_id(self, counter: str, count: int = 1) -> int:
         raise ReadOnly("next_id on a read view")
+
+    def last_id(self, counter: str) -> int:
+        raw = self._txn.get(_text_key(counter), db=self._db.ids)
+        return 0 if raw is None else int(_U64.unpack(raw)[0])
 
     def put_job(self, job: Job) -> None:
         raise ReadOnly("put_job on a read view")
@@ -344,18 +351,17 @@ class WriteTx(ReadTx):
             self._txn.delete(key, db=self._db.counts)
 
     @_writes
-    def next_id(self, counter: str) -> int:
+    def next_id(self, counter: str, count: int = 1) -> int:
         key = _text_key(counter)
         raw = self._txn.get(key, db=self._db.ids)
-        issued = (0 if raw is None else _U64.unpack(raw)[0]) + 1
-        self._txn.put(key, _U64.pack(issued), db=self._db.ids)
-        return issued
+        first = (0 if raw is None else _U64.unpack(raw)[0]) + 1
+        self._txn.put(key, _U64.pack(first + count - 1), db=self._db.ids)
+        return first
 
     @_writes
     def put_job(self, job: Job) -> None:
         key = _U64.pack(job.id)
-        row = job.pack()
-        value = _pack(row)
+        value = _pack(job.pack())
         txn, db = self._txn, self._db
         raw = txn.get(key, db=db.jobs)
         if raw == value:
@@ -415,9 +421,11 @@ class WriteTx(ReadTx):
     def put_worker(self, worker: Worker) -> None:
         key = _text_key(worker.name)
         self._txn.put(key, _pack(worker.pack()), db=self._db.workers)
-        if worker.wants > 0:
+        # Heartbeats rewrite workers all the time: touch the claimers index only on a change.
+        claiming = self._txn.get(key, db=self._db.claimers) is not None
+        if worker.wants > 0 and not claiming:
             self._txn.put(key, worker.name.encode(), db=self._db.claimers)
-        else:
+        elif worker.wants <= 0 and claiming:
             self._txn.delete(key, db=self._db.claimers)
 
     @_writes
@@ -464,6 +472,7 @@ class Store:
         )
         self._db = _Dbs(self._env)
         self._writing = False
+        self._readers = 0  # open read views: the map must not move under them
 
     @property
     def map_size(self) -> int:
@@ -511,6 +520,8 @@ class Store:
         size = self.map_size
         if failure == "disk":
             raise StoreFull("no space left on device")
+        if self._readers:
+            raise StoreError("the map is full but cannot grow while a read view is open")
         if size >= self.max_map_size:
             raise StoreFull(f"store reached its maximum size of {self.max_map_size} bytes")
         try:
@@ -535,9 +546,11 @@ class Store:
     def read(self) -> Iterator[ReadTx]:
         """A read-only snapshot with the same getters."""
         txn = self._begin(write=False)
+        self._readers += 1
         try:
             yield ReadTx(txn, self._db, _Batch(self._env))
         finally:
+            self._readers -= 1
             txn.abort()
 
     def sync(self) -> None:

@@ -1,0 +1,274 @@
+"""The Python API every command-line tool is built on.
+
+    from banyan.client import Client
+    with Client() as c:
+        (job,) = c.submit("python train.py", cpus=4).jobs
+        print(c.wait([job]).jobs[0].outcome)
+
+Every call is one request on a DEALER socket to the broker's client port. Refusals raise the
+typed errors of `banyan.errors` with the broker's message; a broker that does not answer
+within `timeout` raises `BrokerUnavailable`, never a hang.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from banyan import defaults, protocol
+from banyan.config import address, home
+from banyan.errors import BanyanError, from_wire
+
+
+class BrokerUnavailable(BanyanError):
+    code = "unavailable"
+
+
+@dataclass(frozen=True)
+class Submitted:
+    jobs: list[int]
+    groups: dict[str, int]
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    id: int
+    name: str
+    state: str
+    outcome: str | None
+    exit_code: int | None
+    attempts: int
+    worker: str | None
+    progress: float | None
+    progress_message: str | None
+    owner: str
+    reason: str | None
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def of(cls, d: dict[str, Any]) -> JobInfo:
+        return cls(
+            id=d["id"], name=d.get("name", ""), state=d["state"], outcome=d.get("outcome"),
+            exit_code=d.get("exit_code"), attempts=d.get("attempts", 0), worker=d.get("worker"),
+            progress=d.get("progress"), progress_message=d.get("progress_message"),
+            owner=d.get("owner", ""), reason=d.get("reason"), raw=d,
+        )
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in ("terminated", "cancelled")
+
+    @property
+    def succeeded(self) -> bool:
+        return self.state == "terminated" and self.outcome == "success"
+
+
+@dataclass(frozen=True)
+class Status:
+    jobs: list[JobInfo]
+    groups: list[dict[str, Any]]
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class Waited:
+    jobs: list[JobInfo]
+    timed_out: bool
+
+    @property
+    def all_succeeded(self) -> bool:
+        return all(j.succeeded for j in self.jobs)
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    cancelled: list[int]
+    pending: list[int]
+    already: list[int]
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    name: str
+    host: str
+    state: str
+    cpus: float
+    memory: int
+    gpus: int
+    used_cpus: float
+    used_memory: int
+    used_gpus: int
+    tags: list[str]
+    running: list[int]
+    completed: int
+    last_seen: float
+
+    @classmethod
+    def of(cls, d: dict[str, Any]) -> WorkerInfo:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+
+JOB_FIELDS = (
+    "name", "cwd", "env", "cpus", "memory", "gpus", "tags", "priority", "max_attempts",
+    "time_limit", "cancel_grace", "output", "depends_on", "groups", "hold",
+)
+
+
+class Client:
+    def __init__(
+        self,
+        broker: str | None = None,
+        home_dir: str | Path | None = None,
+        timeout: float = defaults.CLIENT_TIMEOUT,
+        ctx: zmq.Context[Any] | None = None,
+    ) -> None:
+        self.endpoint = address(broker, defaults.CLIENT_PORT)
+        self.home = home(home_dir)
+        self.timeout = timeout
+        self.ctx = ctx or zmq.Context.instance()
+        self._reqs = itertools.count(1)
+        self.sock: zmq.Socket[Any] = self._socket()
+
+    def _socket(self) -> zmq.Socket[Any]:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.endpoint)
+        return sock
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+    # ---- transport --------------------------------------------------------------------------
+
+    def request(self, kind: str, body: dict[str, Any], timeout: float | None = None) -> Any:
+        """Send one request and return the reply body; `timeout=None` uses the client's."""
+        req = next(self._reqs)
+        self.sock.send(protocol.encode(kind, body, req))
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.sock.poll(int(left * 1000) + 1, zmq.POLLIN):
+                # The request may still be queued in the socket: start afresh so a late
+                # reply cannot be mistaken for the next request's.
+                self.sock.close(linger=0)
+                self.sock = self._socket()
+                raise BrokerUnavailable(
+                    f"no answer from the broker at {self.endpoint} within {limit:g} s "
+                    "(is banyan-broker running? set BANYAN_BROKER or --broker)")
+            msg = protocol.decode(self.sock.recv(), protocol.CLIENT_REPLIES)
+            if msg.req != req:
+                continue  # a reply to an abandoned request
+            if msg.type == "error":
+                raise from_wire(msg.body["code"], msg.body["message"])
+            return msg.body
+
+    # ---- the API ----------------------------------------------------------------------------
+
+    def ping(self) -> dict[str, Any]:
+        return dict(self.request("ping", {}))
+
+    def submit(self, command: str | None = None, *, jobs: list[dict[str, Any]] | None = None,
+               groups: list[dict[str, Any]] | None = None, submit_key: str | None = None,
+               **fields: Any) -> Submitted:
+        """One job (`command` plus JobSpec fields), or a whole workflow (`jobs`, `groups`)."""
+        if command is not None:
+            unknown = set(fields) - set(JOB_FIELDS)
+            if unknown:
+                raise TypeError(f"unknown job field(s): {', '.join(sorted(unknown))}")
+            jobs = [{"command": command, **fields}, *(jobs or [])]
+        body = {"jobs": jobs or [], "groups": groups or [], "submit_key": submit_key}
+        reply = self.request("submit", body)
+        return Submitted(list(reply["jobs"]), dict(reply["groups"]))
+
+    def cancel(self, jobs: list[int] = (), groups: list[str | int] = (),  # type: ignore[assignment]
+               reason: str | None = None) -> Cancelled:
+        reply = self.request("cancel", {"jobs": list(jobs), "groups": list(groups),
+                                        "reason": reason})
+        return Cancelled(reply["cancelled"], reply["pending"], reply["already"])
+
+    def modify(self, job: int, hold: bool = False, release: bool = False,
+               **changes: Any) -> JobInfo:
+        reply = self.request("modify", {"job": job, "set": changes, "hold": hold,
+                                        "release": release})
+        return JobInfo.of(reply["job"])
+
+    def hold(self, job: int) -> JobInfo:
+        return self.modify(job, hold=True)
+
+    def release(self, job: int) -> JobInfo:
+        return self.modify(job, release=True)
+
+    def close_group(self, group: str | int) -> dict[str, Any]:
+        return dict(self.request("close_group", {"group": group})["group"])
+
+    def status(self, jobs: list[int] = (), group: str | int | None = None,  # type: ignore[assignment]
+               state: str | None = None, owner: str | None = None, all: bool = False,
+               detail: bool = False, limit: int | None = None) -> Status:
+        body: dict[str, Any] = {"jobs": list(jobs), "group": group, "state": state,
+                                "owner": owner, "all": all, "detail": detail}
+        if limit is not None:
+            body["limit"] = limit
+        reply = self.request("status", body)
+        return Status([JobInfo.of(j) for j in reply["jobs"]], reply["groups"],
+                      reply["truncated"])
+
+    def job(self, job: int) -> JobInfo:
+        """One job in full detail (attempt history, output tail, usage)."""
+        return self.status([job], detail=True).jobs[0]
+
+    def wait(self, jobs: list[int] = (), groups: list[str | int] = (),  # type: ignore[assignment]
+             timeout: float | None = None) -> Waited:
+        """Block until the jobs end (or `timeout` s pass); the broker answers when they do.
+
+        While it waits, the client pings the broker every `self.timeout` seconds, so a broker
+        that dies meanwhile gives `BrokerUnavailable` instead of a hang.
+        """
+        req = next(self._reqs)
+        body = {"jobs": list(jobs), "groups": list(groups), "timeout": timeout}
+        self.sock.send(protocol.encode("wait", body, req))
+        end = None if timeout is None else time.monotonic() + timeout + self.timeout
+        ping_req, ping_sent = 0, 0.0
+        while True:
+            now = time.monotonic()
+            if ping_req and now - ping_sent > self.timeout or end is not None and now > end:
+                self.sock.close(linger=0)
+                self.sock = self._socket()
+                raise BrokerUnavailable(f"the broker at {self.endpoint} stopped answering")
+            if not self.sock.poll(int(self.timeout * 1000 / 2), zmq.POLLIN):
+                if not ping_req:
+                    ping_req, ping_sent = next(self._reqs), now
+                    self.sock.send(protocol.encode("ping", {}, ping_req))
+                continue
+            msg = protocol.decode(self.sock.recv(), protocol.CLIENT_REPLIES)
+            if msg.req == ping_req:
+                ping_req = 0
+            elif msg.req == req:
+                if msg.type == "error":
+                    raise from_wire(msg.body["code"], msg.body["message"])
+                return Waited([JobInfo.of(j) for j in msg.body["jobs"]], msg.body["timed_out"])
+
+    def workers(self) -> list[WorkerInfo]:
+        return [WorkerInfo.of(w) for w in self.request("workers", {})["workers"]]
+
+    def drain(self, worker: str, resume: bool = False) -> list[WorkerInfo]:
+        reply = self.request("drain", {"worker": worker, "resume": resume})
+        return [WorkerInfo.of(w) for w in reply["workers"]]
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self.request("stats", {}))
+
+    def events(self, since: int = 1, limit: int = 1000) -> tuple[list[list[Any]], int]:
+        reply = self.request("events", {"since": since, "limit": limit})
+        return reply["events"], reply["next"]

@@ -1,0 +1,767 @@
+"""The process side of a worker: start jobs, watch them, end them, and leave nothing behind.
+
+No sockets and nothing that blocks: the daemon calls `start`, `poll`, `cancel`, `progress` and
+`usage` from its single-threaded loop, passing `now`.
+
+A job's processes are found three ways, because each alone can be escaped:
+
+- its session and process group (the leader is started with setsid, so its pid names both);
+- its descendant tree, from one pass over /proc;
+- the `BANYAN_MARKER` variable in its environment, which survives setsid and double forks.
+
+The worker is a child subreaper, so a job's orphans are reparented to it and stay findable and
+reapable. The Runner owns this process's children that live outside the worker's own session:
+it may reap their zombies. Children started in the worker's session are never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import math
+import os
+import re
+import secrets
+import shlex
+import signal
+from collections import OrderedDict, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import psutil
+
+from banyan import defaults
+from banyan.errors import BadRequest, NotFound
+
+Outcome = Literal["exited", "cancelled", "timeout"]
+Key = tuple[int, int]  # (job, token)
+
+MARKER_VAR = "BANYAN_MARKER"
+SPAWN_FAILED = 127  # the shell's "command not found": the job never ran
+_PR_SET_CHILD_SUBREAPER = 36
+_PROGRESS_READ = 4 * defaults.PROGRESS_MESSAGE_MAX + 64
+_OUTPUT_FIELD = re.compile(r"%%|%j|\{job\}|\{attempt\}|\{stream\}")
+_WRITE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+# After a TERM, how soon to look again for survivors: quick for the usual prompt exit, then
+# backing off, since each look is a pass over /proc.
+_FIRST_LOOK, _LAST_LOOK = 0.01, 0.5
+# How long a released pid may still be waited for by number. Reusing it needs a wrap of the
+# whole pid space (at least 32768 forks), which cannot happen this fast.
+_REAP_WINDOW = 1.0
+
+
+@dataclass(frozen=True)
+class Launch:
+    job: int
+    token: int
+    attempt: int
+    command: str
+    cwd: str | None
+    env: dict[str, str]
+    gpu_ids: list[int]
+    time_limit: float | None
+    cancel_grace: float
+    output: str | None
+
+
+@dataclass(frozen=True)
+class RunningJob:
+    job: int
+    token: int
+    attempt: int
+    pid: int | None  # None when the job could not be started
+    started: float
+    stdout_path: str
+    stderr_path: str
+    progress_path: str
+    marker: str  # the value of BANYAN_MARKER in the job's environment
+
+
+@dataclass(frozen=True)
+class Finished:
+    job: int
+    token: int
+    outcome: Outcome
+    exit_code: int | None
+    signal: int | None
+    stdout_tail: bytes
+    stderr_tail: bytes
+    started: float
+    ended: float
+
+
+@dataclass(frozen=True)
+class ProgressReport:
+    job: int
+    token: int
+    percent: float | None
+    message: str
+
+
+def parse_progress(data: bytes) -> tuple[float | None, str] | None:
+    """The last complete, non-blank line of a progress file: `42.5 epoch 3/10` → (42.5, ...).
+
+    A line still being written (no newline yet) is ignored, so a reader racing `echo 5 > f`
+    never sees half a value.
+    """
+    lines = data.split(b"\n")[:-1]
+    for raw in reversed(lines):
+        line = "".join(c if c.isprintable() else " " for c in raw.decode("utf-8", "replace"))
+        line = line.strip()
+        if line:
+            break
+    else:
+        return None
+    head, _, rest = line.partition(" ")
+    try:
+        value = float(head.removesuffix("%"))
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        return None, line[: defaults.PROGRESS_MESSAGE_MAX]
+    return min(100.0, max(0.0, value)), rest.strip()[: defaults.PROGRESS_MESSAGE_MAX]
+
+
+def output_paths(
+    template: str | None, spool: str, cwd: str, job: int, attempt: int
+) -> tuple[str, str]:
+    """Where stdout and stderr go: the spool by default, else the `--output` template.
+
+    `{job}`/`%j`, `{attempt}` and `{stream}` (out/err) expand; `%%` is a literal `%`. Without
+    `{stream}`, stderr goes next to stdout with `.err` appended. Relative paths are relative to
+    the job's working directory, as in Slurm.
+    """
+    if template is None:
+        return f"{spool}/{job}.{attempt}.out", f"{spool}/{job}.{attempt}.err"
+    if template == os.devnull:
+        return os.devnull, os.devnull
+
+    def expand(stream: str) -> str:
+        values = {"%%": "%", "%j": str(job), "{job}": str(job), "{attempt}": str(attempt)}
+        values["{stream}"] = stream
+        return os.path.join(cwd, _OUTPUT_FIELD.sub(lambda m: values[m.group()], template))
+
+    if "{stream}" in template:
+        return expand("out"), expand("err")
+    out = expand("out")
+    return out, out + ".err"
+
+
+def _become_subreaper() -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+class _Stat(NamedTuple):
+    ppid: int
+    pgid: int
+    sid: int
+    start: int  # boot-relative start time: tells a process from a later one with its pid
+    zombie: bool
+
+
+class _ProcTable:
+    """One pass over /proc: who is whose child, in which group and session."""
+
+    def __init__(self) -> None:
+        self.procs: dict[int, _Stat] = {}
+        self.children: dict[int, list[int]] = defaultdict(list)
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    data = f.read()
+                rest = data[data.rindex(b")") + 2 :].split()
+                st = _Stat(
+                    int(rest[1]), int(rest[2]), int(rest[3]), int(rest[19]), rest[0] in b"ZX"
+                )
+            except (OSError, ValueError, IndexError):
+                continue
+            self.procs[int(name)] = st
+            self.children[st.ppid].append(int(name))
+
+    def subtree(self, roots: Iterable[int]) -> set[int]:
+        """Living processes among roots and their descendants."""
+        seen: set[int] = set()
+        todo = [pid for pid in roots if pid in self.procs]
+        while todo:
+            pid = todo.pop()
+            if pid not in seen:
+                seen.add(pid)
+                todo.extend(self.children.get(pid, ()))
+        return {pid for pid in seen if not self.procs[pid].zombie}
+
+
+def _marker_of(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = b"\0" + f.read()
+    except OSError:
+        return None
+    key = b"\0" + MARKER_VAR.encode() + b"="
+    start = env.find(key)
+    if start < 0:
+        return None
+    start += len(key)
+    end = env.find(b"\0", start)
+    return env[start : end if end >= 0 else len(env)].decode("utf-8", "replace")
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Signal a process group; False when it no longer has members (ESRCH means gone)."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
+
+
+def _alive(pid: int, start: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            rest = f.read().rsplit(b")", 1)[1].split()
+        return int(rest[19]) == start and rest[0] not in b"ZX"
+    except (OSError, IndexError, ValueError):
+        return False
+
+
+def _peek_exit(pid: int) -> tuple[int | None, int | None] | None:
+    """(exit code, signal) of an exited child, left unreaped; None while it runs."""
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return None, None  # someone else reaped it: ended, status unknown
+    if info is None:
+        return None
+    if info.si_code == os.CLD_EXITED:
+        return info.si_status, None
+    return None, info.si_status
+
+
+def _reap_some(target: int) -> bool:
+    """Reap exited children: a pid, or a process group as -pgid. False once none is left."""
+    while True:
+        try:
+            pid, _ = os.waitpid(target, os.WNOHANG)
+        except ChildProcessError:
+            return False
+        if pid == 0:
+            return True
+        if target > 0:
+            return False
+
+
+def _read_tail(path: str, size: int) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return b""
+    try:
+        end = os.fstat(fd).st_size
+        return os.pread(fd, size, max(0, end - size))
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
+
+
+def _append(path: str, text: str) -> None:
+    with contextlib.suppress(OSError), open(path, "ab") as f:
+        f.write(text.encode("utf-8", "replace"))
+
+
+class _ProgressWatch:
+    """Reads a job's progress file only when it changed, at most once per interval."""
+
+    def __init__(self, path: str, now: float) -> None:
+        self.path = path
+        self.next_check = now
+        self.seen: tuple[int, int] | None = None  # (mtime_ns, size) last read
+        self.last: tuple[float | None, str] | None = None  # last value reported
+
+    def check(self, now: float) -> tuple[float | None, str] | None:
+        if now < self.next_check:
+            return None
+        self.next_check = now + defaults.PROGRESS_INTERVAL
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if (st.st_mtime_ns, st.st_size) == self.seen:
+                return None
+            self.seen = (st.st_mtime_ns, st.st_size)
+            offset = max(0, st.st_size - _PROGRESS_READ)
+            data = os.pread(fd, _PROGRESS_READ, offset)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        if offset > 0:
+            # The window starts mid-line: only lines after its first newline are whole.
+            data = data.partition(b"\n")[2]
+        value = parse_progress(data)
+        if value is None or value == self.last:
+            return None
+        self.last = value
+        return value
+
+
+@dataclass(eq=False)
+class _Attempt:
+    info: RunningJob
+    launch: Launch
+    failure: str | None = None  # why it never started
+    # (exit code, signal) once the leader has exited. Its zombie is reaped only when the attempt
+    # is over: until then its pid, which is also the group and session id, cannot be reused.
+    exit: tuple[int | None, int | None] | None = None
+    pidfd: int | None = None
+    outcome: Outcome = "exited"
+    reason: str = ""
+    kill_at: float | None = None  # SIGKILL deadline, once termination has begun
+    killed: bool = False
+    tracked: dict[int, int] = field(default_factory=dict)  # pid -> start, outside the group
+    next_look: float = -math.inf  # when to look again for processes outliving a TERM
+    look_delay: float = _FIRST_LOOK
+    usage_procs: dict[tuple[int, int], psutil.Process] = field(default_factory=dict)
+    watch: _ProgressWatch | None = None
+
+    @property
+    def key(self) -> Key:
+        return self.info.job, self.info.token
+
+    @property
+    def pgid(self) -> int:
+        assert self.info.pid is not None
+        return self.info.pid
+
+    @property
+    def deadline(self) -> float | None:
+        limit = self.launch.time_limit
+        return None if limit is None else self.info.started + limit
+
+
+class Runner:
+    """Every running job of one worker."""
+
+    def __init__(self, spool_dir: Path, visible_gpus: list[str]) -> None:
+        self.spool = os.path.abspath(spool_dir)
+        os.makedirs(self.spool, exist_ok=True)
+        self.visible_gpus = list(visible_gpus)
+        self.subreaper = _become_subreaper()
+        self._base_env = dict(os.environ)
+        self._nonce = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self._me = os.getpid()
+        self._my_sid = os.getsid(0)
+        self._jobs: dict[Key, _Attempt] = {}
+        self._by_marker: dict[str, _Attempt] = {}
+        # Groups and pids released by ended attempts, still waited for until the given time
+        # (None: from the next poll) so that what we killed does not linger as zombies.
+        self._reap_groups: dict[int, float | None] = {}
+        self._reap_pids: dict[int, float | None] = {}
+        self._logs: OrderedDict[Key, tuple[str, str]] = OrderedDict()
+        self._sweep_at: float | None = None
+        self._last_sweep = -math.inf
+
+    # --- starting -------------------------------------------------------------------------
+
+    def start(self, launch: Launch, now: float) -> RunningJob:
+        key = (launch.job, launch.token)
+        if key in self._jobs:
+            return self._jobs[key].info
+        stem = f"{self.spool}/{launch.job}.{launch.attempt}"
+        cwd = os.path.abspath(launch.cwd) if launch.cwd else stem
+        out, err = output_paths(launch.output, self.spool, cwd, launch.job, launch.attempt)
+        marker = f"{self._nonce}:{launch.job}:{launch.token}"
+        pid: int | None = None
+        failure: str | None = None
+        try:
+            if not launch.cwd:
+                # The job gets a directory of its own. It is left in place like the output
+                # files (rmdir costs up to a ms on some filesystems); spool retention removes it.
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(stem)
+            if not os.path.isdir(cwd):
+                raise NotADirectoryError(f"working directory {cwd!r} does not exist")
+            env = self._environment(launch, stem + ".progress", marker)
+            pid = self._spawn(launch.command, cwd, env, out, err)
+        except (OSError, ValueError) as e:
+            failure = f"banyan: job {launch.job} attempt {launch.attempt} could not start: {e}\n"
+            _append(err, failure)
+        info = RunningJob(
+            job=launch.job,
+            token=launch.token,
+            attempt=launch.attempt,
+            pid=pid,
+            started=now,
+            stdout_path=out,
+            stderr_path=err,
+            progress_path=stem + ".progress",
+            marker=marker,
+        )
+        a = _Attempt(info, launch, failure=failure)
+        if pid is not None:
+            a.watch = _ProgressWatch(info.progress_path, now)
+            with contextlib.suppress(OSError, AttributeError):
+                a.pidfd = os.pidfd_open(pid)
+        self._jobs[key] = a
+        self._by_marker[marker] = a
+        return info
+
+    def _environment(self, launch: Launch, progress: str, marker: str) -> dict[str, str]:
+        env = dict(self._base_env)
+        env.update(launch.env)
+        env["BANYAN_JOB_ID"] = str(launch.job)
+        env["BANYAN_ATTEMPT"] = str(launch.attempt)
+        env["BANYAN_PROGRESS_FILE"] = progress
+        # Always set, even to "": a job must not see GPUs it was not given.
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(self._gpu_name(i) for i in launch.gpu_ids)
+        env[MARKER_VAR] = marker
+        return env
+
+    @staticmethod
+    def _spawn(command: str, cwd: str, env: dict[str, str], out: str, err: str) -> int:
+        # posix_spawn has no chdir action, so the shell changes directory itself; on the same
+        # line, so the user's line numbers in error messages stay right.
+        script = f"cd -- {shlex.quote(cwd)} || exit {SPAWN_FAILED}; {command}"
+        out_fd = os.open(out, _WRITE, 0o644)
+        try:
+            err_fd = os.dup(out_fd) if err == out else os.open(err, _WRITE, 0o644)
+            try:
+                actions = [
+                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, out_fd, 1),
+                    (os.POSIX_SPAWN_DUP2, err_fd, 2),
+                ]
+                argv = ["/bin/sh", "-c", script]
+                return os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
+            finally:
+                os.close(err_fd)
+        finally:
+            os.close(out_fd)
+
+    def _gpu_name(self, index: int) -> str:
+        return self.visible_gpus[index] if 0 <= index < len(self.visible_gpus) else str(index)
+
+    # --- watching -------------------------------------------------------------------------
+
+    def running(self) -> list[Key]:
+        return list(self._jobs)
+
+    def wakeup_fds(self) -> list[int]:
+        """Descriptors that become readable when a job's leader exits: poll them with zmq."""
+        return [a.pidfd for a in self._jobs.values() if a.pidfd is not None and a.exit is None]
+
+    def next_deadline(self) -> float | None:
+        """The earliest `now` at which `poll` has timed work to do, if any."""
+        times = [self._sweep_at] if self._sweep_at is not None else []
+        for a in self._jobs.values():
+            if a.kill_at is not None:
+                times.append(min(a.kill_at, a.next_look) if a.exit else a.kill_at)
+            elif a.deadline is not None:
+                times.append(a.deadline)
+        return min(times, default=None)
+
+    def poll(self, now: float) -> list[Finished]:
+        self._reap(now)
+        live = list(self._jobs.values())
+        timeouts = [a for a in live if self._timed_out(a, now)]
+        if timeouts:
+            self._terminate(timeouts, now, "timeout", None)
+        overdue = [a for a in live if a.kill_at is not None and not a.killed and now >= a.kill_at]
+        if overdue:
+            self._kill(overdue)
+        done: list[Finished] = []
+        lingering: list[_Attempt] = []
+        for a in live:
+            if a.info.pid is None:
+                done.append(self._finish(a, now))
+            elif a.exit is None:
+                continue
+            elif a.kill_at is None:
+                # Ended by itself: nothing it started may outlive it.
+                if _signal_group(a.pgid, signal.SIGKILL):
+                    self._reap_groups[a.pgid] = None
+                self._schedule_sweep()
+                done.append(self._finish(a, now))
+            elif a.killed:
+                done.append(self._finish(a, now))
+            elif now >= a.next_look:
+                lingering.append(a)
+        if lingering:
+            # The leader is gone after a TERM; the job is over once nothing of it is left.
+            table = _ProcTable()
+            members = self._members(table, lingering, everywhere=True)
+            for a in lingering:
+                survivors = members[a.key] | {p for p, s in a.tracked.items() if _alive(p, s)}
+                if not survivors:
+                    done.append(self._finish(a, now))
+                    continue
+                a.tracked.update((p, table.procs[p].start) for p in members[a.key])
+                a.next_look, a.look_delay = now + a.look_delay, min(2 * a.look_delay, _LAST_LOOK)
+        if self._sweep_at is not None and now >= self._sweep_at:
+            self._sweep(now)
+        return done
+
+    def _timed_out(self, a: _Attempt, now: float) -> bool:
+        deadline = a.deadline
+        ok = a.info.pid is not None and a.exit is None and a.kill_at is None
+        return ok and deadline is not None and now >= deadline
+
+    def _reap(self, now: float) -> None:
+        for pending in (self._reap_groups, self._reap_pids):
+            for key, until in list(pending.items()):
+                if until is None:
+                    pending[key] = now + _REAP_WINDOW
+                elif now > until:
+                    del pending[key]
+        try:
+            if os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                return  # the common case: one syscall, nothing has ended
+        except ChildProcessError:
+            return
+        for a in self._jobs.values():
+            if a.info.pid is not None and a.exit is None:
+                a.exit = _peek_exit(a.info.pid)
+        for number, pending in ((-1, self._reap_groups), (1, self._reap_pids)):
+            for key in list(pending):
+                if not _reap_some(number * key):
+                    del pending[key]
+
+    def _members(
+        self, table: _ProcTable, attempts: list[_Attempt], everywhere: bool
+    ) -> dict[Key, set[int]]:
+        """Living processes of each attempt: its session, marked processes, their descendants.
+
+        Environments are read for our orphans only (the subreaper collects every escapee), or
+        for every process when the worker is not a subreaper or when a miss would be costly.
+        """
+        wanted = {a.key for a in attempts}
+        by_sid = {a.pgid: a.key for a in attempts if a.info.pid is not None}
+        roots: dict[Key, set[int]] = {key: set() for key in wanted}
+        for pid, st in table.procs.items():
+            if st.sid in by_sid:
+                roots[by_sid[st.sid]].add(pid)
+        if everywhere or not self.subreaper:
+            candidates: Iterable[int] = table.procs
+        else:
+            candidates = table.children.get(self._me, ())
+        for pid in candidates:
+            st = table.procs[pid]
+            if st.zombie or st.sid in by_sid or pid == self._me:
+                continue
+            marker = _marker_of(pid)
+            owner = self._by_marker.get(marker) if marker else None
+            if owner is not None and owner.key in wanted:
+                roots[owner.key].add(pid)
+        return {key: table.subtree(pids) - {self._me} for key, pids in roots.items()}
+
+    # --- ending ---------------------------------------------------------------------------
+
+    def cancel(self, job: int, token: int, now: float, reason: str) -> None:
+        a = self._jobs.get((job, token))
+        if a is not None:
+            self._cancel([a], now, reason)
+
+    def shutdown_all(self, now: float) -> None:
+        self._cancel(list(self._jobs.values()), now, "the worker is shutting down")
+
+    def _cancel(self, attempts: list[_Attempt], now: float, reason: str) -> None:
+        pending = []
+        for a in attempts:
+            if a.info.pid is None or a.kill_at is not None or a.exit is not None:
+                continue
+            a.exit = _peek_exit(a.info.pid)  # an exit that already happened keeps its outcome
+            if a.exit is None:
+                pending.append(a)
+        if pending:
+            self._terminate(pending, now, "cancelled", reason)
+
+    def kill_stale(self, job: int, token: int) -> None:
+        """SIGKILL an attempt that is no longer ours and forget it: it reports nothing."""
+        a = self._jobs.get((job, token))
+        if a is None:
+            return
+        if a.info.pid is not None:
+            self._kill([a])
+            self._reap_pids[a.info.pid] = None
+            self._reap_groups[a.pgid] = None
+        self._forget(a)
+
+    def _terminate(
+        self, attempts: list[_Attempt], now: float, outcome: Outcome, reason: str | None
+    ) -> None:
+        table = _ProcTable()
+        members = self._members(table, attempts, everywhere=True)
+        for a in attempts:
+            a.outcome, a.kill_at = outcome, now + max(0.0, a.launch.cancel_grace)
+            a.reason = reason or f"time limit of {a.launch.time_limit or 0:g}s reached"
+            _signal_group(a.pgid, signal.SIGTERM)
+            for pid in members[a.key]:
+                st = table.procs[pid]
+                if st.pgid != a.pgid:  # the group already got its one SIGTERM
+                    _signal(pid, signal.SIGTERM)
+                    a.tracked[pid] = st.start
+
+    def _kill(self, attempts: list[_Attempt]) -> None:
+        table = _ProcTable()
+        members = self._members(table, attempts, everywhere=True)
+        for a in attempts:
+            _signal_group(a.pgid, signal.SIGKILL)
+            doomed = set(members[a.key])
+            doomed.update(p for p, s in a.tracked.items() if _alive(p, s))
+            for pid in doomed:
+                _signal(pid, signal.SIGKILL)
+            a.killed = True
+            self._reap_pids.update(
+                (p, None) for p in doomed if table.procs.get(p, _NOBODY).ppid == self._me
+            )
+        self._schedule_sweep()
+
+    def _finish(self, a: _Attempt, now: float) -> Finished:
+        info = self._forget(a)
+        self._logs[a.key] = (info.stdout_path, info.stderr_path)
+        while len(self._logs) > defaults.FINISHED_LOGS_KEPT:
+            self._logs.popitem(last=False)
+        if a.outcome == "cancelled":
+            _append(info.stderr_path, f"banyan: job {info.job} cancelled: {a.reason}\n")
+        elif a.outcome == "timeout":
+            _append(info.stderr_path, f"banyan: job {info.job} killed: {a.reason}\n")
+        exit_code, sig = a.exit or (None, None)
+        stderr_tail = _read_tail(info.stderr_path, defaults.OUTPUT_TAIL_BYTES)
+        if a.failure is not None:
+            exit_code = SPAWN_FAILED
+            stderr_tail = stderr_tail or a.failure.encode()[-defaults.OUTPUT_TAIL_BYTES :]
+        return Finished(
+            job=info.job,
+            token=info.token,
+            outcome=a.outcome,
+            exit_code=exit_code,
+            signal=sig,
+            stdout_tail=_read_tail(info.stdout_path, defaults.OUTPUT_TAIL_BYTES),
+            stderr_tail=stderr_tail,
+            started=info.started,
+            ended=now,
+        )
+
+    def _forget(self, a: _Attempt) -> RunningJob:
+        self._jobs.pop(a.key, None)
+        self._by_marker.pop(a.info.marker, None)
+        if a.pidfd is not None:
+            os.close(a.pidfd)
+        if a.exit is not None and a.info.pid is not None:
+            _reap_some(a.info.pid)  # the leader's zombie, held until now
+        with contextlib.suppress(OSError):
+            os.unlink(a.info.progress_path)
+        return a.info
+
+    def _schedule_sweep(self) -> None:
+        if self._sweep_at is None:
+            self._sweep_at = self._last_sweep + defaults.ORPHAN_SWEEP_INTERVAL
+
+    def _sweep(self, now: float) -> None:
+        """Kill escapees of ended attempts and reap orphan zombies. One /proc pass costs a few
+        ms, so it runs at most once per ORPHAN_SWEEP_INTERVAL rather than at every job end."""
+        self._sweep_at, self._last_sweep = None, now
+        table = _ProcTable()
+        leaders = {a.info.pid for a in self._jobs.values()}
+        doomed: list[int] = []
+        for pid in table.procs if not self.subreaper else table.children.get(self._me, ()):
+            st = table.procs[pid]
+            if pid in leaders or pid == self._me:
+                continue
+            if st.zombie:
+                if st.ppid == self._me and st.sid != self._my_sid:
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitpid(pid, os.WNOHANG)
+                continue
+            marker = _marker_of(pid)
+            mine = marker is not None and marker.startswith(self._nonce + ":")
+            if mine and marker not in self._by_marker:
+                doomed.append(pid)
+        victims = table.subtree(doomed)
+        for pid in victims:
+            _signal(pid, signal.SIGKILL)
+        self._reap_pids.update((p, None) for p in victims if table.procs[p].ppid == self._me)
+        if victims:
+            self._schedule_sweep()  # to reap what just died
+
+    # --- reporting ------------------------------------------------------------------------
+
+    def progress(self, now: float) -> list[ProgressReport]:
+        reports = []
+        for a in self._jobs.values():
+            value = a.watch.check(now) if a.watch is not None else None
+            if value is not None:
+                reports.append(ProgressReport(a.info.job, a.info.token, value[0], value[1]))
+        return reports
+
+    def usage(self, now: float) -> dict[Key, tuple[float, int]]:
+        """(cpu percent, rss bytes) of each job's whole process tree.
+
+        psutil.Process objects are kept between calls: cpu_percent measures since the last call.
+        """
+        attempts = [a for a in self._jobs.values() if a.info.pid is not None]
+        if not attempts:
+            return {}
+        table = _ProcTable()
+        members = self._members(table, attempts, everywhere=False)
+        result: dict[Key, tuple[float, int]] = {}
+        for a in attempts:
+            procs: dict[tuple[int, int], psutil.Process] = {}
+            cpu, rss = 0.0, 0
+            for pid in members[a.key]:
+                ident = (pid, table.procs[pid].start)
+                try:
+                    proc = a.usage_procs.get(ident) or psutil.Process(pid)
+                    with proc.oneshot():
+                        cpu += proc.cpu_percent(interval=None)
+                        rss += proc.memory_info().rss
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue  # ZombieProcess is a NoSuchProcess
+                procs[ident] = proc
+            a.usage_procs = procs
+            result[a.key] = (cpu, rss)
+        return result
+
+    def tail(self, job: int, token: int, stream: str, offset: int, limit: int) -> tuple[bytes, int]:
+        """Bytes [offset, offset+limit) of a job's stdout or stderr, and the file's size now.
+
+        A negative offset counts from the end. Works while the job runs and, for the last
+        FINISHED_LOGS_KEPT attempts, after it ended.
+        """
+        if stream not in ("stdout", "stderr"):
+            raise BadRequest(f"stream must be stdout or stderr, not {stream!r}")
+        a = self._jobs.get((job, token))
+        paths = (a.info.stdout_path, a.info.stderr_path) if a else self._logs.get((job, token))
+        if paths is None:
+            raise NotFound(f"this worker has no output of job {job} (token {token})")
+        path = paths[0] if stream == "stdout" else paths[1]
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise NotFound(f"{stream} of job {job} is gone: {e.strerror}") from None
+        try:
+            size = os.fstat(fd).st_size
+            start = max(0, size + offset) if offset < 0 else offset
+            limit = max(0, min(limit, defaults.LOG_CHUNK_MAX))
+            return (os.pread(fd, limit, start) if start < size and limit else b""), size
+        finally:
+            os.close(fd)
+
+
+_NOBODY = _Stat(0, 0, 0, 0, True)

@@ -1,0 +1,172 @@
+"""Real brokers and workers as subprocesses on loopback, for integration tests.
+
+Every process started here is stopped by its PID. Deadlines scale with BANYAN_TIME_FACTOR.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import psutil
+
+from banyan.client import Client
+
+TIME_FACTOR = float(os.environ.get("BANYAN_TIME_FACTOR", "1"))
+HEARTBEAT = 0.2  # fast heartbeats keep liveness tests short: a 1 s window
+LIVENESS = 5
+T = TypeVar("T")
+
+
+def scaled(seconds: float) -> float:
+    return seconds * TIME_FACTOR
+
+
+def wait_for(
+    cond: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = "condition"
+) -> T:
+    """Poll `cond` until it returns something truthy; bounded in time and in count."""
+    deadline = time.monotonic() + scaled(timeout)
+    for _ in range(int(scaled(timeout) / interval) + 10):
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            break
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {scaled(timeout):g} s waiting for {what}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Cluster:
+    """A broker plus workers; `stop()` ends every process it started, by PID."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.client_port = free_port()
+        self.worker_port = free_port()
+        self.state_dir = root / "state"
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.env = {**os.environ, "BANYAN_HOME": str(root / "home"), "PYTHONUNBUFFERED": "1"}
+        self.clients: list[Client] = []
+
+    def _spawn(self, key: str, args: list[str]) -> subprocess.Popen[bytes]:
+        log = open(self.root / f"{key}.log", "ab")  # noqa: SIM115 - owned by the process
+        proc = subprocess.Popen(
+            [sys.executable, "-m", *args], stdout=log, stderr=subprocess.STDOUT, env=self.env
+        )
+        log.close()
+        self.procs[key] = proc
+        return proc
+
+    def start_broker(self, wait: bool = True) -> subprocess.Popen[bytes]:
+        proc = self._spawn("broker", [
+            "banyan.cli.broker", "--client-port", str(self.client_port),
+            "--worker-port", str(self.worker_port), "--state-dir", str(self.state_dir),
+            "--heartbeat", str(HEARTBEAT), "--liveness", str(LIVENESS), "--log-level", "debug",
+        ])
+        if wait:
+            wait_for(self._pings, 20, what="the broker to answer")
+        return proc
+
+    def _pings(self) -> bool:
+        try:
+            with Client(f"127.0.0.1:{self.client_port}", timeout=0.5) as c:
+                c.ping()
+            return True
+        except Exception:
+            return False
+
+    def start_worker(
+        self, name: str, cpus: float = 2, memory: int = 1000, gpus: int = 0,
+        tags: tuple[str, ...] = (), wait: bool = True,
+    ) -> subprocess.Popen[bytes]:
+        args = [
+            "banyan.cli.worker", "--broker", f"127.0.0.1:{self.worker_port}", "--name", name,
+            "--cpus", str(cpus), "--memory", str(memory), "--gpus", str(gpus),
+            "--spool", str(self.root / "spool" / name), "--log-level", "debug",
+        ]
+        for t in tags:
+            args += ["--tag", t]
+        proc = self._spawn(name, args)
+        if wait:
+            self.wait_worker(name)
+        return proc
+
+    def wait_worker(self, name: str, state: str = "idle") -> None:
+        def ready() -> bool:
+            return any(w.name == name and w.state in (state, "busy")
+                       for w in self.client().workers())
+        wait_for(ready, 20, what=f"worker {name} to register")
+
+    def client(self, timeout: float = 5.0) -> Client:
+        c = Client(f"127.0.0.1:{self.client_port}", timeout=scaled(timeout))
+        self.clients.append(c)
+        return c
+
+    def kill(self, key: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs[key]
+        proc.send_signal(sig)
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            proc.wait(timeout=scaled(20))
+
+    def log(self, key: str) -> str:
+        return (self.root / f"{key}.log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        for c in self.clients:
+            c.close()
+        for key, proc in self.procs.items():
+            if proc.poll() is None:
+                _cont(proc.pid)
+                proc.send_signal(signal.SIGTERM)
+        for key, proc in self.procs.items():
+            try:
+                proc.wait(timeout=scaled(5))
+            except subprocess.TimeoutExpired:
+                _kill_tree(proc.pid)
+                proc.wait(timeout=scaled(5))
+
+
+def _cont(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass
+
+
+def _kill_tree(pid: int) -> None:
+    try:
+        parent = psutil.Process(pid)
+        procs = [*parent.children(recursive=True), parent]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def pids_with_marker(marker: str) -> list[int]:
+    """Processes whose command line carries `marker`: how tests find what a job left behind."""
+    out = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if marker in " ".join(p.info["cmdline"] or ()):
+                out.append(p.info["pid"])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return out

@@ -1,0 +1,241 @@
+"""The whole job lifecycle with a real broker, real workers and real jobs (SPEC §5, §7)."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from banyan.client import Client
+from tests.cluster import HEARTBEAT, LIVENESS, Cluster, pids_with_marker, scaled, wait_for
+
+WINDOW = HEARTBEAT * LIVENESS
+
+
+def stamp(path: Path, what: str) -> str:
+    """A shell snippet that appends `what <epoch seconds>` to `path`."""
+    return f'echo "{what} $(date +%s.%N)" >> {path}'
+
+
+def stamps(path: Path) -> dict[str, float]:
+    out = {}
+    for line in path.read_text().splitlines():
+        what, when = line.split()
+        out[what] = float(when)
+    return out
+
+
+def ended(c: Client, ids: list[int], timeout: float = 30) -> dict[int, str]:
+    w = c.wait(ids, timeout=scaled(timeout))
+    assert not w.timed_out, f"jobs still running: {[j for j in w.jobs if not j.terminal]}"
+    return {j.id: f"{j.state}/{j.outcome}" for j in w.jobs}
+
+
+def test_success_and_failure(cluster: Cluster) -> None:
+    cluster.start_worker("w1")
+    c = cluster.client()
+    ok = c.submit("echo hello; echo warn >&2").jobs[0]
+    bad = c.submit("echo oops >&2; exit 3").jobs[0]
+    assert ended(c, [ok, bad]) == {ok: "terminated/success", bad: "terminated/failed"}
+    good, fail = c.job(ok), c.job(bad)
+    assert good.exit_code == 0 and fail.exit_code == 3
+    assert good.raw["output_tail"]["stdout"] == "hello\n"
+    assert good.raw["output_tail"]["stderr"] == "warn\n"
+    assert fail.raw["output_tail"]["stderr"] == "oops\n"
+    assert good.worker == "w1" and good.raw["history"][0]["worker"] == "w1"
+
+
+def test_retry_succeeds_on_third_attempt(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.start_worker("w1")
+    c = cluster.client()
+    count = tmp_path / "count"
+    script = f"n=$(cat {count} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {count}; [ $n -ge 3 ]"
+    (j,) = c.submit(script, max_attempts=3).jobs
+    assert ended(c, [j]) == {j: "terminated/success"}
+    info = c.job(j)
+    assert info.attempts == 3
+    assert [a["outcome"] for a in info.raw["history"]] == ["failed", "failed", "success"]
+
+
+def test_diamond_and_group_order(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.start_worker("w1", cpus=4)
+    c = cluster.client()
+    log = tmp_path / "order"
+
+    def step(name: str) -> str:
+        return f"{stamp(log, name + '.start')}; sleep 0.1; {stamp(log, name + '.end')}"
+
+    jobs = [
+        {"command": step("A")},
+        {"command": step("B"), "depends_on": [{"local": 0}]},
+        {"command": step("C"), "depends_on": [{"local": 0}]},
+        {"command": step("D"), "depends_on": [{"local": 1}, {"local": 2}]},
+    ]
+    jobs += [{"command": step(f"m{i}"), "groups": ["sweep"]} for i in range(10)]
+    jobs.append({"command": step("R"), "depends_on": [{"group": "sweep"}]})
+    ids = c.submit(jobs=jobs, groups=[{"name": "sweep"}]).jobs
+    assert set(ended(c, ids).values()) == {"terminated/success"}
+    t = stamps(log)
+    assert t["B.start"] >= t["A.end"] and t["C.start"] >= t["A.end"]
+    assert t["D.start"] >= max(t["B.end"], t["C.end"])
+    assert t["R.start"] >= max(t[f"m{i}.end"] for i in range(10))
+
+
+def test_final_failure_cancels_diamond(cluster: Cluster) -> None:
+    cluster.start_worker("w1")
+    c = cluster.client()
+    a, b, cc, d = c.submit(jobs=[
+        {"command": "exit 1", "max_attempts": 2},
+        {"command": "true", "depends_on": [{"local": 0}]},
+        {"command": "true", "depends_on": [{"local": 0}]},
+        {"command": "true", "depends_on": [{"local": 1}, {"local": 2}]},
+    ]).jobs
+    assert ended(c, [a, b, cc, d]) == {
+        a: "terminated/failed", b: "cancelled/None", cc: "cancelled/None", d: "cancelled/None"}
+    assert c.job(b).raw["cancel_reason"] == f"dependency {a} failed"
+    assert f"dependency {b}" in c.job(d).raw["cancel_reason"]
+
+
+def test_cpu_limit_and_unrunnable(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.start_worker("w1", cpus=2)
+    c = cluster.client()
+    ids = [c.submit(f"{stamp(tmp_path / f'j{i}', 's')}; sleep 0.5; "
+                    f"{stamp(tmp_path / f'j{i}', 'e')}", cpus=1).jobs[0] for i in range(3)]
+    (big,) = c.submit("true", cpus=4).jobs
+    assert set(ended(c, ids).values()) == {"terminated/success"}
+    spans = [stamps(tmp_path / f"j{i}") for i in range(3)]
+    for t in (s["s"] + 0.01 for s in spans):
+        assert sum(1 for s in spans if s["s"] <= t < s["e"]) <= 2
+    assert any(s["s"] >= min(x["e"] for x in spans) - 0.05 for s in spans)  # one had to wait
+    reason = c.job(big).reason or ""
+    assert "no worker can ever run this: needs 4 cpus, largest worker has 2" in reason
+
+
+def test_cancel_trapping_job(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.start_worker("w1")
+    c = cluster.client()
+    marker = tmp_path / "trapped"
+    started = tmp_path / "started"
+    (j,) = c.submit(f"trap 'echo bye > {marker}; exit 0' TERM; touch {started}; "
+                    "while true; do sleep 0.05; done").jobs
+    wait_for(started.exists, 10, what="the job to start")
+    c.cancel([j])
+    assert ended(c, [j]) == {j: "cancelled/None"}
+    assert marker.read_text() == "bye\n"
+
+
+def test_cancel_ignoring_job_is_killed_after_grace(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.start_worker("w1")
+    c = cluster.client()
+    started = tmp_path / "started"
+    grace = 1.0
+    (j,) = c.submit(f"trap '' TERM; touch {started}; sleep 1000.7 & sleep 1000.7; wait",
+                    cancel_grace=grace).jobs
+    wait_for(started.exists, 10, what="the job to start")
+    wait_for(lambda: len(pids_with_marker("1000.7")) >= 2, 5, what="the sleeps")
+    t0 = time.monotonic()
+    c.cancel([j])
+    assert ended(c, [j]) == {j: "cancelled/None"}
+    gap = time.monotonic() - t0
+    assert grace <= gap < grace + scaled(3)
+    assert pids_with_marker("1000.7") == []
+
+
+def test_background_child_dies_with_cancel(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.start_worker("w1")
+    c = cluster.client()
+    (j,) = c.submit("sleep 1000.3 & echo started; wait", cancel_grace=1).jobs
+    wait_for(lambda: pids_with_marker("1000.3"), 10, what="the background sleep")
+    c.cancel([j])
+    ended(c, [j])
+    assert wait_for(lambda: not pids_with_marker("1000.3"), 5, what="no survivors") is True
+
+
+def test_time_limit_gives_timeout(cluster: Cluster) -> None:
+    cluster.start_worker("w1")
+    c = cluster.client()
+    (j,) = c.submit("sleep 1000.5", time_limit=0.5, cancel_grace=0.5).jobs
+    assert ended(c, [j]) == {j: "terminated/timeout"}
+    assert not pids_with_marker("1000.5")
+
+
+def test_progress_visible_while_running(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.start_worker("w1")
+    c = cluster.client()
+    go = tmp_path / "go"
+    (j,) = c.submit(f'echo "10 warming up" > "$BANYAN_PROGRESS_FILE"; sleep 0.3; '
+                    f'echo "42.5 epoch 3/10" >> "$BANYAN_PROGRESS_FILE"; '
+                    f"while [ ! -e {go} ]; do sleep 0.05; done").jobs
+    info = wait_for(lambda: (i := c.job(j)).progress == 42.5 and i, 10, what="progress 42.5")
+    assert info.progress_message == "epoch 3/10" and info.state == "running"
+    go.touch()
+    assert ended(c, [j]) == {j: "terminated/success"}
+
+
+def test_worker_kill9_requeues_on_other_worker(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.start_worker("w1")
+    c = cluster.client()
+    started = tmp_path / "started"
+    (j,) = c.submit(f"echo $BANYAN_ATTEMPT >> {started}; sleep 1.5", max_attempts=1).jobs
+    wait_for(lambda: c.job(j).state == "running", 10, what="the job to run")
+    wait_for(started.exists, 10, what="the job's process")
+    cluster.start_worker("w2")
+    t0 = time.monotonic()
+    cluster.kill("w1")
+    wait_for(lambda: c.job(j).worker == "w2" and c.job(j).state == "running",
+             WINDOW + 5, what="the job to run on w2")
+    rerun = time.monotonic() - t0
+    assert rerun < scaled(WINDOW + 5)
+    assert ended(c, [j]) == {j: "terminated/success"}
+    info = c.job(j)
+    assert info.raw["history"][0]["outcome"] == "lost"
+    assert info.attempts == 2  # the lost attempt did not spend the single allowed failure
+
+
+def test_broker_kill9_while_jobs_run(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.start_worker("w1", cpus=4)
+    c = cluster.client()
+    ids = [c.submit(f"sleep 1; echo {i}", name=f"j{i}").jobs[0] for i in range(4)]
+    wait_for(lambda: all(c.job(i).state == "running" for i in ids), 10, what="all running")
+    cluster.kill("broker")
+    cluster.start_broker()
+    c2 = cluster.client()
+    assert ended(c2, ids, timeout=30) == {i: "terminated/success" for i in ids}
+    for i in ids:
+        info = c2.job(i)
+        assert info.attempts == 1, "the running attempt continued across the restart"
+    events, _ = c2.events(1, 10000)
+    terminated = [e[2] for e in events if e[4] == "terminated"]
+    assert sorted(terminated) == sorted(ids)  # each recorded exactly once
+
+
+def test_stopped_worker_is_fenced(cluster: Cluster, tmp_path: Path) -> None:
+    w1 = cluster.start_worker("w1")
+    c = cluster.client()
+    (j,) = c.submit("sleep 1000.9 & sleep 3; echo done-$BANYAN_ATTEMPT", max_attempts=1).jobs
+    wait_for(lambda: c.job(j).worker == "w1" and pids_with_marker("1000.9"), 10,
+             what="the job on w1")
+    stale = pids_with_marker("1000.9")
+    w1.send_signal(signal.SIGSTOP)
+    cluster.start_worker("w2")
+    wait_for(lambda: c.job(j).worker == "w2", WINDOW + 5, what="the job to move to w2")
+    w1.send_signal(signal.SIGCONT)
+    # w1 wakes up believing it still holds the job: the broker fences it and it kills the group
+    wait_for(lambda: not any(psutil.pid_exists(p) for p in stale), 10, what="stale group killed")
+    assert ended(c, [j]) == {j: "terminated/success"}
+    info = c.job(j)
+    assert [a["worker"] for a in info.raw["history"]] == ["w1", "w2"]
+    assert info.raw["history"][0]["outcome"] == "lost"
+    assert info.raw["output_tail"]["stdout"] == "done-2\n"
+    wait_for(lambda: "not ours any more" in cluster.log("w1"), 10, what="w1 to log the fence")
+
+
+@pytest.mark.parametrize("n", [200])
+def test_many_small_jobs(cluster: Cluster, n: int) -> None:
+    cluster.start_worker("w1")
+    c = cluster.client()
+    ids = c.submit(jobs=[{"command": "true"} for _ in range(n)]).jobs
+    assert set(ended(c, ids, timeout=60).values()) == {"terminated/success"}
