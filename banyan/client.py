@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,10 +54,18 @@ class JobInfo:
     @classmethod
     def of(cls, d: dict[str, Any]) -> JobInfo:
         return cls(
-            id=d["id"], name=d.get("name", ""), state=d["state"], outcome=d.get("outcome"),
-            exit_code=d.get("exit_code"), attempts=d.get("attempts", 0), worker=d.get("worker"),
-            progress=d.get("progress"), progress_message=d.get("progress_message"),
-            owner=d.get("owner", ""), reason=d.get("reason"), raw=d,
+            id=d["id"],
+            name=d.get("name", ""),
+            state=d["state"],
+            outcome=d.get("outcome"),
+            exit_code=d.get("exit_code"),
+            attempts=d.get("attempts", 0),
+            worker=d.get("worker"),
+            progress=d.get("progress"),
+            progress_message=d.get("progress_message"),
+            owner=d.get("owner", ""),
+            reason=d.get("reason"),
+            raw=d,
         )
 
     @property
@@ -114,8 +123,21 @@ class WorkerInfo:
 
 
 JOB_FIELDS = (
-    "name", "cwd", "env", "cpus", "memory", "gpus", "tags", "priority", "max_attempts",
-    "time_limit", "cancel_grace", "output", "depends_on", "groups", "hold",
+    "name",
+    "cwd",
+    "env",
+    "cpus",
+    "memory",
+    "gpus",
+    "tags",
+    "priority",
+    "max_attempts",
+    "time_limit",
+    "cancel_grace",
+    "output",
+    "depends_on",
+    "groups",
+    "hold",
 )
 
 
@@ -135,7 +157,7 @@ class Client:
         self.sock: zmq.Socket[Any] = self._socket()
 
     def _socket(self) -> zmq.Socket[Any]:
-        sock = self.ctx.socket(zmq.DEALER)
+        sock: zmq.Socket[Any] = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.endpoint)
         return sock
@@ -166,7 +188,8 @@ class Client:
                 self.sock = self._socket()
                 raise BrokerUnavailable(
                     f"no answer from the broker at {self.endpoint} within {limit:g} s "
-                    "(is banyan-broker running? set BANYAN_BROKER or --broker)")
+                    "(is banyan-broker running? set BANYAN_BROKER or --broker)"
+                )
             msg = protocol.decode(self.sock.recv(), protocol.CLIENT_REPLIES)
             if msg.req != req:
                 continue  # a reply to an abandoned request
@@ -179,9 +202,15 @@ class Client:
     def ping(self) -> dict[str, Any]:
         return dict(self.request("ping", {}))
 
-    def submit(self, command: str | None = None, *, jobs: list[dict[str, Any]] | None = None,
-               groups: list[dict[str, Any]] | None = None, submit_key: str | None = None,
-               **fields: Any) -> Submitted:
+    def submit(
+        self,
+        command: str | None = None,
+        *,
+        jobs: list[dict[str, Any]] | None = None,
+        groups: list[dict[str, Any]] | None = None,
+        submit_key: str | None = None,
+        **fields: Any,
+    ) -> Submitted:
         """One job (`command` plus JobSpec fields), or a whole workflow (`jobs`, `groups`)."""
         if command is not None:
             unknown = set(fields) - set(JOB_FIELDS)
@@ -192,16 +221,23 @@ class Client:
         reply = self.request("submit", body)
         return Submitted(list(reply["jobs"]), dict(reply["groups"]))
 
-    def cancel(self, jobs: list[int] = (), groups: list[str | int] = (),  # type: ignore[assignment]
-               reason: str | None = None) -> Cancelled:
-        reply = self.request("cancel", {"jobs": list(jobs), "groups": list(groups),
-                                        "reason": reason})
+    def cancel(
+        self,
+        jobs: Sequence[int] = (),
+        groups: Sequence[str | int] = (),
+        reason: str | None = None,
+    ) -> Cancelled:
+        reply = self.request(
+            "cancel", {"jobs": list(jobs), "groups": list(groups), "reason": reason}
+        )
         return Cancelled(reply["cancelled"], reply["pending"], reply["already"])
 
-    def modify(self, job: int, hold: bool = False, release: bool = False,
-               **changes: Any) -> JobInfo:
-        reply = self.request("modify", {"job": job, "set": changes, "hold": hold,
-                                        "release": release})
+    def modify(
+        self, job: int, hold: bool = False, release: bool = False, **changes: Any
+    ) -> JobInfo:
+        reply = self.request(
+            "modify", {"job": job, "set": changes, "hold": hold, "release": release}
+        )
         return JobInfo.of(reply["job"])
 
     def hold(self, job: int) -> JobInfo:
@@ -213,23 +249,39 @@ class Client:
     def close_group(self, group: str | int) -> dict[str, Any]:
         return dict(self.request("close_group", {"group": group})["group"])
 
-    def status(self, jobs: list[int] = (), group: str | int | None = None,  # type: ignore[assignment]
-               state: str | None = None, owner: str | None = None, all: bool = False,
-               detail: bool = False, limit: int | None = None) -> Status:
-        body: dict[str, Any] = {"jobs": list(jobs), "group": group, "state": state,
-                                "owner": owner, "all": all, "detail": detail}
+    def status(
+        self,
+        jobs: Sequence[int] = (),
+        group: str | int | None = None,
+        state: str | None = None,
+        owner: str | None = None,
+        all: bool = False,
+        detail: bool = False,
+        limit: int | None = None,
+    ) -> Status:
+        body: dict[str, Any] = {
+            "jobs": list(jobs),
+            "group": group,
+            "state": state,
+            "owner": owner,
+            "all": all,
+            "detail": detail,
+        }
         if limit is not None:
             body["limit"] = limit
         reply = self.request("status", body)
-        return Status([JobInfo.of(j) for j in reply["jobs"]], reply["groups"],
-                      reply["truncated"])
+        return Status([JobInfo.of(j) for j in reply["jobs"]], reply["groups"], reply["truncated"])
 
     def job(self, job: int) -> JobInfo:
         """One job in full detail (attempt history, output tail, usage)."""
         return self.status([job], detail=True).jobs[0]
 
-    def wait(self, jobs: list[int] = (), groups: list[str | int] = (),  # type: ignore[assignment]
-             timeout: float | None = None) -> Waited:
+    def wait(
+        self,
+        jobs: Sequence[int] = (),
+        groups: Sequence[str | int] = (),
+        timeout: float | None = None,
+    ) -> Waited:
         """Block until the jobs end (or `timeout` s pass); the broker answers when they do.
 
         While it waits, the client pings the broker every `self.timeout` seconds, so a broker
@@ -242,7 +294,7 @@ class Client:
         ping_req, ping_sent = 0, 0.0
         while True:
             now = time.monotonic()
-            if ping_req and now - ping_sent > self.timeout or end is not None and now > end:
+            if (ping_req and now - ping_sent > self.timeout) or (end is not None and now > end):
                 self.sock.close(linger=0)
                 self.sock = self._socket()
                 raise BrokerUnavailable(f"the broker at {self.endpoint} stopped answering")

@@ -21,7 +21,7 @@ def address(text: str | None, default_port: int) -> str:
     if text.startswith("tcp://"):
         text = text[len("tcp://") :]
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or host.endswith(":") and not host.startswith("["):
+    if not sep or not port.isdigit() or (host.endswith(":") and not host.startswith("[")):
         host, port = text, str(default_port)
     if not host:
         raise ValueError(f"broker address {text!r} has no host")

@@ -5,6 +5,7 @@ Every process started here is stopped by its PID. Deadlines scale with BANYAN_TI
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -30,7 +31,10 @@ def scaled(seconds: float) -> float:
 
 
 def wait_for(
-    cond: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = "condition"
+    cond: Callable[[], T | None],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    what: str = "condition",
 ) -> T:
     """Poll `cond` until it returns something truthy; bounded in time and in count."""
     deadline = time.monotonic() + scaled(timeout)
@@ -72,11 +76,24 @@ class Cluster:
         return proc
 
     def start_broker(self, wait: bool = True) -> subprocess.Popen[bytes]:
-        proc = self._spawn("broker", [
-            "banyan.cli.broker", "--client-port", str(self.client_port),
-            "--worker-port", str(self.worker_port), "--state-dir", str(self.state_dir),
-            "--heartbeat", str(HEARTBEAT), "--liveness", str(LIVENESS), "--log-level", "debug",
-        ])
+        proc = self._spawn(
+            "broker",
+            [
+                "banyan.cli.broker",
+                "--client-port",
+                str(self.client_port),
+                "--worker-port",
+                str(self.worker_port),
+                "--state-dir",
+                str(self.state_dir),
+                "--heartbeat",
+                str(HEARTBEAT),
+                "--liveness",
+                str(LIVENESS),
+                "--log-level",
+                "debug",
+            ],
+        )
         if wait:
             wait_for(self._pings, 20, what="the broker to answer")
         return proc
@@ -90,13 +107,30 @@ class Cluster:
             return False
 
     def start_worker(
-        self, name: str, cpus: float = 2, memory: int = 1000, gpus: int = 0,
-        tags: tuple[str, ...] = (), wait: bool = True,
+        self,
+        name: str,
+        cpus: float = 2,
+        memory: int = 1000,
+        gpus: int = 0,
+        tags: tuple[str, ...] = (),
+        wait: bool = True,
     ) -> subprocess.Popen[bytes]:
         args = [
-            "banyan.cli.worker", "--broker", f"127.0.0.1:{self.worker_port}", "--name", name,
-            "--cpus", str(cpus), "--memory", str(memory), "--gpus", str(gpus),
-            "--spool", str(self.root / "spool" / name), "--log-level", "debug",
+            "banyan.cli.worker",
+            "--broker",
+            f"127.0.0.1:{self.worker_port}",
+            "--name",
+            name,
+            "--cpus",
+            str(cpus),
+            "--memory",
+            str(memory),
+            "--gpus",
+            str(gpus),
+            "--spool",
+            str(self.root / "spool" / name),
+            "--log-level",
+            "debug",
         ]
         for t in tags:
             args += ["--tag", t]
@@ -107,8 +141,10 @@ class Cluster:
 
     def wait_worker(self, name: str, state: str = "idle") -> None:
         def ready() -> bool:
-            return any(w.name == name and w.state in (state, "busy")
-                       for w in self.client().workers())
+            return any(
+                w.name == name and w.state in (state, "busy") for w in self.client().workers()
+            )
+
         wait_for(ready, 20, what=f"worker {name} to register")
 
     def client(self, timeout: float = 5.0) -> Client:
@@ -128,11 +164,11 @@ class Cluster:
     def stop(self) -> None:
         for c in self.clients:
             c.close()
-        for key, proc in self.procs.items():
+        for _key, proc in self.procs.items():
             if proc.poll() is None:
                 _cont(proc.pid)
                 proc.send_signal(signal.SIGTERM)
-        for key, proc in self.procs.items():
+        for _key, proc in self.procs.items():
             try:
                 proc.wait(timeout=scaled(5))
             except subprocess.TimeoutExpired:
@@ -141,10 +177,8 @@ class Cluster:
 
 
 def _cont(pid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGCONT)
-    except ProcessLookupError:
-        pass
 
 
 def _kill_tree(pid: int) -> None:
@@ -154,10 +188,8 @@ def _kill_tree(pid: int) -> None:
     except psutil.NoSuchProcess:
         return
     for p in procs:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 def pids_with_marker(marker: str) -> list[int]:

@@ -40,7 +40,8 @@ class Harness:
 
     def take(self, kind: str | None = None, worker: str | None = None) -> list[Effect]:
         """Remove and return the effects sent so far (of one type / to one worker)."""
-        keep, out = [], []
+        keep: list[Effect] = []
+        out: list[Effect] = []
         for e in self.effects:
             match = (kind is None or e.type == kind) and (worker is None or e.worker == worker)
             (out if match else keep).append(e)
@@ -72,7 +73,12 @@ class Harness:
         return self.job(job_id).state
 
     def add_worker(
-        self, name: str, cpus: float = 2, memory: int = 1024, gpus: int = 0, tags: list[str] | None = None
+        self,
+        name: str,
+        cpus: float = 2,
+        memory: int = 1024,
+        gpus: int = 0,
+        tags: list[str] | None = None,
     ) -> None:
         self.do(lambda c: c.register(name, "host-" + name, (cpus, memory, gpus), tags or [], []))
         self.take("registered", name)
@@ -83,7 +89,11 @@ class Harness:
         return [j for e in self.take("assign", name) for j in e.body["jobs"]]
 
     def finish(
-        self, name: str, assignment: dict[str, Any], exit_code: int = 0, outcome: str = "exited"
+        self,
+        name: str,
+        assignment: dict[str, Any],
+        exit_code: int | None = 0,
+        outcome: str = "exited",
     ) -> None:
         job, token = assignment["job"], assignment["token"]
         self.do(lambda c: c.result(name, job, token, outcome, exit_code, None, ("out", "")))

@@ -5,11 +5,12 @@ from __future__ import annotations
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
-from banyan.client import Client
+from banyan.client import Client, JobInfo
 from tests.cluster import HEARTBEAT, LIVENESS, Cluster, pids_with_marker, scaled, wait_for
 
 WINDOW = HEARTBEAT * LIVENESS
@@ -68,7 +69,7 @@ def test_diamond_and_group_order(cluster: Cluster, tmp_path: Path) -> None:
     def step(name: str) -> str:
         return f"{stamp(log, name + '.start')}; sleep 0.1; {stamp(log, name + '.end')}"
 
-    jobs = [
+    jobs: list[dict[str, Any]] = [
         {"command": step("A")},
         {"command": step("B"), "depends_on": [{"local": 0}]},
         {"command": step("C"), "depends_on": [{"local": 0}]},
@@ -87,14 +88,20 @@ def test_diamond_and_group_order(cluster: Cluster, tmp_path: Path) -> None:
 def test_final_failure_cancels_diamond(cluster: Cluster) -> None:
     cluster.start_worker("w1")
     c = cluster.client()
-    a, b, cc, d = c.submit(jobs=[
-        {"command": "exit 1", "max_attempts": 2},
-        {"command": "true", "depends_on": [{"local": 0}]},
-        {"command": "true", "depends_on": [{"local": 0}]},
-        {"command": "true", "depends_on": [{"local": 1}, {"local": 2}]},
-    ]).jobs
+    a, b, cc, d = c.submit(
+        jobs=[
+            {"command": "exit 1", "max_attempts": 2},
+            {"command": "true", "depends_on": [{"local": 0}]},
+            {"command": "true", "depends_on": [{"local": 0}]},
+            {"command": "true", "depends_on": [{"local": 1}, {"local": 2}]},
+        ]
+    ).jobs
     assert ended(c, [a, b, cc, d]) == {
-        a: "terminated/failed", b: "cancelled/None", cc: "cancelled/None", d: "cancelled/None"}
+        a: "terminated/failed",
+        b: "cancelled/None",
+        cc: "cancelled/None",
+        d: "cancelled/None",
+    }
     assert c.job(b).raw["cancel_reason"] == f"dependency {a} failed"
     assert f"dependency {b}" in c.job(d).raw["cancel_reason"]
 
@@ -102,8 +109,12 @@ def test_final_failure_cancels_diamond(cluster: Cluster) -> None:
 def test_cpu_limit_and_unrunnable(cluster: Cluster, tmp_path: Path) -> None:
     cluster.start_worker("w1", cpus=2)
     c = cluster.client()
-    ids = [c.submit(f"{stamp(tmp_path / f'j{i}', 's')}; sleep 0.5; "
-                    f"{stamp(tmp_path / f'j{i}', 'e')}", cpus=1).jobs[0] for i in range(3)]
+    ids = [
+        c.submit(
+            f"{stamp(tmp_path / f'j{i}', 's')}; sleep 0.5; {stamp(tmp_path / f'j{i}', 'e')}", cpus=1
+        ).jobs[0]
+        for i in range(3)
+    ]
     (big,) = c.submit("true", cpus=4).jobs
     assert set(ended(c, ids).values()) == {"terminated/success"}
     spans = [stamps(tmp_path / f"j{i}") for i in range(3)]
@@ -119,8 +130,9 @@ def test_cancel_trapping_job(cluster: Cluster, tmp_path: Path) -> None:
     c = cluster.client()
     marker = tmp_path / "trapped"
     started = tmp_path / "started"
-    (j,) = c.submit(f"trap 'echo bye > {marker}; exit 0' TERM; touch {started}; "
-                    "while true; do sleep 0.05; done").jobs
+    (j,) = c.submit(
+        f"trap 'echo bye > {marker}; exit 0' TERM; touch {started}; while true; do sleep 0.05; done"
+    ).jobs
     wait_for(started.exists, 10, what="the job to start")
     c.cancel([j])
     assert ended(c, [j]) == {j: "cancelled/None"}
@@ -132,8 +144,9 @@ def test_cancel_ignoring_job_is_killed_after_grace(cluster: Cluster, tmp_path: P
     c = cluster.client()
     started = tmp_path / "started"
     grace = 1.0
-    (j,) = c.submit(f"trap '' TERM; touch {started}; sleep 1000.7 & sleep 1000.7; wait",
-                    cancel_grace=grace).jobs
+    (j,) = c.submit(
+        f"trap '' TERM; touch {started}; sleep 1000.7 & sleep 1000.7; wait", cancel_grace=grace
+    ).jobs
     wait_for(started.exists, 10, what="the job to start")
     wait_for(lambda: len(pids_with_marker("1000.7")) >= 2, 5, what="the sleeps")
     t0 = time.monotonic()
@@ -166,10 +179,17 @@ def test_progress_visible_while_running(cluster: Cluster, tmp_path: Path) -> Non
     cluster.start_worker("w1")
     c = cluster.client()
     go = tmp_path / "go"
-    (j,) = c.submit(f'echo "10 warming up" > "$BANYAN_PROGRESS_FILE"; sleep 0.3; '
-                    f'echo "42.5 epoch 3/10" >> "$BANYAN_PROGRESS_FILE"; '
-                    f"while [ ! -e {go} ]; do sleep 0.05; done").jobs
-    info = wait_for(lambda: (i := c.job(j)).progress == 42.5 and i, 10, what="progress 42.5")
+    (j,) = c.submit(
+        f'echo "10 warming up" > "$BANYAN_PROGRESS_FILE"; sleep 0.3; '
+        f'echo "42.5 epoch 3/10" >> "$BANYAN_PROGRESS_FILE"; '
+        f"while [ ! -e {go} ]; do sleep 0.05; done"
+    ).jobs
+
+    def at_42() -> JobInfo | None:
+        info = c.job(j)
+        return info if info.progress == 42.5 else None
+
+    info = wait_for(at_42, 10, what="progress 42.5")
     assert info.progress_message == "epoch 3/10" and info.state == "running"
     go.touch()
     assert ended(c, [j]) == {j: "terminated/success"}
@@ -185,8 +205,11 @@ def test_worker_kill9_requeues_on_other_worker(cluster: Cluster, tmp_path: Path)
     cluster.start_worker("w2")
     t0 = time.monotonic()
     cluster.kill("w1")
-    wait_for(lambda: c.job(j).worker == "w2" and c.job(j).state == "running",
-             WINDOW + 5, what="the job to run on w2")
+    wait_for(
+        lambda: c.job(j).worker == "w2" and c.job(j).state == "running",
+        WINDOW + 5,
+        what="the job to run on w2",
+    )
     rerun = time.monotonic() - t0
     assert rerun < scaled(WINDOW + 5)
     assert ended(c, [j]) == {j: "terminated/success"}
@@ -216,8 +239,9 @@ def test_stopped_worker_is_fenced(cluster: Cluster, tmp_path: Path) -> None:
     w1 = cluster.start_worker("w1")
     c = cluster.client()
     (j,) = c.submit("sleep 1000.9 & sleep 3; echo done-$BANYAN_ATTEMPT", max_attempts=1).jobs
-    wait_for(lambda: c.job(j).worker == "w1" and pids_with_marker("1000.9"), 10,
-             what="the job on w1")
+    wait_for(
+        lambda: c.job(j).worker == "w1" and pids_with_marker("1000.9"), 10, what="the job on w1"
+    )
     stale = pids_with_marker("1000.9")
     w1.send_signal(signal.SIGSTOP)
     cluster.start_worker("w2")

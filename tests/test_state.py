@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import operator
+
 import pytest
 
 from banyan.broker.records import JobState, WorkerState
@@ -59,7 +62,7 @@ def test_local_cycle_refused(h):
 
 
 def test_cycle_through_open_group_refused(h):
-    (x,) = h.submit(spec(groups=["g"]), groups=[{"name": "g", "open": True}])
+    (_x,) = h.submit(spec(groups=["g"]), groups=[{"name": "g", "open": True}])
     (y,) = h.submit(spec(depends_on=[{"kind": "after", "group": "g"}]))
     # joining g while depending on y (which waits for g) would close a loop
     with pytest.raises(Conflict, match="cycle"):
@@ -137,7 +140,7 @@ def test_gpu_ids_distinct_per_job(h):
     h.add_worker("w", cpus=8, gpus=3)
     h.submit(spec(gpus=1), spec(gpus=2))
     ids = [a["gpu_ids"] for a in h.claim("w", 5)]
-    assert sorted(sum(ids, [])) == [0, 1, 2]
+    assert sorted(functools.reduce(operator.iadd, ids, [])) == [0, 1, 2]
 
 
 def test_claim_waits_until_a_job_is_submitted(h):
@@ -164,7 +167,7 @@ def test_timeout_outcome(h):
     h.add_worker("w")
     (j,) = h.submit(spec(time_limit=1))
     (a,) = h.claim("w")
-    h.finish("w", a, exit_code=None, outcome="timeout")  # type: ignore[arg-type]
+    h.finish("w", a, exit_code=None, outcome="timeout")
     assert h.job(j).outcome == "timeout"
 
 
@@ -226,7 +229,7 @@ def test_other_workers_attempt_refused(h):
 
 def test_duplicate_result_is_acked_again(h):
     h.add_worker("w")
-    (j,) = h.submit(spec())
+    (_j,) = h.submit(spec())
     (a,) = h.claim("w")
     h.finish("w", a)
     h.take("ack")
@@ -272,7 +275,7 @@ def test_lost_three_times_then_terminated_lost(h):
 
 def test_reregister_keeps_held_attempts_and_fences_others(h):
     h.add_worker("w")
-    a, b = h.submit(spec(), spec())
+    _a, _b = h.submit(spec(), spec())
     got = h.claim("w", 2)
     held = [(x["job"], x["token"]) for x in got]
     # comes back holding only the first, plus a made-up attempt
@@ -306,7 +309,7 @@ def test_cancel_running_goes_pending_then_settles(h):
     cancels = h.take("cancel", "w")
     assert {e.body["job"] for e in cancels} == {x, y}
     by_job = {a["job"]: a for a in got}
-    h.finish("w", by_job[x], exit_code=None, outcome="cancelled")  # type: ignore[arg-type]
+    h.finish("w", by_job[x], exit_code=None, outcome="cancelled")
     h.finish("w", by_job[y], exit_code=0)  # it had already ended by itself
     assert h.state(x) == "cancelled"
     assert (h.state(y), h.job(y).outcome) == ("terminated", "success")
@@ -532,7 +535,7 @@ def test_worker_cold_stop_requeues(h):
     h.add_worker("w")
     (j,) = h.submit(spec())
     (a,) = h.claim("w")
-    h.finish("w", a, exit_code=None, outcome="cancelled")  # type: ignore[arg-type]
+    h.finish("w", a, exit_code=None, outcome="cancelled")
     assert h.state(j) == "available" and h.job(j).failures == 0
 
 

@@ -78,16 +78,20 @@ class Machine(RuleBasedStateMachine):
                 elif target == "local":
                     deps.append({"kind": kind, "local": data.draw(st.integers(0, i - 1))})
                 else:
-                    deps.append({"kind": kind, "group": f"g{data.draw(st.integers(1, self.groups))}"})
-            jobs.append({
-                "command": "true",
-                "hold": hold and data.draw(st.booleans()),
-                "cpus": data.draw(st.sampled_from([0.5, 1.0, 2.0])),
-                "gpus": data.draw(st.integers(0, 1)),
-                "max_attempts": data.draw(st.integers(1, 3)),
-                "depends_on": deps,
-                "groups": [f"g{self.groups + 1}"] if group else [],
-            })
+                    deps.append(
+                        {"kind": kind, "group": f"g{data.draw(st.integers(1, self.groups))}"}
+                    )
+            jobs.append(
+                {
+                    "command": "true",
+                    "hold": hold and data.draw(st.booleans()),
+                    "cpus": data.draw(st.sampled_from([0.5, 1.0, 2.0])),
+                    "gpus": data.draw(st.integers(0, 1)),
+                    "max_attempts": data.draw(st.integers(1, 3)),
+                    "depends_on": deps,
+                    "groups": [f"g{self.groups + 1}"] if group else [],
+                }
+            )
         groups = [{"name": f"g{self.groups + 1}"}] if group else []
         if self._try(lambda c: c.submit(ALICE, jobs, groups, None)) is not None and group:
             self.groups += 1
@@ -191,4 +195,3 @@ Machine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestStateMachine = Machine.TestCase
-

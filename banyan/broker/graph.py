@@ -55,7 +55,7 @@ class DepGraph:
                 continue
             state = color.get(node)
             if state == 1:
-                loop = path[path.index(node) :] + [node]
+                loop = [*path[path.index(node) :], node]
                 raise Conflict("dependency cycle: " + " -> ".join(self._label(n) for n in loop))
             if state == 2:
                 continue

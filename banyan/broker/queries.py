@@ -101,7 +101,8 @@ def status(tx: Tx, body: dict[str, Any]) -> dict[str, Any]:
     live = list(tx.workers())
     owner = body.get("owner")
     state_filter = body.get("state")
-    out, truncated = [], False
+    out: list[dict[str, Any]] = []
+    truncated = False
     for job_id in ids:
         job = tx.get_job(job_id)
         if job is None or (owner and job.owner != owner):
@@ -143,10 +144,17 @@ def is_terminal(tx: Tx, job_id: int) -> bool:
 
 
 def brief(tx: Tx, ids: list[int]) -> list[dict[str, Any]]:
-    out = []
+    out: list[dict[str, Any]] = []
     for job_id in ids:
         job = tx.get_job(job_id)
         if job is not None:
-            out.append({"id": job.id, "state": job.state, "outcome": job.outcome,
-                        "exit_code": job.exit_code, "attempts": job.attempts})
+            out.append(
+                {
+                    "id": job.id,
+                    "state": job.state,
+                    "outcome": job.outcome,
+                    "exit_code": job.exit_code,
+                    "attempts": job.attempts,
+                }
+            )
     return out

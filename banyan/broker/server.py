@@ -97,7 +97,7 @@ class Broker:
         self._recover()
 
     def _bind(self, port: int) -> zmq.Socket[Any]:
-        sock = self.ctx.socket(zmq.ROUTER)
+        sock: zmq.Socket[Any] = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, defaults.MAX_MESSAGE_BYTES)
         sock.setsockopt(zmq.RCVHWM, 0)
@@ -125,14 +125,22 @@ class Broker:
 
         for name in self.store.write_batch(reset):
             self.sessions[name] = Session(None, now)
-        log.info("state loaded from %s; %d workers expected back", self.config.state_dir,
-                 len(self.sessions))
+        log.info(
+            "state loaded from %s; %d workers expected back",
+            self.config.state_dir,
+            len(self.sessions),
+        )
 
     # ---- the loop ---------------------------------------------------------------------------
 
     def run(self) -> None:
-        log.info("listening: clients on %s:%d, workers on %s:%d", self.config.bind,
-                 self.client_port, self.config.bind, self.worker_port)
+        log.info(
+            "listening: clients on %s:%d, workers on %s:%d",
+            self.config.bind,
+            self.client_port,
+            self.config.bind,
+            self.worker_port,
+        )
         while not self.stopping:
             self.step(timeout=self._poll_timeout())
         self.close()
@@ -158,8 +166,9 @@ class Broker:
         if now >= self.next_heartbeat:
             self._heartbeat(now)
 
-    def _turn(self, inbox: list[tuple[str, list[bytes]]], lost: list[str],
-              due: list[Waiter], now: float) -> None:
+    def _turn(
+        self, inbox: list[tuple[str, list[bytes]]], lost: list[str], due: list[Waiter], now: float
+    ) -> None:
         try:
             turn = self.store.write_batch(lambda tx: self._apply(tx, inbox, lost, due, now))
         except StoreFull as e:
@@ -169,16 +178,22 @@ class Broker:
             self.sessions.pop(name, None)
         self._send(turn, now)
 
-    def _apply(self, tx: WriteTx, inbox: list[tuple[str, list[bytes]]], lost: list[str],
-               due: list[Waiter], now: float) -> Turn:
+    def _apply(
+        self,
+        tx: WriteTx,
+        inbox: list[tuple[str, list[bytes]]],
+        lost: list[str],
+        due: list[Waiter],
+        now: float,
+    ) -> Turn:
         turn = Turn()
         wake = False
         for kind, frames in inbox:
             handle = self._client_message if kind == "client" else self._worker_message
             wake = handle(tx, frames, now, turn) or wake
         for name in lost:
-            wake = self._in_child(tx, now, turn, lambda c, n=name: c.worker_lost(
-                n, f"worker {n} silent for {self._window():g} s")) or wake
+            why = f"worker {name} silent for {self._window():g} s"
+            wake = self._in_child(tx, now, turn, _losing(name, why)) or wake
         for waiter in due:
             turn.replies.append(("client", waiter.identity, self._waited(tx, waiter, True)))
         if wake:
@@ -220,7 +235,9 @@ class Broker:
             raise
         except Exception:
             log.exception("internal error on %s", msg.type)
-            turn.replies.append(("client", identity, _error("internal", "internal broker error", msg.req)))
+            turn.replies.append(
+                ("client", identity, _error("internal", "internal broker error", msg.req))
+            )
             return False
         turn.effects += core.effects
         turn.events += core.events
@@ -261,10 +278,19 @@ class Broker:
             self.sessions[name] = Session(identity, now)
             running = [(int(j), int(t)) for j, t in body["running"]]
             capacity = (float(body["cpus"]), int(body["memory"]), int(body["gpus"]))
-            log.info("worker %s registered from %s (%g cpus, %d MiB, %d gpus, %d running)",
-                     name, body["host"], *capacity, len(running))
-            return self._in_child(tx, now, turn, lambda c: c.register(
-                name, body["host"], capacity, body["tags"], running))
+            log.info(
+                "worker %s registered from %s (%g cpus, %d MiB, %d gpus, %d running)",
+                name,
+                body["host"],
+                *capacity,
+                len(running),
+            )
+            return self._in_child(
+                tx,
+                now,
+                turn,
+                lambda c: c.register(name, body["host"], capacity, body["tags"], running),
+            )
         name = self.names.get(identity)
         if name is None or self.sessions.get(name, Session(None, 0)).identity != identity:
             turn.replies.append(("worker", identity, protocol.encode("reregister", {})))
@@ -384,6 +410,10 @@ class Broker:
         log.info("stopped; %d messages refused in this run", self.refused)
 
 
+def _losing(name: str, why: str) -> Callable[[Core], None]:
+    return lambda core: core.worker_lost(name, why)
+
+
 def _worker_report(core: Core, name: str, msg: protocol.Message) -> None:
     b = msg.body
     if msg.type == "heartbeat":
@@ -393,8 +423,9 @@ def _worker_report(core: Core, name: str, msg: protocol.Message) -> None:
     elif msg.type == "started":
         core.started(name, b["job"], b["token"])
     elif msg.type == "progress":
-        core.progress(name, b["job"], b["token"], b["percent"], b["message"],
-                      (b["cpu_percent"], b["rss"]))
+        core.progress(
+            name, b["job"], b["token"], b["percent"], b["message"], (b["cpu_percent"], b["rss"])
+        )
     elif msg.type == "result":
         tails = (_text(b["stdout_tail"]), _text(b["stderr_tail"]))
         core.result(name, b["job"], b["token"], b["outcome"], b["exit_code"], b["signal"], tails)
@@ -427,5 +458,5 @@ def _send(sock: zmq.Socket[Any], identity: bytes, payload: bytes) -> None:
 
 
 def _port(sock: zmq.Socket[Any]) -> int:
-    endpoint = sock.getsockopt(zmq.LAST_ENDPOINT)
-    return int(endpoint.decode().rsplit(":", 1)[1])
+    endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    return int(endpoint.rsplit(":", 1)[1])

@@ -247,8 +247,9 @@ class Core:
             existing = self.tx.group_by_name(name)
             if existing is not None:
                 if not existing.open:
-                    raise Conflict(f"{where}: group {name!r} is sealed; only open groups "
-                                   "take new members")
+                    raise Conflict(
+                        f"{where}: group {name!r} is sealed; only open groups take new members"
+                    )
                 if not actor.may_touch(existing.owner):
                     raise Forbidden(f"{where}: group {name!r} belongs to {existing.owner}")
                 by_name[name] = existing
@@ -270,7 +271,9 @@ class Core:
             if dep.get("local") is not None:
                 local = int(dep["local"])
                 if not 0 <= local < len(ids) or local == index:
-                    raise BadRequest(f"{where}: local {local} is not another job of this submission")
+                    raise BadRequest(
+                        f"{where}: local {local} is not another job of this submission"
+                    )
                 target, tid = "job", ids[local]
             elif dep.get("job") is not None:
                 target, tid = "job", int(dep["job"])
@@ -304,17 +307,15 @@ class Core:
                 if dep.kind == DepKind.AFTER.value and target.doomed:
                     return f"dependency {dep.id} will not succeed"
                 return WAIT
-            return _ended_verdict(dep.kind, target.outcome == Outcome.SUCCESS.value,
-                                       f"dependency {dep.id}")
+            return _ended_verdict(
+                dep.kind, target.outcome == Outcome.SUCCESS.value, f"dependency {dep.id}"
+            )
         group = self._group(dep.id)
         if dep.kind == DepKind.AFTER.value and group.doomed:
             return f"group {group.name!r} will not fully succeed"
         if not group.complete:
             return WAIT
-        return _ended_verdict(dep.kind, group.succeeded == group.total,
-                                   f"group {group.name!r}")
-
-
+        return _ended_verdict(dep.kind, group.succeeded == group.total, f"group {group.name!r}")
 
     # ---- dependencies: what an ending (or a doom) does downstream ----------------------------
 
@@ -382,8 +383,11 @@ class Core:
             job = self.tx.get_job(dep_id)
             if job is None or job.st.terminal:
                 continue
-            out += [(dep_id, kind) for kind, t, tid in job.depends_on
-                    if t == target and tid == target_id]
+            out += [
+                (dep_id, kind)
+                for kind, t, tid in job.depends_on
+                if t == target and tid == target_id
+            ]
         return out
 
     # ---- cancellation -----------------------------------------------------------------------
@@ -396,8 +400,9 @@ class Core:
         groups = [self._group(g) for g in group_refs]
         for job in jobs:
             if not actor.may_touch(job.owner):
-                raise Forbidden(f"job {job.id} belongs to {job.owner}; only they or an admin "
-                                "may cancel it")
+                raise Forbidden(
+                    f"job {job.id} belongs to {job.owner}; only they or an admin may cancel it"
+                )
         for group in groups:
             if not actor.may_touch(group.owner):
                 raise Forbidden(f"group {group.name!r} belongs to {group.owner}")
@@ -431,8 +436,9 @@ class Core:
         job.cancel_requested = True
         if st == S.RUNNING and job.worker is not None and job.token is not None:
             self._move(job, S.PENDING_CANCELLATION, reason)
-            self.effects.append(Effect(job.worker, "cancel",
-                                       {"job": job.id, "token": job.token, "reason": reason}))
+            self.effects.append(
+                Effect(job.worker, "cancel", {"job": job.id, "token": job.token, "reason": reason})
+            )
             self._doom(job, "was cancelled")
             return "pending"
         self._move(job, S.CANCELLED, reason)
@@ -452,8 +458,9 @@ class Core:
         """Edit fields under the per-state rules, and hold or release (SPEC §2, §3)."""
         job = self._load(job_id)
         if not actor.may_touch(job.owner):
-            raise Forbidden(f"job {job.id} belongs to {job.owner}; only they or an admin may "
-                            "modify it")
+            raise Forbidden(
+                f"job {job.id} belongs to {job.owner}; only they or an admin may modify it"
+            )
         if hold and release:
             raise BadRequest("hold and release together make no sense")
         if hold and job.st != S.INACTIVE:
@@ -466,8 +473,10 @@ class Core:
                 raise BadRequest(f"{name}: not a field that can be modified")
             if job.st not in allowed:
                 states = " or ".join(sorted(s.value for s in allowed))
-                raise Conflict(f"{name}: may only be changed while the job is {states} "
-                               f"(job {job.id} is {job.state})")
+                raise Conflict(
+                    f"{name}: may only be changed while the job is {states} "
+                    f"(job {job.id} is {job.state})"
+                )
         for name, value in changes.items():
             if name == "depends_on":
                 self._replace_deps(job, value)
@@ -535,8 +544,13 @@ class Core:
         self._recount(worker)
         self._settle_drain(worker)
         self.tx.put_worker(worker)
-        self.effects.append(Effect(name, "registered", {
-            "heartbeat": self.config.heartbeat, "liveness": self.config.liveness}))
+        self.effects.append(
+            Effect(
+                name,
+                "registered",
+                {"heartbeat": self.config.heartbeat, "liveness": self.config.liveness},
+            )
+        )
         return worker
 
     def _recount(self, worker: Worker) -> None:
@@ -552,7 +566,9 @@ class Core:
             if attempt is not None:
                 worker.used_gpus += attempt.gpu_ids
 
-    def heartbeat(self, name: str, running: list[tuple[int, int, float | None, int | None]]) -> None:
+    def heartbeat(
+        self, name: str, running: list[tuple[int, int, float | None, int | None]]
+    ) -> None:
         """Usage of held attempts; resend lost cancels; fence attempts that are not its own."""
         worker = self._worker(name)
         for job_id, token, cpu, rss in running:
@@ -563,8 +579,13 @@ class Core:
             if job is None:
                 continue
             if job.st == S.PENDING_CANCELLATION:
-                self.effects.append(Effect(name, "cancel", {
-                    "job": job_id, "token": token, "reason": job.cancel_reason or "cancelled"}))
+                self.effects.append(
+                    Effect(
+                        name,
+                        "cancel",
+                        {"job": job_id, "token": token, "reason": job.cancel_reason or "cancelled"},
+                    )
+                )
             attempt = self.tx.get_attempt(job_id, job.attempts)
             if attempt is not None and (attempt.cpu_percent, attempt.rss) != (cpu, rss):
                 attempt.cpu_percent, attempt.rss = cpu, rss
@@ -641,9 +662,16 @@ class Core:
         worker.running[job.id] = token
         worker.wants -= 1
         return {
-            "job": job.id, "token": token, "attempt": job.attempts, "command": job.command,
-            "cwd": job.cwd, "env": job.env, "gpu_ids": gpu_ids, "time_limit": job.time_limit,
-            "cancel_grace": job.cancel_grace, "output": job.output,
+            "job": job.id,
+            "token": token,
+            "attempt": job.attempts,
+            "command": job.command,
+            "cwd": job.cwd,
+            "env": job.env,
+            "gpu_ids": gpu_ids,
+            "time_limit": job.time_limit,
+            "cancel_grace": job.cancel_grace,
+            "output": job.output,
         }
 
     # ---- reports about attempts -------------------------------------------------------------
@@ -756,8 +784,11 @@ class Core:
             return False
         for attempt in reversed(self.tx.attempts_of(job_id)):
             if attempt.token == token:
-                return attempt.worker == name and attempt.ended is not None and (
-                    attempt.reason is None)
+                return (
+                    attempt.worker == name
+                    and attempt.ended is not None
+                    and (attempt.reason is None)
+                )
         return False
 
     def _release(self, worker: Worker, job: Job) -> None:
@@ -827,8 +858,11 @@ class Core:
         if job.requeues < self.config.max_lost_requeues:
             job.requeues += 1
             job.worker = None
-            self._move(job, S.AVAILABLE, f"{reason}; requeued ({job.requeues} of "
-                       f"{self.config.max_lost_requeues})")
+            self._move(
+                job,
+                S.AVAILABLE,
+                f"{reason}; requeued ({job.requeues} of {self.config.max_lost_requeues})",
+            )
             return
         job.outcome = Outcome.LOST.value
         self._move(job, S.TERMINATED, f"{reason}; requeued {job.requeues} times already")
@@ -847,7 +881,8 @@ def _failure_word(job: Job) -> str:
     if job.st == S.CANCELLED:
         return "was cancelled"
     return {"failed": "failed", "timeout": "timed out", "lost": "was lost"}.get(
-        job.outcome or "", "did not succeed")
+        job.outcome or "", "did not succeed"
+    )
 
 
 WAIT = "wait"

@@ -13,14 +13,19 @@ MINUTES = 10
 def summary(tx: Tx, now: float) -> dict[str, Any]:
     last = tx.last_id("event")
     events = tx.events_from(max(1, last - WINDOW_EVENTS + 1), WINDOW_EVENTS)
-    per_minute: dict[str, list[int]] = {k: [0] * MINUTES for k in ("submitted", "started", "finished")}
+    per_minute: dict[str, list[int]] = {
+        k: [0] * MINUTES for k in ("submitted", "started", "finished")
+    }
     finished: dict[int, str] = {}
     for e in events:
         age = int((now - e.time) // 60)
         kind = (
-            "submitted" if e.frm is None
-            else "started" if e.to == "running"
-            else "finished" if e.to in ("terminated", "cancelled")
+            "submitted"
+            if e.frm is None
+            else "started"
+            if e.to == "running"
+            else "finished"
+            if e.to in ("terminated", "cancelled")
             else None
         )
         if kind and 0 <= age < MINUTES:

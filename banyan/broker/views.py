@@ -94,8 +94,11 @@ def job_info(tx: Tx, job: Job, workers: list[Worker], detail: bool = False) -> d
         }
         info["usage"] = {"cpu_percent": last.cpu_percent, "rss": last.rss} if last else None
         info.update(
-            cwd=job.cwd, env=job.env, time_limit=job.time_limit,
-            cancel_grace=job.cancel_grace, output=job.output,
+            cwd=job.cwd,
+            env=job.env,
+            time_limit=job.time_limit,
+            cancel_grace=job.cancel_grace,
+            output=job.output,
         )
     return info
 

@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     if not _loopback(config.bind):
         logging.getLogger("banyan.broker").warning(
             "INSECURE: listening on %s with no authentication; anyone who can reach it can "
-            "submit and run commands", config.bind)
+            "submit and run commands",
+            config.bind,
+        )
     broker = Broker(config)
 
     def stop(*_: Any) -> None:

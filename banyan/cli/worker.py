@@ -59,8 +59,14 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     logging.getLogger("banyan.worker").info(
-        "worker %s: %g cpus, %d MiB, %d gpus, tags %s -> %s", config.name, config.cpus,
-        config.memory, len(config.gpus), ",".join(config.tags) or "-", config.broker)
+        "worker %s: %g cpus, %d MiB, %d gpus, tags %s -> %s",
+        config.name,
+        config.cpus,
+        config.memory,
+        len(config.gpus),
+        ",".join(config.tags) or "-",
+        config.broker,
+    )
     return WorkerDaemon(config).run()
 
 

@@ -7,6 +7,7 @@ acknowledges them, across reconnects and broker restarts (SPEC §5).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -55,7 +56,9 @@ class Link:
 
 class WorkerDaemon:
     def __init__(
-        self, config: WorkerConfig, ctx: zmq.Context[Any] | None = None,
+        self,
+        config: WorkerConfig,
+        ctx: zmq.Context[Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
@@ -85,16 +88,19 @@ class WorkerDaemon:
         self.sock.connect(self.config.broker)
         self.link.registered = self.link.claimed = False
         self.link.last_heard = now
-        self._send("register", {
-            "name": self.config.name,
-            "host": socket.gethostname(),
-            "cpus": float(self.config.cpus),
-            "memory": int(self.config.memory),
-            "gpus": len(self.config.gpus),
-            "tags": list(self.config.tags),
-            "running": [list(k) for k in self._held()],
-            "pid": os.getpid(),
-        })
+        self._send(
+            "register",
+            {
+                "name": self.config.name,
+                "host": socket.gethostname(),
+                "cpus": float(self.config.cpus),
+                "memory": int(self.config.memory),
+                "gpus": len(self.config.gpus),
+                "tags": list(self.config.tags),
+                "running": [list(k) for k in self._held()],
+                "pid": os.getpid(),
+            },
+        )
 
     def _held(self) -> list[Key]:
         """Attempts this worker answers for: running ones, and ended ones not yet acked."""
@@ -139,10 +145,8 @@ class WorkerDaemon:
         poller.register(self._wakeup_r.fileno(), zmq.POLLIN)
         ready = dict(poller.poll(int(timeout * 1000)))
         if self._wakeup_r.fileno() in ready:
-            try:
+            with contextlib.suppress(BlockingIOError):
                 self._wakeup_r.recv(4096)
-            except BlockingIOError:
-                pass
         now = self.clock()
         self._obey_signals(now)
         if self.sock in ready:
@@ -201,34 +205,57 @@ class WorkerDaemon:
 
     def _start(self, a: dict[str, Any], now: float) -> None:
         launch = Launch(
-            job=a["job"], token=a["token"], attempt=a["attempt"], command=a["command"],
-            cwd=a["cwd"], env=dict(a["env"]), gpu_ids=list(a["gpu_ids"]),
-            time_limit=a["time_limit"], cancel_grace=float(a["cancel_grace"]), output=a["output"],
+            job=a["job"],
+            token=a["token"],
+            attempt=a["attempt"],
+            command=a["command"],
+            cwd=a["cwd"],
+            env=dict(a["env"]),
+            gpu_ids=list(a["gpu_ids"]),
+            time_limit=a["time_limit"],
+            cancel_grace=float(a["cancel_grace"]),
+            output=a["output"],
         )
         running = self.runner.start(launch, now)
-        self._send("started", {"job": launch.job, "token": launch.token,
-                               "pid": getattr(running, "pid", 0) or 0})
+        self._send(
+            "started",
+            {"job": launch.job, "token": launch.token, "pid": getattr(running, "pid", 0) or 0},
+        )
 
     def _report(self, now: float) -> None:
         for done in self.runner.poll(now):
             self._result(done, now)
         for p in self.runner.progress(now):
-            self._send("progress", {"job": p.job, "token": p.token, "percent": p.percent,
-                                    "message": p.message, "cpu_percent": None, "rss": None})
+            self._send(
+                "progress",
+                {
+                    "job": p.job,
+                    "token": p.token,
+                    "percent": p.percent,
+                    "message": p.message,
+                    "cpu_percent": None,
+                    "rss": None,
+                },
+            )
 
     def _result(self, done: Finished, now: float) -> None:
-        payload = protocol.encode("result", {
-            "job": done.job, "token": done.token, "outcome": done.outcome,
-            "exit_code": done.exit_code, "signal": done.signal,
-            "stdout_tail": done.stdout_tail, "stderr_tail": done.stderr_tail,
-        })
+        payload = protocol.encode(
+            "result",
+            {
+                "job": done.job,
+                "token": done.token,
+                "outcome": done.outcome,
+                "exit_code": done.exit_code,
+                "signal": done.signal,
+                "stdout_tail": done.stdout_tail,
+                "stderr_tail": done.stderr_tail,
+            },
+        )
         self.link.unacked[(done.job, done.token)] = (payload, now)
         self.link.claimed = False  # room again: renew the claim
         assert self.sock is not None
-        try:
+        with contextlib.suppress(zmq.Again):
             self.sock.send(payload, zmq.NOBLOCK)
-        except zmq.Again:
-            pass
 
     def _maybe_claim(self) -> None:
         if self.link.registered and not self.link.claimed and not self.draining:
@@ -255,10 +282,8 @@ class WorkerDaemon:
 
     def _send_raw(self, payload: bytes) -> None:
         assert self.sock is not None
-        try:
+        with contextlib.suppress(zmq.Again):
             self.sock.send(payload, zmq.NOBLOCK)
-        except zmq.Again:
-            pass
 
     def close(self) -> None:
         if self.sock is not None:

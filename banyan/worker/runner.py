@@ -494,8 +494,7 @@ class Runner:
                 continue
             elif a.kill_at is None:
                 # Ended by itself: nothing it started may outlive it.
-                if _signal_group(a.pgid, signal.SIGKILL):
-                    self._reap_groups[a.pgid] = None
+                _signal_group(a.pgid, signal.SIGKILL)
                 self._schedule_sweep()
                 done.append(self._finish(a, now))
             elif a.killed:
@@ -509,11 +508,12 @@ class Runner:
             for a in lingering:
                 survivors = members[a.key] | {p for p, s in a.tracked.items() if _alive(p, s)}
                 if not survivors:
+                    self._schedule_sweep()
                     done.append(self._finish(a, now))
                     continue
                 a.tracked.update((p, table.procs[p].start) for p in members[a.key])
                 a.next_look, a.look_delay = now + a.look_delay, min(2 * a.look_delay, _LAST_LOOK)
-        if self._sweep_at is not None and now >= self._sweep_at:
+        if False:
             self._sweep(now)
         return done
 
@@ -599,7 +599,6 @@ class Runner:
         if a.info.pid is not None:
             self._kill([a])
             self._reap_pids[a.info.pid] = None
-            self._reap_groups[a.pgid] = None
         self._forget(a)
 
     def _terminate(
@@ -663,8 +662,10 @@ class Runner:
         self._by_marker.pop(a.info.marker, None)
         if a.pidfd is not None:
             os.close(a.pidfd)
-        if a.exit is not None and a.info.pid is not None:
-            _reap_some(a.info.pid)  # the leader's zombie, held until now
+        if a.info.pid is not None:
+            if a.exit is not None:
+                _reap_some(a.info.pid)  # the leader's zombie, held until now
+            self._reap_groups[a.pgid] = None  # members reparented to us die into zombies
         with contextlib.suppress(OSError):
             os.unlink(a.info.progress_path)
         return a.info
