@@ -102,6 +102,15 @@ class Cancelled:
 
 
 @dataclass(frozen=True)
+class LogChunk:
+    data: bytes
+    offset: int
+    size: int
+    live: bool  # read from the worker's file now (False: the stored tail)
+    eof: bool  # the job has ended and this is the end of its output
+
+
+@dataclass(frozen=True)
 class WorkerInfo:
     name: str
     host: str
@@ -320,6 +329,16 @@ class Client:
 
     def stats(self) -> dict[str, Any]:
         return dict(self.request("stats", {}))
+
+    def logs(
+        self, job: int, stream: str = "stdout", offset: int = 0, limit: int = 1 << 20
+    ) -> LogChunk:
+        """Bytes of a job's output from `offset`: from its worker's file while it has it,
+        else the stored tail."""
+        reply = self.request(
+            "logs", {"job": job, "stream": stream, "offset": offset, "limit": limit}
+        )
+        return LogChunk(reply["data"], reply["offset"], reply["size"], reply["live"], reply["eof"])
 
     def events(self, since: int = 1, limit: int = 1000) -> tuple[list[list[Any]], int]:
         reply = self.request("events", {"since": since, "limit": limit})

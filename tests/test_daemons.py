@@ -263,3 +263,24 @@ def test_many_small_jobs(cluster: Cluster, n: int) -> None:
     c = cluster.client()
     ids = c.submit(jobs=[{"command": "true"} for _ in range(n)]).jobs
     assert set(ended(c, ids, timeout=60).values()) == {"terminated/success"}
+
+
+def test_logs_of_running_and_ended_job(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.start_worker("w1")
+    c = cluster.client()
+    go = tmp_path / "go"
+    (j,) = c.submit(f"seq 1 3000; echo err >&2; while [ ! -e {go} ]; do sleep 0.05; done").jobs
+    chunk = wait_for(lambda: (x := c.logs(j)).size > 10000 and x, 10, what="output")
+    assert chunk.live and not chunk.eof
+    assert chunk.data.startswith(b"1\n2\n3\n") and len(chunk.data) == chunk.size
+    part = c.logs(j, offset=chunk.size - 5)
+    assert part.data == b"3000\n"
+    go.touch()
+    ended(c, [j])
+    whole = c.logs(j)
+    assert whole.eof and whole.data.endswith(b"2999\n3000\n") and whole.size == len(whole.data)
+    assert c.logs(j, stream="stderr").data == b"err\n"
+    cluster.kill("w1")
+    stored = c.logs(j)  # its worker is gone: the stored 4 KiB tail
+    assert not stored.live and stored.eof and stored.data.endswith(b"3000\n")
+    assert len(stored.data) <= 4096

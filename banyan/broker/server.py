@@ -29,6 +29,8 @@ log = logging.getLogger("banyan.broker")
 # Messages taken from one socket per turn: enough to batch commits, few enough that a flood
 # on one socket cannot starve heartbeats on the other.
 BATCH = 512
+# A worker that does not send the output it was asked for within this time is answered for.
+LOG_FETCH_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,19 @@ class Turn:
     effects: list[Effect] = field(default_factory=list)
     events: list[Logged] = field(default_factory=list)
     waiters: list[Waiter] = field(default_factory=list)
+    fetches: list[LogFetch] = field(default_factory=list)
+
+
+@dataclass
+class LogFetch:
+    """A client's `logs` request, forwarded to the worker that has the file."""
+
+    identity: bytes
+    req: int
+    worker: str
+    body: dict[str, Any]  # the fetch_log body
+    fallback: dict[str, Any]  # the reply if the worker cannot answer: the stored tail
+    deadline: float = 0.0
 
 
 class Broker:
@@ -91,6 +106,8 @@ class Broker:
         self.sessions: dict[str, Session] = {}
         self.names: dict[bytes, str] = {}
         self.waiters: dict[int, list[Waiter]] = {}
+        self.fetches: dict[int, LogFetch] = {}
+        self.next_fetch = 1
         self.refused = 0
         self.stopping = False
         self.next_heartbeat = 0.0
@@ -163,6 +180,7 @@ class Broker:
         due = self._due_waiters(now)
         if inbox or lost or due:
             self._turn(inbox, lost, due, now)
+        self._expire_fetches(now)
         if now >= self.next_heartbeat:
             self._heartbeat(now)
 
@@ -222,6 +240,9 @@ class Broker:
             if e.req is not None:
                 turn.replies.append(("client", identity, _error(e.code, e.reason, e.req)))
             return False
+        if msg.type == "logs":
+            self._logs(tx, identity, msg, now, turn)
+            return False
         core: Core | None = None
         try:
             with tx.child() as child:
@@ -253,6 +274,73 @@ class Broker:
         rtype, body = reply.pop("_type", None) or queries.REPLY[msg.type], reply
         turn.replies.append(("client", identity, protocol.encode(rtype, body, msg.req)))
         return core.wake
+
+    def _logs(
+        self, tx: WriteTx, identity: bytes, msg: protocol.Message, now: float, turn: Turn
+    ) -> None:
+        """A running job's output comes from its worker; an ended one's is the stored tail,
+        or the whole file while its worker still has it."""
+        b = msg.body
+        job = tx.get_job(b["job"])
+        if job is None:
+            turn.replies.append(
+                ("client", identity, _error("not_found", f"no job {b['job']}", msg.req))
+            )
+            return
+        attempts = tx.attempts_of(job.id)
+        last = attempts[-1] if attempts else None
+        tail = (last.stdout_tail if b["stream"] == "stdout" else last.stderr_tail) if last else ""
+        data = tail.encode()
+        fallback = {
+            "data": data[b["offset"] : b["offset"] + b["limit"]],
+            "offset": b["offset"],
+            "size": len(data),
+            "live": False,
+            "eof": True,
+        }
+        session = self.sessions.get(last.worker) if last else None
+        if last is None or session is None or session.identity is None:
+            turn.replies.append(("client", identity, protocol.encode("logs", fallback, msg.req)))
+            return
+        body = {
+            "request": 0,
+            "job": job.id,
+            "token": last.token,
+            "stream": b["stream"],
+            "offset": b["offset"],
+            "limit": b["limit"],
+        }
+        if job.st.terminal:
+            fallback["live"] = False
+        turn.fetches.append(LogFetch(identity, msg.req, last.worker, body, fallback))
+
+    def _expire_fetches(self, now: float) -> None:
+        for request, fetch in list(self.fetches.items()):
+            if fetch.deadline <= now:
+                del self.fetches[request]
+                _send(
+                    self.client, fetch.identity, protocol.encode("logs", fetch.fallback, fetch.req)
+                )
+
+    def _log_chunk(self, body: dict[str, Any]) -> None:
+        fetch = self.fetches.pop(body["request"], None)
+        if fetch is None:
+            return
+        if body["error"]:
+            reply = fetch.fallback
+        else:
+            with self.store.read() as tx:
+                job = tx.get_job(fetch.body["job"])
+                running = job is not None and not job.st.terminal
+            data = body["data"]
+            reply = {
+                "data": data,
+                "offset": body["offset"],
+                "size": body["size"],
+                "live": running,
+                "eof": not running and body["offset"] + len(data) >= body["size"],
+            }
+        _send(self.client, fetch.identity, protocol.encode("logs", reply, fetch.req))
 
     def _waited(self, tx: ReadTx, waiter: Waiter, timed_out: bool) -> bytes:
         jobs = queries.brief(tx, waiter.all_jobs)
@@ -291,6 +379,9 @@ class Broker:
                 turn,
                 lambda c: c.register(name, body["host"], capacity, body["tags"], running),
             )
+        if msg.type == "log_chunk":
+            self._log_chunk(body)  # read-only: answered at once, nothing to commit
+            return False
         name = self.names.get(identity)
         if name is None or self.sessions.get(name, Session(None, 0)).identity != identity:
             turn.replies.append(("worker", identity, protocol.encode("reregister", {})))
@@ -343,6 +434,18 @@ class Broker:
             if session is None or session.identity is None:
                 continue  # it will re-register and be reconciled then
             _send(self.worker, session.identity, protocol.encode(effect.type, effect.body))
+        for fetch in turn.fetches:
+            session = self.sessions.get(fetch.worker)
+            if session is None or session.identity is None:
+                _send(
+                    self.client, fetch.identity, protocol.encode("logs", fetch.fallback, fetch.req)
+                )
+                continue
+            request, self.next_fetch = self.next_fetch, self.next_fetch + 1
+            fetch.body["request"] = request
+            fetch.deadline = now + LOG_FETCH_TIMEOUT
+            self.fetches[request] = fetch
+            _send(self.worker, session.identity, protocol.encode("fetch_log", fetch.body))
         for waiter in turn.waiters:
             for job in waiter.jobs:
                 self.waiters.setdefault(job, []).append(waiter)

@@ -200,8 +200,27 @@ class WorkerDaemon:
             self.link.claimed = False
         elif msg.type == "reregister":
             self._connect(now)
+        elif msg.type == "fetch_log":
+            self._send_log(b)
         elif msg.type == "error":
             log.warning("broker refused a message: %s", b["message"])
+
+    def _send_log(self, b: dict[str, Any]) -> None:
+        reply: dict[str, Any] = {"request": b["request"], "offset": b["offset"]}
+        try:
+            data, size = self.runner.tail(
+                b["job"], b["token"], b["stream"], b["offset"], b["limit"]
+            )
+        except Exception as e:
+            reply["error"] = str(e)[:1000] or type(e).__name__
+        else:
+            reply.update(
+                data=data,
+                size=size,
+                eof=(b["job"], b["token"]) not in set(self.runner.running())
+                and b["offset"] + len(data) >= size,
+            )
+        self._send("log_chunk", reply)
 
     def _start(self, a: dict[str, Any], now: float) -> None:
         launch = Launch(

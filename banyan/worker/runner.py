@@ -513,7 +513,7 @@ class Runner:
                     continue
                 a.tracked.update((p, table.procs[p].start) for p in members[a.key])
                 a.next_look, a.look_delay = now + a.look_delay, min(2 * a.look_delay, _LAST_LOOK)
-        if False:
+        if self._sweep_at is not None and now >= self._sweep_at:
             self._sweep(now)
         return done
 
