@@ -10,7 +10,7 @@ from typing import Any
 import psutil
 import pytest
 
-from banyan.client import Client, JobInfo
+from banyan.client import Client, JobInfo, LogChunk
 from tests.cluster import HEARTBEAT, LIVENESS, Cluster, pids_with_marker, scaled, wait_for
 
 WINDOW = HEARTBEAT * LIVENESS
@@ -270,7 +270,11 @@ def test_logs_of_running_and_ended_job(cluster: Cluster, tmp_path: Path) -> None
     c = cluster.client()
     go = tmp_path / "go"
     (j,) = c.submit(f"seq 1 3000; echo err >&2; while [ ! -e {go} ]; do sleep 0.05; done").jobs
-    chunk = wait_for(lambda: (x := c.logs(j)).size > 10000 and x, 10, what="output")
+    def grown() -> LogChunk | None:
+        chunk = c.logs(j)
+        return chunk if chunk.size > 10000 else None
+
+    chunk = wait_for(grown, 10, what="output")
     assert chunk.live and not chunk.eof
     assert chunk.data.startswith(b"1\n2\n3\n") and len(chunk.data) == chunk.size
     part = c.logs(j, offset=chunk.size - 5)
