@@ -63,7 +63,8 @@ class Cluster:
         self.worker_port = free_port()
         self.state_dir = root / "state"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.env = {**os.environ, "BANYAN_HOME": str(root / "home"), "PYTHONUNBUFFERED": "1"}
+        self.home = root / "home"
+        self.env = {**os.environ, "BANYAN_HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
         self.clients: list[Client] = []
 
     def _spawn(self, key: str, args: list[str]) -> subprocess.Popen[bytes]:
@@ -100,7 +101,7 @@ class Cluster:
 
     def _pings(self) -> bool:
         try:
-            with Client(f"127.0.0.1:{self.client_port}", timeout=0.5) as c:
+            with Client(f"127.0.0.1:{self.client_port}", self.home, timeout=0.5) as c:
                 c.ping()
             return True
         except Exception:
@@ -148,7 +149,7 @@ class Cluster:
         wait_for(ready, 20, what=f"worker {name} to register")
 
     def client(self, timeout: float = 5.0) -> Client:
-        c = Client(f"127.0.0.1:{self.client_port}", timeout=scaled(timeout))
+        c = Client(f"127.0.0.1:{self.client_port}", self.home, timeout=scaled(timeout))
         self.clients.append(c)
         return c
 

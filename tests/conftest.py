@@ -9,9 +9,12 @@ from tests.cluster import Cluster
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    """A real broker subprocess on loopback ports (workers are started by each test)."""
+def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
+    """A real broker subprocess on loopback ports (workers are started by each test).
+
+    BANYAN_HOME points at the cluster's home, so in-process tools find its keys."""
     c = Cluster(tmp_path)
+    monkeypatch.setenv("BANYAN_HOME", str(c.home))
     c.start_broker()
     try:
         yield c

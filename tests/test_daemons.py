@@ -270,6 +270,7 @@ def test_logs_of_running_and_ended_job(cluster: Cluster, tmp_path: Path) -> None
     c = cluster.client()
     go = tmp_path / "go"
     (j,) = c.submit(f"seq 1 3000; echo err >&2; while [ ! -e {go} ]; do sleep 0.05; done").jobs
+
     def grown() -> LogChunk | None:
         chunk = c.logs(j)
         return chunk if chunk.size > 10000 else None

@@ -341,9 +341,11 @@ def test_leader_exiting_on_sigterm_does_not_save_a_stubborn_grandchild(h: Harnes
     cancelled_at = time.monotonic()
     h.runner.cancel(1, info.token, cancelled_at, "test")
     assert info.pid is not None
-    leader = psutil.Process(info.pid)
-    h.polling_until(lambda: leader.status() == psutil.STATUS_ZOMBIE)
-    # Not reaped yet: its pid, which names the job's group, cannot go to a new process.
+    h.polling_until(lambda: info.pid not in living_children())
+    for _ in range(3):
+        h.poll()
+    # The leader is held as a zombie: its pid, which names the job's group and session,
+    # cannot be given to a new process while the job may still be signalled through it.
     assert 1 not in h.finished and info.pid in zombie_children()
     done = h.result(1)
     assert done.outcome == "cancelled" and done.ended - cancelled_at >= grace

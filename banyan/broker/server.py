@@ -13,16 +13,20 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import zmq
 
 from banyan import defaults, protocol
 from banyan.broker import queries
+from banyan.broker.auth import ZapHandler
 from banyan.broker.records import WorkerState
 from banyan.broker.state import Actor, Config, Core, Effect, Logged
 from banyan.broker.store import ReadTx, Store, StoreFull, WriteTx
+from banyan.config import home
 from banyan.errors import BanyanError, NoSpace, NotFound
+from banyan.keys import Authorizer, ensure_local
 
 log = logging.getLogger("banyan.broker")
 
@@ -41,6 +45,8 @@ class BrokerConfig:
     worker_port: int = defaults.WORKER_PORT
     core: Config = field(default_factory=Config)
     sync: bool = True
+    home: Path | None = None  # where keys live; None: $BANYAN_HOME
+    secure: bool = True  # CurveZMQ on both sockets; False only with --insecure
 
 
 @dataclass
@@ -49,6 +55,7 @@ class Session:
 
     identity: bytes | None
     last_seen: float
+    key: str | None = None  # the authenticated worker key that registered this name
 
 
 @dataclass
@@ -83,6 +90,9 @@ class LogFetch:
     deadline: float = 0.0
 
 
+Inbound = tuple[str, list[bytes], str | None]  # socket, frames, authenticated user
+
+
 class Broker:
     def __init__(
         self,
@@ -93,14 +103,23 @@ class Broker:
     ) -> None:
         self.config = config
         self.clock = clock
-        self.ctx = ctx or zmq.Context.instance()
+        # A context of its own: the ZAP endpoint is per context, and tests run several brokers.
+        self.ctx = ctx or zmq.Context()
         self.store = Store(config.state_dir, sync=config.sync)
+        # Without keys every peer is the local administrator (loopback or --insecure only).
         self.actor = actor or Actor("local", "admin")
-        self.client = self._bind(config.client_port)
-        self.worker = self._bind(config.worker_port)
+        self.poller = zmq.Poller()
+        self.zap: ZapHandler | None = None
+        self.curve: tuple[bytes, bytes] | None = None
+        if config.secure:
+            home_dir = home(config.home)
+            self.curve = ensure_local(home_dir)
+            self.zap = ZapHandler(self.ctx, Authorizer(home_dir))
+            self.poller.register(self.zap.sock, zmq.POLLIN)
+        self.client = self._bind(config.client_port, b"client")
+        self.worker = self._bind(config.worker_port, b"worker")
         self.client_port = _port(self.client)
         self.worker_port = _port(self.worker)
-        self.poller = zmq.Poller()
         self.poller.register(self.client, zmq.POLLIN)
         self.poller.register(self.worker, zmq.POLLIN)
         self.sessions: dict[str, Session] = {}
@@ -113,9 +132,13 @@ class Broker:
         self.next_heartbeat = 0.0
         self._recover()
 
-    def _bind(self, port: int) -> zmq.Socket[Any]:
+    def _bind(self, port: int, domain: bytes) -> zmq.Socket[Any]:
         sock: zmq.Socket[Any] = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            sock.curve_server = True
+            sock.curve_publickey, sock.curve_secretkey = self.curve
+            sock.zap_domain = domain
         sock.setsockopt(zmq.MAXMSGSIZE, defaults.MAX_MESSAGE_BYTES)
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
@@ -168,12 +191,14 @@ class Broker:
     def step(self, timeout: float = 0.0) -> None:
         """One turn: wait up to `timeout` s for input, handle it all, commit once, send."""
         ready = dict(self.poller.poll(int(timeout * 1000)))
-        inbox: list[tuple[str, list[bytes]]] = []
+        if self.zap is not None and self.zap.sock in ready:
+            self.zap.handle()
+        inbox: list[Inbound] = []
         for kind, sock in (("client", self.client), ("worker", self.worker)):
             if sock in ready:
-                inbox += [(kind, frames) for frames in _drain(sock)]
+                inbox += [(kind, frames, user) for frames, user in _drain(sock, self.curve)]
         now = self.clock()
-        for kind, frames in inbox:
+        for kind, frames, _ in inbox:
             if kind == "worker" and frames:
                 self._touch(frames[0], now)
         lost = self._expired(now)
@@ -184,9 +209,7 @@ class Broker:
         if now >= self.next_heartbeat:
             self._heartbeat(now)
 
-    def _turn(
-        self, inbox: list[tuple[str, list[bytes]]], lost: list[str], due: list[Waiter], now: float
-    ) -> None:
+    def _turn(self, inbox: list[Inbound], lost: list[str], due: list[Waiter], now: float) -> None:
         try:
             turn = self.store.write_batch(lambda tx: self._apply(tx, inbox, lost, due, now))
         except StoreFull as e:
@@ -199,16 +222,18 @@ class Broker:
     def _apply(
         self,
         tx: WriteTx,
-        inbox: list[tuple[str, list[bytes]]],
+        inbox: list[Inbound],
         lost: list[str],
         due: list[Waiter],
         now: float,
     ) -> Turn:
         turn = Turn()
         wake = False
-        for kind, frames in inbox:
-            handle = self._client_message if kind == "client" else self._worker_message
-            wake = handle(tx, frames, now, turn) or wake
+        for kind, frames, user in inbox:
+            if kind == "client":
+                wake = self._client_message(tx, frames, self._actor(user), now, turn) or wake
+            else:
+                wake = self._worker_message(tx, frames, user, now, turn) or wake
         for name in lost:
             why = f"worker {name} silent for {self._window():g} s"
             wake = self._in_child(tx, now, turn, _losing(name, why)) or wake
@@ -228,7 +253,15 @@ class Broker:
 
     # ---- clients ----------------------------------------------------------------------------
 
-    def _client_message(self, tx: WriteTx, frames: list[bytes], now: float, turn: Turn) -> bool:
+    def _actor(self, user: str | None) -> Actor:
+        if user is None:
+            return self.actor
+        role, _, name = user.partition(":")
+        return Actor(name, role)
+
+    def _client_message(
+        self, tx: WriteTx, frames: list[bytes], actor: Actor, now: float, turn: Turn
+    ) -> bool:
         if len(frames) != 2:
             return self._drop(f"client message with {len(frames)} frames")
         identity, payload = frames
@@ -247,7 +280,7 @@ class Broker:
         try:
             with tx.child() as child:
                 core = Core(child, now, self.config.core)
-                reply = queries.handle(core, self.actor, msg.type, msg.body, self._last_seen())
+                reply = queries.handle(core, actor, msg.type, msg.body, self._last_seen())
         except BanyanError as e:
             self.refused += 1
             turn.replies.append(("client", identity, _error(e.code, e.message, msg.req)))
@@ -348,7 +381,9 @@ class Broker:
 
     # ---- workers ----------------------------------------------------------------------------
 
-    def _worker_message(self, tx: WriteTx, frames: list[bytes], now: float, turn: Turn) -> bool:
+    def _worker_message(
+        self, tx: WriteTx, frames: list[bytes], user: str | None, now: float, turn: Turn
+    ) -> bool:
         if len(frames) != 2:
             return self._drop(f"worker message with {len(frames)} frames")
         identity, payload = frames
@@ -362,8 +397,14 @@ class Broker:
         body = msg.body
         if msg.type == "register":
             name = body["name"]
+            held = self.sessions.get(name)
+            if held is not None and held.identity not in (None, identity) and held.key != user:
+                self.refused += 1
+                why = f"worker name {name!r} is in use by another key"
+                turn.replies.append(("worker", identity, _error("forbidden", why, msg.req)))
+                return False
             self.names[identity] = name
-            self.sessions[name] = Session(identity, now)
+            self.sessions[name] = Session(identity, now, user)
             running = [(int(j), int(t)) for j, t in body["running"]]
             capacity = (float(body["cpus"]), int(body["memory"]), int(body["gpus"]))
             log.info(
@@ -489,9 +530,9 @@ class Broker:
                 del self.waiters[job]
         return due
 
-    def _refuse_all(self, inbox: list[tuple[str, list[bytes]]], error: BanyanError) -> Turn:
+    def _refuse_all(self, inbox: list[Inbound], error: BanyanError) -> Turn:
         turn = Turn()
-        for kind, frames in inbox:
+        for kind, frames, _ in inbox:
             if kind != "client" or len(frames) != 2:
                 continue
             try:
@@ -509,6 +550,8 @@ class Broker:
     def close(self) -> None:
         self.client.close(linger=0)
         self.worker.close(linger=0)
+        if self.zap is not None:
+            self.zap.close()
         self.store.close()
         log.info("stopped; %d messages refused in this run", self.refused)
 
@@ -543,13 +586,19 @@ def _error(code: str, message: str, req: int) -> bytes:
     return protocol.encode("error", {"code": code, "message": message}, req)
 
 
-def _drain(sock: zmq.Socket[Any]) -> list[list[bytes]]:
-    out = []
+def _drain(sock: zmq.Socket[Any], secure: object) -> list[tuple[list[bytes], str | None]]:
+    """Up to BATCH waiting messages, each with its authenticated `role:name` when secure."""
+    out: list[tuple[list[bytes], str | None]] = []
     for _ in range(BATCH):
         try:
-            out.append(sock.recv_multipart(zmq.NOBLOCK))
+            if secure is None:
+                out.append((sock.recv_multipart(zmq.NOBLOCK), None))
+                continue
+            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
         except zmq.Again:
             break
+        user = frames[-1].get("User-Id")
+        out.append(([f.bytes for f in frames], user if isinstance(user, str) else None))
     return out
 
 

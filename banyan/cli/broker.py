@@ -10,7 +10,8 @@ Options:
   --state-dir DIR      LMDB state directory (default: $BANYAN_HOME/state).
   --heartbeat S        Heartbeat interval in seconds [default: 1.0].
   --liveness N         Missed heartbeats before a worker is lost [default: 5].
-  --insecure           Allow a non-loopback bind without keys (loudly warned about).
+  --insecure           No CurveZMQ keys: every peer is trusted (loudly warned about off
+                       loopback).
   --log-level LEVEL    debug, info, warning or error [default: info].
   -h --help            Show this help.
 """
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             client_port=int(args["--client-port"]),
             worker_port=int(args["--worker-port"]),
             core=Config(heartbeat=float(args["--heartbeat"]), liveness=int(args["--liveness"])),
+            secure=not args["--insecure"],
         )
     except (DocoptExit, ValueError) as e:
         print(e, file=sys.stderr)
@@ -48,19 +50,15 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if not _loopback(config.bind) and not args["--insecure"]:
-        print(
-            f"banyan-broker: refusing to bind {config.bind} without keys; "
-            "use --insecure to accept unauthenticated peers from the network",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
-    if not _loopback(config.bind):
-        logging.getLogger("banyan.broker").warning(
-            "INSECURE: listening on %s with no authentication; anyone who can reach it can "
-            "submit and run commands",
+    log = logging.getLogger("banyan.broker")
+    if not config.secure and not _loopback(config.bind):
+        log.warning(
+            "INSECURE: listening on %s with no keys; anyone who can reach these ports can "
+            "submit and run commands as any user",
             config.bind,
         )
+    elif not config.secure:
+        log.info("keys are off (--insecure): every local peer acts as the administrator")
     broker = Broker(config)
 
     def stop(*_: Any) -> None:

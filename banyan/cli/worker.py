@@ -27,6 +27,7 @@ from docopt import DocoptExit, docopt
 from banyan import defaults
 from banyan.cli import EXIT_USAGE
 from banyan.config import address, home
+from banyan.keys import peer
 from banyan.worker import resources
 from banyan.worker.daemon import WorkerConfig, WorkerDaemon
 
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             memory=capacity.memory_mib,
             gpus=list(capacity.gpus),
             tags=tuple(args["--tag"]),
+            curve=peer(home(), "worker"),
         )
     except (DocoptExit, ValueError) as e:
         print(e, file=sys.stderr)

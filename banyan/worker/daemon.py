@@ -21,6 +21,7 @@ from typing import Any
 import zmq
 
 from banyan import defaults, protocol
+from banyan.keys import Curve
 from banyan.worker.runner import Finished, Launch, Runner
 
 log = logging.getLogger("banyan.worker")
@@ -39,6 +40,7 @@ class WorkerConfig:
     tags: tuple[str, ...] = ()
     heartbeat: float = defaults.HEARTBEAT_INTERVAL
     liveness: int = defaults.LIVENESS
+    curve: Curve | None = None  # this machine's worker key and the broker's public key
 
 
 @dataclass
@@ -85,6 +87,8 @@ class WorkerDaemon:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, defaults.MAX_MESSAGE_BYTES)
+        if self.config.curve is not None:
+            self.config.curve.apply(self.sock)
         self.sock.connect(self.config.broker)
         self.link.registered = self.link.claimed = False
         self.link.last_heard = now

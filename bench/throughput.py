@@ -1,0 +1,83 @@
+"""W1 throughput: 2,000 `true` jobs through one worker with 2 cpus, against `xargs -P2`.
+
+Timed from the submit (one request carrying all the jobs) to the moment `wait` returns with
+every result durable. The reference runs the same 2,000 commands with `xargs -P2 -n1 sh -c`
+in the same run: the physical limit of starting processes two at a time on this machine.
+
+    python bench/throughput.py            # 2,000 jobs, 3 runs each
+    python bench/throughput.py --quick    # 200 jobs
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
+
+from banyan.client import Client
+from bench.common import Figure, Report, cluster, median, parser, repeated, workdir
+
+TARGET = 0.6
+
+
+def xargs(n: int, command: str = "true", slots: int = 2) -> float:
+    """Seconds for `xargs -P2` to run `sh -c COMMAND` n times."""
+    data = (command + "\n") * n
+    started = time.perf_counter()
+    argv = ["xargs", "-P", str(slots), "-n", "1", "sh", "-c"]
+    subprocess.run(argv, input=data.encode(), check=True)
+    return time.perf_counter() - started
+
+
+def through_banyan(client: Client, n: int, command: str = "true") -> float:
+    """Seconds from submitting n jobs (one request) until all of them have ended."""
+    started = time.perf_counter()
+    ids = client.submit(jobs=[{"command": command}] * n).jobs
+    done = client.wait(ids)
+    elapsed = time.perf_counter() - started
+    bad = [j for j in done.jobs if not j.succeeded]
+    if bad or done.timed_out:
+        raise RuntimeError(f"{len(bad)} of {n} jobs did not succeed, e.g. {bad[:1]}")
+    return elapsed
+
+
+def main() -> int:
+    p = parser(__doc__)
+    p.add_argument("--jobs", type=int, help="jobs per run (default 2,000; --quick 200)")
+    args = p.parse_args()
+    n = args.jobs or (200 if args.quick else 2000)
+    report = Report("throughput", args.quick, args.repeat, {"jobs": n, "worker_cpus": 2})
+    with workdir(args.keep, "w1") as root, cluster(root) as c:
+        c.start_broker()
+        c.start_worker("w1", cpus=2)
+        with c.client() as client:
+            through_banyan(client, min(n, 50))  # warm up: page cache, first spawns
+
+            def run(_: int) -> dict[str, float]:
+                return {"xargs_s": xargs(n), "banyan_s": through_banyan(client, n)}
+
+            report.runs = repeated(args.repeat, run)
+    ref_rate = n / median([r["xargs_s"] for r in report.runs])
+    rate = n / median([r["banyan_s"] for r in report.runs])
+    ratio = median([r["xargs_s"] / r["banyan_s"] for r in report.runs])
+    report.add(
+        Figure(
+            "W1 throughput",
+            rate,
+            "jobs/s",
+            "xargs -P2",
+            ref_rate,
+            ratio,
+            f">= {TARGET} x xargs",
+            ratio >= TARGET,
+        )
+    )
+    report.finish(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
