@@ -348,3 +348,26 @@ class Client:
     def events(self, since: int = 1, limit: int = 1000) -> tuple[list[list[Any]], int]:
         reply = self.request("events", {"since": since, "limit": limit})
         return reply["events"], reply["next"]
+
+    def events_head(self) -> int:
+        """The sequence number the next event will get: `events(since=events_head())` taken
+        before a change shows that change and everything after it, and nothing older.
+
+        The log is dense and ordered, so a galloping then binary search over one-event reads
+        finds its end in about 2·log2(length) small requests.
+        """
+
+        def beyond_end(seq: int) -> bool:
+            return not self.events(since=seq, limit=1)[0]
+
+        hi = 1
+        while not beyond_end(hi):
+            hi *= 2
+        lo = hi // 2  # lo == 0, or an event exists at or after lo
+        while lo + 1 < hi:
+            mid = (lo + hi) // 2
+            if beyond_end(mid):
+                hi = mid
+            else:
+                lo = mid
+        return hi

@@ -12,11 +12,13 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -46,6 +48,9 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=REPEAT, help="runs per measurement (median)")
     p.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON report")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, stores)")
+    p.add_argument(
+        "--profile", type=Path, metavar="DIR", help="py-spy the broker (and workers) into DIR"
+    )
     return p
 
 
@@ -183,14 +188,17 @@ class Cluster:
     wrap the broker in a profiler. `stop()` ends every process it started, by PID.
     """
 
-    def __init__(self, root: Path, state_dir: Path | None = None) -> None:
+    def __init__(self, root: Path, state_dir: Path | None = None, insecure: bool = False) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        self.home = root / "home"  # keys: the broker makes them on its first start
         self.state_dir = state_dir or root / "state"
+        self.insecure = insecure  # --insecure: no CurveZMQ
         self.client_port = free_port()
         self.worker_port = free_port()
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.env = {**os.environ, "BANYAN_HOME": str(root / "home"), "PYTHONUNBUFFERED": "1"}
+        self.profilers: list[subprocess.Popen[bytes]] = []
+        self.env = {**os.environ, "BANYAN_HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
         self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.getenv("PYTHONPATH")]))
 
     @property
@@ -210,7 +218,8 @@ class Cluster:
         argv = [sys.executable, *wrap, "-m", "banyan.cli.broker"]
         argv += ["--client-port", str(self.client_port), "--worker-port", str(self.worker_port)]
         argv += ["--state-dir", str(self.state_dir), "--heartbeat", str(heartbeat)]
-        proc = self.spawn("broker", [*argv, "--log-level", "warning"])
+        argv += ["--log-level", "warning"] + (["--insecure"] if self.insecure else [])
+        proc = self.spawn("broker", argv)
         if wait:
             self.wait_broker()
         return proc
@@ -222,7 +231,7 @@ class Cluster:
         if self.procs["broker"].poll() is not None:
             raise RuntimeError(f"the broker exited; see {self.root / 'broker.log'}")
         try:
-            with Client(self.address, timeout=0.5) as c:
+            with Client(self.address, self.home, timeout=0.5) as c:
                 c.ping()
             return True
         except Exception:
@@ -240,11 +249,36 @@ class Cluster:
             wait_for(lambda: any(w.name == name for w in c.workers()), 30, f"worker {name}")
         return proc
 
+    def profile(self, key: str, out: Path, rate: int = 200) -> None:
+        """Sample `key` with py-spy (if installed) until stop(); writes collapsed stacks to
+        `out`, idle waits included, for bench/hotspots.py or any flame graph tool."""
+        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if not Path(spy).exists():
+            raise RuntimeError("--profile needs py-spy: pip install py-spy")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        argv = [spy, "record", "--pid", str(self.procs[key].pid), "--format", "raw"]
+        argv += ["--output", str(out), "--rate", str(rate), "--idle", "--nonblocking"]
+        with open(self.root / f"py-spy-{key}.log", "ab") as log:
+            self.profilers.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
+        time.sleep(0.3)  # let it attach before the measured part begins
+
+    def stop_profilers(self) -> None:
+        for proc in self.profilers:
+            _signal(proc, signal.SIGINT)  # py-spy writes its file on SIGINT
+        for proc in self.profilers:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.profilers.clear()
+
     def client(self, timeout: float = 60.0) -> Client:
-        return Client(self.address, timeout=timeout)
+        return Client(self.address, self.home, timeout=timeout)
 
     def stop(self, key: str | None = None, timeout: float = 20.0) -> None:
         """SIGTERM (twice for a worker: warm, then cold), wait, and SIGKILL what is left."""
+        self.stop_profilers()
         keys = [key] if key else list(self.procs)
         for k in keys:
             _signal(self.procs[k], signal.SIGTERM)
@@ -269,8 +303,8 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def cluster(root: Path, state_dir: Path | None = None) -> Iterator[Cluster]:
-    c = Cluster(root, state_dir)
+def cluster(root: Path, state_dir: Path | None = None, insecure: bool = False) -> Iterator[Cluster]:
+    c = Cluster(root, state_dir, insecure)
     try:
         yield c
     finally:
@@ -297,9 +331,6 @@ def _kill_tree(pid: int) -> None:
 @contextlib.contextmanager
 def workdir(keep: bool, name: str) -> Iterator[Path]:
     """A scratch directory under /tmp (kept with --keep, and its path printed)."""
-    import shutil
-    import tempfile
-
     path = Path(tempfile.mkdtemp(prefix=f"banyan-bench-{name}-"))
     try:
         yield path

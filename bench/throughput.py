@@ -1,8 +1,8 @@
 """W1 throughput: 2,000 `true` jobs through one worker with 2 cpus, against `xargs -P2`.
 
 Timed from the submit (one request carrying all the jobs) to the moment `wait` returns with
-every result durable. The reference runs the same 2,000 commands with `xargs -P2 -n1 sh -c`
-in the same run: the physical limit of starting processes two at a time on this machine.
+every result durable. The reference runs the same 2,000 commands, one `sh -c` each, with
+`xargs -P2` in the same run: the physical limit of starting processes two at a time.
 
     python bench/throughput.py            # 2,000 jobs, 3 runs each
     python bench/throughput.py --quick    # 200 jobs
@@ -27,7 +27,7 @@ def xargs(n: int, command: str = "true", slots: int = 2) -> float:
     """Seconds for `xargs -P2` to run `sh -c COMMAND` n times."""
     data = (command + "\n") * n
     started = time.perf_counter()
-    argv = ["xargs", "-P", str(slots), "-n", "1", "sh", "-c"]
+    argv = ["xargs", "-d", "\\n", "-P", str(slots), "-n", "1", "sh", "-c"]
     subprocess.run(argv, input=data.encode(), check=True)
     return time.perf_counter() - started
 
@@ -55,11 +55,15 @@ def main() -> int:
         c.start_worker("w1", cpus=2)
         with c.client() as client:
             through_banyan(client, min(n, 50))  # warm up: page cache, first spawns
+            if args.profile:
+                c.profile("broker", args.profile / "w1-broker.txt")
+                c.profile("w1", args.profile / "w1-worker.txt")
 
             def run(_: int) -> dict[str, float]:
                 return {"xargs_s": xargs(n), "banyan_s": through_banyan(client, n)}
 
             report.runs = repeated(args.repeat, run)
+            c.stop_profilers()
     ref_rate = n / median([r["xargs_s"] for r in report.runs])
     rate = n / median([r["banyan_s"] for r in report.runs])
     ratio = median([r["xargs_s"] / r["banyan_s"] for r in report.runs])

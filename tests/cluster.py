@@ -66,11 +66,20 @@ class Cluster:
         self.home = root / "home"
         self.env = {**os.environ, "BANYAN_HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
         self.clients: list[Client] = []
+        # Hooks for fault tests: where this process reaches the broker, extra broker options,
+        # a command prefix per program (e.g. `ip netns exec NS`), each worker's broker host.
+        self.host = "127.0.0.1"
+        self.broker_args: list[str] = []
+        self.prefix: dict[str, list[str]] = {}
+        self.worker_hosts: dict[str, str] = {}
 
     def _spawn(self, key: str, args: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.root / f"{key}.log", "ab")  # noqa: SIM115 - owned by the process
         proc = subprocess.Popen(
-            [sys.executable, "-m", *args], stdout=log, stderr=subprocess.STDOUT, env=self.env
+            [*self.prefix.get(key, []), sys.executable, "-m", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
         )
         log.close()
         self.procs[key] = proc
@@ -93,6 +102,7 @@ class Cluster:
                 str(LIVENESS),
                 "--log-level",
                 "debug",
+                *self.broker_args,
             ],
         )
         if wait:
@@ -101,7 +111,7 @@ class Cluster:
 
     def _pings(self) -> bool:
         try:
-            with Client(f"127.0.0.1:{self.client_port}", self.home, timeout=0.5) as c:
+            with Client(f"{self.host}:{self.client_port}", self.home, timeout=0.5) as c:
                 c.ping()
             return True
         except Exception:
@@ -119,7 +129,7 @@ class Cluster:
         args = [
             "banyan.cli.worker",
             "--broker",
-            f"127.0.0.1:{self.worker_port}",
+            f"{self.worker_hosts.get(name, '127.0.0.1')}:{self.worker_port}",
             "--name",
             name,
             "--cpus",
@@ -149,7 +159,7 @@ class Cluster:
         wait_for(ready, 20, what=f"worker {name} to register")
 
     def client(self, timeout: float = 5.0) -> Client:
-        c = Client(f"127.0.0.1:{self.client_port}", self.home, timeout=scaled(timeout))
+        c = Client(f"{self.host}:{self.client_port}", self.home, timeout=scaled(timeout))
         self.clients.append(c)
         return c
 

@@ -128,6 +128,7 @@ class Broker:
         self.fetches: dict[int, LogFetch] = {}
         self.next_fetch = 1
         self.refused = 0
+        self._reported = 0
         self.stopping = False
         self.next_heartbeat = 0.0
         self._recover()
@@ -208,6 +209,7 @@ class Broker:
         self._expire_fetches(now)
         if now >= self.next_heartbeat:
             self._heartbeat(now)
+            self._report_refusals()
 
     def _turn(self, inbox: list[Inbound], lost: list[str], due: list[Waiter], now: float) -> None:
         try:
@@ -547,13 +549,27 @@ class Broker:
         log.info("dropped: %s", why)
         return False
 
+    def refusals(self) -> int:
+        """Messages refused so far: malformed, unauthorized, or asking what may not be."""
+        return self.refused + (self.zap.refused if self.zap else 0)
+
+    def _report_refusals(self) -> None:
+        count = self.refusals()
+        if count != self._reported:
+            log.info(
+                "refused %d messages so far (%d handshakes)",
+                count,
+                self.zap.refused if self.zap else 0,
+            )
+            self._reported = count
+
     def close(self) -> None:
         self.client.close(linger=0)
         self.worker.close(linger=0)
         if self.zap is not None:
             self.zap.close()
         self.store.close()
-        log.info("stopped; %d messages refused in this run", self.refused)
+        log.info("stopped; %d messages refused in this run", self.refusals())
 
 
 def _losing(name: str, why: str) -> Callable[[Core], None]:

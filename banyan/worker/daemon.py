@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import zmq
 
 from banyan import defaults, protocol
 from banyan.keys import Curve
+from banyan.worker import watchdog
 from banyan.worker.runner import Finished, Launch, Runner
 
 log = logging.getLogger("banyan.worker")
@@ -68,6 +70,8 @@ class WorkerDaemon:
         self.ctx = ctx or zmq.Context.instance()
         config.spool.mkdir(parents=True, exist_ok=True)
         self.runner = Runner(config.spool, config.gpus)
+        # Jobs live in sessions of their own: if this process dies, the watchdog kills them.
+        self.watchdog, self._lifeline = watchdog.start(self.runner.nonce)
         self.link = Link()
         self.sock: zmq.Socket[Any] | None = None
         self.draining = False  # by the broker (admin) or by our own first SIGTERM
@@ -313,3 +317,6 @@ class WorkerDaemon:
             self.sock.close(linger=0)
         self._wakeup_r.close()
         self._wakeup_w.close()
+        os.close(self._lifeline)  # the watchdog sweeps (nothing, after a clean stop) and exits
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.watchdog.wait(timeout=5)

@@ -10,8 +10,11 @@ A job's processes are found three ways, because each alone can be escaped:
 - the `BANYAN_MARKER` variable in its environment, which survives setsid and double forks.
 
 The worker is a child subreaper, so a job's orphans are reparented to it and stay findable and
-reapable. The Runner owns this process's children that live outside the worker's own session:
-it may reap their zombies. Children started in the worker's session are never touched.
+reapable. A leader that has exited is kept as a zombie until its job is over, so its pid, which
+names the job's group and session, cannot be handed to another process while we still signal it.
+
+The Runner owns this process's children that live outside the worker's own session: it may
+reap their zombies. Children started in the worker's session are never touched.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ import signal
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal, NamedTuple
 
 import psutil
@@ -163,6 +165,9 @@ class _Stat(NamedTuple):
     sid: int
     start: int  # boot-relative start time: tells a process from a later one with its pid
     zombie: bool
+
+
+_NOBODY = _Stat(0, 0, 0, 0, True)
 
 
 class _ProcTable:
@@ -358,7 +363,7 @@ class _Attempt:
 class Runner:
     """Every running job of one worker."""
 
-    def __init__(self, spool_dir: Path, visible_gpus: list[str]) -> None:
+    def __init__(self, spool_dir: str | os.PathLike[str], visible_gpus: list[str]) -> None:
         self.spool = os.path.abspath(spool_dir)
         os.makedirs(self.spool, exist_ok=True)
         self.visible_gpus = list(visible_gpus)
@@ -376,6 +381,11 @@ class Runner:
         self._logs: OrderedDict[Key, tuple[str, str]] = OrderedDict()
         self._sweep_at: float | None = None
         self._last_sweep = -math.inf
+
+    @property
+    def nonce(self) -> str:
+        """Every BANYAN_MARKER this runner hands out starts with `nonce:` (see watchdog.py)."""
+        return self._nonce
 
     # --- starting -------------------------------------------------------------------------
 
@@ -547,8 +557,8 @@ class Runner:
     ) -> dict[Key, set[int]]:
         """Living processes of each attempt: its session, marked processes, their descendants.
 
-        Environments are read for our orphans only (the subreaper collects every escapee), or
-        for every process when the worker is not a subreaper or when a miss would be costly.
+        Environments are read for our orphans only when that is enough (a subreaper collects
+        every escapee) and a miss is cheap (usage); for every process when ending a job.
         """
         wanted = {a.key for a in attempts}
         by_sid = {a.pgid: a.key for a in attempts if a.info.pid is not None}
@@ -763,6 +773,3 @@ class Runner:
             return (os.pread(fd, limit, start) if start < size and limit else b""), size
         finally:
             os.close(fd)
-
-
-_NOBODY = _Stat(0, 0, 0, 0, True)

@@ -1,0 +1,345 @@
+"""banyan-status: the queue as a table (like squeue), or one job in full detail."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from banyan.cli import EXIT_OK
+from banyan.cli.output import (
+    CONNECT_OPTIONS,
+    Args,
+    Cell,
+    Screen,
+    UsageError,
+    ago,
+    clip,
+    connect,
+    dependencies,
+    duration,
+    job_color,
+    mib,
+    number,
+    plural,
+    print_json,
+    run,
+    since,
+    size,
+    table,
+    use_color,
+)
+from banyan.client import BrokerUnavailable, Client, Status
+
+TOOL = "banyan-status"
+USAGE = (
+    """banyan-status: what is queued, running and done.
+
+Usage:
+  banyan-status [options] [ID...]
+
+With no ID it lists the active jobs (held, queued, running, being cancelled), oldest first,
+with the reason each waiting job waits. With IDs it shows each job in full: its attempts,
+worker, progress, usage, exit and the tail of its output.
+
+Options:
+  --group G             Every job of group G, with the group's summary.
+  --state S             Only jobs in state S: inactive, available, running,
+                        pending_cancellation, terminated or cancelled.
+  --user U              Only jobs submitted by U.
+  -a --all              Ended jobs too.
+  --limit N             Show at most N jobs [default: 1000].
+  -w --watch            Redraw until Ctrl-C.
+  --interval SECONDS    Time between redraws with --watch [default: 2].
+  --count N             With --watch, stop after N redraws.
+"""
+    + CONNECT_OPTIONS
+)
+
+NAME_WIDTH = 32
+PROGRESS_WIDTH = 28
+MIN_INTERVAL, MAX_INTERVAL = 0.2, 3600.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(TOOL, USAGE, argv, status)
+
+
+def status(args: Args) -> int:
+    for ref in args["ID"]:
+        if not ref.isdigit():
+            raise UsageError(f"expected job ids, got {ref!r} (use --group for a group)")
+    limit = number(args["--limit"], "--limit", minimum=1, integer=True)
+    interval = number(args["--interval"], "--interval", minimum=MIN_INTERVAL)
+    if interval > MAX_INTERVAL:
+        raise UsageError(f"--interval: at most {MAX_INTERVAL:g} seconds")
+    count = number(args["--count"], "--count", minimum=1, integer=True) if args["--count"] else 0
+    with connect(args) as client:
+        if not args["--watch"]:
+            show(fetch(client, args, limit), args)
+            return EXIT_OK
+        return watch(client, args, limit, interval, count)
+
+
+def fetch(client: Client, args: Args, limit: int) -> Status:
+    return client.status(
+        [int(i) for i in args["ID"]],
+        group=args["--group"],
+        state=args["--state"],
+        owner=args["--user"],
+        all=args["--all"],
+        detail=bool(args["ID"]),
+        limit=limit,
+    )
+
+
+def show(st: Status, args: Args) -> None:
+    if args["--json"]:
+        print_json(
+            {"jobs": [j.raw for j in st.jobs], "groups": st.groups, "truncated": st.truncated}
+        )
+    else:
+        sys.stdout.write(render(st, args, use_color(sys.stdout)) + "\n")
+    sys.stdout.flush()
+
+
+def watch(client: Client, args: Args, limit: int, interval: float, count: int) -> int:
+    """Redraw every `interval` s; Ctrl-C (or `--count` redraws) ends it, with exit 0."""
+    screen = Screen(sys.stdout)
+    shown = 0
+    try:
+        while True:
+            try:
+                st = fetch(client, args, limit)
+            except BrokerUnavailable as e:  # a broker restart: keep watching
+                if args["--json"]:
+                    raise
+                screen.show(f"{TOOL}: {e}")
+            else:
+                if args["--json"]:
+                    show(st, args)
+                else:
+                    head = f"every {duration(interval)}, Ctrl-C to stop"
+                    screen.show(f"{head}\n\n" + render(st, args, use_color(sys.stdout)))
+            shown += 1
+            if count and shown >= count:
+                return EXIT_OK
+            time.sleep(interval)  # the refresh pace the user asked for
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def render(st: Status, args: Args, color: bool) -> str:
+    if args["ID"]:
+        return "\n\n".join(detail(j.raw, color) for j in st.jobs)
+    out = [group_line(g) for g in st.groups]
+    if not st.jobs:
+        what = "jobs" if args["--all"] or args["--state"] or args["--group"] else "active jobs"
+        out.append(f"no {what}" + ("" if args["--all"] else " (--all shows ended ones)"))
+        return "\n".join(out)
+    now = time.time()
+    rows = [row(j.raw, now) for j in st.jobs]
+    out.append(table(HEADERS, rows, color))
+    counts: dict[str, int] = {}
+    for j in st.jobs:
+        counts[j.state] = counts.get(j.state, 0) + 1
+    tally = ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    more = f"; more not shown (--limit {len(st.jobs)})" if st.truncated else ""
+    out.append(f"{plural(len(st.jobs), 'job')}: {tally}{more}")
+    return "\n".join(out)
+
+
+HEADERS = ("ID", "NAME", "USER", "STATE", "ATTEMPT", "WORKER", "PROGRESS", "TIME", "REASON")
+
+
+def row(r: dict[str, Any], now: float) -> list[Cell]:
+    state = r["state"]
+    return [
+        str(r["id"]),
+        clip(r.get("name") or "", NAME_WIDTH),
+        r.get("owner") or "-",
+        (state, job_color(state, r.get("outcome"))),
+        f"{r.get('attempts', 0)}/{r.get('max_attempts', 1)}",
+        r.get("worker") or "-",
+        clip(progress(r), PROGRESS_WIDTH),
+        elapsed(r, now),
+        reason(r),
+    ]
+
+
+def progress(r: dict[str, Any]) -> str:
+    pct = r.get("progress")
+    text = " ".join(
+        x for x in (f"{pct:g}%" if pct is not None else "", r.get("progress_message") or "") if x
+    )
+    return text or "-"
+
+
+def elapsed(r: dict[str, Any], now: float) -> str:
+    """Run time for a started job, time in the queue for one still waiting."""
+    if r["state"] in ("available", "inactive"):
+        return since(r.get("submitted"), now)
+    if r.get("started") is None:
+        return "-"
+    return since(r["started"], r.get("ended") or now)
+
+
+def reason(r: dict[str, Any]) -> str:
+    """Why it waits, or how it ended."""
+    if r.get("reason"):
+        return str(r["reason"])
+    if r["state"] == "cancelled":
+        return r.get("cancel_reason") or "cancelled"
+    if r["state"] == "terminated":
+        return ending(r)
+    return ""
+
+
+def ending(r: dict[str, Any]) -> str:
+    outcome = r.get("outcome")
+    if r.get("signal"):
+        return f"{outcome}: killed by signal {r['signal']}"
+    if outcome == "timeout":
+        return "timeout: time limit reached"
+    if outcome == "lost":
+        return "lost: its worker stopped answering"
+    code = r.get("exit_code")
+    return f"{outcome}: exit {code}" if code is not None else str(outcome)
+
+
+def group_line(g: dict[str, Any]) -> str:
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(g.get("counts", {}).items()))
+    sealed = "open" if g.get("open") else "sealed"
+    text = (
+        f"group {g['name']} (id {g['id']}, {sealed}, owner {g.get('owner', '-')}): "
+        f"{plural(g.get('total', 0), 'job')}, {g.get('done', 0)} done, "
+        f"{g.get('succeeded', 0)} succeeded"
+    )
+    text += f"; {counts}" if counts else ""
+    if g.get("cancel_reason"):
+        text += f"; {g['cancel_reason']}"
+    return text
+
+
+# ---- one job in full -------------------------------------------------------------------------
+
+
+def detail(r: dict[str, Any], color: bool) -> str:
+    now = time.time()
+    facts: list[tuple[str, str]] = [("state", state_line(r, now)), ("command", r["command"])]
+    if r.get("reason"):
+        facts.append(("waiting", r["reason"]))
+    if r.get("cancel_reason"):
+        facts.append(("cancelled", r["cancel_reason"]))
+    if r["state"] == "terminated":
+        facts.append(("result", ending(r)))
+    facts += [
+        ("owner", r.get("owner") or "-"),
+        ("submitted", _submitted(r, now)),
+        ("needs", needs(r)),
+        ("priority", str(r.get("priority", 0))),
+        ("limits", limits(r)),
+    ]
+    if r.get("depends_on"):
+        pending = r.get("pending_dependencies") or 0
+        left = f" ({pending} not yet met)" if pending else ""
+        facts.append(("depends on", dependencies(r["depends_on"]) + left))
+    if r.get("groups"):
+        facts.append(("groups", ", ".join(r["groups"])))
+    if r.get("progress") is not None or r.get("progress_message"):
+        facts.append(("progress", progress(r)))
+    usage = r.get("usage") or {}
+    if usage.get("cpu_percent") is not None or usage.get("rss") is not None:
+        facts.append(("usage", _usage(usage.get("cpu_percent"), usage.get("rss"))))
+    facts += [(k, str(r[k])) for k in ("cwd", "output") if r.get(k)]
+    if r.get("env"):
+        facts.append(("env", " ".join(f"{k}={v}" for k, v in r["env"].items())))
+    title = f"job {r['id']}  {clip(r.get('name') or '', 60)}"
+    lines = [title] + [f"  {k:<11} {v}" for k, v in facts]
+    history = r.get("history") or []
+    if history:
+        lines += [
+            "",
+            _indent(table(ATTEMPT_HEADERS, [attempt_row(a, now) for a in history], color)),
+        ]
+    for stream, text in (r.get("output_tail") or {}).items():
+        if text:
+            lines += ["", f"  {stream} (the last {size(len(text.encode()))}):"]
+            lines += [f"    {line}" for line in text.rstrip("\n").splitlines()]
+    return "\n".join(lines)
+
+
+def state_line(r: dict[str, Any], now: float) -> str:
+    text = r["state"]
+    if r.get("attempts"):
+        text += f", attempt {r['attempts']} of {r.get('max_attempts', 1)}"
+    if r.get("worker") and r["state"] in ("running", "pending_cancellation"):
+        text += f", on {r['worker']} for {since(r.get('started'), now)}"
+    elif r.get("ended"):
+        text += f", ended {ago(r['ended'], now)}"
+    return text
+
+
+def _submitted(r: dict[str, Any], now: float) -> str:
+    text = ago(r.get("submitted"), now)
+    if r.get("started") and r.get("submitted"):
+        text += f"; waited {duration(r['started'] - r['submitted'])} to start"
+    return text
+
+
+def needs(r: dict[str, Any]) -> str:
+    parts = [plural_float(r.get("cpus", 1), "cpu")]
+    parts.append(mib(r["memory"]) if r.get("memory") else "no memory reservation")
+    if r.get("gpus"):
+        parts.append(plural(r["gpus"], "gpu"))
+    if r.get("tags"):
+        parts.append("tags " + ", ".join(r["tags"]))
+    return ", ".join(parts)
+
+
+def plural_float(n: float, word: str) -> str:
+    return f"{n:g} {word}{'' if n == 1 else 's'}"
+
+
+def limits(r: dict[str, Any]) -> str:
+    limit = r.get("time_limit")
+    text = f"time {duration(limit)}" if limit else "no time limit"
+    if r.get("cancel_grace") is not None:
+        text += f", cancel grace {duration(r['cancel_grace'])}"
+    return text
+
+
+def _usage(cpu: float | None, rss: int | None) -> str:
+    cpu_text = "-" if cpu is None else f"{cpu:.0f}%"
+    return f"cpu {cpu_text}, rss {size(rss)}"
+
+
+ATTEMPT_HEADERS = ("ATTEMPT", "WORKER", "STARTED", "RAN", "OUTCOME", "EXIT", "CPU", "RSS", "NOTE")
+
+
+def attempt_row(a: dict[str, Any], now: float) -> list[Cell]:
+    started = a.get("started") or a.get("claimed")
+    outcome = a.get("outcome") or "running"
+    exit_text = f"signal {a['signal']}" if a.get("signal") else str(a.get("exit_code") or "-")
+    if a.get("exit_code") == 0:
+        exit_text = "0"
+    cpu = a.get("cpu_percent")
+    return [
+        str(a.get("attempt", "-")),
+        a.get("worker") or "-",
+        ago(started, now) if started else "-",
+        since(started, a.get("ended") or now) if started else "-",
+        (outcome, "green" if outcome == "success" else "red" if a.get("ended") else None),
+        exit_text,
+        "-" if cpu is None else f"{cpu:.0f}%",
+        size(a.get("rss")),
+        a.get("reason") or "",
+    ]
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.splitlines())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,611 @@
+"""banyan-submit: queue shell commands, arrays of them, or a whole workflow, in one request.
+
+Every form becomes one `submit` request, so a 100,000-job array lands (or fails) atomically and
+fast. `--wait` then blocks on the broker's `wait` and shows the jobs' progress meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import threading
+from collections import Counter
+from typing import Any
+
+from banyan import defaults
+from banyan.cli import EXIT_OK, EXIT_REFUSED
+from banyan.cli.output import (
+    CONNECT_OPTIONS,
+    Args,
+    LiveLine,
+    UsageError,
+    bar,
+    connect,
+    number,
+    parse_duration,
+    parse_memory,
+    plural,
+    print_json,
+    run,
+)
+from banyan.client import JOB_FIELDS, Client, JobInfo, Waited
+
+TOOL = "banyan-submit"
+USAGE = (
+    """banyan-submit: queue shell commands on a Banyan cluster.
+
+Usage:
+  banyan-submit [options] [--tag T]... [--env K=V]... [--group NAME]... [--after IDS]...
+                [--after-any IDS]... [--after-fail IDS]... [--] COMMAND...
+  banyan-submit [options] [--tag T]... [--env K=V]... [--group NAME]... [--after IDS]...
+                [--after-any IDS]... [--after-fail IDS]... --file JOBS.json
+
+The command runs with /bin/sh -c on a worker. Several words are joined with spaces (as ssh
+does); quote the whole command to keep pipes and redirections for the job's shell. Options go
+before the command: everything from the first word of the command on belongs to it.
+
+Options:
+  --name NAME           A label (default: the command). With --each or --array, {} in it
+                        is replaced as in the command.
+  -c --cpus N           CPUs to reserve; fractions are fine (default: 1).
+  --memory SIZE         Memory to reserve: MiB, or a size such as 512M or 4G (default: none).
+  --gpus N              GPUs to reserve (default: 0).
+  --tag T               A label the worker must carry; repeat for more.
+  --priority P          Higher runs first; equal priorities run oldest first (default: 0).
+  --attempts N          Runs allowed in total: failures are retried (default: 1).
+  -t --time-limit T     Wall-clock limit per attempt: seconds, 90s, 1h30m or HH:MM:SS.
+  --cancel-grace T      Time from SIGTERM to SIGKILL when cancelled (default: 10s).
+  --after IDS           Run after these jobs (comma-separated ids) or this group succeed.
+  --after-any IDS       Run after these jobs or this group end, whatever the outcome.
+  --after-fail IDS      Run only if these jobs or this group end without success.
+  --group NAME          Put the jobs in this group: a new one (sealed when this
+                        submission lands, unless --open) or an existing open one.
+  --open                Create the group open, so later submissions may join it.
+  --hold                Submit held: nothing runs until `banyan-modify ID --release`.
+  --cwd DIR             Working directory on the worker (default: the current one).
+  --env K=V             An extra environment variable; a bare K passes this shell's value.
+  -o --output TEMPLATE  Where output goes on the worker; {job}, {attempt}, {stream} expand.
+  --each FILE           One job per non-empty line of FILE (- reads stdin): {} in the
+                        command is replaced by the line, else the line is appended quoted.
+  --array RANGE         One job per index of N-M, N-M:STEP or a comma list of those: {} is
+                        replaced by the index, which is also in $BANYAN_ARRAY_INDEX.
+  -f --file JOBS.json   A whole workflow: jobs, groups and dependencies (docs/workflow.md).
+                        Options given here apply to every job that does not set its own.
+  --submit-key KEY      Make the submission idempotent: repeating it returns the first ids.
+  -w --wait             Wait until every job has ended; exit 0 only if all succeeded.
+"""
+    + CONNECT_OPTIONS
+)
+
+DEP_OPTIONS = (("--after", "after"), ("--after-any", "after_any"), ("--after-fail", "after_fail"))
+
+
+DEP_KINDS = tuple(kind for _, kind in DEP_OPTIONS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(TOOL, USAGE, argv, submit, options_first=True)
+
+
+def submit(args: Args) -> int:
+    jobs, groups = build(args)
+    with connect(args) as client:
+        # Where the event log ends before the jobs exist: the live display follows from here.
+        head = client.events_head() if args["--wait"] else 0
+        result = client.submit(jobs=jobs, groups=groups, submit_key=args["--submit-key"])
+        if args["--json"]:
+            print_json({"jobs": result.jobs, "groups": result.groups})
+        else:
+            sys.stdout.write("".join(f"{j}\n" for j in result.jobs))
+        sys.stdout.flush()
+        if not args["--wait"] or not result.jobs:
+            return EXIT_OK
+        known = None if args["--submit-key"] else ("inactive" if args["--hold"] else "available")
+        ok = wait(client, result.jobs, head, known, display=not args["--json"])
+        return EXIT_OK if ok else EXIT_REFUSED
+
+
+def build(args: Args) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The submission's jobs and groups, from the command line (and the --file, if any)."""
+    if args["--open"] and not args["--group"]:
+        raise UsageError("--open needs --group NAME")
+    if sum(bool(args[o]) for o in ("--each", "--array", "--file")) > 1:
+        raise UsageError("--each, --array and --file exclude each other")
+    groups = [{"name": name, "open": bool(args["--open"])} for name in args["--group"]]
+    fields = job_fields(args)
+    cwd = fields.pop("cwd", None) or os.getcwd()
+    if args["--group"]:
+        fields["groups"] = list(args["--group"])
+    if args["--hold"]:
+        fields["hold"] = True
+    if args["--file"]:
+        jobs, file_groups = load_workflow(args["--file"], fields, cwd)
+        listed = {g["name"] for g in file_groups}
+        return jobs, file_groups + [g for g in groups if g["name"] not in listed]
+    base = {**fields, "cwd": cwd, "command": command_line(args["COMMAND"])}
+    if args["--each"]:
+        return expand(base, read_lines(args["--each"]), index_env=False), groups
+    if args["--array"]:
+        return expand(base, array_indices(args["--array"]), index_env=True), groups
+    return [base], groups
+
+
+def command_line(words: list[str]) -> str:
+    if not words or not "".join(words).strip():
+        raise UsageError("no command given")
+    return words[0] if len(words) == 1 else " ".join(words)
+
+
+def job_fields(args: Args) -> dict[str, Any]:
+    """The editable JobSpec fields the options name, only those given (banyan-modify too)."""
+    f: dict[str, Any] = {}
+    for option, key in (("--name", "name"), ("--output", "output"), ("--command", "command")):
+        if args.get(option) is not None:
+            f[key] = args[option]
+    if args.get("--cpus") is not None:
+        f["cpus"] = number(args["--cpus"], "--cpus", positive=True)
+    if args.get("--memory") is not None:
+        f["memory"] = parse_memory(args["--memory"], "--memory")
+    if args.get("--gpus") is not None:
+        f["gpus"] = number(args["--gpus"], "--gpus", integer=True)
+    if args.get("--tag"):
+        f["tags"] = list(args["--tag"])
+    if args.get("--priority") is not None:
+        f["priority"] = number(args["--priority"], "--priority", minimum=-(2**31), integer=True)
+    if args.get("--attempts") is not None:
+        f["max_attempts"] = number(args["--attempts"], "--attempts", minimum=1, integer=True)
+    if args.get("--time-limit") is not None:
+        f["time_limit"] = parse_duration(args["--time-limit"], "--time-limit")
+        if f["time_limit"] <= 0:
+            raise UsageError("--time-limit: must be more than 0")
+    if args.get("--cancel-grace") is not None:
+        f["cancel_grace"] = parse_duration(args["--cancel-grace"], "--cancel-grace")
+    if args.get("--env"):
+        f["env"] = environment(args["--env"])
+    if args.get("--cwd") is not None:
+        f["cwd"] = os.path.abspath(args["--cwd"])
+    deps = dependencies(args)
+    if deps:
+        f["depends_on"] = deps
+    return f
+
+
+def environment(items: list[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not key:
+            raise UsageError(f"--env: expected K=V, got {item!r}")
+        if not eq:
+            if key not in os.environ:
+                raise UsageError(f"--env: {key} is not set here; give --env {key}=VALUE")
+            value = os.environ[key]
+        env[key] = value
+    return env
+
+
+def dependencies(args: Args) -> list[dict[str, Any]]:
+    """`--after 12,13` names jobs; a name that is not a number names a group."""
+    deps: list[dict[str, Any]] = []
+    for option, kind in DEP_OPTIONS:
+        for value in args.get(option) or ():
+            for ref in value.split(","):
+                ref = ref.strip()
+                if not ref:
+                    raise UsageError(f"{option}: expected ID[,ID...] or a group, got {value!r}")
+                target = "job" if ref.isdigit() else "group"
+                deps.append({"kind": kind, target: int(ref) if ref.isdigit() else ref})
+    return deps
+
+
+# ---- many jobs from one command ---------------------------------------------------------------
+
+
+def read_lines(path: str) -> list[str]:
+    text = _read("--each", path)
+    items = [line.strip() for line in text.splitlines() if line.strip()]
+    if not items:
+        raise UsageError(f"--each: {path} has no non-empty lines")
+    return items
+
+
+def _read(option: str, path: str) -> str:
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise UsageError(f"{option}: cannot read {path}: {e.strerror}") from None
+
+
+def array_indices(spec: str) -> list[str]:
+    """`0-9`, `1-99:2`, `3` or a comma list of those, as strings ready to substitute."""
+    out: list[str] = []
+    for part in spec.split(","):
+        rng, _, step_text = part.strip().partition(":")
+        lo_text, dash, hi_text = rng.partition("-")
+        try:
+            lo = int(lo_text)
+            hi = int(hi_text) if dash else lo
+            step = int(step_text) if step_text else 1
+        except ValueError:
+            raise UsageError(f"--array: expected N-M or N-M:STEP, got {part!r}") from None
+        if lo < 0 or hi < lo or step < 1:
+            raise UsageError(f"--array: {part!r} is empty or backwards (need 0 <= N <= M)")
+        # Count before building, so a typo like 0-1000000000 fails at once.
+        if len(out) + (hi - lo) // step + 1 > defaults.MAX_JOBS_PER_SUBMIT:
+            raise UsageError(f"--array: over {defaults.MAX_JOBS_PER_SUBMIT} jobs in one submission")
+        out += map(str, range(lo, hi + 1, step))
+    return out
+
+
+def expand(base: dict[str, Any], items: list[str], index_env: bool) -> list[dict[str, Any]]:
+    """One job per item with `{}` replaced: plain string work, fast for 100,000 items."""
+    if len(items) > defaults.MAX_JOBS_PER_SUBMIT:
+        raise UsageError(f"over {defaults.MAX_JOBS_PER_SUBMIT} jobs in one submission")
+    command: str = base["command"]
+    in_command = "{}" in command
+    templated = [k for k in ("name", "output") if "{}" in (base.get(k) or "")]
+    env: dict[str, str] = base.get("env") or {}
+    jobs = []
+    for item in items:
+        job = dict(base)
+        if in_command:
+            job["command"] = command.replace("{}", item)
+        elif not index_env:
+            job["command"] = f"{command} {shlex.quote(item)}"
+        for key in templated:
+            job[key] = base[key].replace("{}", item)
+        if index_env:
+            job["env"] = {**env, "BANYAN_ARRAY_INDEX": item}
+        jobs.append(job)
+    return jobs
+
+
+# ---- a workflow file (docs/workflow.md) -------------------------------------------------------
+
+SPEC_KEYS = frozenset(JOB_FIELDS) - {"depends_on"} | {"command"}
+
+
+def load_workflow(
+    path: str, cli: dict[str, Any], cwd: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Jobs and groups of a workflow file; a job's own fields beat the command line's, which
+    beat the file's `defaults`. `env` maps merge; `groups` and `depends_on` add up."""
+    data = _parse_json(_read("--file", path), path)
+    if isinstance(data, list):
+        data = {"jobs": data}
+    if not isinstance(data, dict):
+        raise UsageError(f'--file: {path}: expected an object with "jobs", or a list of jobs')
+    _only(data, {"jobs", "groups", "defaults"}, "the file")
+    groups = [_group(g, f"groups[{i}]") for i, g in enumerate(_list(data, "groups", "the file"))]
+    raw_jobs = _list(data, "jobs", "the file")
+    if not raw_jobs and not groups:
+        raise UsageError(f"--file: {path} has no jobs and no groups")
+    names = {g["name"] for g in groups}
+    keys = _keys(raw_jobs, names)
+    book = Refs(keys, cwd)
+    base = book.fields(data.get("defaults") or {}, "defaults")
+    jobs = []
+    for i, raw in enumerate(raw_jobs):
+        where = f"jobs[{i}]"
+        spec = _merge(base, cli, book.fields(raw, where))
+        if "command" not in spec:
+            raise UsageError(f'--file: {where}: no "command"')
+        spec.setdefault("cwd", cwd)
+        jobs.append(spec)
+    return jobs, groups
+
+
+def _parse_json(text: str, path: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--file: {path} is not valid JSON: {e}") from None
+
+
+def _only(obj: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise UsageError(f"--file: {where}: unknown field {unknown[0]!r}")
+
+
+def _list(obj: dict[str, Any], key: str, where: str) -> list[Any]:
+    value = obj.get(key) or []
+    if not isinstance(value, list):
+        raise UsageError(f"--file: {where}: {key!r} must be a list")
+    return value
+
+
+def _group(spec: Any, where: str) -> dict[str, Any]:
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
+        raise UsageError(f'--file: {where}: expected a name or {{"name": ..., "open": ...}}')
+    _only(spec, {"name", "open"}, where)
+    return {"name": spec["name"], "open": bool(spec.get("open", False))}
+
+
+def _keys(raw_jobs: list[Any], group_names: set[str]) -> dict[str, int]:
+    keys: dict[str, int] = {}
+    for i, raw in enumerate(raw_jobs):
+        if not isinstance(raw, dict):
+            raise UsageError(f"--file: jobs[{i}]: expected an object")
+        key = raw.get("key")
+        if key is None:
+            continue
+        if not isinstance(key, str) or not key:
+            raise UsageError(f"--file: jobs[{i}].key: must be a non-empty string")
+        if key in keys:
+            raise UsageError(f"--file: jobs[{i}].key: {key!r} is also jobs[{keys[key]}]'s key")
+        if key in group_names:
+            raise UsageError(f"--file: jobs[{i}].key: {key!r} is also a group's name")
+        keys[key] = i
+    return keys
+
+
+def _merge(*layers: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for layer in layers:
+        for k, v in layer.items():
+            if k == "env":
+                out[k] = {**out.get(k, {}), **v}
+            elif k == "groups":
+                out[k] = list(dict.fromkeys([*out.get(k, []), *v]))
+            elif k == "depends_on":
+                out[k] = [*out.get(k, []), *v]
+            else:
+                out[k] = v
+    return out
+
+
+class Refs:
+    """Turns one job object of the file into JobSpec fields, resolving `key` references."""
+
+    def __init__(self, keys: dict[str, int], cwd: str) -> None:
+        self.keys = keys
+        self.cwd = cwd
+
+    def fields(self, raw: Any, where: str) -> dict[str, Any]:
+        if not isinstance(raw, dict):
+            raise UsageError(f"--file: {where}: expected an object")
+        _only(raw, set(SPEC_KEYS) | {"key", "depends_on"}, where)
+        out: dict[str, Any] = {}
+        for k, v in raw.items():
+            if k != "key":
+                out[k] = self.value(k, v, f"--file: {where}.{k}")
+        return out
+
+    def value(self, k: str, v: Any, at: str) -> Any:
+        """One field, accepting the friendly forms the command line accepts."""
+        if k == "command":
+            if isinstance(v, list) and v and all(isinstance(w, str) for w in v):
+                return shlex.join(v)
+            return _text(v, at)
+        if k in ("name", "output"):
+            return _text(v, at)
+        if k == "cwd":
+            return os.path.join(self.cwd, _text(v, at))
+        if k == "env":
+            if not isinstance(v, dict) or not all(
+                isinstance(x, (str, int, float)) for x in v.values()
+            ):
+                raise UsageError(f"{at}: expected an object of names to strings")
+            return {str(name): str(x) for name, x in v.items()}
+        if k in ("tags", "groups"):
+            items = [v] if isinstance(v, str) else v
+            if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+                raise UsageError(f"{at}: expected a list of strings")
+            return list(items)
+        if k == "hold":
+            if not isinstance(v, bool):
+                raise UsageError(f"{at}: expected true or false")
+            return v
+        if k == "depends_on":
+            items = v if isinstance(v, list) else [v]
+            return [self.dependency(d, f"{at}[{i}]") for i, d in enumerate(items)]
+        return _quantity(k, v, at)
+
+    def dependency(self, ref: Any, at: str) -> dict[str, Any]:
+        """`"key"` (a job of this file, else a group), `12` (a job id) or an object."""
+        kind = "after"
+        if isinstance(ref, dict):
+            rest = dict(ref)
+            kind = rest.pop("kind", "after")
+            if (
+                kind not in DEP_KINDS
+                or len(rest) != 1
+                or next(iter(rest))
+                not in (
+                    "key",
+                    "job",
+                    "group",
+                )
+            ):
+                raise UsageError(
+                    f"{at}: expected one of key, job or group, and a kind of {', '.join(DEP_KINDS)}"
+                )
+            ((target, ref),) = rest.items()
+            if target == "key" and ref not in self.keys:
+                raise UsageError(f"{at}: no job in this file has the key {ref!r}")
+            if target == "group":
+                return {"kind": kind, "group": _text(ref, at)}
+        if isinstance(ref, bool) or not isinstance(ref, (int, str)):
+            raise UsageError(f"{at}: expected a key, a job id, a group name or an object")
+        if isinstance(ref, int):
+            return {"kind": kind, "job": ref}
+        if ref in self.keys:
+            return {"kind": kind, "local": self.keys[ref]}
+        return {"kind": kind, "group": ref}
+
+
+def _text(v: Any, at: str) -> str:
+    if not isinstance(v, str) or not v:
+        raise UsageError(f"{at}: expected a non-empty string")
+    return v
+
+
+def _quantity(k: str, v: Any, at: str) -> Any:
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise UsageError(f"{at}: expected a number")
+    text = str(v)
+    if k == "cpus":
+        return number(text, at, positive=True)
+    if k == "memory":
+        return parse_memory(text, at)
+    if k == "gpus":
+        return number(text, at, integer=True)
+    if k == "priority":
+        return number(text, at, minimum=-(2**31), integer=True)
+    if k == "max_attempts":
+        return number(text, at, minimum=1, integer=True)
+    seconds = parse_duration(text, at)  # time_limit, cancel_grace
+    if k == "time_limit" and seconds <= 0:
+        raise UsageError(f"{at}: must be more than 0")
+    return seconds
+
+
+# ---- --wait -----------------------------------------------------------------------------------
+
+REFRESH = 0.25  # the live display's pace: lively for a person, light for the broker
+PROGRESS_PEEK = 8  # running jobs asked about for the progress line per refresh
+EVENT_PAGES = 20  # event pages read per refresh at most, so a flood cannot stall the display
+SHOWN = ("succeeded", "failed", "cancelled", "running", "queued", "held")
+
+
+def wait(client: Client, ids: list[int], head: int, known: str | None, display: bool) -> bool:
+    """Block on the broker's `wait` until every job has ended; True if all succeeded.
+
+    The wait runs on its own connection in a thread; meanwhile this thread follows the event
+    log for counts and asks about a few running jobs for their progress. Only the `wait`
+    reply decides the outcome.
+    """
+    line = LiveLine(sys.stderr)
+    if not display and not line.tty:
+        return _summary(client.wait(ids), quiet=True)
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def waiter() -> None:
+        try:
+            with Client(client.endpoint, timeout=client.timeout) as own:
+                box["waited"] = own.wait(ids)
+        except BaseException as e:  # handed to the main thread, which reports it
+            box["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=waiter, name="banyan-wait", daemon=True).start()
+    board = Board(ids, head, known, client)
+    try:
+        while True:
+            board.refresh()
+            line.show(board.line(), major=board.counts())
+            if done.wait(REFRESH):
+                break
+    except KeyboardInterrupt:
+        line.close()
+        print(f"{TOOL}: stopped waiting; the jobs keep running", file=sys.stderr)
+        raise
+    line.close()
+    if "error" in box:
+        raise box["error"]
+    return _summary(box["waited"], quiet=False)
+
+
+def _summary(waited: Waited, quiet: bool) -> bool:
+    if quiet:
+        return waited.all_succeeded
+    bad = [j for j in waited.jobs if not j.succeeded]
+    text = f"{TOOL}: {plural(len(waited.jobs), 'job')} ended"
+    if not bad:
+        print(f"{text}, all succeeded", file=sys.stderr)
+        return True
+    shown = ", ".join(f"{j.id} {_why(j)}" for j in bad[:5])
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    print(f"{text}; {len(bad)} did not succeed: {shown}{more}", file=sys.stderr)
+    return False
+
+
+def _why(job: JobInfo) -> str:
+    if job.state == "cancelled":
+        return "(cancelled)"
+    if job.exit_code not in (None, 0):
+        return f"({job.outcome}, exit {job.exit_code})"
+    return f"({job.outcome or job.state})"
+
+
+class Board:
+    """The submission's jobs by state, kept current from the broker's event log."""
+
+    def __init__(self, ids: list[int], head: int, known: str | None, client: Client) -> None:
+        self.client = client
+        self.since = head
+        self.total = len(ids)
+        self.where: dict[int, str] = {}
+        self.tally: Counter[str] = Counter()
+        if known is None:  # a repeated --submit-key: the jobs may be anywhere by now
+            for job in client.status(ids, limit=len(ids)).jobs:
+                self._move(job.id, _bucket(job.state, job.outcome))
+        else:
+            self.where = dict.fromkeys(ids, _bucket(known, None))
+            self.tally[_bucket(known, None)] = len(ids)
+        self.running: dict[int, None] = {}  # in the order they started
+        self.progress = ""
+
+    def _move(self, job: int, bucket: str) -> None:
+        old = self.where.get(job)
+        if old is not None:
+            self.tally[old] -= 1
+        self.where[job] = bucket
+        self.tally[bucket] += 1
+        if bucket == "running":
+            self.running[job] = None
+        else:
+            self.running.pop(job, None)
+
+    def refresh(self) -> None:
+        for _ in range(EVENT_PAGES):
+            events, self.since = self.client.events(self.since, defaults.EVENTS_LIMIT)
+            for _seq, _time, job, _frm, to, reason in events:
+                if job in self.where:
+                    # A terminated event's reason is the final outcome ("success", "failed"…).
+                    self._move(job, _bucket(to, reason))
+            if len(events) < defaults.EVENTS_LIMIT:
+                break
+        self.progress = ""
+        latest = list(self.running)[-PROGRESS_PEEK:]
+        if latest:
+            jobs = self.client.status(latest, limit=len(latest)).jobs
+            moving = [j for j in jobs if j.progress is not None or j.progress_message]
+            if moving:
+                j = moving[-1]
+                pct = "" if j.progress is None else f"{j.progress:g}% "
+                self.progress = f"job {j.id}: {pct}{j.progress_message or ''}".rstrip()
+
+    def counts(self) -> str:
+        done = sum(self.tally[b] for b in ("succeeded", "failed", "cancelled"))
+        parts = [f"{self.tally[b]} {b}" for b in SHOWN if self.tally[b]]
+        return f"{done}/{self.total} done: " + ", ".join(parts)
+
+    def line(self) -> str:
+        done = sum(self.tally[b] for b in ("succeeded", "failed", "cancelled"))
+        text = f"{bar(done / self.total)} {self.counts()}"
+        return f"{text}  |  {self.progress}" if self.progress else text
+
+
+def _bucket(state: str, outcome: str | None) -> str:
+    if state == "terminated":
+        return "succeeded" if outcome == "success" else "failed"
+    return {
+        "inactive": "held",
+        "available": "queued",
+        "pending_cancellation": "running",
+    }.get(state, state)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
