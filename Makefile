@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint demo bench faults clean
+.PHONY: test lint demo bench bench-quick faults clean
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,13 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m banyan.demo
 
+# Every benchmark at full size (about 20 minutes on 2 cores); tables on stdout, JSON and a
+# summary table under bench/results/. bench-quick runs the same at small sizes in about a minute.
 bench: $(STAMP)
-	$(PY) bench/claim_scaling.py
+	$(PY) bench/run_all.py
+
+bench-quick: $(STAMP)
+	$(PY) bench/run_all.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,33 +1,38 @@
 """Does taking the next job cost the same with 1,000 or 1,000,000 jobs queued?
 
-Fills a fresh store with N eligible jobs, then times one claim as the broker does it: open a
-write transaction, take the first eligible job, write it back as running, commit. The median
-over many claims should stay within 2x between the small and the large queue.
+Fills a fresh store with N eligible jobs (through `Store.write_batch` and `put_job`, 50,000
+per transaction), then times three things, each with its own commit:
+
+- index: take the first eligible job, write it back as running (the store's part of a claim);
+- match: a worker with room claims one job through `Core.claim` + `Core.match` (what the
+  broker's turn runs: worker record, attempt, event, assignment);
+- match, worker full: a claim by a worker too small for any queued job, which scans the
+  eligible index up to CLAIM_SCAN_LIMIT entries and assigns nothing.
+
+The median with the big queue is compared with the median with the small one, same run.
 
     python bench/claim_scaling.py            # N = 1,000 and 1,000,000
-    python bench/claim_scaling.py --quick    # N = 1,000 and 100,000
+    python bench/claim_scaling.py --quick    # N = 1,000 and 20,000
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
-import platform
 import random
-import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
 
 from banyan.broker.records import Job, JobState
+from banyan.broker.state import Core
 from banyan.broker.store import Store, WriteTx
+from bench.common import Figure, Report, median, parser, percentile, workdir
 
 CHUNK = 50_000
-RESULTS = Path(__file__).parent / "results" / "claim_scaling.json"
+TARGET = 2.0
 
 
 def fill(store: Store, n: int) -> float:
@@ -70,67 +75,124 @@ def claim(store: Store) -> float:
     return time.perf_counter() - started
 
 
-def measure(n: int, claims: int, sync: bool, workdir: Path) -> dict[str, float]:
-    with Store(workdir / f"n{n}", sync=sync) as store:
-        fill_s = fill(store, n)
-        for _ in range(20):  # warm the cursor paths and the page cache
-            claim(store)
-        times = sorted(claim(store) for _ in range(claims))
-        map_size = store.map_size
-    data = workdir / f"n{n}" / "data.mdb"
+def requeue(store: Store) -> None:
+    """Put every running job back in the queue and empty the workers, untimed, so each run
+    starts with the same queue."""
+    with store.write() as tx:
+        for job_id in list(tx.jobs_in_state(JobState.RUNNING.value)):
+            job = tx.get_job(job_id)
+            assert job is not None
+            job.state, job.worker, job.token = JobState.AVAILABLE.value, None, None
+            tx.put_job(job)
+        for worker in list(tx.workers()):
+            worker.running, worker.used_cpus, worker.wants = {}, 0.0, 0
+            tx.put_worker(worker)
+
+
+def match(store: Store, worker: str, expect: int) -> float:
+    """One claim through the state machine, as the broker's turn does it: the worker asks for
+    one job, `Core.match` answers, commit. `expect` is how many jobs it should get."""
+    started = time.perf_counter()
+    with store.write() as tx:
+        core = Core(tx, time.time())
+        core.claim(worker, 1)
+        assigned = core.match()
+    elapsed = time.perf_counter() - started
+    if assigned != expect:
+        raise RuntimeError(f"{worker} got {assigned} jobs, expected {expect}")
+    return elapsed
+
+
+def register(store: Store, name: str, cpus: float) -> None:
+    with store.write() as tx:
+        Core(tx, time.time()).register(name, "bench", (cpus, 1 << 30, 0), [], [])
+
+
+def stats(times: list[float]) -> dict[str, float]:
     return {
-        "jobs": n,
-        "fill_s": round(fill_s, 2),
-        "fill_jobs_per_s": round(n / fill_s),
-        "claim_median_us": round(statistics.median(times) * 1e6, 1),
-        "claim_p90_us": round(times[int(0.9 * len(times))] * 1e6, 1),
-        "claim_max_us": round(times[-1] * 1e6, 1),
-        "map_size_mib": map_size // 2**20,
-        "data_mib": round(data.stat().st_size / 2**20, 1),
+        "median_us": median(times) * 1e6,
+        "p90_us": percentile(times, 90) * 1e6,
+        "max_us": max(times) * 1e6,
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1,000 and 100,000 jobs")
-    parser.add_argument("--claims", type=int, default=200, help="claims timed per size")
-    parser.add_argument(
+def measure(store: Store, claims: int) -> dict[str, dict[str, float]]:
+    """The bare index claim; a claim through Core.match by a worker with room; and a match
+    for a worker that has no room for any queued job (it scans, finds nothing)."""
+    out = {"index": stats([claim(store) for _ in range(claims)])}
+    requeue(store)
+    out["match"] = stats([match(store, "roomy", 1) for _ in range(claims)])
+    requeue(store)
+    out["match_full"] = stats([match(store, "full", 0) for _ in range(claims)])
+    requeue(store)
+    return out
+
+
+def main() -> int:
+    p = parser(__doc__)
+    p.add_argument("--claims", type=int, default=200, help="claims timed per size and run")
+    p.add_argument(
         "--sync", action="store_true", help="fsync every commit (measures the disk, not the index)"
     )
-    parser.add_argument("--dir", type=Path, help="where to build the stores (default: a temp dir)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    p.add_argument("--dir", type=Path, help="where to build the stores (default: a temp dir)")
+    args = p.parse_args()
+    small, big = 1_000, 20_000 if args.quick else 1_000_000
+    params = {"claims": args.claims, "sync": args.sync, "sizes": [small, big], "chunk": CHUNK}
+    report = Report("claim_scaling", args.quick, args.repeat, params)
+    with workdir(args.keep, "claim") as tmp:
+        root = args.dir or tmp
+        sizes: dict[int, dict[str, Any]] = {}
+        stores = {}
+        for n in (small, big):
+            stores[n] = Store(root / f"n{n}", sync=args.sync)
+            fill_s = fill(stores[n], n)
+            register(stores[n], "roomy", 1e6)
+            register(stores[n], "full", 0.5)  # every queued job asks for 1 cpu
+            for _ in range(20):  # warm the cursor paths and the page cache
+                claim(stores[n])
+            requeue(stores[n])
+            data = root / f"n{n}" / "data.mdb"
+            sizes[n] = {"fill_s": fill_s, "data_mib": data.stat().st_size / 2**20}
+            print(f"  filled {n:,} jobs in {fill_s:.1f} s", file=sys.stderr)
+        # Alternate the sizes within each run, so a busy moment hits both alike.
+        for _ in range(args.repeat):
+            report.runs.append({str(n): measure(stores[n], args.claims) for n in (small, big)})
+        for store in stores.values():
+            store.close()
+    report.params["stores"] = {str(n): v for n, v in sizes.items()}
 
-    sizes = [1_000, 100_000 if args.quick else 1_000_000]
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        rows = [measure(n, args.claims, args.sync, Path(tmp)) for n in sizes]
-    ratio = rows[1]["claim_median_us"] / rows[0]["claim_median_us"]
+    def med(n: int, kind: str, key: str = "median_us") -> float:
+        return median([r[str(n)][kind][key] for r in report.runs])
 
-    print(f"{'jobs':>10} {'fill s':>8} {'jobs/s':>8} {'median us':>10} {'p90 us':>8} {'MiB':>7}")
-    for r in rows:
-        print(
-            f"{r['jobs']:>10,} {r['fill_s']:>8} {r['fill_jobs_per_s']:>8,} "
-            f"{r['claim_median_us']:>10} {r['claim_p90_us']:>8} {r['data_mib']:>7}"
+    def ratio(kind: str) -> float:
+        return median(
+            [r[str(big)][kind]["median_us"] / r[str(small)][kind]["median_us"] for r in report.runs]
         )
-    verdict = "ok" if ratio <= 2 else "TOO SLOW"
-    print(
-        f"median claim ratio {sizes[1]:,} / {sizes[0]:,} jobs: {ratio:.2f} (target <= 2: {verdict})"
-    )
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "claims": args.claims,
-        "sync": args.sync,
-        "quick": args.quick,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "rows": rows,
-        "ratio": round(ratio, 3),
-        "target": 2.0,
+    labels = {
+        "index": "claim (index + commit)",
+        "match": "claim via Core.match",
+        "match_full": "match, worker full",
     }
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    for kind, label in labels.items():
+        r = ratio(kind)
+        report.add(
+            Figure(f"{label}, {small:,} queued", med(small, kind), "us"),
+            Figure(
+                f"{label}, {big:,} queued",
+                med(big, kind),
+                "us",
+                f"{small:,} queued",
+                med(small, kind),
+                r,
+                f"ratio <= {TARGET:g}",
+                r <= TARGET,
+            ),
+        )
+    report.add(Figure(f"fill rate, {big:,} jobs", big / sizes[big]["fill_s"], "jobs/s"))
+    report.finish(args.out)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -9,6 +9,7 @@ durable (SPEC §7).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -76,6 +77,13 @@ class Turn:
     events: list[Logged] = field(default_factory=list)
     waiters: list[Waiter] = field(default_factory=list)
     fetches: list[LogFetch] = field(default_factory=list)
+
+    def merge(self, other: Turn) -> None:
+        self.replies += other.replies
+        self.effects += other.effects
+        self.events += other.events
+        self.waiters += other.waiters
+        self.fetches += other.fetches
 
 
 @dataclass
@@ -215,11 +223,31 @@ class Broker:
         try:
             turn = self.store.write_batch(lambda tx: self._apply(tx, inbox, lost, due, now))
         except StoreFull as e:
-            log.error("store full: %s; refusing this turn's %d messages", e, len(inbox))
-            turn = self._refuse_all(inbox, NoSpace(f"no space left in the broker's store: {e}"))
+            log.error("store full: %s; applying this turn's %d messages one by one", e, len(inbox))
+            turn, lost = self._one_by_one(inbox, lost, due, now)
         for name in lost:
             self.sessions.pop(name, None)
         self._send(turn, now)
+
+    def _one_by_one(
+        self, inbox: list[Inbound], lost: list[str], due: list[Waiter], now: float
+    ) -> tuple[Turn, list[str]]:
+        """A full store refuses only what needs room: each message, loss and the due waiters
+        get a transaction of their own, so reads are still answered. Returns the merged turn
+        and the losses that were recorded (the others are tried again next turn)."""
+        turn, recorded = Turn(), []
+        parts: list[tuple[list[Inbound], list[str], list[Waiter]]] = [([], [], due)]
+        parts += [([m], [], []) for m in inbox] + [([], [n], []) for n in lost]
+        for msgs, names, waiters in parts:
+            apply = functools.partial(self._apply, inbox=msgs, lost=names, due=waiters, now=now)
+            try:
+                part = self.store.write_batch(apply)
+            except StoreFull as e:
+                part = self._refuse_all(msgs, NoSpace(f"no space left in the broker's store: {e}"))
+            else:
+                recorded += names
+            turn.merge(part)
+        return turn, recorded
 
     def _apply(
         self,
@@ -535,12 +563,14 @@ class Broker:
     def _refuse_all(self, inbox: list[Inbound], error: BanyanError) -> Turn:
         turn = Turn()
         for kind, frames, _ in inbox:
-            if kind != "client" or len(frames) != 2:
+            if len(frames) != 2:
                 continue
+            schema = protocol.CLIENT_REQUESTS if kind == "client" else protocol.WORKER_TO_BROKER
             try:
-                req = protocol.decode(frames[1], protocol.CLIENT_REQUESTS).req
+                req = protocol.decode(frames[1], schema).req
             except protocol.ProtocolError:
                 continue
+            # A worker told of the refusal claims again; its results it sends again anyway.
             turn.replies.append((kind, frames[0], _error(error.code, error.message, req)))
         return turn
 

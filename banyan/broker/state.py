@@ -573,7 +573,11 @@ class Core:
         worker = self._worker(name)
         for job_id, token, cpu, rss in running:
             if worker.running.get(job_id) != token:
-                self._kill_stale(name, job_id, token)
+                if self._already_reported(name, job_id, token):
+                    # Its result is stored; the ack crossed this heartbeat on the wire.
+                    self.effects.append(Effect(name, "ack", {"job": job_id, "token": token}))
+                else:
+                    self._kill_stale(name, job_id, token)
                 continue
             job = self.tx.get_job(job_id)
             if job is None:

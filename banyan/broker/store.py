@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -107,12 +108,27 @@ class ReadOnly(StoreError):
     """A write on a read view."""
 
 
-def _no_space(exc: lmdb.Error) -> bool:
+def _no_space(exc: lmdb.Error, path: str) -> bool:
     # lmdb names ENOSPC (DiskError); other errnos only show in the message.
     text = str(exc).lower()
-    return isinstance(exc, lmdb.DiskError) or any(
+    if isinstance(exc, lmdb.DiskError) or any(
         words in text for words in ("no space", "enospc", "quota exceeded")
-    )
+    ):
+        return True
+    # A write cut short by a full disk makes mdb_txn_commit say EIO, not ENOSPC: call it full
+    # when the filesystem has (next to) nothing left. The commit was undone either way.
+    return "input/output error" in text and _free_bytes(path) < _FULL_BELOW
+
+
+_FULL_BELOW = 1 << 20
+
+
+def _free_bytes(path: str) -> int:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return _FULL_BELOW
+    return st.f_bavail * st.f_frsize
 
 
 class _Batch:
@@ -130,7 +146,7 @@ class _Batch:
         caller swallows the exception (e.g. a per-message handler answering "internal")."""
         if isinstance(exc, lmdb.MapFullError):
             self.failure = self.failure or "map"
-        elif _no_space(exc):
+        elif _no_space(exc, self.env.path()):
             self.failure = "disk"
         else:
             return StoreError(f"store: {exc}")

@@ -25,6 +25,7 @@ from banyan import defaults
 from banyan.cli import EXIT_OK, EXIT_REFUSED, EXIT_USAGE
 from banyan.client import Client
 from banyan.errors import BanyanError
+from banyan.protocol import ProtocolError
 
 Args = dict[str, Any]
 
@@ -54,19 +55,22 @@ def run(
 ) -> int:
     """Parse `argv` with docopt and run `body`, mapping every failure to its exit code."""
     try:
-        args = docopt(usage, argv=argv, options_first=options_first)
-    except DocoptExit as e:
-        print(e, file=sys.stderr)
-        return EXIT_USAGE
-    except SystemExit:  # --help was printed
-        return EXIT_OK
-    try:
+        try:
+            args = docopt(usage, argv=argv, options_first=options_first)
+        except DocoptExit as e:
+            print(e, file=sys.stderr)
+            return EXIT_USAGE
+        except SystemExit:  # --help was printed
+            return EXIT_OK
         return body(dict(args))
     except UsageError as e:
         print(f"{tool}: {e}", file=sys.stderr)
         return EXIT_USAGE
     except BanyanError as e:
         print(f"{tool}: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    except ProtocolError as e:  # refused before sending, with the broker's own rule
+        print(f"{tool}: {e.reason}", file=sys.stderr)
         return EXIT_REFUSED
     except KeyboardInterrupt:
         return INTERRUPTED

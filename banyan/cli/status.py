@@ -6,6 +6,7 @@ import sys
 import time
 from typing import Any
 
+from banyan import defaults
 from banyan.cli import EXIT_OK
 from banyan.cli.output import (
     CONNECT_OPTIONS,
@@ -168,11 +169,10 @@ def row(r: dict[str, Any], now: float) -> list[Cell]:
 
 
 def progress(r: dict[str, Any]) -> str:
-    pct = r.get("progress")
-    text = " ".join(
-        x for x in (f"{pct:g}%" if pct is not None else "", r.get("progress_message") or "") if x
-    )
-    return text or "-"
+    parts = [] if r.get("progress") is None else [f"{r['progress']:g}%"]
+    if r.get("progress_message"):
+        parts.append(r["progress_message"])
+    return " ".join(parts) or "-"
 
 
 def elapsed(r: dict[str, Any], now: float) -> str:
@@ -264,13 +264,15 @@ def detail(r: dict[str, Any], color: bool) -> str:
         ]
     for stream, text in (r.get("output_tail") or {}).items():
         if text:
-            lines += ["", f"  {stream} (the last {size(len(text.encode()))}):"]
+            whole = len(text.encode()) < defaults.OUTPUT_TAIL_BYTES
+            note = "" if whole else f" (the last {size(defaults.OUTPUT_TAIL_BYTES)}; banyan-logs)"
+            lines += ["", f"  {stream}{note}:"]
             lines += [f"    {line}" for line in text.rstrip("\n").splitlines()]
     return "\n".join(lines)
 
 
 def state_line(r: dict[str, Any], now: float) -> str:
-    text = r["state"]
+    text = str(r["state"])
     if r.get("attempts"):
         text += f", attempt {r['attempts']} of {r.get('max_attempts', 1)}"
     if r.get("worker") and r["state"] in ("running", "pending_cancellation"):

@@ -38,13 +38,12 @@ USAGE = (
 
 Usage:
   banyan-submit [options] [--tag T]... [--env K=V]... [--group NAME]... [--after IDS]...
-                [--after-any IDS]... [--after-fail IDS]... [--] COMMAND...
-  banyan-submit [options] [--tag T]... [--env K=V]... [--group NAME]... [--after IDS]...
-                [--after-any IDS]... [--after-fail IDS]... --file JOBS.json
+                [--after-any IDS]... [--after-fail IDS]... [--] [COMMAND...]
 
-The command runs with /bin/sh -c on a worker. Several words are joined with spaces (as ssh
-does); quote the whole command to keep pipes and redirections for the job's shell. Options go
-before the command: everything from the first word of the command on belongs to it.
+A COMMAND is required unless --file gives the jobs. It runs with /bin/sh -c on a worker.
+Several words are joined with spaces (as ssh does); quote the whole command to keep pipes and
+redirections for the job's shell. Options go before the command: everything from its first
+word on belongs to the command.
 
 Options:
   --name NAME           A label (default: the command). With --each or --array, {} in it
@@ -80,9 +79,9 @@ Options:
 )
 
 DEP_OPTIONS = (("--after", "after"), ("--after-any", "after_any"), ("--after-fail", "after_fail"))
-
-
 DEP_KINDS = tuple(kind for _, kind in DEP_OPTIONS)
+# Extra patience per job in one submission: a loaded broker stores 100,000 jobs in ~5-10 s.
+SECONDS_PER_JOB = 0.0005
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +93,10 @@ def submit(args: Args) -> int:
     with connect(args) as client:
         # Where the event log ends before the jobs exist: the live display follows from here.
         head = client.events_head() if args["--wait"] else 0
+        # The broker checks and stores every job before it answers: give a big one time.
+        patience, client.timeout = client.timeout, client.timeout + len(jobs) * SECONDS_PER_JOB
         result = client.submit(jobs=jobs, groups=groups, submit_key=args["--submit-key"])
+        client.timeout = patience
         if args["--json"]:
             print_json({"jobs": result.jobs, "groups": result.groups})
         else:
@@ -121,6 +123,8 @@ def build(args: Args) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     if args["--hold"]:
         fields["hold"] = True
     if args["--file"]:
+        if args["COMMAND"]:
+            raise UsageError("give a COMMAND or --file, not both")
         jobs, file_groups = load_workflow(args["--file"], fields, cwd)
         listed = {g["name"] for g in file_groups}
         return jobs, file_groups + [g for g in groups if g["name"] not in listed]
@@ -288,7 +292,10 @@ def load_workflow(
     names = {g["name"] for g in groups}
     keys = _keys(raw_jobs, names)
     book = Refs(keys, cwd)
-    base = book.fields(data.get("defaults") or {}, "defaults")
+    shared = data.get("defaults") or {}
+    if isinstance(shared, dict) and {"key", "command"} & set(shared):
+        raise UsageError("--file: defaults: a key or a command belongs to one job")
+    base = book.fields(shared, "defaults")
     jobs = []
     for i, raw in enumerate(raw_jobs):
         where = f"jobs[{i}]"
@@ -491,7 +498,7 @@ def wait(client: Client, ids: list[int], head: int, known: str | None, display: 
 
     def waiter() -> None:
         try:
-            with Client(client.endpoint, timeout=client.timeout) as own:
+            with Client(client.endpoint, client.home, timeout=client.timeout) as own:
                 box["waited"] = own.wait(ids)
         except BaseException as e:  # handed to the main thread, which reports it
             box["error"] = e
@@ -506,6 +513,9 @@ def wait(client: Client, ids: list[int], head: int, known: str | None, display: 
             line.show(board.line(), major=board.counts())
             if done.wait(REFRESH):
                 break
+        if "waited" in box:  # the last frame shows every job ended
+            board.refresh()
+            line.show(board.line(), major=board.counts())
     except KeyboardInterrupt:
         line.close()
         print(f"{TOOL}: stopped waiting; the jobs keep running", file=sys.stderr)
@@ -547,14 +557,14 @@ class Board:
         self.total = len(ids)
         self.where: dict[int, str] = {}
         self.tally: Counter[str] = Counter()
+        self.running: dict[int, None] = {}  # in the order they started
+        self.progress = ""
         if known is None:  # a repeated --submit-key: the jobs may be anywhere by now
             for job in client.status(ids, limit=len(ids)).jobs:
                 self._move(job.id, _bucket(job.state, job.outcome))
         else:
             self.where = dict.fromkeys(ids, _bucket(known, None))
             self.tally[_bucket(known, None)] = len(ids)
-        self.running: dict[int, None] = {}  # in the order they started
-        self.progress = ""
 
     def _move(self, job: int, bucket: str) -> None:
         old = self.where.get(job)

@@ -51,6 +51,7 @@ class Link:
 
     registered: bool = False
     claimed: bool = False
+    reclaim: bool = False  # the broker refused something: renew the claim at the next heartbeat
     last_heard: float = 0.0
     next_heartbeat: float = 0.0
     next_connect: float = 0.0
@@ -69,9 +70,10 @@ class WorkerDaemon:
         self.clock = clock
         self.ctx = ctx or zmq.Context.instance()
         config.spool.mkdir(parents=True, exist_ok=True)
-        self.runner = Runner(config.spool, config.gpus)
+        self.runner = Runner(config.spool, config.gpus, cgroups=True)
         # Jobs live in sessions of their own: if this process dies, the watchdog kills them.
-        self.watchdog, self._lifeline = watchdog.start(self.runner.nonce)
+        cgroup = self.runner.cgroups.base if self.runner.cgroups else None
+        self.watchdog, self._lifeline = watchdog.start(self.runner.nonce, cgroup)
         self.link = Link()
         self.sock: zmq.Socket[Any] | None = None
         self.draining = False  # by the broker (admin) or by our own first SIGTERM
@@ -212,6 +214,9 @@ class WorkerDaemon:
             self._send_log(b)
         elif msg.type == "error":
             log.warning("broker refused a message: %s", b["message"])
+            # It may have been our claim (e.g. the broker's disk is full): claim again at the
+            # next heartbeat, or an idle worker would wait for an assignment forever.
+            self.link.reclaim = True
 
     def _send_log(self, b: dict[str, Any]) -> None:
         reply: dict[str, Any] = {"request": b["request"], "offset": b["offset"]}
@@ -302,6 +307,8 @@ class WorkerDaemon:
             rows = [[j, t, *usage.get((j, t), (None, None))] for j, t in self._held()]
             self._send("heartbeat", {"running": rows})
             link.next_heartbeat = now + self.heartbeat
+            if link.reclaim:
+                link.claimed = link.reclaim = False
         for key, (payload, sent) in list(link.unacked.items()):
             if now - sent >= defaults.RESULT_RESEND:
                 link.unacked[key] = (payload, now)
@@ -317,6 +324,8 @@ class WorkerDaemon:
             self.sock.close(linger=0)
         self._wakeup_r.close()
         self._wakeup_w.close()
+        if self.runner.cgroups is not None:
+            self.runner.cgroups.close()
         os.close(self._lifeline)  # the watchdog sweeps (nothing, after a clean stop) and exits
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.watchdog.wait(timeout=5)

@@ -36,6 +36,8 @@ import psutil
 
 from banyan import defaults
 from banyan.errors import BadRequest, NotFound
+from banyan.worker import cgroups
+from banyan.worker.cgroups import Cgroups
 
 Outcome = Literal["exited", "cancelled", "timeout"]
 Key = tuple[int, int]  # (job, token)
@@ -344,6 +346,7 @@ class _Attempt:
     look_delay: float = _FIRST_LOOK
     usage_procs: dict[tuple[int, int], psutil.Process] = field(default_factory=dict)
     watch: _ProgressWatch | None = None
+    cgroup: str | None = None  # its own cgroup, when the worker has them
 
     @property
     def key(self) -> Key:
@@ -363,13 +366,19 @@ class _Attempt:
 class Runner:
     """Every running job of one worker."""
 
-    def __init__(self, spool_dir: str | os.PathLike[str], visible_gpus: list[str]) -> None:
+    def __init__(
+        self, spool_dir: str | os.PathLike[str], visible_gpus: list[str], cgroups: bool = False
+    ) -> None:
         self.spool = os.path.abspath(spool_dir)
         os.makedirs(self.spool, exist_ok=True)
         self.visible_gpus = list(visible_gpus)
         self.subreaper = _become_subreaper()
         self._base_env = dict(os.environ)
         self._nonce = f"{os.getpid()}-{secrets.token_hex(4)}"
+        # A cgroup per job where the kernel allows: the one hiding place the others miss
+        # (setsid, a double fork and a cleared environment together).
+        self.cgroups = Cgroups.make(self._nonce) if cgroups else None
+        self._empty_cgroups: set[str] = set()  # of ended attempts, removed once empty
         self._me = os.getpid()
         self._my_sid = os.getsid(0)
         self._jobs: dict[Key, _Attempt] = {}
@@ -399,6 +408,7 @@ class Runner:
         marker = f"{self._nonce}:{launch.job}:{launch.token}"
         pid: int | None = None
         failure: str | None = None
+        cgroup: str | None = None
         try:
             if not launch.cwd:
                 # The job gets a directory of its own. It is left in place like the output
@@ -408,7 +418,9 @@ class Runner:
             if not os.path.isdir(cwd):
                 raise NotADirectoryError(f"working directory {cwd!r} does not exist")
             env = self._environment(launch, stem + ".progress", marker)
-            pid = self._spawn(launch.command, cwd, env, out, err)
+            cgroup = self.cgroups.create(launch.job, launch.token) if self.cgroups else None
+            join = cgroups.join_script(cgroup) if cgroup else ""
+            pid = self._spawn(launch.command, cwd, env, out, err, join)
         except (OSError, ValueError) as e:
             failure = f"banyan: job {launch.job} attempt {launch.attempt} could not start: {e}\n"
             _append(err, failure)
@@ -423,7 +435,7 @@ class Runner:
             progress_path=stem + ".progress",
             marker=marker,
         )
-        a = _Attempt(info, launch, failure=failure)
+        a = _Attempt(info, launch, failure=failure, cgroup=cgroup)
         if pid is not None:
             a.watch = _ProgressWatch(info.progress_path, now)
             with contextlib.suppress(OSError, AttributeError):
@@ -444,10 +456,12 @@ class Runner:
         return env
 
     @staticmethod
-    def _spawn(command: str, cwd: str, env: dict[str, str], out: str, err: str) -> int:
-        # posix_spawn has no chdir action, so the shell changes directory itself; on the same
-        # line, so the user's line numbers in error messages stay right.
-        script = f"cd -- {shlex.quote(cwd)} || exit {SPAWN_FAILED}; {command}"
+    def _spawn(
+        command: str, cwd: str, env: dict[str, str], out: str, err: str, join: str = ""
+    ) -> int:
+        # posix_spawn has no chdir action, so the shell changes directory itself (after joining
+        # its cgroup); on the same line, so the user's line numbers in error messages stay right.
+        script = f"{join}cd -- {shlex.quote(cwd)} || exit {SPAWN_FAILED}; {command}"
         out_fd = os.open(out, _WRITE, 0o644)
         try:
             err_fd = os.dup(out_fd) if err == out else os.open(err, _WRITE, 0o644)
@@ -505,6 +519,8 @@ class Runner:
             elif a.kill_at is None:
                 # Ended by itself: nothing it started may outlive it.
                 _signal_group(a.pgid, signal.SIGKILL)
+                if a.cgroup:
+                    cgroups.kill(a.cgroup)
                 self._schedule_sweep()
                 done.append(self._finish(a, now))
             elif a.killed:
@@ -566,6 +582,9 @@ class Runner:
         for pid, st in table.procs.items():
             if st.sid in by_sid:
                 roots[by_sid[st.sid]].add(pid)
+        for a in attempts:
+            if a.cgroup:
+                roots[a.key].update(cgroups.members(a.cgroup))
         if everywhere or not self.subreaper:
             candidates: Iterable[int] = table.procs
         else:
@@ -631,6 +650,8 @@ class Runner:
         members = self._members(table, attempts, everywhere=True)
         for a in attempts:
             _signal_group(a.pgid, signal.SIGKILL)
+            if a.cgroup:
+                cgroups.kill(a.cgroup)
             doomed = set(members[a.key])
             doomed.update(p for p, s in a.tracked.items() if _alive(p, s))
             for pid in doomed:
@@ -678,6 +699,9 @@ class Runner:
             self._reap_groups[a.pgid] = None  # members reparented to us die into zombies
         with contextlib.suppress(OSError):
             os.unlink(a.info.progress_path)
+        if a.cgroup:
+            self._empty_cgroups.add(a.cgroup)
+            self._schedule_sweep()
         return a.info
 
     def _schedule_sweep(self) -> None:
@@ -688,6 +712,12 @@ class Runner:
         """Kill escapees of ended attempts and reap orphan zombies. One /proc pass costs a few
         ms, so it runs at most once per ORPHAN_SWEEP_INTERVAL rather than at every job end."""
         self._sweep_at, self._last_sweep = None, now
+        for path in list(self._empty_cgroups):
+            if cgroups.remove(path):
+                self._empty_cgroups.discard(path)
+            else:  # something of an ended job is still in there
+                cgroups.kill(path)
+                self._schedule_sweep()
         table = _ProcTable()
         leaders = {a.info.pid for a in self._jobs.values()}
         doomed: list[int] = []

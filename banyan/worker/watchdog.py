@@ -4,10 +4,11 @@ Jobs run in sessions of their own, so a worker killed with SIGKILL (or by the OO
 would leave them running unseen while the broker requeues them elsewhere: two runs at once,
 and processes nobody will ever stop. So the worker starts this small process with a pipe only
 the worker holds open. The pipe reads end-of-file the moment the worker is gone, and the
-watchdog then kills every process carrying the worker's job marker, with the sessions those
-processes lead and their descendants. After a clean exit there is nothing left to kill.
+watchdog then kills everything in the worker's job cgroups (where it has them), and every
+process carrying the worker's job marker, with the sessions those processes lead and their
+descendants. After a clean exit there is nothing left to kill.
 
-    python -m banyan.worker.watchdog NONCE   (stdin: the read end of the worker's pipe)
+    python -m banyan.worker.watchdog NONCE [CGROUP]   (stdin: the worker's pipe)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import time
 
+from banyan.worker import cgroups
 from banyan.worker.runner import _marker_of, _ProcTable
 
 log = logging.getLogger("banyan.worker.watchdog")
@@ -28,13 +30,13 @@ ROUNDS = 50  # a job forking while it is killed needs another look; bounded all 
 PAUSE = 0.02
 
 
-def start(nonce: str) -> tuple[subprocess.Popen[bytes], int]:
-    """Start the watchdog for jobs marked `nonce:...`; returns it and the pipe end to keep."""
+def start(nonce: str, cgroup: str | None) -> tuple[subprocess.Popen[bytes], int]:
+    """Start the watchdog for jobs marked `nonce:...` and the cgroups under `cgroup`; returns
+    it and the pipe end to keep."""
     read, write = os.pipe()  # both close on exec: jobs never hold the worker's end
+    argv = [sys.executable, "-m", "banyan.worker.watchdog", nonce, *([cgroup] if cgroup else [])]
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "banyan.worker.watchdog", nonce], stdin=read, close_fds=True
-        )
+        proc = subprocess.Popen(argv, stdin=read, close_fds=True)
     finally:
         os.close(read)
     return proc, write
@@ -73,12 +75,19 @@ def main() -> int:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    nonce = sys.argv[1]
+    nonce, cgroup = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None
     while os.read(0, 4096):
         pass
+    if cgroup:
+        cgroups.kill(cgroup)
     killed = kill_marked(nonce)
     if killed:
         log.warning("the worker is gone: killed %d processes of its jobs", killed)
+    if cgroup:
+        for _ in range(ROUNDS):  # empty once its processes have exited
+            if cgroups.remove(cgroup):
+                break
+            time.sleep(PAUSE)
     return 0
 
 

@@ -99,7 +99,7 @@ def table(rows: Sequence[Row]) -> list[str]:
     widths = [max(len(line[i]) for line in grid) for i in range(len(Row.HEADER))]
     out = []
     for n, line in enumerate(grid):
-        out.append("| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |")
+        out.append("| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + " |")
         if n == 0:
             out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return out

@@ -3,7 +3,8 @@ and jobs that try to outlive their cancel."""
 
 from __future__ import annotations
 
-import signal
+import shlex
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -69,3 +70,64 @@ def test_worker_crash(fleet: Cluster, summary: Summary) -> None:
         assert [h["outcome"] for h in history] == ["lost", "success"], history
         assert a.jobs[job_id]["max_attempts"] == 1  # the lost run did not spend the one try
     assert max(delays) < scaled(WINDOW + 3)
+
+
+def hostile(sleeper: Path, started: Path) -> str:
+    """A job that ignores SIGTERM and hides: a tree of grandchildren in its own group, a child in
+    a session of its own, a double-forked daemon, and one with its environment cleared too.
+
+    Every long-lived process is `sleeper`, a link to sleep(1) whose path names the scenario, so
+    the test can find each one however well it hid. SIGTERM stays ignored across exec."""
+    s = shlex.quote(str(sleeper))
+    return "\n".join(
+        [
+            "trap '' TERM",
+            f"for i in 1 2 3; do ( for j in 1 2; do {s} 1000 & done; wait ) & done",
+            f"setsid {s} 1000 &",
+            f'setsid sh -c "{s} 1000 & exit" &',
+            f'env -i setsid sh -c "{s} 1000 & exit" &',
+            f"touch {shlex.quote(str(started))}",
+            "wait",
+        ]
+    )
+
+
+def test_hostile_jobs(fleet: Cluster, summary: Summary) -> None:
+    """7. Cancel jobs that fork trees, ignore SIGTERM and escape their process group and
+    session (setsid, double fork, cleared environment): every process is gone once
+    `cancel_grace` has passed."""
+    t0 = time.monotonic()
+    n = int(size(6, 2))
+    grace = 1.0
+    expected = 3 * 2 + 3  # sleepers per job: the tree, setsid, double fork, env -i
+    sleeper = fleet.root / "hostile-sleep"
+    sleeper.symlink_to(shutil.which("sleep") or "/bin/sleep")
+    log = JobLog(fleet.root / "jobs.log")
+    fleet.start_broker()
+    fleet.start_worker("w1", cpus=n)
+    c = fleet.client()
+    flags = [fleet.root / f"started-{i}" for i in range(n)]
+    jobs = [{"command": log.command(hostile(sleeper, f)), "cancel_grace": grace} for f in flags]
+    ids = c.submit(jobs=jobs).jobs
+
+    def hiding() -> list[int]:
+        return [p.pid for p in job_processes(fleet.root) if str(sleeper) in p.info["cmdline"]]
+
+    wait_for(lambda: all(f.exists() for f in flags), 20, what="every hostile job to start")
+    wait_for(lambda: len(hiding()) >= n * expected, 10, what="every process to hide")
+    escaped = len(hiding())
+    cancelled = time.monotonic()
+    c.cancel(ids)
+    wait_for(lambda: not hiding(), grace + 10, interval=0.01, what="every hostile process gone")
+    gone = time.monotonic() - cancelled
+    a = audit(c, "7 hostile jobs", log, ids, n, fleet.root, ends={})
+    a.row.seconds = time.monotonic() - t0
+    a.row.completed = sum(1 for j in a.jobs.values() if j["state"] == "cancelled")
+    a.row.note = (
+        f"{escaped} processes ({expected} per job: tree, setsid, double fork, env -i) ignoring "
+        f"SIGTERM, all gone {gone:.2f} s after the cancel (cancel_grace {grace:g} s)"
+    )
+    summary.add(a.row)
+    a.check()
+    assert {j["state"] for j in a.jobs.values()} == {"cancelled"}
+    assert grace <= gone < grace + scaled(1.5)

@@ -1,0 +1,103 @@
+"""banyan-stats: how the cluster is doing: counts, throughput, waits, run times, success."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from banyan.cli import EXIT_OK
+from banyan.cli.output import (
+    CONNECT_OPTIONS,
+    Args,
+    connect,
+    duration,
+    percent,
+    print_json,
+    run,
+    table,
+)
+
+TOOL = "banyan-stats"
+USAGE = (
+    """banyan-stats: job counts, throughput, queue waits, run times, success and utilisation.
+
+Usage:
+  banyan-stats [options]
+
+Rates, percentiles and the success rate cover the recent event history (the last
+20,000 state changes); counts by state cover every job.
+
+Options:
+"""
+    + CONNECT_OPTIONS
+)
+
+STATES = ("inactive", "available", "running", "pending_cancellation", "terminated", "cancelled")
+SERIES = ("submitted", "started", "finished")
+QUANTILES = ("p50", "p90", "p99", "max")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(TOOL, USAGE, argv, stats)
+
+
+def stats(args: Args) -> int:
+    with connect(args) as client:
+        s = client.stats()
+    if args["--json"]:
+        print_json(s)
+    else:
+        print(render(s))
+    return EXIT_OK
+
+
+def render(s: dict[str, Any]) -> str:
+    counts: dict[str, int] = s.get("counts", {})
+    order = [st for st in STATES if st in counts] + sorted(set(counts) - set(STATES))
+    total = sum(counts.values())
+    jobs = ", ".join(f"{counts[st]} {st}" for st in order if counts[st]) or "none"
+    out = [f"jobs          {total} in all: {jobs}", ""]
+    per_minute: dict[str, list[int]] = s.get("per_minute", {})
+    minutes = max((len(v) for v in per_minute.values()), default=0)
+    if minutes:
+        head = ["PER MINUTE", "now", *(f"-{m}m" for m in range(1, minutes)), "TOTAL"]
+        rows = [
+            [k, *map(str, per_minute.get(k, [0] * minutes)), str(sum(per_minute.get(k, [])))]
+            for k in SERIES
+        ]
+        out += [table(head, rows), ""]
+    rows = [
+        [name, *_quantiles(s.get(key) or {})]
+        for name, key in (("queue wait", "queue_wait"), ("run time", "run_time"))
+    ]
+    out += [table(["TIMES", *QUANTILES, "JOBS"], rows), ""]
+    out.append(f"success       {_success(s)}")
+    out.append(f"workers       {_workers(s.get('workers') or {})}")
+    return "\n".join(out)
+
+
+def _quantiles(p: dict[str, Any]) -> list[str]:
+    return [duration(p.get(q)) for q in QUANTILES] + [str(p.get("n", 0))]
+
+
+def _success(s: dict[str, Any]) -> str:
+    outcomes: dict[str, int] = s.get("outcomes") or {}
+    ended = sum(outcomes.values())
+    if not ended:
+        return "no job has ended recently"
+    detail = ", ".join(f"{n} {k}" for k, n in outcomes.items())
+    return f"{percent(s.get('success_rate'))} of {ended} ended jobs ({detail})"
+
+
+def _workers(w: dict[str, Any]) -> str:
+    live = w.get("live", 0)
+    if not live:
+        return "none live"
+    return (
+        f"{live} live, {w.get('used_cpus', 0):g}/{w.get('cpus', 0):g} cpus in use "
+        f"({percent(w.get('utilisation'))} utilisation)"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""banyan-workers: the machines, what they offer and use (like sinfo); drain and resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+
+from banyan.cli import EXIT_OK
+from banyan.cli.output import (
+    CONNECT_OPTIONS,
+    Args,
+    Cell,
+    ago,
+    connect,
+    mib,
+    plural,
+    print_json,
+    run,
+    table,
+    use_color,
+)
+from banyan.client import WorkerInfo
+
+TOOL = "banyan-workers"
+USAGE = (
+    """banyan-workers: list the workers, or drain or resume one.
+
+Usage:
+  banyan-workers [options] [--drain NAME | --resume NAME]
+
+A draining worker finishes what it runs and claims nothing new; then it shows as drained.
+Resuming lets it claim again. Both need an admin key.
+
+Options:
+  --drain NAME          Drain worker NAME.
+  --resume NAME         Let worker NAME claim jobs again.
+"""
+    + CONNECT_OPTIONS
+)
+
+HEADERS = (
+    "NAME",
+    "HOST",
+    "STATE",
+    "CPUS",
+    "MEMORY",
+    "GPUS",
+    "RUNNING",
+    "DONE",
+    "LAST SEEN",
+    "TAGS",
+)
+COLORS = {"idle": "green", "busy": "cyan", "draining": "yellow", "drained": "dim", "lost": "red"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(TOOL, USAGE, argv, workers)
+
+
+def workers(args: Args) -> int:
+    name = args["--drain"] or args["--resume"]
+    with connect(args) as client:
+        found = client.drain(name, resume=bool(args["--resume"])) if name else client.workers()
+    if args["--json"]:
+        print_json({"workers": [dataclasses.asdict(w) for w in found]})
+        return EXIT_OK
+    if name:
+        w = next((w for w in found if w.name == name), None)
+        print(f"{name}: {w.state if w else 'unknown'}{_drain_note(w)}")
+        return EXIT_OK
+    print(render(found, use_color(sys.stdout)))
+    return EXIT_OK
+
+
+def _drain_note(w: WorkerInfo | None) -> str:
+    if w is None or w.state != "draining":
+        return ""
+    return f" (finishing {plural(len(w.running), 'running job')}, then drained)"
+
+
+def render(found: list[WorkerInfo], color: bool) -> str:
+    if not found:
+        return "no workers have registered (start one with banyan-worker)"
+    now = time.time()
+    out = table(HEADERS, [row(w, now) for w in found], color)
+    live = [w for w in found if w.state != "lost"]
+    states: dict[str, int] = {}
+    for w in found:
+        states[w.state] = states.get(w.state, 0) + 1
+    tally = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+    used, total = sum(w.used_cpus for w in live), sum(w.cpus for w in live)
+    return f"{out}\n{plural(len(found), 'worker')}: {tally}; {used:g}/{total:g} cpus in use"
+
+
+def row(w: WorkerInfo, now: float) -> list[Cell]:
+    return [
+        w.name,
+        w.host or "-",
+        (w.state, COLORS.get(w.state)),
+        f"{w.used_cpus:g}/{w.cpus:g}",
+        f"{mib(w.used_memory) if w.used_memory else '0'}/{mib(w.memory)}",
+        f"{w.used_gpus}/{w.gpus}",
+        str(len(w.running)),
+        str(w.completed),
+        ago(w.last_seen, now),
+        ",".join(w.tags) or "-",
+    ]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

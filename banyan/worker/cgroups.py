@@ -1,0 +1,119 @@
+"""One cgroup (v2) per job, where the kernel lets the worker make them.
+
+No process leaves its cgroup by forking, setsid, double forks or clearing its environment, so
+a job's cgroup holds exactly the job's processes, and `cgroup.kill` ends them all at once with
+no window for a fork to slip through. The worker makes `banyan-NONCE` under its own cgroup and
+one child per attempt; the job's shell moves itself in before it runs anything.
+
+Where there is no writable cgroup2 hierarchy (cgroup v1 only, no permission, a container
+without delegation) `Cgroups.make` says None, and the runner relies on sessions, the marker
+variable and the subreaper alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import signal
+
+_ROUNDS = 20  # kill rounds without cgroup.kill (kernels before 5.14): forks race the kill
+
+
+def _hierarchy() -> str | None:
+    """The directory of this process's own cgroup in the cgroup2 hierarchy, if mounted."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            own = next((line[3:].strip() for line in f if line.startswith("0::")), None)
+        with open("/proc/self/mountinfo") as f:
+            mounts = [line.split() for line in f]
+    except OSError:
+        return None
+    if own is None:
+        return None
+    for fields in mounts:
+        sep = fields.index("-") if "-" in fields else -1
+        if sep < 0 or fields[sep + 1] != "cgroup2":
+            continue
+        root, point = fields[3], fields[4]
+        if own == root or own.startswith(root.rstrip("/") + "/"):
+            return point + own[len(root.rstrip("/")) :]
+    return None
+
+
+class Cgroups:
+    """The worker's `banyan-NONCE` cgroup and one child per attempt."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+
+    @classmethod
+    def make(cls, nonce: str) -> Cgroups | None:
+        own = _hierarchy()
+        if own is None:
+            return None
+        base = os.path.join(own, f"banyan-{nonce}")
+        try:
+            os.mkdir(base)
+        except OSError:
+            return None
+        return cls(base)
+
+    def create(self, job: int, token: int) -> str | None:
+        path = os.path.join(self.base, f"job-{job}-{token}")
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            pass
+        except OSError:
+            return None
+        return path
+
+    def close(self) -> None:
+        """Kill whatever is left in any job's cgroup and remove them all (worker exit)."""
+        kill(self.base)
+        remove(self.base)
+
+
+def join_script(path: str) -> str:
+    """Shell that moves the job's shell into its cgroup before anything else runs; silent if
+    the kernel refuses (the job then runs without)."""
+    return f"{{ echo $$ > {shlex.quote(os.path.join(path, 'cgroup.procs'))}; }} 2>/dev/null; "
+
+
+def members(path: str) -> list[int]:
+    """Pids in the cgroup (not in its children)."""
+    try:
+        with open(os.path.join(path, "cgroup.procs")) as f:
+            return [int(line) for line in f if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def kill(path: str) -> None:
+    """SIGKILL every process in the cgroup and below it."""
+    try:
+        with open(os.path.join(path, "cgroup.kill"), "w") as f:
+            f.write("1")
+        return
+    except OSError:
+        pass
+    for _ in range(_ROUNDS):
+        pids = [p for d, _, _ in os.walk(path) for p in members(d)]
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def remove(path: str) -> bool:
+    """Remove the cgroup and its children, deepest first; False while processes remain."""
+    for d, _, _ in sorted(os.walk(path), key=lambda w: -w[0].count(os.sep)):
+        try:
+            os.rmdir(d)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return False
+    return True

@@ -1,0 +1,104 @@
+"""Scenario 8: one client floods the broker with submissions and reads its replies only at the
+end, while a crowd of idle clients hold `wait` requests. The broker's memory stays bounded and
+its heartbeats keep flowing, so no worker is falsely declared lost."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import psutil
+import zmq
+
+from banyan import protocol
+from banyan.client import Client
+from tests.cluster import HEARTBEAT, LIVENESS, Cluster, scaled, wait_for
+from tests.faults.conftest import Summary
+from tests.faults.harness import JobLog, audit, size
+
+PER_REQUEST = 100  # jobs per submission
+MEMORY_BOUND = 200 << 20  # anonymous memory the broker may add while flooded, bytes
+SILENT = re.compile(r"broker silent for ([\d.]+) s")
+
+
+def anon_bytes(pid: int) -> int:
+    """Anonymous resident memory: the heap and queues, not LMDB's file-backed map."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def replies(sock: zmq.Socket[bytes], count: int, timeout: float) -> list[protocol.Message]:
+    """Read `count` replies from a DEALER, bounded in time."""
+    out: list[protocol.Message] = []
+    deadline = time.monotonic() + scaled(timeout)
+    while len(out) < count:
+        left = deadline - time.monotonic()
+        assert left > 0, f"only {len(out)} of {count} replies within {timeout} s"
+        if sock.poll(int(left * 1000) + 1):
+            out.append(protocol.decode(sock.recv(), protocol.CLIENT_REPLIES))
+    return out
+
+
+def test_slow_consumer(fleet: Cluster, summary: Summary) -> None:
+    t0 = time.monotonic()
+    n = int(size(100_000, 20_000))
+    crowd = int(size(1000, 200))
+    log = JobLog(fleet.root / "jobs.log")
+    broker = fleet.start_broker()
+    fleet.start_worker("w1", cpus=2)
+    fleet.start_worker("w2", cpus=2)
+    c = fleet.client(timeout=60)
+    (gate,) = c.submit(log.command(), hold=True).jobs
+    base = anon_bytes(broker.pid)
+
+    # The idle crowd: each sends one wait and reads nothing until the gate opens.
+    idle = [Client(f"{fleet.host}:{fleet.client_port}", fleet.home) for _ in range(crowd)]
+    for w in idle:
+        w.sock.send(protocol.encode("wait", {"jobs": [gate], "groups": [], "timeout": None}, 1))
+
+    # The flood: every submission sent before any reply is read.
+    flood = Client(f"{fleet.host}:{fleet.client_port}", fleet.home)
+    requests = n // PER_REQUEST
+    peak = base
+    for req in range(1, requests + 1):
+        jobs = [{"command": log.command()} for _ in range(PER_REQUEST)]
+        flood.sock.send(protocol.encode("submit", {"jobs": jobs, "groups": []}, req))
+        if req % 20 == 0:
+            peak = max(peak, anon_bytes(broker.pid))
+    acked: list[int] = []
+    for msg in replies(flood.sock, requests, timeout=600):
+        assert msg.type == "submitted", msg.body
+        acked += msg.body["jobs"]
+        peak = max(peak, anon_bytes(broker.pid))
+    flood_done = time.monotonic()
+
+    c.release(gate)
+    wait_for(lambda: c.job(gate).terminal, 60, what="the gate job")
+    for w in idle:
+        (msg,) = replies(w.sock, 1, timeout=30)
+        assert msg.type == "waited" and msg.body["jobs"][0]["state"] == "terminated"
+        w.close()
+    flood.close()
+    # What the workers have not run yet is cancelled, in pieces that keep each turn short.
+    for i in range(0, len(acked), 2000):
+        c.cancel(acked[i : i + 2000])
+    a = audit(c, "8 slow consumer", log, [gate, *acked], n + 1, fleet.root, timeout=300)
+    a.row.seconds = time.monotonic() - t0
+    gaps = [float(g) for name in ("w1", "w2") for g in SILENT.findall(fleet.log(name))]
+    lost = [h for j in a.jobs.values() for h in j["history"] if h["outcome"] == "lost"]
+    ran = sum(1 for j in a.jobs.values() if j["outcome"] == "success")
+    a.row.note = (
+        f"{crowd} idle waiters; {n} jobs in {requests} pipelined submissions, all acknowledged "
+        f"in {flood_done - t0:.0f} s; {ran} ran, the rest cancelled; broker heap "
+        f"+{(peak - base) >> 20} MiB at most; {len(gaps)} heartbeat gaps over the "
+        f"{HEARTBEAT * LIVENESS:g} s window, {len(lost)} lost attempts"
+    )
+    summary.add(a.row)
+    a.check()
+    assert peak - base < MEMORY_BOUND
+    assert not gaps, f"workers found the broker silent: {gaps}"
+    assert not lost and all(w.state != "lost" for w in c.workers())
+    assert psutil.pid_exists(broker.pid)

@@ -1,0 +1,568 @@
+"""The command-line tools, run in-process against a real broker and a real worker (SPEC §8).
+
+Most tests share one module-wide cluster (each looks only at the jobs it made); the few that
+need a cluster of their own use the `cluster` fixture.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq.auth
+
+from banyan.cli import cancel, keygen, logs, main, modify, stats, status, submit, workers
+from banyan.client import Client
+from tests.cluster import Cluster, free_port, scaled, wait_for
+
+TOOLS: dict[str, Callable[[list[str] | None], int]] = {
+    "submit": submit.main,
+    "cancel": cancel.main,
+    "modify": modify.main,
+    "status": status.main,
+    "workers": workers.main,
+    "stats": stats.main,
+    "logs": logs.main,
+    "keygen": keygen.main,
+    "banyan": main.main,
+}
+
+
+@dataclass
+class Ran:
+    code: int
+    out: str
+    err: str
+
+    def ids(self) -> list[int]:
+        return [int(line) for line in self.out.split()]
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = Cluster(tmp_path_factory.mktemp("cli"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BANYAN_HOME", str(c.home))
+        mp.delenv("BANYAN_BROKER", raising=False)
+        mp.delenv("NO_COLOR", raising=False)
+        try:
+            c.start_broker()
+            c.start_worker("w1", cpus=2, memory=1000)
+            yield c
+        finally:
+            c.stop()
+
+
+Runner = Callable[..., Ran]
+
+
+def runner(c: Cluster, capsys: pytest.CaptureFixture[str]) -> Runner:
+    def run(tool: str, *args: str, broker: bool = True) -> Ran:
+        argv = list(args)
+        if broker:
+            argv = ["--broker", f"127.0.0.1:{c.client_port}", "--timeout", "5", *argv]
+        capsys.readouterr()
+        code = TOOLS[tool](argv)
+        out, err = capsys.readouterr()
+        return Ran(code, out, err)
+
+    return run
+
+
+@pytest.fixture
+def cli(live: Cluster, capsys: pytest.CaptureFixture[str]) -> Runner:
+    return runner(live, capsys)
+
+
+def finish(c: Cluster, ids: list[int]) -> dict[int, str]:
+    w = c.client().wait(ids, timeout=scaled(20))
+    assert not w.timed_out
+    return {j.id: f"{j.state}/{j.outcome}" for j in w.jobs}
+
+
+def row(table: str, job: int) -> str:
+    (line,) = [line for line in table.splitlines() if line.split()[:1] == [str(job)]]
+    return line
+
+
+# ---- submit ---------------------------------------------------------------------------------
+
+
+def test_submit_prints_the_id_and_the_job_runs(cli: Runner, live: Cluster) -> None:
+    r = cli("submit", "--", "echo", "hello", "world")
+    assert r.code == 0 and r.err == ""
+    (job,) = r.ids()
+    assert finish(live, [job]) == {job: "terminated/success"}
+    info = live.client().job(job)
+    assert info.raw["command"] == "echo hello world"
+    assert info.raw["output_tail"]["stdout"] == "hello world\n"
+
+
+def test_submit_options_reach_the_job(cli: Runner, live: Cluster, tmp_path: Path) -> None:
+    os.environ["BANYAN_TEST_PASSED"] = "from-here"
+    try:
+        r = cli(
+            "submit",
+            *("--name", "fit", "--cpus", "0.5", "--memory", "1G", "--tag", "a", "--tag", "b"),
+            *("--priority", "-3", "--attempts", "3", "--time-limit", "1h30m"),
+            *("--cancel-grace", "00:01:30", "--env", "A=1", "--env", "BANYAN_TEST_PASSED"),
+            *("--output", "out-{job}.txt", "--cwd", str(tmp_path), "--hold", "true"),
+        )
+    finally:
+        del os.environ["BANYAN_TEST_PASSED"]
+    assert r.code == 0, r.err
+    raw = live.client().job(r.ids()[0]).raw
+    assert raw["name"] == "fit" and raw["state"] == "inactive"
+    assert (raw["cpus"], raw["memory"], raw["tags"], raw["priority"]) == (0.5, 1024, ["a", "b"], -3)
+    assert (raw["max_attempts"], raw["time_limit"], raw["cancel_grace"]) == (3, 5400, 90)
+    assert raw["env"] == {"A": "1", "BANYAN_TEST_PASSED": "from-here"}
+    assert (raw["output"], raw["cwd"]) == ("out-{job}.txt", str(tmp_path))
+
+
+def test_submit_cwd_defaults_to_here(cli: Runner, live: Cluster) -> None:
+    job = cli("submit", "--hold", "true").ids()[0]
+    assert live.client().job(job).raw["cwd"] == os.getcwd()
+
+
+def test_submit_json_and_groups(cli: Runner, live: Cluster) -> None:
+    first = cli("submit", "--json", "--group", "cli-open", "--open", "--hold", "true")
+    assert first.code == 0, first.err
+    doc = first.json()
+    assert set(doc) == {"jobs", "groups"}
+    gid = doc["groups"]["cli-open"]
+    joined = cli("submit", "--json", "--group", "cli-open", "--hold", "true").json()
+    assert joined["groups"] == {"cli-open": gid}
+    live.client().close_group("cli-open")
+    sealed = cli("submit", "--group", "cli-open", "true")
+    assert sealed.code == 1 and sealed.out == ""
+    assert sealed.err.startswith("banyan-submit: ") and "sealed" in sealed.err
+    members = live.client().status(group="cli-open").jobs
+    assert len(members) == 2
+
+
+def test_after_ids_and_group(cli: Runner, live: Cluster) -> None:
+    a, c = cli("submit", "--hold", "--array", "1-2", "true").ids()
+    gid = cli("submit", "--json", "--group", "cli-deps", "--hold", "true").json()["groups"]
+    b = cli("submit", "--after", f"{a}", "--after-any", "cli-deps", "--after-fail", f"{c}", "true")
+    deps = live.client().job(b.ids()[0]).raw["depends_on"]
+    assert deps == [
+        {"kind": "after", "job": a},
+        {"kind": "after_any", "group": gid["cli-deps"]},
+        {"kind": "after_fail", "job": c},
+    ]
+    assert cli("submit", "--after", "999999", "true").code == 1
+
+
+def test_each_line_becomes_a_job(cli: Runner, live: Cluster, tmp_path: Path) -> None:
+    items = tmp_path / "items"
+    items.write_text("alpha\n\n  beta  \ngamma delta\n")
+    r = cli("submit", "--each", str(items), "--name", "e-{}", "echo item={}")
+    ids = r.ids()
+    assert len(ids) == 3
+    assert set(finish(live, ids).values()) == {"terminated/success"}
+    infos = live.client().status(ids, detail=True).jobs
+    assert [j.raw["output_tail"]["stdout"] for j in infos] == [
+        "item=alpha\n",
+        "item=beta\n",
+        "item=gamma delta\n",
+    ]
+    assert [j.name for j in infos] == ["e-alpha", "e-beta", "e-gamma delta"]
+
+
+def test_each_from_stdin_appends_the_line(
+    cli: Runner, live: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("it's one\ntwo\n"))
+    ids = cli("submit", "--each", "-", "--hold", "echo").ids()
+    commands = [j.raw["command"] for j in live.client().status(ids).jobs]
+    assert commands == ["echo 'it'\"'\"'s one'", "echo two"]
+
+
+def test_array_with_step(cli: Runner, live: Cluster) -> None:
+    ids = cli("submit", "--array", "0-6:3,10", "echo {} $BANYAN_ARRAY_INDEX").ids()
+    assert len(ids) == 4
+    finish(live, ids)
+    tails = [j.raw["output_tail"]["stdout"] for j in live.client().status(ids, detail=True).jobs]
+    assert tails == ["0 0\n", "3 3\n", "6 6\n", "10 10\n"]
+
+
+def test_large_array_is_one_request(
+    cluster: Cluster, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kinds: list[str] = []
+    real = Client.request
+
+    def counting(self: Client, kind: str, body: dict[str, Any], **kw: Any) -> Any:
+        kinds.append(kind)
+        return real(self, kind, body, **kw)
+
+    monkeypatch.setattr(Client, "request", counting)
+    r = runner(cluster, capsys)("submit", "--hold", "--array", "1-10000", "echo {}")
+    assert r.code == 0, r.err
+    assert kinds == ["submit"] and len(r.ids()) == 10_000
+
+
+def test_building_100k_jobs_is_fast() -> None:
+    from docopt import docopt
+
+    args = dict(docopt(submit.USAGE, ["--array", "0-99999", "run {}"], options_first=True))
+    t0 = time.perf_counter()
+    jobs, _ = submit.build(args)
+    assert len(jobs) == 100_000 and jobs[-1]["command"] == "run 99999"
+    assert time.perf_counter() - t0 < scaled(3)
+
+
+def test_file_workflow_with_keys_and_groups(cli: Runner, live: Cluster, tmp_path: Path) -> None:
+    flow = {
+        "defaults": {"time_limit": "10m", "env": {"STAGE": "x"}},
+        "groups": [{"name": "cli-sweep"}],
+        "jobs": [
+            {"key": "prep", "command": "echo prep"},
+            {
+                "key": "a",
+                "command": ["echo", "fit a"],
+                "groups": ["cli-sweep"],
+                "depends_on": ["prep"],
+            },
+            {"command": "echo fit b", "groups": "cli-sweep", "depends_on": [{"key": "prep"}]},
+            {"command": "echo report $STAGE", "depends_on": ["cli-sweep"], "env": {"STAGE": "y"}},
+        ],
+    }
+    path = tmp_path / "flow.json"
+    path.write_text(json.dumps(flow))
+    r = cli("submit", "--json", "--wait", "--priority", "2", "--file", str(path))
+    assert r.code == 0, r.err
+    doc = r.json()
+    prep, a, b, report = doc["jobs"]
+    assert set(doc["groups"]) == {"cli-sweep"}
+    info = {j.id: j.raw for j in live.client().status([prep, a, b, report], detail=True).jobs}
+    assert info[a]["depends_on"] == [{"kind": "after", "job": prep}]
+    assert info[a]["groups"] == ["cli-sweep"] and info[a]["command"] == "echo 'fit a'"
+    sweep = doc["groups"]["cli-sweep"]
+    assert info[report]["depends_on"] == [{"kind": "after", "group": sweep}]
+    assert info[report]["output_tail"]["stdout"] == "report y\n"
+    assert {i["priority"] for i in info.values()} == {2}
+    assert {i["time_limit"] for i in info.values()} == {600}
+
+
+@pytest.mark.parametrize(
+    ("flow", "message"),
+    [
+        ('[{"command": "x", "colour": 1}]', "unknown field 'colour'"),
+        ('[{"command": "x", "depends_on": [{"key": "nope"}]}]', "no job in this file"),
+        ('[{"key": "a", "command": "x"}, {"key": "a", "command": "y"}]', "also jobs[0]'s key"),
+        ('[{"command": "x", "cpus": "many"}]', "jobs[0].cpus"),
+        ("{not json", "not valid JSON"),
+        ('[{"name": "no command"}]', 'no "command"'),
+    ],
+)
+def test_bad_workflow_files_are_usage_errors(
+    cli: Runner, tmp_path: Path, flow: str, message: str
+) -> None:
+    path = tmp_path / "flow.json"
+    path.write_text(flow)
+    r = cli("submit", "--file", str(path))
+    assert r.code == 2 and message in r.err and "Traceback" not in r.err
+
+
+def test_wait_exit_codes(cli: Runner) -> None:
+    good = cli("submit", "--wait", "--array", "1-3", "true")
+    assert good.code == 0 and len(good.ids()) == 3
+    assert "3 jobs ended, all succeeded" in good.err
+    bad = cli("submit", "--wait", "--array", "1-3", "[ {} != 2 ] || exit 7")
+    assert bad.code == 1
+    assert "1 did not succeed" in bad.err and "exit 7" in bad.err
+    assert "done" in bad.err.splitlines()[0]  # a plain progress line, not a \r display
+    assert "\r" not in bad.err
+
+
+def test_wait_with_json_prints_only_the_json(cli: Runner) -> None:
+    r = cli("submit", "--json", "--wait", "exit 1")
+    assert r.code == 1 and r.err == ""
+    assert list(r.json()) == ["jobs", "groups"]
+
+
+def test_submit_key_makes_a_submission_idempotent(cli: Runner, live: Cluster) -> None:
+    first = cli("submit", "--submit-key", "cli-key-1", "--hold", "--array", "1-3", "true")
+    again = cli("submit", "--submit-key", "cli-key-1", "--hold", "--array", "1-3", "true")
+    assert first.code == again.code == 0
+    assert first.ids() == again.ids()
+    waited = cli("submit", "--submit-key", "cli-key-2", "--wait", "true")
+    repeat = cli("submit", "--submit-key", "cli-key-2", "--wait", "true")
+    assert waited.ids() == repeat.ids() and repeat.code == 0
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["submit", "--cpus", "abc", "true"],
+        ["submit", "--cpus", "0", "true"],
+        ["submit", "--array", "5-2", "true"],
+        ["submit", "--array", "x", "true"],
+        ["submit", "--time-limit", "soon", "true"],
+        ["submit", "--memory", "lots", "true"],
+        ["submit", "--attempts", "0", "true"],
+        ["submit", "--open", "true"],
+        ["submit", "--each", "/nonexistent/items", "true"],
+        ["submit", "--array", "1-2", "--file", "x.json"],
+        ["submit", "--file", "x.json", "true"],
+        ["submit", "--bogus", "true"],
+        ["submit"],
+        ["cancel"],
+        ["modify", "12"],
+        ["modify", "12", "--hold", "--release"],
+        ["modify", "abc", "--priority", "1"],
+        ["status", "--interval", "0"],
+        ["status", "--limit", "none"],
+        ["status", "abc"],
+        ["workers", "--drain", "a", "--resume", "b"],
+        ["logs"],
+        ["keygen", "boss", "x"],
+        ["banyan", "frobnicate"],
+    ],
+)
+def test_usage_errors_exit_2(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, argv: list[str]
+) -> None:
+    monkeypatch.setenv("BANYAN_BROKER", f"127.0.0.1:{free_port()}")
+    code = TOOLS[argv[0]](argv[1:])
+    _, err = capsys.readouterr()
+    assert code == 2 and err.strip() and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["submit", "true"],
+        ["submit", "--wait", "true"],
+        ["status"],
+        ["status", "1"],
+        ["cancel", "1"],
+        ["modify", "1", "--priority", "2"],
+        ["workers"],
+        ["stats"],
+        ["logs", "1"],
+    ],
+)
+def test_unreachable_broker_is_one_clear_line(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    broker = ["--broker", f"127.0.0.1:{free_port()}", "--timeout", "0.3"]
+    t0 = time.monotonic()
+    code = TOOLS[argv[0]]([*broker, *argv[1:]])
+    elapsed = time.monotonic() - t0
+    out, err = capsys.readouterr()
+    assert code == 1 and out == ""
+    assert err.startswith(f"banyan-{argv[0]}: no answer from the broker at tcp://127.0.0.1:")
+    assert err.count("\n") == 1
+    assert elapsed < scaled(3)
+
+
+def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    for tool in ("submit", "status", "cancel", "modify", "workers", "stats", "logs", "keygen"):
+        assert TOOLS[tool](["--help"]) == 0
+        assert "Usage:" in capsys.readouterr().out
+
+
+# ---- the umbrella ---------------------------------------------------------------------------
+
+
+def test_banyan_dispatches_to_each_tool(cli: Runner, live: Cluster) -> None:
+    broker = ["--broker", f"127.0.0.1:{live.client_port}"]
+    r = cli("banyan", "submit", *broker, "--hold", "true", broker=False)
+    assert r.code == 0 and len(r.ids()) == 1
+    r2 = cli("banyan", "status", *broker, "--json", str(r.ids()[0]), broker=False)
+    assert r2.json()["jobs"][0]["state"] == "inactive"
+    helped = cli("banyan", "help", "cancel", broker=False)
+    assert helped.code == 0 and "banyan-cancel" in helped.out
+    listing = cli("banyan", "--help", broker=False)
+    assert listing.code == 0 and "submit" in listing.out
+
+
+# ---- cancel and modify ----------------------------------------------------------------------
+
+
+def test_cancel(cli: Runner, live: Cluster) -> None:
+    held = cli("submit", "--hold", "true").ids()[0]
+    r = cli("cancel", "--reason", "not needed", str(held))
+    assert r.code == 0 and r.out == f"cancelled: {held}\n"
+    again = cli("cancel", "--json", str(held))
+    assert again.code == 0 and again.json() == {"cancelled": [], "pending": [], "already": [held]}
+    assert live.client().job(held).raw["cancel_reason"].endswith("not needed")
+    unknown = cli("cancel", "999999")
+    assert unknown.code == 1 and unknown.err == "banyan-cancel: no job 999999\n"
+
+
+def test_cancel_group_and_running_job(cli: Runner, live: Cluster, tmp_path: Path) -> None:
+    flag = tmp_path / "started"
+    ids = cli("submit", "--group", "cli-doomed", f"touch {flag}; sleep 60").ids()
+    wait_for(flag.exists, 10, what="the job to start")
+    r = cli("cancel", "--json", "cli-doomed")
+    assert r.code == 0 and r.json()["pending"] == ids
+    assert finish(live, ids) == {ids[0]: "cancelled/None"}
+    assert cli("cancel", "no-such-group").code == 1
+
+
+def test_modify(cli: Runner, live: Cluster, tmp_path: Path) -> None:
+    job = cli("submit", "--hold", "true").ids()[0]
+    r = cli("modify", str(job), "--priority", "7", "--name", "renamed", "--cpus", "2")
+    assert r.code == 0 and r.out.startswith(f"job {job} (inactive): ")
+    j = cli("modify", "--json", str(job), "--release").json()["job"]
+    assert isinstance(j, dict)
+    assert (j["state"], j["priority"], j["name"], j["cpus"]) == ("available", 7, "renamed", 2)
+    assert finish(live, [job]) == {job: "terminated/success"}
+    flag = tmp_path / "started"
+    running = cli("submit", f"touch {flag}; sleep 60").ids()[0]
+    wait_for(flag.exists, 10, what="the job to start")
+    refused = cli("modify", str(running), "--cpus", "2")
+    assert refused.code == 1 and refused.out == ""
+    assert refused.err.startswith("banyan-modify: cpus: may only be changed while")
+    cli("cancel", str(running))
+
+
+# ---- status ---------------------------------------------------------------------------------
+
+
+def test_status_table_shows_why_jobs_wait(cli: Runner, live: Cluster) -> None:
+    held = cli("submit", "--hold", "--name", "parked", "true").ids()[0]
+    huge = cli("submit", "--cpus", "64", "true").ids()[0]
+    blocked = cli("submit", "--after", str(held), "true").ids()[0]
+    r = cli("status")
+    assert r.code == 0
+    header = r.out.splitlines()[0].split()
+    assert header == [
+        "ID", "NAME", "USER", "STATE", "ATTEMPT", "WORKER", "PROGRESS", "TIME", "REASON",
+    ]  # fmt: skip
+    assert row(r.out, held).split()[1] == "parked" and row(r.out, held).split()[3] == "inactive"
+    assert row(r.out, held).endswith("held")
+    assert "no worker can ever run this: needs 64 cpus, largest worker has 2" in row(r.out, huge)
+    assert row(r.out, blocked).endswith("waiting for 1 dependency")
+    only_held = cli("status", "--state", "inactive", "--json").json()["jobs"]
+    assert isinstance(only_held, list) and held in [j["id"] for j in only_held]
+    assert {j["state"] for j in only_held} == {"inactive"}
+    cli("cancel", str(held), str(huge))
+
+
+def test_status_json_shape(cli: Runner, live: Cluster) -> None:
+    job = cli("submit", "--group", "cli-shape", "echo shaped").ids()[0]
+    finish(live, [job])
+    doc = cli("status", "--json", "--all", "--group", "cli-shape").json()
+    (j,) = doc["jobs"]
+    for key in ("id", "name", "state", "outcome", "exit_code", "attempts", "worker", "progress"):
+        assert key in j
+    for key in ("owner", "depends_on", "groups"):
+        assert key in j
+    assert (j["id"], j["state"], j["outcome"], j["exit_code"]) == (job, "terminated", "success", 0)
+    assert j["groups"] == ["cli-shape"] and j["worker"] == "w1"
+    assert doc["groups"][0]["name"] == "cli-shape"
+    owner = j["owner"]
+    mine = cli("status", "--json", "--all", "--user", owner, str(job)).json()["jobs"]
+    nobody = cli("status", "--json", "--all", "--user", "nobody-else", str(job)).json()["jobs"]
+    assert len(mine) == 1 and nobody == []
+
+
+def test_status_detail(cli: Runner, live: Cluster) -> None:
+    job = cli("submit", "--attempts", "2", "echo to-out; echo to-err >&2; exit 4").ids()[0]
+    finish(live, [job])
+    r = cli("status", str(job))
+    assert r.code == 0
+    text = r.out
+    assert text.startswith(f"job {job}  ")
+    assert "failed: exit 4" in text and "attempt 2 of 2" in text
+    assert "ATTEMPT" in text and "to-out" in text and "to-err" in text
+    assert "\x1b[" not in text  # no colour into a pipe
+    assert cli("status", "999999").code == 1
+
+
+def test_status_watch_stops_after_count(cli: Runner) -> None:
+    r = cli("status", "--watch", "--count", "2", "--interval", "0.2", "--all", "--limit", "3")
+    assert r.code == 0
+    assert r.out.count("ID  NAME") == 2
+    js = cli("status", "--json", "--watch", "--count", "2", "--interval", "0.2", "--limit", "1")
+    assert [set(json.loads(line)) for line in js.out.splitlines()] == [
+        {"jobs", "groups", "truncated"}
+    ] * 2
+
+
+# ---- workers, stats, logs -------------------------------------------------------------------
+
+
+def test_workers_table_json_and_drain(cli: Runner, live: Cluster) -> None:
+    r = cli("workers")
+    assert r.code == 0
+    assert r.out.splitlines()[0].split()[:4] == ["NAME", "HOST", "STATE", "CPUS"]
+    (line,) = [line for line in r.out.splitlines() if line.startswith("w1 ")]
+    assert "/2" in line and "ago" in line
+    (w,) = cli("workers", "--json").json()["workers"]
+    assert w["name"] == "w1" and w["cpus"] == 2
+    try:
+        drained = cli("workers", "--drain", "w1")
+        assert drained.code == 0 and drained.out.startswith("w1: drain")
+    finally:
+        resumed = cli("workers", "--resume", "w1")
+    assert resumed.code == 0 and resumed.out in ("w1: idle\n", "w1: busy\n")
+    assert cli("workers", "--drain", "nope").code == 1
+
+
+def test_stats(cli: Runner, live: Cluster) -> None:
+    finish(live, cli("submit", "true").ids())
+    r = cli("stats")
+    assert r.code == 0
+    for words in ("jobs", "PER MINUTE", "queue wait", "run time", "success", "workers"):
+        assert words in r.out
+    doc = cli("stats", "--json").json()
+    for key in ("counts", "per_minute", "queue_wait", "run_time", "success_rate", "workers"):
+        assert key in doc
+
+
+def test_logs_whole_output_from_the_worker(cli: Runner, live: Cluster) -> None:
+    job = cli("submit", "seq 1 3000; echo oops >&2").ids()[0]
+    finish(live, [job])
+    r = cli("logs", str(job))
+    assert r.code == 0
+    assert r.out == "".join(f"{i}\n" for i in range(1, 3001))  # more than the 4 KiB tail
+    assert cli("logs", "--stderr", str(job)).out == "oops\n"
+    assert cli("logs", "999999").code == 1
+
+
+def test_logs_follow_until_the_job_ends(cli: Runner) -> None:
+    job = cli("submit", "echo one; sleep 0.6; echo two; sleep 0.3; echo three").ids()[0]
+    t0 = time.monotonic()
+    r = cli("logs", "-f", str(job))
+    assert r.code == 0 and r.out == "one\ntwo\nthree\n"
+    assert time.monotonic() - t0 < scaled(10)
+
+
+# ---- keygen ---------------------------------------------------------------------------------
+
+
+def test_keygen(cli: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "home"
+    monkeypatch.setenv("BANYAN_HOME", str(home))
+    r = cli("keygen", "user", "alice", broker=False)
+    assert r.code == 0, r.err
+    public = home / "keys" / "issued" / "alice.key"
+    secret = home / "keys" / "issued" / "alice.key_secret"
+    authorized = home / "keys" / "authorized" / "user" / "alice.key"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    pub, none = zmq.auth.load_certificate(public)
+    pub2, sec = zmq.auth.load_certificate(secret)
+    assert pub == pub2 and none is None and sec
+    assert zmq.auth.load_certificate(authorized)[0] == pub
+    assert "keys/client.key_secret" in r.out and str(secret) in r.out
+    again = cli("keygen", "admin", "alice", broker=False)
+    assert again.code == 1 and "already exists" in again.err
+    doc = cli("keygen", "--json", "worker", "node7", broker=False).json()
+    assert doc["role"] == "worker" and "keys/worker.key_secret" in doc["install"]
+    assert cli("keygen", "user", "../x", broker=False).code == 2
