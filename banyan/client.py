@@ -24,7 +24,7 @@ import zmq
 from banyan import defaults, protocol
 from banyan.config import address, home
 from banyan.errors import BanyanError, from_wire
-from banyan.keys import peer
+from banyan.keys import Curve, peer
 
 
 class BrokerUnavailable(BanyanError):
@@ -164,13 +164,15 @@ class Client:
         self.timeout = timeout
         self.ctx = ctx or zmq.Context.instance()
         self._reqs = itertools.count(1)
-        # This machine's client key and the broker's public key, when keys are set up.
-        self.curve = peer(self.home, "client")
+        self.curve: Curve | None = None
         self.sock: zmq.Socket[Any] = self._socket()
 
     def _socket(self) -> zmq.Socket[Any]:
         sock: zmq.Socket[Any] = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        # This machine's client key and the broker's public key, when keys are set up. Read
+        # at every (re)connect: a broker starting for the first time makes them.
+        self.curve = peer(self.home, "client")
         if self.curve is not None:
             self.curve.apply(sock)
         sock.connect(self.endpoint)

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import lmdb
 import psutil
 
 from banyan.client import Client
@@ -83,6 +84,13 @@ class Report:
 
     def finish(self, out_dir: Path) -> Path:
         """Print the table and write `<out_dir>/<bench>.json`."""
+        probes = [r["probe"] for r in self.runs if isinstance(r.get("probe"), dict)]
+        if probes:
+            p50 = median([p["commit_p50_ms"] for p in probes])
+            p90 = median([p["commit_p90_ms"] for p in probes])
+            self.notes.append(
+                f"bare durable LMDB commit before each run: p50 {p50:.2f} ms, p90 {p90:.2f} ms"
+            )
         print(table(self.figures))
         for note in self.notes:
             print(f"  note: {note}")
@@ -152,13 +160,36 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def repeated(n: int, fn: Callable[[int], T]) -> list[T]:
-    """fn(i) for i in range(n), with a line of progress on stderr."""
+    """fn(i) for i in range(n), with a line of progress on stderr. A run that returns a dict
+    gets the disk probe taken just before it under "probe"."""
     out = []
     for i in range(n):
+        probe = commit_probe()
         started = time.perf_counter()
-        out.append(fn(i))
+        result = fn(i)
+        if isinstance(result, dict):
+            result["probe"] = probe
+        out.append(result)
         print(f"  run {i + 1}/{n}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return out
+
+
+def commit_probe(commits: int = 50) -> dict[str, float]:
+    """How long a bare durable LMDB commit takes right now, next to the brokers' stores.
+
+    No reference cancels the disk out of a figure that fsyncs, and other work on the machine
+    can make fsync ten times slower; the probe says which runs paid that.
+    """
+    with tempfile.TemporaryDirectory(prefix="banyan-probe-") as d:
+        env = lmdb.open(d, map_size=1 << 24, sync=True, metasync=True)
+        times = []
+        for i in range(commits):
+            started = time.perf_counter()
+            with env.begin(write=True) as txn:
+                txn.put(b"%d" % i, b"x" * 100)
+            times.append(time.perf_counter() - started)
+        env.close()
+    return {"commit_p50_ms": median(times) * 1e3, "commit_p90_ms": percentile(times, 90) * 1e3}
 
 
 # ---- processes --------------------------------------------------------------------------------

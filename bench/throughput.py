@@ -10,6 +10,7 @@ every result durable. The reference runs the same 2,000 commands, one `sh -c` ea
 
 from __future__ import annotations
 
+import resource
 import subprocess
 import sys
 import time
@@ -17,19 +18,37 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
 
+import psutil
+
 from banyan.client import Client
 from bench.common import Figure, Report, cluster, median, parser, repeated, workdir
 
 TARGET = 0.6
+CPU_KEYS = ("xargs", "broker", "worker", "jobs")
 
 
 def xargs(n: int, command: str = "true", slots: int = 2) -> float:
     """Seconds for `xargs -P2` to run `sh -c COMMAND` n times."""
+    return xargs_cpu(n, command, slots)[0]
+
+
+def xargs_cpu(n: int, command: str = "true", slots: int = 2) -> tuple[float, float]:
+    """Seconds for `xargs -P2` to run `sh -c COMMAND` n times, and the CPU seconds it used."""
     data = (command + "\n") * n
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     argv = ["xargs", "-d", "\\n", "-P", str(slots), "-n", "1", "sh", "-c"]
     subprocess.run(argv, input=data.encode(), check=True)
-    return time.perf_counter() - started
+    elapsed = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return elapsed, cpu
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(own, reaped children's) CPU seconds of a process."""
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system, t.children_user + t.children_system
 
 
 def through_banyan(client: Client, n: int, command: str = "true") -> float:
@@ -53,6 +72,7 @@ def main() -> int:
     with workdir(args.keep, "w1") as root, cluster(root) as c:
         c.start_broker()
         c.start_worker("w1", cpus=2)
+        broker, worker = c.procs["broker"].pid, c.procs["w1"].pid
         with c.client() as client:
             through_banyan(client, min(n, 50))  # warm up: page cache, first spawns
             if args.profile:
@@ -60,7 +80,18 @@ def main() -> int:
                 c.profile("w1", args.profile / "w1-worker.txt")
 
             def run(_: int) -> dict[str, float]:
-                return {"xargs_s": xargs(n), "banyan_s": through_banyan(client, n)}
+                ref_s, ref_cpu = xargs_cpu(n)
+                broker0, worker0 = cpu_times(broker), cpu_times(worker)
+                got_s = through_banyan(client, n)
+                broker1, worker1 = cpu_times(broker), cpu_times(worker)
+                return {
+                    "xargs_s": ref_s,
+                    "banyan_s": got_s,
+                    "xargs_cpu_ms_per_job": 1e3 * ref_cpu / n,
+                    "broker_cpu_ms_per_job": 1e3 * (broker1[0] - broker0[0]) / n,
+                    "worker_cpu_ms_per_job": 1e3 * (worker1[0] - worker0[0]) / n,
+                    "jobs_cpu_ms_per_job": 1e3 * (worker1[1] - worker0[1]) / n,
+                }
 
             report.runs = repeated(args.repeat, run)
             c.stop_profilers()
@@ -78,6 +109,21 @@ def main() -> int:
             f">= {TARGET} x xargs",
             ratio >= TARGET,
         )
+    )
+    per_job = {k: median([r[f"{k}_cpu_ms_per_job"] for r in report.runs]) for k in CPU_KEYS}
+    total = per_job["broker"] + per_job["worker"] + per_job["jobs"]
+    report.add(
+        Figure("W1 CPU per job, broker", per_job["broker"], "ms"),
+        Figure("W1 CPU per job, worker", per_job["worker"], "ms"),
+        Figure("W1 CPU per job, the jobs", per_job["jobs"], "ms"),
+        Figure(
+            "W1 CPU per job, all",
+            total,
+            "ms",
+            "xargs + sh",
+            per_job["xargs"],
+            total / per_job["xargs"],
+        ),
     )
     report.finish(args.out)
     return 0

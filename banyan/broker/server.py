@@ -10,6 +10,8 @@ durable (SPEC §7).
 from __future__ import annotations
 
 import functools
+import heapq
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -34,6 +36,14 @@ log = logging.getLogger("banyan.broker")
 # Messages taken from one socket per turn: enough to batch commits, few enough that a flood
 # on one socket cannot starve heartbeats on the other.
 BATCH = 512
+# ...and bytes: a turn's cost follows the size of what it applies (mostly jobs submitted), and
+# 512 big submissions in one transaction would hold the loop, heartbeats too, for seconds.
+# About 0.1 s of work on a small machine.
+BATCH_BYTES = 512 * 1024
+# Per client connection: requests queued here before TCP holds the sender back, and replies
+# queued for a client that does not read them; past that it is a slow consumer, and further
+# replies to it are dropped (its requests time out) rather than kept in the broker's memory.
+CLIENT_HWM = (64, 1000)
 # A worker that does not send the output it was asked for within this time is answered for.
 LOG_FETCH_TIMEOUT = 2.0
 
@@ -59,7 +69,7 @@ class Session:
     key: str | None = None  # the authenticated worker key that registered this name
 
 
-@dataclass
+@dataclass(eq=False)
 class Waiter:
     identity: bytes
     req: int
@@ -133,6 +143,10 @@ class Broker:
         self.sessions: dict[str, Session] = {}
         self.names: dict[bytes, str] = {}
         self.waiters: dict[int, list[Waiter]] = {}
+        # Waits with a timeout, soonest first: a step looks only at those that are due, not at
+        # every job anyone waits for (one `wait` on 100k jobs made each step cost 0.15 s).
+        self.deadlines: list[tuple[float, int, Waiter]] = []
+        self._deadline_seq = itertools.count()
         self.fetches: dict[int, LogFetch] = {}
         self.next_fetch = 1
         self.refused = 0
@@ -149,8 +163,11 @@ class Broker:
             sock.curve_publickey, sock.curve_secretkey = self.curve
             sock.zap_domain = domain
         sock.setsockopt(zmq.MAXMSGSIZE, defaults.MAX_MESSAGE_BYTES)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.setsockopt(zmq.SNDHWM, 0)
+        # Workers never lose a message to a queue limit. Clients are bounded both ways, so the
+        # broker's memory is too however hard they flood it (see CLIENT_HWM).
+        client = domain == b"client"
+        sock.setsockopt(zmq.RCVHWM, CLIENT_HWM[0] if client else 0)
+        sock.setsockopt(zmq.SNDHWM, CLIENT_HWM[1] if client else 0)
         if port:
             sock.bind(f"tcp://{self.config.bind}:{port}")
         else:
@@ -520,6 +537,9 @@ class Broker:
         for waiter in turn.waiters:
             for job in waiter.jobs:
                 self.waiters.setdefault(job, []).append(waiter)
+            if waiter.deadline is not None:
+                entry = (waiter.deadline, next(self._deadline_seq), waiter)
+                heapq.heappush(self.deadlines, entry)
         if turn.waiters:
             self._recheck(turn.waiters)
         ended = {e.job for e in turn.events if e.to in ("terminated", "cancelled")}
@@ -546,18 +566,17 @@ class Broker:
 
     def _due_waiters(self, now: float) -> list[Waiter]:
         due = []
-        for job, waiters in list(self.waiters.items()):
-            keep = []
-            for w in waiters:
-                if w.deadline is not None and w.deadline <= now:
-                    if w not in due:
-                        due.append(w)
+        while self.deadlines and self.deadlines[0][0] <= now:
+            waiter = heapq.heappop(self.deadlines)[2]
+            if not waiter.jobs:
+                continue  # answered already: every job it waited for ended
+            for job in waiter.jobs:
+                left = [w for w in self.waiters.get(job, ()) if w is not waiter]
+                if left:
+                    self.waiters[job] = left
                 else:
-                    keep.append(w)
-            if keep:
-                self.waiters[job] = keep
-            else:
-                del self.waiters[job]
+                    self.waiters.pop(job, None)
+            due.append(waiter)
         return due
 
     def _refuse_all(self, inbox: list[Inbound], error: BanyanError) -> Turn:
@@ -633,18 +652,24 @@ def _error(code: str, message: str, req: int) -> bytes:
 
 
 def _drain(sock: zmq.Socket[Any], secure: object) -> list[tuple[list[bytes], str | None]]:
-    """Up to BATCH waiting messages, each with its authenticated `role:name` when secure."""
+    """Up to BATCH waiting messages or BATCH_BYTES (at least one message), each with its
+    authenticated `role:name` when secure."""
     out: list[tuple[list[bytes], str | None]] = []
+    size = 0
     for _ in range(BATCH):
+        if size >= BATCH_BYTES:
+            break
         try:
             if secure is None:
                 out.append((sock.recv_multipart(zmq.NOBLOCK), None))
+                size += sum(len(f) for f in out[-1][0])
                 continue
             frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
         except zmq.Again:
             break
         user = frames[-1].get("User-Id")
         out.append(([f.bytes for f in frames], user if isinstance(user, str) else None))
+        size += sum(len(f) for f in out[-1][0])
     return out
 
 

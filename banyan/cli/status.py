@@ -53,6 +53,7 @@ Options:
   -w --watch            Redraw until Ctrl-C.
   --interval SECONDS    Time between redraws with --watch [default: 2].
   --count N             With --watch, stop after N redraws.
+  --until-done          With --watch, stop once every job shown has ended.
 """
     + CONNECT_OPTIONS
 )
@@ -110,8 +111,10 @@ def watch(client: Client, args: Args, limit: int, interval: float, count: int) -
     shown = 0
     try:
         while True:
+            done = False
             try:
                 st = fetch(client, args, limit)
+                done = all(j.terminal for j in st.jobs)
             except BrokerUnavailable as e:  # a broker restart: keep watching
                 if args["--json"]:
                     raise
@@ -124,6 +127,8 @@ def watch(client: Client, args: Args, limit: int, interval: float, count: int) -
                     screen.show(f"{head}\n\n" + render(st, args, use_color(sys.stdout)))
             shown += 1
             if count and shown >= count:
+                return EXIT_OK
+            if done and args["--until-done"]:
                 return EXIT_OK
             time.sleep(interval)  # the refresh pace the user asked for
     except KeyboardInterrupt:
