@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -146,7 +147,10 @@ class WorkerDaemon:
         return self.stop_requested > 0 and not self.runner.running() and not self.link.unacked
 
     def _timeout(self) -> float:
-        return min(0.25, max(0.0, self.link.next_heartbeat - self.clock()))
+        """Sleep until the next heartbeat, or the runner's next kill or time limit."""
+        now = self.clock()
+        due = min(self.link.next_heartbeat, self.runner.next_deadline() or math.inf)
+        return min(defaults.PROGRESS_INTERVAL, max(0.0, due - now))
 
     def step(self, timeout: float = 0.0) -> None:
         assert self.sock is not None
