@@ -143,13 +143,20 @@ def is_terminal(tx: Tx, job_id: int) -> bool:
     return job is None or job.st.terminal
 
 
-def brief(tx: Tx, ids: list[int]) -> list[dict[str, Any]]:
+def brief(
+    tx: Tx, ids: list[int], seen: dict[int, dict[str, Any] | None] | None = None
+) -> list[dict[str, Any]]:
+    """Short rows for a `waited` reply; `seen` shares them between the replies of one read
+    (a thousand clients waiting for the same jobs cost one load per job, not a thousand)."""
+    seen = {} if seen is None else seen
     out: list[dict[str, Any]] = []
     for job_id in ids:
-        job = tx.get_job(job_id)
-        if job is not None:
-            out.append(
-                {
+        if job_id not in seen:
+            job = tx.get_job(job_id)
+            seen[job_id] = (
+                None
+                if job is None
+                else {
                     "id": job.id,
                     "state": job.state,
                     "outcome": job.outcome,
@@ -157,4 +164,7 @@ def brief(tx: Tx, ids: list[int]) -> list[dict[str, Any]]:
                     "attempts": job.attempts,
                 }
             )
+        row = seen[job_id]
+        if row is not None:
+            out.append(row)
     return out

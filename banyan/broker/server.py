@@ -36,10 +36,10 @@ log = logging.getLogger("banyan.broker")
 # Messages taken from one socket per turn: enough to batch commits, few enough that a flood
 # on one socket cannot starve heartbeats on the other.
 BATCH = 512
-# ...and bytes: a turn's cost follows the size of what it applies (mostly jobs submitted), and
-# 512 big submissions in one transaction would hold the loop, heartbeats too, for seconds.
-# About 0.1 s of work on a small machine.
-BATCH_BYTES = 512 * 1024
+# A turn stops taking client requests once it has worked this long; the rest wait for the
+# next turn, after heartbeats have gone out. 512 big submissions (or waits on many jobs) in one
+# transaction held the loop for seconds, and workers took the broker for dead.
+TURN_BUDGET = 0.1
 # Per client connection: requests queued here before TCP holds the sender back, and replies
 # queued for a client that does not read them; past that it is a slow consumer, and further
 # replies to it are dropped (its requests time out) rather than kept in the broker's memory.
@@ -87,6 +87,7 @@ class Turn:
     events: list[Logged] = field(default_factory=list)
     waiters: list[Waiter] = field(default_factory=list)
     fetches: list[LogFetch] = field(default_factory=list)
+    deferred: list[Inbound] = field(default_factory=list)  # client requests left for later
 
     def merge(self, other: Turn) -> None:
         self.replies += other.replies
@@ -94,6 +95,7 @@ class Turn:
         self.events += other.events
         self.waiters += other.waiters
         self.fetches += other.fetches
+        self.deferred += other.deferred
 
 
 @dataclass
@@ -148,6 +150,7 @@ class Broker:
         self.deadlines: list[tuple[float, int, Waiter]] = []
         self._deadline_seq = itertools.count()
         self.fetches: dict[int, LogFetch] = {}
+        self.backlog: list[Inbound] = []  # client requests a turn left for the next
         self.next_fetch = 1
         self.refused = 0
         self._reported = 0
@@ -212,6 +215,8 @@ class Broker:
         self.close()
 
     def _poll_timeout(self) -> float:
+        if self.backlog:
+            return 0.0
         return max(0.0, min(self.next_heartbeat - self.clock(), self.config.core.heartbeat))
 
     def step(self, timeout: float = 0.0) -> None:
@@ -219,31 +224,38 @@ class Broker:
         ready = dict(self.poller.poll(int(timeout * 1000)))
         if self.zap is not None and self.zap.sock in ready:
             self.zap.handle()
+        # Workers' messages are all taken at once and never deferred; clients' are taken one by
+        # one while the turn's budget lasts (see TURN_BUDGET), after any the last turn left.
         inbox: list[Inbound] = []
-        for kind, sock in (("client", self.client), ("worker", self.worker)):
-            if sock in ready:
-                inbox += [(kind, frames, user) for frames, user in _drain(sock, self.curve)]
+        if self.worker in ready:
+            inbox += [("worker", frames, user) for frames, user in _drain(self.worker, self.curve)]
+        inbox += self.backlog
+        self.backlog = []
+        pull = self.client in ready
         now = self.clock()
         for kind, frames, _ in inbox:
             if kind == "worker" and frames:
                 self._touch(frames[0], now)
         lost = self._expired(now)
         due = self._due_waiters(now)
-        if inbox or lost or due:
-            self._turn(inbox, lost, due, now)
+        if inbox or lost or due or pull:
+            self._turn(inbox, lost, due, now, pull)
         self._expire_fetches(now)
         if now >= self.next_heartbeat:
             self._heartbeat(now)
             self._report_refusals()
 
-    def _turn(self, inbox: list[Inbound], lost: list[str], due: list[Waiter], now: float) -> None:
+    def _turn(
+        self, inbox: list[Inbound], lost: list[str], due: list[Waiter], now: float, pull: bool
+    ) -> None:
         try:
-            turn = self.store.write_batch(lambda tx: self._apply(tx, inbox, lost, due, now))
+            turn = self.store.write_batch(lambda tx: self._apply(tx, inbox, lost, due, now, pull))
         except StoreFull as e:
             log.error("store full: %s; applying this turn's %d messages one by one", e, len(inbox))
             turn, lost = self._one_by_one(inbox, lost, due, now)
         for name in lost:
             self.sessions.pop(name, None)
+        self.backlog = turn.deferred
         self._send(turn, now)
 
     def _one_by_one(
@@ -273,14 +285,31 @@ class Broker:
         lost: list[str],
         due: list[Waiter],
         now: float,
+        pull: bool = False,
     ) -> Turn:
+        """Apply a turn's messages in one transaction. With `pull`, more client requests are
+        taken from the socket while the budget lasts; they join `inbox`, so a run again after
+        the map grew sees them too. Requests past the budget are left in `turn.deferred`."""
         turn = Turn()
-        wake = False
-        for kind, frames, user in inbox:
-            if kind == "client":
-                wake = self._client_message(tx, frames, self._actor(user), now, turn) or wake
-            else:
+        wake = served = False
+        budget = time.monotonic() + TURN_BUDGET
+        n = 0
+        while n < len(inbox) or (pull and n < BATCH):
+            if n == len(inbox):
+                more = _drain(self.client, self.curve, 1)
+                if not more:
+                    break
+                inbox.append(("client", *more[0]))
+            kind, frames, user = inbox[n]
+            n += 1
+            if kind == "worker":
                 wake = self._worker_message(tx, frames, user, now, turn) or wake
+            elif served and time.monotonic() > budget:
+                turn.deferred.append((kind, frames, user))
+                pull = False
+            else:
+                wake = self._client_message(tx, frames, self._actor(user), now, turn) or wake
+                served = True
         for name in lost:
             why = f"worker {name} silent for {self._window():g} s"
             wake = self._in_child(tx, now, turn, _losing(name, why)) or wake
@@ -306,20 +335,32 @@ class Broker:
         role, _, name = user.partition(":")
         return Actor(name, role)
 
+    def _decode(
+        self, kind: str, frames: list[bytes], turn: Turn
+    ) -> tuple[bytes, protocol.Message] | None:
+        """The sender and its message, or None after counting (and where routable, answering)
+        a malformed one."""
+        if len(frames) != 2:
+            self._drop(f"{kind} message with {len(frames)} frames")
+            return None
+        identity, payload = frames
+        allowed = protocol.CLIENT_REQUESTS if kind == "client" else protocol.WORKER_TO_BROKER
+        try:
+            return identity, protocol.decode(payload, allowed)
+        except protocol.ProtocolError as e:
+            self.refused += 1
+            log.info("refused %s message: %s", kind, e.reason)
+            if e.req is not None:
+                turn.replies.append((kind, identity, _error(e.code, e.reason, e.req)))
+            return None
+
     def _client_message(
         self, tx: WriteTx, frames: list[bytes], actor: Actor, now: float, turn: Turn
     ) -> bool:
-        if len(frames) != 2:
-            return self._drop(f"client message with {len(frames)} frames")
-        identity, payload = frames
-        try:
-            msg = protocol.decode(payload, protocol.CLIENT_REQUESTS)
-        except protocol.ProtocolError as e:
-            self.refused += 1
-            log.info("refused client message: %s", e.reason)
-            if e.req is not None:
-                turn.replies.append(("client", identity, _error(e.code, e.reason, e.req)))
+        decoded = self._decode("client", frames, turn)
+        if decoded is None:
             return False
+        identity, msg = decoded
         if msg.type == "logs":
             self._logs(tx, identity, msg, now, turn)
             return False
@@ -422,8 +463,14 @@ class Broker:
             }
         _send(self.client, fetch.identity, protocol.encode("logs", reply, fetch.req))
 
-    def _waited(self, tx: ReadTx, waiter: Waiter, timed_out: bool) -> bytes:
-        jobs = queries.brief(tx, waiter.all_jobs)
+    def _waited(
+        self,
+        tx: ReadTx,
+        waiter: Waiter,
+        timed_out: bool,
+        seen: dict[int, dict[str, Any] | None] | None = None,
+    ) -> bytes:
+        jobs = queries.brief(tx, waiter.all_jobs, seen)
         return protocol.encode("waited", {"jobs": jobs, "timed_out": timed_out}, waiter.req)
 
     # ---- workers ----------------------------------------------------------------------------
@@ -431,16 +478,10 @@ class Broker:
     def _worker_message(
         self, tx: WriteTx, frames: list[bytes], user: str | None, now: float, turn: Turn
     ) -> bool:
-        if len(frames) != 2:
-            return self._drop(f"worker message with {len(frames)} frames")
-        identity, payload = frames
-        try:
-            msg = protocol.decode(payload, protocol.WORKER_TO_BROKER)
-        except protocol.ProtocolError as e:
-            self.refused += 1
-            log.info("refused worker message: %s", e.reason)
-            turn.replies.append(("worker", identity, _error(e.code, e.reason, e.req or 0)))
+        decoded = self._decode("worker", frames, turn)
+        if decoded is None:
             return False
+        identity, msg = decoded
         body = msg.body
         if msg.type == "register":
             name = body["name"]
@@ -560,9 +601,10 @@ class Broker:
                     ready.append(waiter)
         if not ready:
             return
+        seen: dict[int, dict[str, Any] | None] = {}
         with self.store.read() as tx:
             for waiter in ready:
-                _send(self.client, waiter.identity, self._waited(tx, waiter, False))
+                _send(self.client, waiter.identity, self._waited(tx, waiter, False, seen))
 
     def _due_waiters(self, now: float) -> list[Waiter]:
         due = []
@@ -651,25 +693,21 @@ def _error(code: str, message: str, req: int) -> bytes:
     return protocol.encode("error", {"code": code, "message": message}, req)
 
 
-def _drain(sock: zmq.Socket[Any], secure: object) -> list[tuple[list[bytes], str | None]]:
-    """Up to BATCH waiting messages or BATCH_BYTES (at least one message), each with its
-    authenticated `role:name` when secure."""
+def _drain(
+    sock: zmq.Socket[Any], secure: object, limit: int = BATCH
+) -> list[tuple[list[bytes], str | None]]:
+    """Up to `limit` waiting messages, each with its authenticated `role:name` when secure."""
     out: list[tuple[list[bytes], str | None]] = []
-    size = 0
-    for _ in range(BATCH):
-        if size >= BATCH_BYTES:
-            break
+    for _ in range(limit):
         try:
             if secure is None:
                 out.append((sock.recv_multipart(zmq.NOBLOCK), None))
-                size += sum(len(f) for f in out[-1][0])
                 continue
             frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
         except zmq.Again:
             break
         user = frames[-1].get("User-Id")
         out.append(([f.bytes for f in frames], user if isinstance(user, str) else None))
-        size += sum(len(f) for f in out[-1][0])
     return out
 
 

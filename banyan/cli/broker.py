@@ -27,7 +27,7 @@ from docopt import DocoptExit, docopt
 
 from banyan.broker.server import Broker, BrokerConfig
 from banyan.broker.state import Config
-from banyan.cli import EXIT_OK, EXIT_USAGE
+from banyan.cli import EXIT_OK, EXIT_USAGE, daemon_logging
 from banyan.config import home
 
 
@@ -45,11 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     except (DocoptExit, ValueError) as e:
         print(e, file=sys.stderr)
         return EXIT_USAGE
-    logging.basicConfig(
-        level=args["--log-level"].upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    daemon_logging(args["--log-level"])
     log = logging.getLogger("banyan.broker")
     if not config.secure and not _loopback(config.bind):
         log.warning(

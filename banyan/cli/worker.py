@@ -25,7 +25,7 @@ from pathlib import Path
 from docopt import DocoptExit, docopt
 
 from banyan import defaults
-from banyan.cli import EXIT_USAGE
+from banyan.cli import EXIT_USAGE, daemon_logging
 from banyan.config import address, home
 from banyan.keys import peer
 from banyan.worker import resources
@@ -55,11 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     except (DocoptExit, ValueError) as e:
         print(e, file=sys.stderr)
         return EXIT_USAGE
-    logging.basicConfig(
-        level=args["--log-level"].upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    daemon_logging(args["--log-level"])
     logging.getLogger("banyan.worker").info(
         "worker %s: %g cpus, %d MiB, %d gpus, tags %s -> %s",
         config.name,
