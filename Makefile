@@ -31,5 +31,10 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(PY) bench/run_all.py --quick
 
+# The fault-injection scenarios at full size (tests/faults; `make test` runs them reduced), with
+# their summary table at the end. BANYAN_FAULTS_REPORT=FILE also writes the table to FILE.
+faults: $(STAMP)
+	BANYAN_FAULTS_FULL=1 $(PY) -m pytest -q tests/faults
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

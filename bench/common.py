@@ -237,8 +237,12 @@ class Cluster:
         return f"127.0.0.1:{self.client_port}"
 
     def spawn(self, key: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        # In the scratch directory: `python -m` puts the working directory first on sys.path,
+        # and a checkout there would shadow the tree this bench runs from (PYTHONPATH).
         with open(self.root / f"{key}.log", "ab") as log:
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+            proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.root
+            )
         self.procs[key] = proc
         return proc
 

@@ -176,7 +176,9 @@ def array_cli(c: Cluster, jobs: int) -> tuple[float, str]:
     argv = [sys.executable, "-m", "banyan.cli.submit", "--broker", c.address]
     argv += ["--timeout", "600", "--array", f"1-{jobs}", "--", "true"]
     started = time.perf_counter()
-    done = subprocess.run(argv, env=c.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    done = subprocess.run(
+        argv, env=c.env, cwd=c.root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     elapsed = time.perf_counter() - started
     if done.returncode == 0:
         return elapsed, "banyan-submit --array (subprocess)"

@@ -3,6 +3,7 @@ not. The broker must stay up, keep answering, count the refusals, and change not
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 from collections.abc import Iterator
@@ -38,8 +39,8 @@ anything = st.recursive(
     ),
     max_leaves=20,
 )
-CLIENT_TYPES = sorted(protocol.CLIENT_REQUESTS) + ["nope", ""]
-WORKER_TYPES = sorted(protocol.WORKER_TO_BROKER) + ["assign", "nope"]
+CLIENT_TYPES = [*sorted(protocol.CLIENT_REQUESTS), "nope", ""]
+WORKER_TYPES = [*sorted(protocol.WORKER_TO_BROKER), "assign", "nope"]
 FIELDS = [
     "jobs",
     "job",
@@ -136,10 +137,8 @@ class Fuzzer:
     def send(self, frames: list[bytes]) -> None:
         # A peer that fails the handshake never gets connected; a blocking send would wait
         # forever for it.
-        try:
+        with contextlib.suppress(zmq.Again):
             self.sock.send_multipart(frames, zmq.NOBLOCK)
-        except zmq.Again:
-            pass
         self.sent += 1
 
     def settle(self) -> None:

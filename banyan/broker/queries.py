@@ -22,7 +22,8 @@ ACTIVE = (
     JobState.RUNNING.value,
     JobState.PENDING_CANCELLATION.value,
 )
-ALL = (*ACTIVE, JobState.TERMINATED.value, JobState.CANCELLED.value)
+TERMINAL = (JobState.TERMINATED.value, JobState.CANCELLED.value)
+ALL = (*ACTIVE, *TERMINAL)
 
 REPLY = {
     "ping": "pong",
@@ -131,11 +132,13 @@ def wait(tx: Tx, body: dict[str, Any]) -> dict[str, Any]:
         if group is None:
             raise NotFound(f"no group {ref!r}")
         ids += tx.group_members(group.id)
+    seen: dict[int, dict[str, Any] | None] = {}
+    rows = brief(tx, ids, seen)  # one load per job: a wait may name 100k of them
     for job_id in ids:
-        if tx.get_job(job_id) is None:
+        if seen[job_id] is None:
             raise NotFound(f"no job {job_id}")
-    pending = [j for j in ids if not is_terminal(tx, j)]
-    return {"pending": pending, "all": ids, "jobs": brief(tx, ids)}
+    pending = [r["id"] for r in rows if r["state"] not in TERMINAL]
+    return {"pending": pending, "all": ids, "jobs": rows}
 
 
 def is_terminal(tx: Tx, job_id: int) -> bool:

@@ -36,7 +36,8 @@ def start(nonce: str, cgroup: str | None) -> tuple[subprocess.Popen[bytes], int]
     read, write = os.pipe()  # both close on exec: jobs never hold the worker's end
     argv = [sys.executable, "-m", "banyan.worker.watchdog", nonce, *([cgroup] if cgroup else [])]
     try:
-        proc = subprocess.Popen(argv, stdin=read, close_fds=True)
+        # A session of its own: a signal to the worker's whole group does not take it along.
+        proc = subprocess.Popen(argv, stdin=read, close_fds=True, start_new_session=True)
     finally:
         os.close(read)
     return proc, write

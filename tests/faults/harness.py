@@ -28,7 +28,7 @@ from typing import Any
 import psutil
 
 from banyan.client import BrokerUnavailable, Client
-from tests.cluster import scaled
+from tests.cluster import scaled, wait_for
 
 FULL = os.environ.get("BANYAN_FAULTS_FULL", "") not in ("", "0")
 CHUNK = 500  # jobs per status request while auditing
@@ -207,6 +207,28 @@ def orphans(root: Path, grace: float = 3.0) -> list[str]:
     return described
 
 
+def runs_of(log: JobLog, worker: str, count: int) -> list[Run]:
+    """The unfinished runs on `worker`, once there are `count` of them (for wait_for)."""
+    runs = [r for r in log.runs() if r.worker == worker and r.end is None]
+    return runs if len(runs) >= count else []
+
+
+def gone_at(root: Path, worker: str, timeout: float) -> float:
+    """Wall-clock time at which no process of `worker`'s jobs is left (bounded wait)."""
+
+    def on_worker() -> list[int]:
+        spool = str(root / "spool" / worker) + "/"
+        procs = []
+        for p in job_processes(root):
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                if p.environ().get("BANYAN_PROGRESS_FILE", "").startswith(spool):
+                    procs.append(p.pid)
+        return procs
+
+    wait_for(lambda: not on_worker(), timeout, interval=0.01, what=f"{worker}'s jobs to die")
+    return time.time()
+
+
 # ---- the audit --------------------------------------------------------------------------------
 
 
@@ -216,6 +238,7 @@ class Audit:
     jobs: dict[int, dict[str, Any]] = field(default_factory=dict)  # id -> detailed JobInfo
     runs: list[Run] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    outcomes: Counter[str] = field(default_factory=Counter)  # success, failed, ..., cancelled
 
     def check(self, *, allow_concurrent: bool = False) -> None:
         """Fail with every broken invariant at once."""
@@ -293,8 +316,8 @@ def _check_jobs(a: Audit, acked: list[int]) -> None:
         if info is None or info["state"] not in ("terminated", "cancelled"):
             a.row.lost += 1
             continue
-        if info["outcome"] == "success":
-            a.row.completed += 1
+        a.row.completed += 1
+        a.outcomes[info["outcome"] or info["state"]] += 1
         wins = [h for h in info["history"] if h["outcome"] == "success"]
         if len(wins) > 1:
             a.row.succeeded_twice += 1
@@ -346,11 +369,22 @@ def _check_counters(a: Audit, c: Client) -> None:
         for h in info["history"]
         if h["ended"] is not None and h["outcome"] not in (None, "lost")
     )
+    holding: dict[str, list[int]] = {}
+    for job_id, info in a.jobs.items():
+        if info["state"] in ("running", "pending_cancellation"):
+            holding.setdefault(info["worker"], []).append(job_id)
     for w in retrying(c.workers, "workers"):
         if w.completed != completed.get(w.name, 0):
             a.problems.append(
                 f"worker {w.name} counts {w.completed} completed, the attempts say "
                 f"{completed.get(w.name, 0)}"
+            )
+        held = sorted(holding.get(w.name, []))
+        cpus = sum(a.jobs[j]["cpus"] for j in held)
+        if w.state != "lost" and (w.running != held or abs(w.used_cpus - cpus) > 1e-6):
+            a.problems.append(
+                f"worker {w.name} holds {w.running} using {w.used_cpus:g} cpus; the jobs say "
+                f"{held} using {cpus:g}"
             )
 
 

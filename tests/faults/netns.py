@@ -22,7 +22,10 @@ class NetnsUnavailable(Exception):
 
 
 def _ip(*args: str) -> None:
-    done = subprocess.run([IP, *args], capture_output=True, text=True, timeout=30)
+    try:
+        done = subprocess.run([IP, *args], capture_output=True, text=True, timeout=30)
+    except OSError as e:  # no iproute2 here
+        raise NetnsUnavailable(f"cannot run {IP}: {e}") from None
     if done.returncode != 0:
         raise NetnsUnavailable(f"`ip {' '.join(args)}` failed: {done.stderr.strip()}")
 
