@@ -141,11 +141,6 @@ def wait(tx: Tx, body: dict[str, Any]) -> dict[str, Any]:
     return {"pending": pending, "all": ids, "jobs": rows}
 
 
-def is_terminal(tx: Tx, job_id: int) -> bool:
-    job = tx.get_job(job_id)
-    return job is None or job.st.terminal
-
-
 def brief(
     tx: Tx, ids: list[int], seen: dict[int, dict[str, Any] | None] | None = None
 ) -> list[dict[str, Any]]:

@@ -581,16 +581,10 @@ class Broker:
             if waiter.deadline is not None:
                 entry = (waiter.deadline, next(self._deadline_seq), waiter)
                 heapq.heappush(self.deadlines, entry)
-        if turn.waiters:
-            self._recheck(turn.waiters)
+        # Waits registered this turn saw the state as of their own message; whatever ended
+        # after it in this turn is in `turn.events`, so this one pass settles them too.
         ended = {e.job for e in turn.events if e.to in ("terminated", "cancelled")}
         self._wake_waiters(ended)
-
-    def _recheck(self, waiters: list[Waiter]) -> None:
-        """A wait registered this turn may already be met by this same turn's events."""
-        with self.store.read() as tx:
-            done = {j for w in waiters for j in w.jobs if queries.is_terminal(tx, j)}
-        self._wake_waiters(done)
 
     def _wake_waiters(self, ended: set[int]) -> None:
         ready: list[Waiter] = []
