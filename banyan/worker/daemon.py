@@ -51,7 +51,9 @@ class Link:
     """What the worker knows about its connection to the broker."""
 
     registered: bool = False
-    claimed: bool = False
+    # How many more jobs the standing claim at the broker covers. The broker keeps a claim
+    # until it has assigned that many, so one claim serves hundreds of jobs.
+    claim_left: int = 0
     reclaim: bool = False  # the broker refused something: renew the claim at the next heartbeat
     last_heard: float = 0.0
     next_heartbeat: float = 0.0
@@ -97,7 +99,8 @@ class WorkerDaemon:
         if self.config.curve is not None:
             self.config.curve.apply(self.sock)
         self.sock.connect(self.config.broker)
-        self.link.registered = self.link.claimed = False
+        self.link.registered = False
+        self.link.claim_left = 0
         self.link.last_heard = now
         self._send(
             "register",
@@ -197,7 +200,7 @@ class WorkerDaemon:
             for payload, _ in self.link.unacked.values():
                 self.sock.send(payload, zmq.NOBLOCK)  # type: ignore[union-attr]
         elif msg.type == "assign":
-            self.link.claimed = False
+            self.link.claim_left -= len(b["jobs"])
             for a in b["jobs"]:
                 self._start(a, now)
         elif msg.type == "cancel":
@@ -211,7 +214,7 @@ class WorkerDaemon:
             self.link.unacked.pop((b["job"], b["token"]), None)
         elif msg.type == "drain":
             self.draining = not b["resume"] or self.stop_requested > 0
-            self.link.claimed = False
+            self.link.claim_left = 0  # the broker dropped the claim; resuming needs a new one
         elif msg.type == "reregister":
             self._connect(now)
         elif msg.type == "fetch_log":
@@ -288,15 +291,15 @@ class WorkerDaemon:
             },
         )
         self.link.unacked[(done.job, done.token)] = (payload, now)
-        self.link.claimed = False  # room again: renew the claim
         assert self.sock is not None
         with contextlib.suppress(zmq.Again):
             self.sock.send(payload, zmq.NOBLOCK)
 
     def _maybe_claim(self) -> None:
-        if self.link.registered and not self.link.claimed and not self.draining:
+        link = self.link
+        if link.registered and not self.draining and link.claim_left < defaults.MAX_CLAIM // 2:
             self._send("claim", {"max": defaults.MAX_CLAIM})
-            self.link.claimed = True
+            link.claim_left = defaults.MAX_CLAIM
 
     def _timers(self, now: float) -> None:
         link = self.link
@@ -312,7 +315,7 @@ class WorkerDaemon:
             self._send("heartbeat", {"running": rows})
             link.next_heartbeat = now + self.heartbeat
             if link.reclaim:
-                link.claimed = link.reclaim = False
+                link.claim_left, link.reclaim = 0, False
         for key, (payload, sent) in list(link.unacked.items()):
             if now - sent >= defaults.RESULT_RESEND:
                 link.unacked[key] = (payload, now)
