@@ -62,6 +62,8 @@ EDITABLE: dict[str, frozenset[JobState]] = {
 EDITABLE["priority"] = frozenset({S.INACTIVE, S.AVAILABLE})
 
 ADMIN = "admin"
+# A worker with less free cpu than this is full: a claim from it scans nothing.
+MIN_CPUS = 1e-6
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,13 +165,15 @@ class Core:
             new[ids[i]] = self._resolve_deps(i, spec, by_name, ids)
             for name in spec.get("groups", ()):
                 members.setdefault(by_name[name].id, []).append(ids[i])
-        DepGraph(self.tx).check(new, members, joined)
+        if any(new.values()):  # with no new edge no cycle can close
+            DepGraph(self.tx).check(new, members, joined)
 
         for gid, member_ids in members.items():
             self._group_of(by_name, gid).total += len(member_ids)
         for group in by_name.values():
             self.tx.put_group(group)
         born_doomed: list[tuple[int, str]] = []
+        created: list[Job] = []
         for i, spec in enumerate(jobs):
             job = self._new_job(ids[i], actor.name, spec)
             job.groups = [by_name[name].id for name in spec.get("groups", ())]
@@ -183,15 +187,24 @@ class Core:
                 elif verdict != MET and doom is None:
                     doom = verdict
             self.tx.put_job(job)
-            self._log(job, None, "submitted")
+            created.append(job)
             if doom is not None:
                 born_doomed.append((job.id, doom))
+        self._log_submitted(created)
         for job_id, reason in born_doomed:
             self._cancel(self._load(job_id), reason)
         result = {"jobs": ids, "groups": {name: g.id for name, g in by_name.items()}}
         if submit_key:
             self.tx.put_submit_key(actor.name, submit_key, result)
         return result
+
+    def _log_submitted(self, jobs: list[Job]) -> None:
+        """The `submitted` events of a submission, numbered in one go."""
+        if not jobs:
+            return
+        first = self.tx.append_events([(self.now, j.id, None, j.state, "submitted") for j in jobs])
+        self.events += [Logged(seq, j.id, None, j.state) for seq, j in enumerate(jobs, first)]
+        self.wake = self.wake or any(j.eligible for j in jobs)
 
     def _log(self, job: Job, frm: str | None, reason: str | None) -> None:
         seq = self.tx.append_event(self.now, job.id, frm, job.state, reason)
@@ -638,6 +651,8 @@ class Core:
         chosen: list[int] = []
         for scanned, (job_id, (cpus, memory, gpus, tags)) in enumerate(self.tx.eligible()):
             if scanned >= self.config.claim_scan_limit or len(chosen) >= worker.wants:
+                break
+            if free_cpus < MIN_CPUS:  # every job asks for some cpu: nothing more can fit
                 break
             if cpus > free_cpus + 1e-9 or memory > free_mem or gpus > free_gpus:
                 continue

@@ -313,6 +313,9 @@ class ReadTx:
     def put_meta(self, key: str, value: Any) -> None:
         raise ReadOnly("put_meta on a read view")
 
+    def append_events(self, rows: list[tuple[float, int, str | None, str, str | None]]) -> int:
+        raise ReadOnly("append_events on a read view")
+
 
 def _writes(method: Callable[Concatenate[WriteTx, P], T]) -> Callable[Concatenate[WriteTx, P], T]:
     """Count the write for open scans and turn lmdb errors into StoreErrors."""
@@ -331,7 +334,22 @@ def _writes(method: Callable[Concatenate[WriteTx, P], T]) -> Callable[Concatenat
 class WriteTx(ReadTx):
     """One write transaction (or a child of one): implements records.Tx."""
 
-    __slots__ = ()
+    __slots__ = ("_counts",)
+
+    def __init__(self, txn: lmdb.Transaction[bytes], dbs: _Dbs, batch: _Batch) -> None:
+        super().__init__(txn, dbs, batch)
+        self._counts: dict[str, int] = {}  # per-state deltas, written by _flush
+
+    def _flush(self) -> None:
+        """Write the per-state count deltas: once per transaction, not once per job."""
+        for state, delta in self._counts.items():
+            if delta:
+                self._count(state, delta)
+        self._counts.clear()
+
+    def state_counts(self) -> dict[str, int]:
+        self._flush()
+        return super().state_counts()
 
     @contextmanager
     def child(self) -> Iterator[WriteTx]:
@@ -350,6 +368,7 @@ class WriteTx(ReadTx):
         finally:
             self._batch.mutations += 1  # the parent's tree changed (or was restored)
         try:
+            child._flush()
             child._commit()
         except lmdb.Error as exc:
             raise self._batch.note(exc) from exc
@@ -398,11 +417,12 @@ class WriteTx(ReadTx):
 
         old_state = None if old is None else old[_STATE]
         if old_state != job.state:
+            counts = self._counts
             if old_state is not None:
                 txn.delete(_state_key(old_state, job.id), db=db.by_state)
-                self._count(old_state, -1)
+                counts[old_state] = counts.get(old_state, 0) - 1
             txn.put(_state_key(job.state, job.id), b"", db=db.by_state)
-            self._count(job.state, +1)
+            counts[job.state] = counts.get(job.state, 0) + 1
 
         old_groups = [] if old is None else old[_GROUPS]
         if old_groups != job.groups:
@@ -456,6 +476,15 @@ class WriteTx(ReadTx):
         row = Event(seq, time, job, frm, to, reason).pack()
         self._txn.put(_U64.pack(seq), _pack(row), append=True, db=self._db.events)
         return seq
+
+    @_writes
+    def append_events(self, rows: list[tuple[float, int, str | None, str, str | None]]) -> int:
+        """Several events, numbered from the returned seq with one counter update."""
+        first = self.next_id("event", len(rows))
+        put, db = self._txn.put, self._db.events
+        for seq, row in enumerate(rows, first):
+            put(_U64.pack(seq), _pack(Event(seq, *row).pack()), append=True, db=db)
+        return first
 
     @_writes
     def put_meta(self, key: str, value: Any) -> None:
@@ -518,6 +547,7 @@ class Store:
                 tx = WriteTx(txn, self._db, batch)
                 yield tx
                 if batch.failure is None:
+                    tx._flush()
                     tx._commit()
                     return
             except lmdb.Error as exc:  # from commit, or a getter in a failed transaction
