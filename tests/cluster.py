@@ -18,6 +18,7 @@ from typing import TypeVar
 
 import psutil
 
+from banyan.broker.store import Store
 from banyan.client import Client
 
 TIME_FACTOR = float(os.environ.get("BANYAN_TIME_FACTOR", "1"))
@@ -168,6 +169,17 @@ class Cluster:
         proc.send_signal(sig)
         if sig in (signal.SIGKILL, signal.SIGTERM):
             proc.wait(timeout=scaled(20))
+
+    def dump(self, restart: bool = True) -> bytes:
+        """The job, group, attempt and edge records, read with the broker stopped."""
+        self.kill("broker", signal.SIGTERM)
+        store = Store(self.state_dir)
+        try:
+            return store.dump()
+        finally:
+            store.close()
+            if restart:
+                self.start_broker()
 
     def log(self, key: str) -> str:
         return (self.root / f"{key}.log").read_text(errors="replace")

@@ -16,7 +16,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from banyan import keys, protocol
-from banyan.broker.store import Store
 from tests.cluster import Cluster, scaled
 
 BATCH = 200
@@ -161,15 +160,6 @@ def protocol_error_probe() -> bytes:
     return packb([1, "no-such-type", MARK, {}])
 
 
-def dump(cluster: Cluster) -> bytes:
-    cluster.kill("broker", 15)
-    store = Store(cluster.state_dir)
-    try:
-        return store.dump()
-    finally:
-        store.close()
-
-
 @pytest.fixture
 def seeded(cluster: Cluster) -> Iterator[tuple[Cluster, bytes]]:
     admin = cluster.client()
@@ -180,8 +170,7 @@ def seeded(cluster: Cluster) -> Iterator[tuple[Cluster, bytes]]:
         ],
         groups=[{"name": "g"}],
     )
-    before = dump(cluster)
-    cluster.start_broker()
+    before = cluster.dump()
     yield cluster, before
 
 
@@ -213,6 +202,6 @@ def test_fuzz_changes_nothing(seeded: tuple[Cluster, bytes], socket_kind: str) -
     finally:
         authed.close()
         stranger.close()
-    assert dump(cluster) == before
+    assert cluster.dump(restart=False) == before
     counted = re.findall(r"stopped; (\d+) messages refused", cluster.log("broker"))
     assert counted and int(counted[-1]) >= authed.sent * 0.9

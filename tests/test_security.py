@@ -10,7 +10,6 @@ import pytest
 import zmq
 
 from banyan import keys, protocol
-from banyan.broker.store import Store
 from banyan.client import BrokerUnavailable, Client
 from banyan.errors import Forbidden
 from tests.cluster import Cluster, scaled, wait_for
@@ -32,21 +31,10 @@ def client(cluster: Cluster, home: Path, timeout: float = 1.0) -> Client:
     return c
 
 
-def dump(cluster: Cluster) -> bytes:
-    """The job, group and attempt records, read with the broker stopped."""
-    cluster.kill("broker", 15)
-    store = Store(cluster.state_dir)
-    try:
-        return store.dump()
-    finally:
-        store.close()
-        cluster.start_broker()
-
-
 def test_client_without_keys_or_with_unknown_key_gets_nothing(cluster: Cluster) -> None:
     admin = cluster.client()
     admin.submit("true", hold=True)
-    before = dump(cluster)
+    before = cluster.dump()
     nokeys = client(cluster, cluster.root / "empty-home")
     with pytest.raises(BrokerUnavailable):
         nokeys.submit("true")
@@ -56,7 +44,7 @@ def test_client_without_keys_or_with_unknown_key_gets_nothing(cluster: Cluster) 
     shutil.copyfile(cluster.home / "keys" / "broker.key", stranger / "keys" / "broker.key")
     with pytest.raises(BrokerUnavailable):
         client(cluster, stranger).submit("true")
-    assert dump(cluster) == before
+    assert cluster.dump() == before
 
 
 def test_worker_key_refused_on_client_socket(cluster: Cluster) -> None:
