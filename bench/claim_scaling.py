@@ -1,13 +1,15 @@
 """Does taking the next job cost the same with 1,000 or 1,000,000 jobs queued?
 
 Fills a fresh store with N eligible jobs (through `Store.write_batch` and `put_job`, 50,000
-per transaction), then times three things, each with its own commit:
+per transaction), then times four things, each with its own commit:
 
 - index: take the first eligible job, write it back as running (the store's part of a claim);
 - match: a worker with room claims one job through `Core.claim` + `Core.match` (what the
   broker's turn runs: worker record, attempt, event, assignment);
-- match, worker full: a claim by a worker too small for any queued job, which scans the
-  eligible index up to CLAIM_SCAN_LIMIT entries and assigns nothing.
+- match, no queued job fits: a claim by a worker too small for every queued job, which scans
+  the eligible index up to CLAIM_SCAN_LIMIT entries and assigns nothing;
+- match, worker has no free cpu: the same for a worker whose one cpu is taken (W1's case: a
+  standing claim from a busy worker, matched again at every result).
 
 The median with the big queue is compared with the median with the small one, same run.
 
@@ -125,6 +127,9 @@ def measure(store: Store, claims: int) -> dict[str, dict[str, float]]:
     requeue(store)
     out["match_full"] = stats([match(store, "full", 0) for _ in range(claims)])
     requeue(store)
+    match(store, "busy", 1)  # its one cpu now runs a job
+    out["match_busy"] = stats([match(store, "busy", 0) for _ in range(claims)])
+    requeue(store)
     return out
 
 
@@ -148,6 +153,7 @@ def main() -> int:
             fill_s = fill(stores[n], n)
             register(stores[n], "roomy", 1e6)
             register(stores[n], "full", 0.5)  # every queued job asks for 1 cpu
+            register(stores[n], "busy", 1.0)
             for _ in range(20):  # warm the cursor paths and the page cache
                 claim(stores[n])
             requeue(stores[n])
@@ -172,7 +178,8 @@ def main() -> int:
     labels = {
         "index": "claim (index + commit)",
         "match": "claim via Core.match",
-        "match_full": "match, worker full",
+        "match_full": "match, no queued job fits",
+        "match_busy": "match, worker has no free cpu",
     }
     for kind, label in labels.items():
         r = ratio(kind)
