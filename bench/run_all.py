@@ -5,7 +5,7 @@ Each benchmark runs as its own process with the flags given here, writes its JSO
 docs/performance.md quotes).
 
     python bench/run_all.py            # full sizes: about 10 minutes on 2 cores
-    python bench/run_all.py --quick    # small sizes: proves every benchmark works
+    python bench/run_all.py --quick    # small sizes, about 90 s: proves every benchmark works
     python bench/run_all.py --only throughput,latency
 """
 
