@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from banyan.client import Client
@@ -83,10 +84,10 @@ class Demo:
                 proc.wait(timeout=5)
 
 
-def until(cond: object, what: str, timeout: float = 30.0) -> None:
+def until(cond: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if callable(cond) and cond():
+        if cond():
             return
         time.sleep(0.1)
     raise SystemExit(f"demo: timed out waiting for {what}")
