@@ -47,6 +47,9 @@ MAX_MAP_SIZE = 1 << 40
 
 # Worker: progress at most 4 times a second is live enough for a human and cheap for the broker.
 PROGRESS_INTERVAL = 0.25
+# A job's `started` report waits this long: one that ends sooner is reported once, by its
+# result (which carries the runtime), saving the broker a durable commit per short job.
+STARTED_REPORT_DELAY = 0.02
 # Unacknowledged results are sent again this often.
 RESULT_RESEND = 2.0
 # Reconnect backoff after the broker goes quiet.

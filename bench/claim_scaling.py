@@ -6,8 +6,10 @@ per transaction), then times four things, each with its own commit:
 - index: take the first eligible job, write it back as running (the store's part of a claim);
 - match: a worker with room claims one job through `Core.claim` + `Core.match` (what the
   broker's turn runs: worker record, attempt, event, assignment);
-- match, no queued job fits: a claim by a worker too small for every queued job, which scans
-  the eligible index up to CLAIM_SCAN_LIMIT entries and assigns nothing;
+- match, no queued job fits: a claim by a worker too small for every queued job. The first
+  scans the eligible index up to CLAIM_SCAN_LIMIT entries, assigns nothing and leaves a note;
+  the others find the note (no entry joined or left the index, the worker has no more room)
+  and skip the scan, so the median is the note's cost, and the max the scan's;
 - match, worker has no free cpu: the same for a worker whose one cpu is taken (W1's case: a
   standing claim from a busy worker, matched again at every result).
 

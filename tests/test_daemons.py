@@ -289,3 +289,20 @@ def test_logs_of_running_and_ended_job(cluster: Cluster, tmp_path: Path) -> None
     stored = c.logs(j)  # its worker is gone: the stored 4 KiB tail
     assert not stored.live and stored.eof and stored.data.endswith(b"3000\n")
     assert len(stored.data) <= 4096
+
+
+def test_idle_worker_stays_alive_and_gets_work(cluster: Cluster) -> None:
+    """An idle worker's heartbeats skip the broker's transaction; they still keep it alive."""
+    cluster.start_worker("w1")
+    c = cluster.client()
+    time.sleep(3 * WINDOW)
+    (w,) = c.workers()
+    assert (w.name, w.state) == ("w1", "idle"), w
+    job = c.submit("echo still here").jobs[0]
+    assert ended(c, [job]) == {job: "terminated/success"}
+    (w,) = c.workers()
+    assert w.completed == 1, w
+    attempt = c.job(job).raw["history"][0]
+    # A job this short ends before its `started` report is due: the result dates the start.
+    assert attempt["started"] is not None
+    assert attempt["claimed"] <= attempt["started"] <= attempt["ended"]

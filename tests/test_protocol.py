@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import enum
+import math
 from typing import Any
 
 import msgpack
@@ -355,7 +356,23 @@ def test_worker_defaults() -> None:
         "signal": None,
         "stdout_tail": b"",
         "stderr_tail": b"",
+        "runtime": None,
     }
+    started = decode(encode("started", {"job": 1, "token": 2, "pid": 3}), WORKER_TO_BROKER)
+    assert started.body["age"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("kind", "body"),
+    [
+        ("started", {"job": 1, "token": 2, "pid": 3, "age": -0.5}),
+        ("started", {"job": 1, "token": 2, "pid": 3, "age": math.inf}),
+        ("result", {"job": 1, "token": 2, "outcome": "exited", "runtime": -1}),
+        ("result", {"job": 1, "token": 2, "outcome": "exited", "runtime": "1"}),
+    ],
+)
+def test_durations_are_finite_and_not_negative(kind: str, body: dict[str, Any]) -> None:
+    refuse(frame(kind, body), WORKER_TO_BROKER)
 
 
 def test_modify_set_carries_only_what_was_sent() -> None:
@@ -1107,3 +1124,74 @@ def test_fuzz_deep_nesting(
     prefix = b"\x94\x01" + msgpack.packb(mtype) + b"\x00"
     cell = b"\x81\xa4jobs" if as_map else b"\x91"
     must_only_raise_protocol_error(prefix + cell * depth + b"\x01", allowed)
+
+
+# ---- the JobSpec fast path --------------------------------------------------------------------
+
+_SPECS: list[Any] = [
+    {"command": "true"},
+    {"command": "true", "cwd": "/w", "env": {"I": "1"}, "tags": ["a"], "cpus": 2},
+    {"command": "x", "name": "n", "hold": True, "groups": ["g"], "depends_on": [{"local": 1}]},
+    {"command": "true", "cpus": True},  # a bool is not a number
+    {"command": "true", "cpus": -1, "memory": "lots"},  # two faults: the first field's is told
+    {"memory": "lots", "command": "true", "cpus": -1},  # whatever order they came in
+    {"command": "true", "bogus": 1, "cpus": -1},
+    {"cpus": 1},  # no command
+    {"comand": "true"},  # misspelt: "unknown" explains it best
+    {"command": "true", "env": {"A=B": "1"}},
+    {"command": "true", "env": {"A": "x\0y"}},
+    {"command": "true", "env": {1: "x"}},
+    {"command": "true", "env": ["A"]},
+    {"command": "true", "tags": "ssd"},
+    {"command": ""},
+    "not a map",
+    None,
+]
+
+
+@pytest.mark.parametrize("raw", _SPECS)
+def test_job_spec_fast_path_answers_as_the_full_check(raw: Any) -> None:
+    full = p._straight(p._JOB_FIELDS, None)
+
+    def outcome(check: Any) -> Any:
+        try:
+            out = check(raw)
+        except p._Bad as e:
+            return ("refused", p._reason(e))
+        return ("ok", list(out.items()))
+
+    assert outcome(p._JOB_SPEC) == outcome(full)
+
+
+def test_job_spec_fast_path_never_shares_defaults() -> None:
+    a, b = (p._JOB_SPEC({"command": "true"}) for _ in range(2))
+    for name in ("env", "tags", "depends_on", "groups"):
+        assert a[name] == b[name] and a[name] is not b[name]
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},
+        {"A": "1", "B": ""},
+        {"A=B": "1"},
+        {"": "1"},
+        {"A": "x\0"},
+        {"A\0": "x"},
+        {1: "x"},
+        {"A": 1},
+        {"A": True},
+        ["A"],
+        None,
+        {f"K{i}": "v" for i in range(defaults.MAX_ENV_ENTRIES + 1)},
+        {"A" * (defaults.MAX_NAME + 1): "v"},
+    ],
+)
+def test_env_fast_path_answers_as_the_map_check(env: Any) -> None:
+    def outcome(check: Any) -> Any:
+        try:
+            return ("ok", check(env))
+        except p._Bad as e:
+            return ("refused", p._reason(e))
+
+    assert outcome(p._env) == outcome(p._ENV_MAP)

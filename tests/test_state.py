@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import functools
 import operator
+from typing import Any
 
 import pytest
 
 from banyan.broker.records import JobState, WorkerState
 from banyan.broker.state import TRANSITIONS, Config
+from banyan.broker.store import WriteTx
 from banyan.broker.views import waiting_reason
 from banyan.errors import BadRequest, Conflict, Forbidden, NotFound
 from tests.statekit import ALICE, BOB, ROOT, Harness, after, spec
@@ -149,6 +151,64 @@ def test_claim_waits_until_a_job_is_submitted(h):
     (j,) = h.submit(spec())
     assert h.assigned("w") == [j]
     assert h.state(j) == "running"
+
+
+@pytest.fixture
+def scans(monkeypatch):
+    """How many times a claim has scanned the eligible index."""
+    seen: list[int] = []
+    original = WriteTx.eligible
+
+    def counted(self: WriteTx) -> Any:
+        seen.append(1)
+        return original(self)
+
+    monkeypatch.setattr(WriteTx, "eligible", counted)
+    return seen
+
+
+def test_an_empty_scan_is_not_repeated_until_a_job_could_fit(h, scans):
+    h.add_worker("w", cpus=2, tags=["ssd"])
+    h.submit(spec(cpus=4), spec(tags=["gpu"]))
+    assert h.claim("w") == []
+    before = len(scans)
+    assert h.claim("w") == [] and h.claim("w", 3) == []
+    assert len(scans) == before  # nothing joined the queue and the worker did not grow
+    (fits,) = h.submit(spec(cpus=2))  # a new eligible job: the standing claim takes it
+    assert h.assigned("w") == [fits]
+
+
+def test_an_empty_scan_is_repeated_once_the_worker_has_more_room(h, scans):
+    h.add_worker("w", cpus=2)
+    first, second = h.submit(spec(cpus=1), spec(cpus=2))
+    (a,) = h.claim("w", 2)
+    assert a["job"] == first
+    assert h.claim("w") == []  # 1 cpu free, the queued job wants 2
+    before = len(scans)
+    h.finish("w", a)
+    assert [b["job"] for b in h.claim("w")] == [second]
+    assert len(scans) > before
+
+
+def test_a_scan_cut_short_is_repeated_when_the_queue_moves(tmp_path, scans):
+    h = Harness(tmp_path / "store", Config(claim_scan_limit=2))
+    h.add_worker("big", cpus=8)
+    h.add_worker("small", cpus=1)
+    big1, _ = h.submit(spec(cpus=8, priority=9), spec(cpus=8, priority=9))
+    (small,) = h.submit(spec(cpus=1))
+    assert h.claim("small") == []  # the limit stops it on the two big ones
+    # `big` takes one big job: the small one comes within reach of the limit.
+    assert [a["job"] for a in h.claim("big")] == [big1]
+    assert h.assigned("small") == [small]
+    h.store.close()
+
+
+def test_an_empty_scan_is_repeated_after_a_priority_change(h, scans):
+    h.add_worker("w", cpus=1)
+    _, wanted = h.submit(spec(cpus=2), spec(cpus=1, priority=-5, hold=True))
+    assert h.claim("w") == []
+    h.do(lambda c: c.modify(ALICE, wanted, {"priority": 5}, release=True))
+    assert h.assigned("w") == [wanted]
 
 
 # ---- results, retries, fencing ---------------------------------------------------------------

@@ -81,11 +81,25 @@ def check_indexes(store: Store) -> None:
 
 def test_next_id_counters_start_at_one_and_are_independent(store: Store) -> None:
     with store.write() as tx:
-        assert [tx.next_id("job") for _ in range(3)] == [1, 2, 3]
-        assert tx.next_id("group") == 1
-    with store.write() as tx:
-        assert tx.next_id("job") == 4
+        assert [tx.next_id("group") for _ in range(3)] == [1, 2, 3]
         assert tx.next_id("token") == 1
+    with store.write() as tx:
+        assert tx.next_id("group") == 4
+        assert tx.next_id("token", 5) == 2
+        assert tx.last_id("token") == 6
+
+
+def test_job_ids_and_event_seqs_follow_their_tables(store: Store) -> None:
+    with store.write() as tx:
+        assert (tx.next_job_id(), tx.last_id("job"), tx.last_id("event")) == (1, 0, 0)
+        tx.put_job(job(7))
+        assert (tx.next_job_id(), tx.last_id("job")) == (8, 7)
+        assert tx.append_events([(1.0, 7, None, AVAILABLE, None)] * 2) == 1
+        assert tx.append_event(2.0, 7, AVAILABLE, RUNNING, None) == 3
+        assert tx.last_id("event") == 3
+        for counter in ("job", "event"):
+            with pytest.raises(StoreError, match="from their table"):
+                tx.next_id(counter)
 
 
 def test_job_round_trip_and_missing(store: Store) -> None:
@@ -386,11 +400,11 @@ def test_outer_abort_leaves_store_untouched(store: Store) -> None:
     with pytest.raises(RuntimeError), store.write() as tx:
         tx.put_job(job(2))
         tx.put_group(Group(1, "g", "ann", 1.0))
-        tx.next_id("job")
+        tx.next_id("group")
         raise RuntimeError("refused")
     assert store.dump() == before
     with store.write() as tx:
-        assert tx.next_id("job") == 1
+        assert tx.next_id("group") == 1
         assert tx.group_by_name("g") is None
 
 
@@ -403,18 +417,18 @@ def test_child_abort_leaves_parent_untouched_and_commit_merges(store: Store) -> 
             j.state = RUNNING
             child.put_job(j)
             child.put_job(job(2))
-            assert child.next_id("job") == 1
+            assert child.next_id("token") == 1
             raise RuntimeError("refused")
         assert tx.get_job(2) is None
         assert list(tx.eligible()) == [(1, (1.0, 0, 0, []))]
         assert tx.state_counts()["running"] == 0
         with tx.child() as child:
             child.put_job(job(3))
-            assert child.next_id("job") == 1
+            assert child.next_id("token") == 1
             with child.child() as grandchild:
                 grandchild.put_job(job(4))
         assert [i for i, _ in tx.eligible()] == [1, 3, 4]
-        assert tx.next_id("job") == 2
+        assert tx.next_id("token") == 2
     assert eligible_ids(store) == [1, 3, 4]
 
 
@@ -474,7 +488,7 @@ def test_reopen_shows_exactly_what_was_committed(tmp_path: Path) -> None:
             assert len(tx.events_from(1, 10)) == 1
             assert tx.claimers() == ["w"]
             assert tx.get_meta("m") == [1]
-            assert tx.next_id("event") == 2
+            assert tx.last_id("event") == 1
 
 
 def test_read_view_is_a_snapshot_and_refuses_writes(store: Store) -> None:
@@ -485,7 +499,9 @@ def test_read_view_is_a_snapshot_and_refuses_writes(store: Store) -> None:
         assert [i for i, _ in view.eligible()] == [1]
         for write in (
             lambda: view.put_job(job(3)),
-            lambda: view.next_id("job"),
+            lambda: view.next_id("token"),
+            lambda: view.put_new_jobs([]),
+            lambda: view.note_empty_scan("w", True, None),
             lambda: view.put_attempt(Attempt(1, 1, 1, "w", 0.0)),
             lambda: view.add_dependent("job", 1, 2, "after"),
             lambda: view.put_group(Group(1, "g", "ann", 1.0)),
@@ -696,3 +712,125 @@ def test_dump_is_deterministic(tmp_path: Path) -> None:
         with b.write() as tx:
             tx.add_dependent("job", 1, 2, "after")
         assert a.dump() != b.dump()
+
+
+# -- new jobs, notes and the layout ---------------------------------------------------------
+
+
+def test_put_new_jobs_keeps_the_same_indexes_as_put_job(tmp_path: Path) -> None:
+    rng = random.Random(7)
+    jobs = [
+        job(
+            i,
+            state=rng.choice([AVAILABLE, JobState.INACTIVE.value]),
+            pending=rng.choice([0, 0, 1]),
+            priority=rng.randint(-2, 2),
+            cpus=rng.choice([1.0, 2.0]),
+            tags=rng.choice([[], ["ssd"]]),
+            groups=rng.choice([[], [1], [1, 2]]),
+        )
+        for i in range(1, 200)
+    ]
+    with Store(tmp_path / "a", sync=False) as a, Store(tmp_path / "b", sync=False) as b:
+        put(a, *jobs)
+        with b.write() as tx:
+            tx.put_new_jobs([j.pack() for j in jobs[:50]])
+            with tx.child() as child:
+                child.put_new_jobs([j.pack() for j in jobs[50:]])
+        assert a.dump() == b.dump()
+        assert eligible_ids(a) == eligible_ids(b)
+        for s in (a, b):
+            check_indexes(s)
+        with a.read() as ta, b.read() as tb:
+            assert ta.state_counts() == tb.state_counts()
+            assert list(ta.group_members(2)) == list(tb.group_members(2))
+
+
+def test_put_new_jobs_refuses_a_taken_id(store: Store) -> None:
+    put(store, job(5))
+    with pytest.raises(StoreError, match="already taken"), store.write() as tx:
+        tx.put_new_jobs([job(5, command="again").pack()])
+    with pytest.raises(StoreError, match="already taken"), store.write() as tx:
+        tx.put_new_jobs([job(3).pack()])  # below the last id, but free: taken without appending
+        tx.put_new_jobs([job(3).pack()])
+    assert eligible_ids(store) == [5]
+    with store.read() as view:
+        assert view.get_job(5) == job(5)
+
+
+def test_counts_written_once_by_the_outer_transaction(store: Store) -> None:
+    with store.write() as tx:
+        with tx.child() as child:
+            child.put_job(job(1))
+            with child.child() as grandchild:
+                grandchild.put_job(job(2))
+                assert grandchild.state_counts()[AVAILABLE] == 2
+        with pytest.raises(RuntimeError), tx.child() as child:
+            child.put_job(job(3))
+            raise RuntimeError
+        assert tx.state_counts()[AVAILABLE] == 2
+    with store.read() as view:
+        assert view.state_counts()[AVAILABLE] == 2
+
+
+def test_empty_scan_notes_follow_the_eligible_index(store: Store) -> None:
+    put(store, job(1), job(2))
+    with store.write() as tx:
+        tx.note_empty_scan("whole", True, "w")
+        tx.note_empty_scan("part", False, "p")
+    with store.read() as view:
+        assert (view.empty_scan("whole"), view.empty_scan("part")) == ("w", "p")
+    with store.write() as tx:  # an entry leaves: only the scan that saw everything still holds
+        j = tx.get_job(1)
+        assert j is not None
+        j.state = RUNNING
+        tx.put_job(j)
+        assert (tx.empty_scan("whole"), tx.empty_scan("part")) == ("w", None)
+    with store.write() as tx:  # an entry joins: nothing holds
+        tx.put_job(job(3))
+        assert tx.empty_scan("whole") is None
+        tx.note_empty_scan("whole", True, "w2")
+    with store.write() as tx:  # an undone child may put entries back
+        with pytest.raises(RuntimeError), tx.child():
+            raise RuntimeError
+        assert tx.empty_scan("whole") is None
+        tx.note_empty_scan("whole", True, "w3")
+    with pytest.raises(RuntimeError), store.write() as tx:
+        raise RuntimeError
+    with store.read() as view:
+        assert view.empty_scan("whole") is None
+        assert view.empty_scan("nobody") is None
+
+
+def test_a_store_from_the_older_layout_is_converted(tmp_path: Path) -> None:
+    with Store(tmp_path / "db") as s:
+        put(s, job(1), job(2, state=RUNNING), job(3))
+        with s.write() as tx:
+            tx.append_events([(1.0, 1, None, AVAILABLE, "submitted")] * 3)
+            expected = tx.state_counts()
+    # Rewrite it as the previous broker kept it: counts in their own table, and counters for
+    # job ids and event seqs in `ids`.
+    env = lmdb.open(str(tmp_path / "db"), max_dbs=20)
+    with env.begin(write=True) as txn:
+        by_state = env.open_db(b"by_state", txn=txn)
+        counts = env.open_db(b"counts", txn=txn)
+        ids = env.open_db(b"ids", txn=txn)
+        for state, n in expected.items():
+            if n:
+                assert txn.pop(state.encode(), db=by_state) is not None
+                txn.put(state.encode(), n.to_bytes(8, "big"), db=counts)
+        txn.put(b"job", (3).to_bytes(8, "big"), db=ids)
+        txn.put(b"event", (3).to_bytes(8, "big"), db=ids)
+    env.close()
+    with Store(tmp_path / "db") as s:
+        with s.write() as tx:
+            assert tx.state_counts() == expected
+            assert (tx.next_job_id(), tx.last_id("event")) == (4, 3)
+            tx.put_job(job(4))
+        with s.read() as view:
+            assert view.state_counts()[AVAILABLE] == expected[AVAILABLE] + 1
+    env = lmdb.open(str(tmp_path / "db"), max_dbs=20)
+    with env.begin() as txn:
+        assert txn.get(b"counts") is None  # the old table is gone from the main DB
+        assert txn.get(b"job", db=env.open_db(b"ids", txn=txn)) is None
+    env.close()

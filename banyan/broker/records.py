@@ -144,6 +144,14 @@ class Job(Record):
         return self.state == JobState.AVAILABLE.value and self.pending == 0
 
 
+# A new job's packed row is built by hand on the submit path (state.py's _new_row), without a
+# Job: these fields in this order, then the defaults of every later one.
+NEW_JOB_FIELDS = Job.names()[: Job.names().index("pending") + 1]
+NEW_JOB_TAIL = tuple(Job(0, "", "", "", 0.0).pack()[len(NEW_JOB_FIELDS) :])
+# The tail is shared by every new row, so it must hold nothing mutable.
+assert all(x is None or type(x) in (bool, int, float, str) for x in NEW_JOB_TAIL)
+
+
 @dataclass(slots=True)
 class Attempt(Record):
     job: int
@@ -238,9 +246,17 @@ class Tx(Protocol):
 
     def next_id(self, counter: str, count: int = 1) -> int: ...  # the first of `count` new ids
     def last_id(self, counter: str) -> int: ...
+    def next_job_id(
+        self,
+    ) -> int: ...  # one past the highest job id: put new jobs before asking again
     def get_job(self, job_id: int) -> Job | None: ...
     def put_job(self, job: Job) -> None: ...
+    def put_new_jobs(self, rows: list[list[Any]]) -> None: ...  # new jobs, Job.pack() rows
     def eligible(self) -> Iterator[tuple[int, Request]]: ...
+    # A note that a claim's scan of `eligible` found nothing, kept (in memory only) until the
+    # index gains an entry, or loses one unless the scan was `whole`.
+    def empty_scan(self, worker: str) -> Any: ...
+    def note_empty_scan(self, worker: str, whole: bool, memo: Any) -> None: ...
     def jobs_in_state(self, state: str) -> Iterator[int]: ...
     def group_members(self, group_id: int) -> Iterator[int]: ...
     def state_counts(self) -> dict[str, int]: ...

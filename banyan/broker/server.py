@@ -40,6 +40,8 @@ BATCH = 512
 # next turn, after heartbeats have gone out. 512 big submissions (or waits on many jobs) in one
 # transaction held the loop for seconds, and workers took the broker for dead.
 TURN_BUDGET = 0.1
+# The heartbeat of a worker that runs nothing, byte for byte (msgpack encodes it one way).
+IDLE = protocol.encode("heartbeat", {"running": []})
 # Per client connection: requests queued here before TCP holds the sender back, and replies
 # queued for a client that does not read them; past that it is a slow consumer, and further
 # replies to it are dropped (its requests time out) rather than kept in the broker's memory.
@@ -234,9 +236,12 @@ class Broker:
         self.backlog = []
         pull = self.client in ready
         now = self.clock()
-        for kind, frames, _ in inbox:
-            if kind == "worker" and frames:
-                self._touch(frames[0], now)
+        # An idle worker's heartbeat changes nothing but its liveness: it skips the transaction.
+        inbox = [
+            m
+            for m in inbox
+            if not (m[0] == "worker" and m[1] and self._touch(m[1][0], now) and m[1][-1] == IDLE)
+        ]
         lost = self._expired(now)
         due = self._due_waiters(now)
         if inbox or lost or due or pull:
@@ -534,11 +539,14 @@ class Broker:
     def _last_seen(self) -> dict[str, float]:
         return {name: s.last_seen for name, s in self.sessions.items()}
 
-    def _touch(self, identity: bytes, now: float) -> None:
+    def _touch(self, identity: bytes, now: float) -> bool:
+        """Mark a worker's session alive; False if `identity` has no session."""
         name = self.names.get(identity)
         session = self.sessions.get(name) if name else None
-        if session is not None and session.identity == identity:
-            session.last_seen = now
+        if session is None or session.identity != identity:
+            return False
+        session.last_seen = now
+        return True
 
     def _window(self) -> float:
         return self.config.core.heartbeat * self.config.core.liveness
@@ -674,14 +682,23 @@ def _worker_report(core: Core, name: str, msg: protocol.Message) -> None:
     elif msg.type == "claim":
         core.claim(name, b["max"])
     elif msg.type == "started":
-        core.started(name, b["job"], b["token"])
+        core.started(name, b["job"], b["token"], b["age"])
     elif msg.type == "progress":
         core.progress(
             name, b["job"], b["token"], b["percent"], b["message"], (b["cpu_percent"], b["rss"])
         )
     elif msg.type == "result":
         tails = (_text(b["stdout_tail"]), _text(b["stderr_tail"]))
-        core.result(name, b["job"], b["token"], b["outcome"], b["exit_code"], b["signal"], tails)
+        core.result(
+            name,
+            b["job"],
+            b["token"],
+            b["outcome"],
+            b["exit_code"],
+            b["signal"],
+            tails,
+            b["runtime"],
+        )
         core.wake = True  # its resources are free again for its standing claim
 
 

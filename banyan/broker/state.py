@@ -9,12 +9,16 @@ written, and the server's child transaction makes even a half-done handler leave
 
 from __future__ import annotations
 
+import gc
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
 from banyan import defaults
 from banyan.broker.graph import DepGraph
 from banyan.broker.records import (
+    NEW_JOB_FIELDS,
+    NEW_JOB_TAIL,
     Attempt,
     Dep,
     DepKind,
@@ -61,9 +65,14 @@ EDITABLE: dict[str, frozenset[JobState]] = {
 }
 EDITABLE["priority"] = frozenset({S.INACTIVE, S.AVAILABLE})
 
+# Positions in a new job's row that the submission reads back.
+_ID, _STATE, _PENDING = (Job.names().index(f) for f in ("id", "state", "pending"))
+
 ADMIN = "admin"
 # A worker with less free cpu than this is full: a claim from it scans nothing.
 MIN_CPUS = 1e-6
+# Submissions of at least this many jobs run with the cyclic GC paused (see Core.submit).
+GC_PAUSE_JOBS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,13 +165,31 @@ class Core:
                 return dict(prior)
         if not jobs and not groups:
             raise BadRequest("nothing to submit: no jobs and no groups")
+        if len(jobs) < GC_PAUSE_JOBS or not gc.isenabled():
+            return self._submit(actor, jobs, groups, submit_key)
+        # Each job makes a handful of lists; for a big submission that sets off the cyclic GC
+        # again and again, to find nothing (rows hold no cycles), a third of the time.
+        gc.disable()
+        try:
+            return self._submit(actor, jobs, groups, submit_key)
+        finally:
+            gc.enable()
+
+    def _submit(
+        self,
+        actor: Actor,
+        jobs: list[dict[str, Any]],
+        groups: list[dict[str, Any]],
+        submit_key: str | None,
+    ) -> dict[str, Any]:
         by_name, joined = self._open_groups(actor, jobs, groups)
-        first = self.tx.next_id("job", len(jobs)) if jobs else 0
+        first = self.tx.next_job_id() if jobs else 0
         ids = list(range(first, first + len(jobs)))
         new: dict[int, list[Dep]] = {}
         members: dict[int, list[int]] = {}
         for i, spec in enumerate(jobs):
-            new[ids[i]] = self._resolve_deps(i, spec, by_name, ids)
+            deps = spec.get("depends_on")
+            new[ids[i]] = self._resolve_deps(i, spec, by_name, ids) if deps else []
             for name in spec.get("groups", ()):
                 members.setdefault(by_name[name].id, []).append(ids[i])
         if any(new.values()):  # with no new edge no cycle can close
@@ -173,24 +200,26 @@ class Core:
         for group in by_name.values():
             self.tx.put_group(group)
         born_doomed: list[tuple[int, str]] = []
-        created: list[Job] = []
-        for i, spec in enumerate(jobs):
-            job = self._new_job(ids[i], actor.name, spec)
-            job.groups = [by_name[name].id for name in spec.get("groups", ())]
-            job.depends_on = [d.pack() for d in new[job.id]]
+        rows: list[list[Any]] = []
+        for job_id, spec in zip(ids, jobs, strict=True):
+            pending = 0
             doom = None
-            for dep in new[job.id]:
+            for dep in new[job_id]:
                 verdict = self._verdict(dep, ids)
                 if verdict == WAIT:
-                    job.pending += 1
-                    self.tx.add_dependent(dep.target, dep.id, job.id, dep.kind)
+                    pending += 1
+                    self.tx.add_dependent(dep.target, dep.id, job_id, dep.kind)
                 elif verdict != MET and doom is None:
                     doom = verdict
-            self.tx.put_job(job)
-            created.append(job)
+            groups_of = [by_name[name].id for name in spec.get("groups", ())]
+            depends_on = [d.pack() for d in new[job_id]]
+            rows.append(
+                _new_row(job_id, actor.name, self.now, spec, depends_on, groups_of, pending)
+            )
             if doom is not None:
-                born_doomed.append((job.id, doom))
-        self._log_submitted(created)
+                born_doomed.append((job_id, doom))
+        self.tx.put_new_jobs(rows)
+        self._log_submitted(rows)
         for job_id, reason in born_doomed:
             self._cancel(self._load(job_id), reason)
         result = {"jobs": ids, "groups": {name: g.id for name, g in by_name.items()}}
@@ -198,13 +227,14 @@ class Core:
             self.tx.put_submit_key(actor.name, submit_key, result)
         return result
 
-    def _log_submitted(self, jobs: list[Job]) -> None:
-        """The `submitted` events of a submission, numbered in one go."""
-        if not jobs:
+    def _log_submitted(self, rows: list[list[Any]]) -> None:
+        """The `submitted` events of a submission's new job rows, numbered in one go."""
+        if not rows:
             return
-        first = self.tx.append_events([(self.now, j.id, None, j.state, "submitted") for j in jobs])
-        self.events += [Logged(seq, j.id, None, j.state) for seq, j in enumerate(jobs, first)]
-        self.wake = self.wake or any(j.eligible for j in jobs)
+        now = self.now
+        first = self.tx.append_events([(now, r[_ID], None, r[_STATE], "submitted") for r in rows])
+        self.events += [Logged(seq, r[_ID], None, r[_STATE]) for seq, r in enumerate(rows, first)]
+        self.wake = self.wake or any(r[_STATE] == _AVAILABLE and not r[_PENDING] for r in rows)
 
     def _log(self, job: Job, frm: str | None, reason: str | None) -> None:
         seq = self.tx.append_event(self.now, job.id, frm, job.state, reason)
@@ -215,28 +245,6 @@ class Core:
     @staticmethod
     def _group_of(by_name: dict[str, Group], gid: int) -> Group:
         return next(g for g in by_name.values() if g.id == gid)
-
-    def _new_job(self, job_id: int, owner: str, spec: dict[str, Any]) -> Job:
-        hold = bool(spec.get("hold", False))
-        return Job(
-            id=job_id,
-            name=spec.get("name") or "",
-            command=spec["command"],
-            owner=owner,
-            submitted=self.now,
-            state=(S.INACTIVE if hold else S.AVAILABLE).value,
-            cwd=spec.get("cwd"),
-            env=dict(spec.get("env") or {}),
-            cpus=float(spec.get("cpus", defaults.CPUS)),
-            memory=int(spec.get("memory", defaults.MEMORY_MIB)),
-            gpus=int(spec.get("gpus", defaults.GPUS)),
-            tags=list(spec.get("tags") or []),
-            priority=int(spec.get("priority", defaults.PRIORITY)),
-            max_attempts=int(spec.get("max_attempts", defaults.MAX_ATTEMPTS)),
-            time_limit=spec.get("time_limit"),
-            cancel_grace=float(spec.get("cancel_grace", defaults.CANCEL_GRACE)),
-            output=spec.get("output"),
-        )
 
     def _open_groups(
         self, actor: Actor, jobs: list[dict[str, Any]], groups: list[dict[str, Any]]
@@ -250,7 +258,8 @@ class Core:
         joined: set[int] = set()
         wanted = [(spec["name"], bool(spec.get("open", False)), "groups") for spec in groups]
         for i, spec in enumerate(jobs):
-            wanted += [(name, False, f"jobs[{i}].groups") for name in spec.get("groups", ())]
+            if spec.get("groups"):
+                wanted += [(name, False, f"jobs[{i}].groups") for name in spec["groups"]]
         listed = {spec["name"] for spec in groups}
         if len(listed) != len(groups):
             raise BadRequest("groups: a group name is listed twice")
@@ -648,12 +657,24 @@ class Core:
         free_cpus = worker.cpus - worker.used_cpus
         free_mem = worker.memory - worker.used_memory
         free_gpus = worker.gpus - len(worker.used_gpus)
+        if free_cpus < MIN_CPUS or worker.wants <= 0:  # every job asks for some cpu
+            return []
+        # A scan that found nothing finds nothing again until the index gains an entry or the
+        # worker gains room: skip it. With a million queued jobs it reads 4,096 of them.
+        limit = self.config.claim_scan_limit
+        room = (free_cpus, free_mem, free_gpus)
+        key = (tuple(worker.tags), limit)
+        memo = self.tx.empty_scan(worker.name)
+        if memo is not None and memo[3:] == key and all(map(operator.le, room, memo[:3])):
+            return []
         chosen: list[int] = []
-        for scanned, (job_id, (cpus, memory, gpus, tags)) in enumerate(self.tx.eligible()):
-            if scanned >= self.config.claim_scan_limit or len(chosen) >= worker.wants:
+        scanned = 0
+        whole = True  # the scan saw every entry
+        for job_id, (cpus, memory, gpus, tags) in self.tx.eligible():
+            if scanned >= limit or len(chosen) >= worker.wants or free_cpus < MIN_CPUS:
+                whole = False
                 break
-            if free_cpus < MIN_CPUS:  # every job asks for some cpu: nothing more can fit
-                break
+            scanned += 1
             if cpus > free_cpus + 1e-9 or memory > free_mem or gpus > free_gpus:
                 continue
             if tags and not all(t in worker.tags for t in tags):
@@ -662,6 +683,8 @@ class Core:
             free_cpus -= cpus
             free_mem -= memory
             free_gpus -= gpus
+        if not chosen:
+            self.tx.note_empty_scan(worker.name, whole, (*room, *key))
         return chosen
 
     def _assign(self, worker: Worker, job_id: int) -> dict[str, Any]:
@@ -715,10 +738,10 @@ class Core:
     def _kill_stale(self, name: str, job_id: int, token: int) -> None:
         self.effects.append(Effect(name, "kill_stale", {"job": job_id, "token": token}))
 
-    def started(self, name: str, job_id: int, token: int) -> None:
+    def started(self, name: str, job_id: int, token: int, age: float = 0.0) -> None:
         held = self._held(name, job_id, token)
         if held is not None:
-            held[1].started = self.now
+            held[1].started = max(held[1].claimed, self.now - age)
             self.tx.put_attempt(held[1])
 
     def progress(
@@ -750,8 +773,11 @@ class Core:
         exit_code: int | None,
         signal: int | None,
         tails: tuple[str, str] = ("", ""),
+        runtime: float | None = None,
     ) -> None:
-        """An attempt ended on the worker. Idempotent per token: a repeat is acked again."""
+        """An attempt ended on the worker. Idempotent per token: a repeat is acked again.
+
+        A job that ended before its `started` report was due has only `runtime` to date it."""
         ack = Effect(name, "ack", {"job": job_id, "token": token})
         if self._already_reported(name, job_id, token):
             self.effects.append(ack)
@@ -760,6 +786,8 @@ class Core:
         if held is None:
             return
         job, attempt = held
+        if attempt.started is None and runtime is not None:
+            attempt.started = max(attempt.claimed, self.now - runtime)
         attempt.ended, attempt.exit_code, attempt.signal = self.now, exit_code, signal
         attempt.stdout_tail, attempt.stderr_tail = tails
         job.exit_code, job.signal = exit_code, signal
@@ -886,6 +914,57 @@ class Core:
         job.outcome = Outcome.LOST.value
         self._move(job, S.TERMINATED, f"{reason}; requeued {job.requeues} times already")
         self._ended(job)
+
+
+_AVAILABLE, _INACTIVE = S.AVAILABLE.value, S.INACTIVE.value
+_CPUS, _MEMORY, _GPUS = float(defaults.CPUS), defaults.MEMORY_MIB, defaults.GPUS
+_PRIORITY, _MAX_ATTEMPTS = defaults.PRIORITY, defaults.MAX_ATTEMPTS
+_CANCEL_GRACE = float(defaults.CANCEL_GRACE)
+# _new_row writes a Job row by hand (it is most of a big submission's work; a Job and its pack
+# cost twice as much), so it must follow the field order.
+_ROW_FIELDS = (
+    *("id", "name", "command", "owner", "submitted", "state", "cwd", "env", "cpus", "memory"),
+    *("gpus", "tags", "priority", "max_attempts", "time_limit", "cancel_grace", "output"),
+    *("depends_on", "groups", "pending"),
+)
+assert NEW_JOB_FIELDS == _ROW_FIELDS, "_new_row no longer matches Job's fields"
+
+
+def _new_row(
+    job_id: int,
+    owner: str,
+    now: float,
+    spec: dict[str, Any],
+    depends_on: list[list[Any]],
+    groups: list[int],
+    pending: int,
+) -> list[Any]:
+    """`Job(...).pack()` for a new job from its JobSpec, defaults filled in. The row is packed
+    at once and never changed, so it may share the spec's env and tags."""
+    get = spec.get
+    return [
+        job_id,
+        get("name") or "",
+        spec["command"],
+        owner,
+        now,
+        _INACTIVE if get("hold", False) else _AVAILABLE,
+        get("cwd"),
+        get("env") or {},
+        float(get("cpus", _CPUS)),
+        int(get("memory", _MEMORY)),
+        int(get("gpus", _GPUS)),
+        get("tags") or [],
+        int(get("priority", _PRIORITY)),
+        int(get("max_attempts", _MAX_ATTEMPTS)),
+        get("time_limit"),
+        float(get("cancel_grace", _CANCEL_GRACE)),
+        get("output"),
+        depends_on,
+        groups,
+        pending,
+        *NEW_JOB_TAIL,
+    ]
 
 
 def _outcome(reported: str, exit_code: int | None, signal: int | None) -> Outcome:

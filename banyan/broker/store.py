@@ -16,14 +16,20 @@ Keys (integers big-endian, so LMDB's byte order is numeric order):
     events       seq:u64                                   -> Event row
     meta         key                                       -> msgpack value
     ids          counter name                              -> last id issued:u64
-    counts       state                                     -> jobs in that state:u64
     eligible     (2**31-1 - priority):u32 id:u64           -> Request row
     by_state     state NUL id:u64                          -> empty
+                 state                                     -> jobs in that state:u64
     members      group:u64 job:u64                         -> empty
 
 `eligible` holds exactly the jobs that are available with no pending dependency, best first
 (priority descending, then id ascending), and carries each job's Request so a claim can test
 fit without loading the job: taking the next job is one B-tree descent however long the queue.
+
+Every commit rewrites the path to each B-tree it touches, so small tables share trees: the
+per-state counts sit in `by_state` (a bare state sorts before its `state NUL` entries), and
+job ids and event seqs are one past the last key of `jobs` and `events` (neither is ever
+deleted) rather than counters in `ids`. A single-job submit so touches jobs, eligible,
+by_state and events. Stores from before this layout are converted on open (`_upgrade`).
 
 Text keys past 400 bytes are cut and suffixed with their SHA-256, because LMDB keys stop at 511
 bytes and names may be 256 characters of 4-byte UTF-8.
@@ -58,13 +64,24 @@ _PAIR = struct.Struct(">QQ")
 _PRIORITY_TOP = 2**31 - 1
 _TARGETS = {"job": b"j", "group": b"g"}
 _AVAILABLE = JobState.AVAILABLE.value
+_STATES = tuple(s.value for s in JobState)
 _DUMPED = ("jobs", "groups", "attempts", "edges")
+# Numbered by their own table's last key, not by a counter in `ids`.
+_TABLE_IDS = {"job": "jobs", "event": "events"}
 
 # Positions in a packed Job row, so put_job can read the previous record's indexed fields
 # without building a Job.
 _F = {name: i for i, name in enumerate(Job.names())}
-_STATE, _PENDING, _PRIORITY, _GROUPS = _F["state"], _F["pending"], _F["priority"], _F["groups"]
-_CPUS, _MEMORY, _GPUS, _TAGS = _F["cpus"], _F["memory"], _F["gpus"], _F["tags"]
+_ID, _STATE, _PENDING, _PRIORITY = _F["id"], _F["state"], _F["pending"], _F["priority"]
+_CPUS, _MEMORY, _GPUS, _TAGS, _GROUPS = (
+    _F["cpus"],
+    _F["memory"],
+    _F["gpus"],
+    _F["tags"],
+    _F["groups"],
+)
+# append_event builds Event rows by hand.
+assert Event.names() == ("seq", "time", "job", "frm", "to", "reason")
 
 
 def _pack(value: Any) -> bytes:
@@ -131,15 +148,33 @@ def _free_bytes(path: str) -> int:
     return st.f_bavail * st.f_frsize
 
 
+class _Clock:
+    """Changes to the eligible index, counted in memory, and the empty scans noted against
+    them (see ReadTx.empty_scan). Volatile: a restart starts with no notes."""
+
+    __slots__ = ("grown", "notes", "shrunk")
+
+    def __init__(self) -> None:
+        # `grown`: an entry was added or its request changed, or a write transaction was
+        # undone (which may put back entries it had removed). `shrunk`: an entry was removed.
+        self.grown = 0
+        self.shrunk = 0
+        self.notes: dict[str, tuple[int, int, bool, Any]] = {}
+
+
 class _Batch:
     """What one outer write transaction and its children share."""
 
-    __slots__ = ("env", "failure", "mutations")
+    __slots__ = ("clock", "env", "failure", "mutations", "pack")
 
-    def __init__(self, env: lmdb.Environment) -> None:
+    def __init__(self, env: lmdb.Environment, clock: _Clock) -> None:
         self.env = env
+        self.clock = clock
         self.failure: str | None = None  # "map" or "disk" once a write ran out of room
         self.mutations = 0  # bumped by every write, so open scans know to re-seek
+        # One Packer per transaction: packb builds a new one per call, which costs more than
+        # packing a job row. A transaction is used from one thread, so sharing it is safe.
+        self.pack: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True).pack
 
     def note(self, exc: lmdb.Error) -> StoreError:
         """Remember a space failure, which dooms the whole outer transaction even if the
@@ -167,7 +202,6 @@ class _Dbs:
     events: Any
     meta: Any
     ids: Any
-    counts: Any
     eligible: Any
     by_state: Any
     members: Any
@@ -223,10 +257,11 @@ class ReadTx:
 
     def state_counts(self) -> dict[str, int]:
         """Jobs per state; every JobState is present, zero or not."""
-        counts = dict.fromkeys((s.value for s in JobState), 0)
-        for key, value in self._txn.cursor(self._db.counts):
-            counts[key.decode()] = _U64.unpack(value)[0]
-        return counts
+        get, db = self._txn.get, self._db.by_state
+        return {
+            state: 0 if (raw := get(state.encode(), db=db)) is None else _U64.unpack(raw)[0]
+            for state in _STATES
+        }
 
     def get_attempt(self, job_id: int, number: int) -> Attempt | None:
         raw = self._txn.get(_ATTEMPT.pack(job_id, number), db=self._db.attempts)
@@ -279,16 +314,44 @@ class ReadTx:
         raw = self._txn.get(_text_key(key), db=self._db.meta)
         return None if raw is None else _unpack(raw)
 
+    def _last_key(self, db: Any) -> int:
+        cursor = self._txn.cursor(db)
+        return int(_U64.unpack(cursor.key())[0]) if cursor.last() else 0
+
+    def last_id(self, counter: str) -> int:
+        table = _TABLE_IDS.get(counter)
+        if table is not None:
+            return self._last_key(getattr(self._db, table))
+        raw = self._txn.get(_text_key(counter), db=self._db.ids)
+        return 0 if raw is None else int(_U64.unpack(raw)[0])
+
+    def next_job_id(self) -> int:
+        return self._last_key(self._db.jobs) + 1
+
+    def empty_scan(self, worker: str) -> Any:
+        """The note kept by note_empty_scan for `worker`, while it still holds: no entry has
+        joined the eligible index since (nor left it, unless that scan saw the whole index)."""
+        note = self._batch.clock.notes.get(worker)
+        if note is None:
+            return None
+        grown, shrunk, whole, memo = note
+        clock = self._batch.clock
+        if grown != clock.grown or not (whole or shrunk == clock.shrunk):
+            return None
+        return memo
+
     # The writers of records.Tx, so a read view can stand wherever a Tx is expected.
     def next_id(self, counter: str, count: int = 1) -> int:
         raise ReadOnly("next_id on a read view")
 
-    def last_id(self, counter: str) -> int:
-        raw = self._txn.get(_text_key(counter), db=self._db.ids)
-        return 0 if raw is None else int(_U64.unpack(raw)[0])
+    def note_empty_scan(self, worker: str, whole: bool, memo: Any) -> None:
+        raise ReadOnly("note_empty_scan on a read view")
 
     def put_job(self, job: Job) -> None:
         raise ReadOnly("put_job on a read view")
+
+    def put_new_jobs(self, rows: list[list[Any]]) -> None:
+        raise ReadOnly("put_new_jobs on a read view")
 
     def put_attempt(self, attempt: Attempt) -> None:
         raise ReadOnly("put_attempt on a read view")
@@ -334,22 +397,36 @@ def _writes(method: Callable[Concatenate[WriteTx, P], T]) -> Callable[Concatenat
 class WriteTx(ReadTx):
     """One write transaction (or a child of one): implements records.Tx."""
 
-    __slots__ = ("_counts",)
+    __slots__ = ("_counts", "_parent")
 
-    def __init__(self, txn: lmdb.Transaction[bytes], dbs: _Dbs, batch: _Batch) -> None:
+    def __init__(
+        self,
+        txn: lmdb.Transaction[bytes],
+        dbs: _Dbs,
+        batch: _Batch,
+        parent: WriteTx | None = None,
+    ) -> None:
         super().__init__(txn, dbs, batch)
-        self._counts: dict[str, int] = {}  # per-state deltas, written by _flush
+        # Per-state deltas: a child hands its own to its parent as it commits, and the outer
+        # transaction writes them (_flush), so a turn of many requests writes each count once.
+        self._counts: dict[str, int] = {}
+        self._parent = parent
 
     def _flush(self) -> None:
-        """Write the per-state count deltas: once per transaction, not once per job."""
+        """Write the per-state count deltas: once per outer transaction."""
         for state, delta in self._counts.items():
             if delta:
                 self._count(state, delta)
         self._counts.clear()
 
     def state_counts(self) -> dict[str, int]:
-        self._flush()
-        return super().state_counts()
+        counts = super().state_counts()
+        tx: WriteTx | None = self
+        while tx is not None:  # the deltas not written yet, here and in every ancestor
+            for state, delta in tx._counts.items():
+                counts[state] += delta
+            tx = tx._parent
+        return counts
 
     @contextmanager
     def child(self) -> Iterator[WriteTx]:
@@ -359,34 +436,46 @@ class WriteTx(ReadTx):
             txn = self._batch.env.begin(write=True, parent=self._txn)
         except lmdb.Error as exc:
             raise self._batch.note(exc) from exc
-        child = WriteTx(txn, self._db, self._batch)
+        child = WriteTx(txn, self._db, self._batch, self)
         try:
             yield child
         except BaseException:
             txn.abort()
+            self._batch.clock.grown += 1  # the undo may put back eligible entries
             raise
         finally:
             self._batch.mutations += 1  # the parent's tree changed (or was restored)
         try:
-            child._flush()
             child._commit()
         except lmdb.Error as exc:
             raise self._batch.note(exc) from exc
+        counts = self._counts
+        for state, delta in child._counts.items():
+            counts[state] = counts.get(state, 0) + delta
 
     def _commit(self) -> None:  # the one place transactions commit, so tests can fail it
         self._txn.commit()
 
     def _count(self, state: str, delta: int) -> None:
         key = state.encode()
-        raw = self._txn.get(key, db=self._db.counts)
+        raw = self._txn.get(key, db=self._db.by_state)
         count = (0 if raw is None else _U64.unpack(raw)[0]) + delta
         if count:
-            self._txn.put(key, _U64.pack(count), db=self._db.counts)
+            self._txn.put(key, _U64.pack(count), db=self._db.by_state)
         else:
-            self._txn.delete(key, db=self._db.counts)
+            self._txn.delete(key, db=self._db.by_state)
+
+    def note_empty_scan(self, worker: str, whole: bool, memo: Any) -> None:
+        """Keep `memo` for `worker` until the eligible index gains an entry (or loses one,
+        unless `whole`: the scan saw every entry, so a removal cannot bring a new one into
+        its reach). Memory only; an undone transaction voids every note."""
+        clock = self._batch.clock
+        clock.notes[worker] = (clock.grown, clock.shrunk, whole, memo)
 
     @_writes
     def next_id(self, counter: str, count: int = 1) -> int:
+        if counter in _TABLE_IDS:
+            raise StoreError(f"{counter} ids come from their table, not a counter")
         key = _text_key(counter)
         raw = self._txn.get(key, db=self._db.ids)
         first = (0 if raw is None else _U64.unpack(raw)[0]) + 1
@@ -396,7 +485,8 @@ class WriteTx(ReadTx):
     @_writes
     def put_job(self, job: Job) -> None:
         key = _U64.pack(job.id)
-        value = _pack(job.pack())
+        pack = self._batch.pack
+        value = pack(job.pack())
         txn, db = self._txn, self._db
         raw = txn.get(key, db=db.jobs)
         if raw == value:
@@ -410,10 +500,12 @@ class WriteTx(ReadTx):
         new_key = _eligible_key(job.priority, job.id) if job.eligible else None
         if old_key is not None and old_key != new_key:
             txn.delete(old_key, db=db.eligible)
+            self._batch.clock.shrunk += 1
         if new_key is not None:
             request = [job.cpus, job.memory, job.gpus, job.tags]
             if old_key != new_key or request != [old[i] for i in (_CPUS, _MEMORY, _GPUS, _TAGS)]:
-                txn.put(new_key, _pack(request), db=db.eligible)
+                txn.put(new_key, pack(request), db=db.eligible)
+                self._batch.clock.grown += 1
 
         old_state = None if old is None else old[_STATE]
         if old_state != job.state:
@@ -432,9 +524,48 @@ class WriteTx(ReadTx):
                 txn.put(_PAIR.pack(group_id, job.id), b"", db=db.members)
 
     @_writes
+    def put_new_jobs(self, rows: list[list[Any]]) -> None:
+        """Jobs not stored yet, as packed rows (`Job.pack()` order) with ascending ids above
+        every stored one: put_job without reading anything back, each table in one putmulti."""
+        if not rows:
+            return
+        pack, u64 = self._batch.pack, _U64.pack
+        keys = [u64(row[_ID]) for row in rows]
+        jobs = [(key, pack(row)) for key, row in zip(keys, rows, strict=True)]
+        tally: dict[str, int] = {}
+        for row in rows:
+            tally[row[_STATE]] = tally.get(row[_STATE], 0) + 1
+        prefix = {state: state.encode() + b"\0" for state in tally}
+        states = [(prefix[row[_STATE]] + key, b"") for key, row in zip(keys, rows, strict=True)]
+        eligible = [
+            (
+                _eligible_key(row[_PRIORITY], row[_ID]),
+                pack([row[_CPUS], row[_MEMORY], row[_GPUS], row[_TAGS]]),
+            )
+            for row in rows
+            if row[_STATE] == _AVAILABLE and not row[_PENDING]
+        ]
+        members = [(_PAIR.pack(g, row[_ID]), b"") for row in rows for g in set(row[_GROUPS])]
+        txn, db, counts = self._txn, self._db, self._counts
+        cursor = txn.cursor(db.jobs)
+        # Appending fills pages to the brim instead of splitting them in half: fewer pages
+        # to write. It needs every key past the last stored one, which new ids always are.
+        append = not cursor.last() or cursor.key() < jobs[0][0]
+        if cursor.putmulti(jobs, overwrite=False, append=append) != (len(jobs), len(jobs)):
+            raise StoreError("put_new_jobs: a job id is already taken or out of order")
+        if eligible:
+            txn.cursor(db.eligible).putmulti(eligible)
+            self._batch.clock.grown += 1
+        txn.cursor(db.by_state).putmulti(states)
+        if members:
+            txn.cursor(db.members).putmulti(members)
+        for state, n in tally.items():
+            counts[state] = counts.get(state, 0) + n
+
+    @_writes
     def put_attempt(self, attempt: Attempt) -> None:
         key = _ATTEMPT.pack(attempt.job, attempt.number)
-        self._txn.put(key, _pack(attempt.pack()), db=self._db.attempts)
+        self._txn.put(key, self._batch.pack(attempt.pack()), db=self._db.attempts)
 
     @_writes
     def add_dependent(self, target: str, target_id: int, dependent: int, kind: str) -> None:
@@ -450,13 +581,13 @@ class WriteTx(ReadTx):
             old_name = _unpack(raw)[1]
             if old_name != group.name and self._txn.get(_text_key(old_name), db=names) == key:
                 self._txn.delete(_text_key(old_name), db=names)
-        self._txn.put(key, _pack(group.pack()), db=self._db.groups)
+        self._txn.put(key, self._batch.pack(group.pack()), db=self._db.groups)
         self._txn.put(_text_key(group.name), key, db=names)
 
     @_writes
     def put_worker(self, worker: Worker) -> None:
         key = _text_key(worker.name)
-        self._txn.put(key, _pack(worker.pack()), db=self._db.workers)
+        self._txn.put(key, self._batch.pack(worker.pack()), db=self._db.workers)
         # Heartbeats rewrite workers all the time: touch the claimers index only on a change.
         claiming = self._txn.get(key, db=self._db.claimers) is not None
         if worker.wants > 0 and not claiming:
@@ -466,29 +597,32 @@ class WriteTx(ReadTx):
 
     @_writes
     def put_submit_key(self, owner: str, key: str, value: Any) -> None:
-        self._txn.put(_text_key(f"{owner}\0{key}"), _pack(value), db=self._db.submit_keys)
+        self._txn.put(
+            _text_key(f"{owner}\0{key}"), self._batch.pack(value), db=self._db.submit_keys
+        )
 
     @_writes
     def append_event(
         self, time: float, job: int, frm: str | None, to: str, reason: str | None
     ) -> int:
-        seq = self.next_id("event")
-        row = Event(seq, time, job, frm, to, reason).pack()
-        self._txn.put(_U64.pack(seq), _pack(row), append=True, db=self._db.events)
+        seq = self._last_key(self._db.events) + 1
+        row = [seq, time, job, frm, to, reason]  # Event.pack() order
+        self._txn.put(_U64.pack(seq), self._batch.pack(row), append=True, db=self._db.events)
         return seq
 
     @_writes
     def append_events(self, rows: list[tuple[float, int, str | None, str, str | None]]) -> int:
-        """Several events, numbered from the returned seq with one counter update."""
-        first = self.next_id("event", len(rows))
-        put, db = self._txn.put, self._db.events
-        for seq, row in enumerate(rows, first):
-            put(_U64.pack(seq), _pack(Event(seq, *row).pack()), append=True, db=db)
+        """Several events, numbered from the returned seq."""
+        cursor = self._txn.cursor(self._db.events)
+        first = (_U64.unpack(cursor.key())[0] if cursor.last() else 0) + 1
+        pack = self._batch.pack
+        items = [(_U64.pack(seq), pack([seq, *row])) for seq, row in enumerate(rows, first)]
+        cursor.putmulti(items, append=True)
         return first
 
     @_writes
     def put_meta(self, key: str, value: Any) -> None:
-        self._txn.put(_text_key(key), _pack(value), db=self._db.meta)
+        self._txn.put(_text_key(key), self._batch.pack(value), db=self._db.meta)
 
 
 class Store:
@@ -510,7 +644,7 @@ class Store:
             str(path),
             map_size=min(map_size, max_map_size),
             subdir=True,
-            max_dbs=len(_Dbs.__annotations__) + 1,
+            max_dbs=len(_Dbs.__annotations__) + 2,  # + the old `counts`, for _upgrade
             lock=True,
             sync=sync,
             metasync=sync,
@@ -518,6 +652,21 @@ class Store:
         self._db = _Dbs(self._env)
         self._writing = False
         self._readers = 0  # open read views: the map must not move under them
+        self._clock = _Clock()
+        self._upgrade()
+
+    def _upgrade(self) -> None:
+        """Convert a store from before the per-state counts moved into `by_state` and job and
+        event numbers into their tables' last keys (module docstring)."""
+        with self._env.begin(write=True) as txn:
+            if txn.get(b"counts") is None:  # the main DB names every table
+                return
+            counts = self._env.open_db(b"counts", txn=txn)
+            for key, value in txn.cursor(counts):
+                txn.put(key, value, db=self._db.by_state)
+            txn.drop(counts, delete=True)
+            for counter in _TABLE_IDS:
+                txn.delete(counter.encode(), db=self._db.ids)
 
     @property
     def map_size(self) -> int:
@@ -540,8 +689,9 @@ class Store:
         if self._writing:
             raise StoreError("a write transaction is already open")  # LMDB would deadlock
         txn = self._begin(write=True)
-        batch = _Batch(self._env)
+        batch = _Batch(self._env, self._clock)
         self._writing = True
+        committed = False
         try:
             try:
                 tx = WriteTx(txn, self._db, batch)
@@ -549,6 +699,7 @@ class Store:
                 if batch.failure is None:
                     tx._flush()
                     tx._commit()
+                    committed = True
                     return
             except lmdb.Error as exc:  # from commit, or a getter in a failed transaction
                 error = batch.note(exc)
@@ -560,6 +711,8 @@ class Store:
         finally:
             txn.abort()  # a no-op once committed
             self._writing = False
+            if not committed:
+                self._clock.grown += 1  # the undo may put back eligible entries
         self._grow(batch.failure)  # out of room: whatever the body raised, this is the cause
 
     def _grow(self, failure: str | None) -> None:
@@ -594,7 +747,7 @@ class Store:
         txn = self._begin(write=False)
         self._readers += 1
         try:
-            yield ReadTx(txn, self._db, _Batch(self._env))
+            yield ReadTx(txn, self._db, _Batch(self._env, self._clock))
         finally:
             self._readers -= 1
             txn.abort()

@@ -38,6 +38,7 @@ from banyan import defaults
 from banyan.errors import BadRequest, NotFound
 from banyan.worker import cgroups
 from banyan.worker.cgroups import Cgroups
+from banyan.worker.launcher import Launcher
 
 Outcome = Literal["exited", "cancelled", "timeout"]
 Key = tuple[int, int]  # (job, token)
@@ -379,6 +380,7 @@ class Runner:
         # (setsid, a double fork and a cleared environment together).
         self.cgroups = Cgroups.make(self._nonce) if cgroups else None
         self._empty_cgroups: set[str] = set()  # of ended attempts, removed once empty
+        self.launcher = Launcher()  # starts jobs inside their cgroups, when there are any
         self._me = os.getpid()
         self._my_sid = os.getsid(0)
         self._jobs: dict[Key, _Attempt] = {}
@@ -419,8 +421,7 @@ class Runner:
                 raise NotADirectoryError(f"working directory {cwd!r} does not exist")
             env = self._environment(launch, stem + ".progress", marker)
             cgroup = self.cgroups.create(launch.job, launch.token) if self.cgroups else None
-            join = cgroups.join_script(cgroup) if cgroup else ""
-            pid = self._spawn(launch.command, cwd, env, out, err, join)
+            pid = self._spawn(launch.command, cwd, env, out, err, cgroup)
         except (OSError, ValueError) as e:
             failure = f"banyan: job {launch.job} attempt {launch.attempt} could not start: {e}\n"
             _append(err, failure)
@@ -455,28 +456,33 @@ class Runner:
         env[MARKER_VAR] = marker
         return env
 
-    @staticmethod
     def _spawn(
-        command: str, cwd: str, env: dict[str, str], out: str, err: str, join: str = ""
+        self, command: str, cwd: str, env: dict[str, str], out: str, err: str, cgroup: str | None
     ) -> int:
-        # posix_spawn has no chdir action, so the shell changes directory itself (after joining
-        # its cgroup); on the same line, so the user's line numbers in error messages stay right.
-        script = f"{join}cd -- {shlex.quote(cwd)} || exit {SPAWN_FAILED}; {command}"
-        out_fd = os.open(out, _WRITE, 0o644)
-        try:
+        # Neither start has a chdir action, so the shell changes directory itself; on the same
+        # line as the command, so the user's line numbers in error messages stay right.
+        script = f"cd -- {shlex.quote(cwd)} || exit {SPAWN_FAILED}; {command}"
+        with contextlib.ExitStack() as fds:
+            out_fd = os.open(out, _WRITE, 0o644)
+            fds.callback(os.close, out_fd)
             err_fd = os.dup(out_fd) if err == out else os.open(err, _WRITE, 0o644)
-            try:
-                actions = [
-                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                    (os.POSIX_SPAWN_DUP2, out_fd, 1),
-                    (os.POSIX_SPAWN_DUP2, err_fd, 2),
-                ]
+            fds.callback(os.close, err_fd)
+            if cgroup and not self.launcher.broken:
+                null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+                fds.callback(os.close, null)
                 argv = ["/bin/sh", "-c", script]
-                return os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
-            finally:
-                os.close(err_fd)
-        finally:
-            os.close(out_fd)
+                pid = self.launcher.spawn(argv, env, (null, out_fd, err_fd), cgroup)
+                if pid is not None:
+                    return pid
+            if cgroup:  # no launcher here: the shell moves itself in first
+                script = cgroups.join_script(cgroup) + script
+            actions = [
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, out_fd, 1),
+                (os.POSIX_SPAWN_DUP2, err_fd, 2),
+            ]
+            argv = ["/bin/sh", "-c", script]
+            return os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
 
     def _gpu_name(self, index: int) -> str:
         return self.visible_gpus[index] if 0 <= index < len(self.visible_gpus) else str(index)

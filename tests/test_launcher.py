@@ -1,0 +1,112 @@
+"""Jobs started straight into their cgroups by the launcher helper, and the fallback when it
+cannot (the shell then moves itself in). Needs a writable cgroup2 hierarchy; skipped without."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from banyan.worker import cgroups
+from banyan.worker.cgroups import Cgroups
+from banyan.worker.runner import Finished, Launch, Runner
+from tests.cluster import wait_for
+
+
+def have_cgroups() -> bool:
+    probe = Cgroups.make(f"probe-{os.getpid()}")
+    if probe is None:
+        return False
+    probe.close()
+    return True
+
+
+pytestmark = pytest.mark.skipif(not have_cgroups(), reason="no writable cgroup2 hierarchy here")
+
+
+@pytest.fixture
+def runner(tmp_path: Path) -> Iterator[Runner]:
+    r = Runner(tmp_path / "spool", [], cgroups=True)
+    yield r
+    r.shutdown_all(time.monotonic())
+    wait_for(lambda: not r.poll(time.monotonic()) and not r.running(), 15)
+    r.launcher.close()
+    assert r.cgroups is not None
+    r.cgroups.close()
+
+
+def finished(r: Runner) -> Finished:
+    done: list[Finished] = []
+
+    def ended() -> bool:
+        done.extend(r.poll(time.monotonic()))
+        return bool(done)
+
+    wait_for(ended, 10)
+    return done[0]
+
+
+def run(r: Runner, job: int, command: str) -> Finished:
+    r.start(
+        Launch(job, job, 1, command, None, {"GREETING": "hello"}, [], None, 1.0, None),
+        time.monotonic(),
+    )
+    return finished(r)
+
+
+WHO = 'grep "^0::" /proc/$$/cgroup; echo "ppid=$PPID sid=$(ps -o sid= -p $$) pid=$$ $GREETING"'
+
+
+def check_born_in_cgroup(r: Runner, job: int) -> None:
+    done = run(r, job, WHO)
+    assert done.exit_code == 0, done.stderr_tail
+    cgroup_line, who = done.stdout_tail.decode().splitlines()
+    assert cgroup_line.endswith(f"/job-{job}-{job}")
+    fields = dict(kv.split("=") for kv in who.split()[:3])
+    assert int(fields["ppid"]) == os.getpid()  # our own child: reaped and watched like any
+    assert int(fields["sid"]) == int(fields["pid"])  # a session of its own
+    assert who.endswith(" hello")
+
+
+def test_jobs_are_born_in_their_cgroup(runner: Runner) -> None:
+    check_born_in_cgroup(runner, 1)
+    assert not runner.launcher.broken
+    helper = runner.launcher._proc
+    assert helper is not None and psutil.pid_exists(helper.pid)
+
+
+def test_a_dead_launcher_falls_back_to_joining(runner: Runner) -> None:
+    check_born_in_cgroup(runner, 1)
+    helper = runner.launcher._proc
+    assert helper is not None
+    os.kill(helper.pid, signal.SIGKILL)
+    helper.wait(timeout=10)
+    check_born_in_cgroup(runner, 2)  # the shell moved itself in before running anything
+    assert runner.launcher.broken
+
+
+def test_cancel_kills_everything_in_the_cgroup(runner: Runner) -> None:
+    info = runner.start(
+        Launch(3, 3, 1, "sleep 1000 & sleep 1000 & wait", None, {}, [], None, 0.2, None),
+        time.monotonic(),
+    )
+    assert runner.cgroups is not None
+    path = os.path.join(runner.cgroups.base, "job-3-3")
+    wait_for(lambda: len(cgroups.members(path)) >= 3, 10)
+    runner.cancel(3, 3, time.monotonic(), "test")
+    assert finished(runner).outcome == "cancelled"
+    assert info.pid is not None and cgroups.members(path) == []
+
+
+def test_close_ends_the_helper(runner: Runner) -> None:
+    run(runner, 4, "true")
+    helper = runner.launcher._proc
+    assert helper is not None
+    runner.launcher.close()
+    assert helper.returncode == 0
+    assert runner.launcher._proc is None
