@@ -18,13 +18,14 @@ from banyan.worker import cgroups
         ("nsdelegate\nmemory_localevents\n", ["rw"], False),  # an older kernel: no remedy
     ],
 )
-def test_slow_joins_names_the_mount_to_remount(
+def test_remount_hint_names_the_mount(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, features: str, options: list[str], slow: bool
 ) -> None:
     path = tmp_path / "features"
     path.write_text(features)
     monkeypatch.setattr(cgroups, "_mount", lambda: ("/sys/fs/cgroup/w", "/sys/fs/cgroup", options))
-    assert cgroups.slow_joins(str(path)) == ("/sys/fs/cgroup" if slow else None)
+    hint = "mount -o remount,favordynmods /sys/fs/cgroup"
+    assert cgroups.remount_hint(str(path)) == (hint if slow else None)
 
 
 def test_no_advice_without_cgroup2_or_the_features_file(
@@ -33,6 +34,6 @@ def test_no_advice_without_cgroup2_or_the_features_file(
     path = tmp_path / "features"
     path.write_text("favordynmods\n")
     monkeypatch.setattr(cgroups, "_mount", lambda: None)
-    assert cgroups.slow_joins(str(path)) is None
+    assert cgroups.remount_hint(str(path)) is None
     monkeypatch.setattr(cgroups, "_mount", lambda: ("/a", "/", ["rw"]))
-    assert cgroups.slow_joins(str(tmp_path / "missing")) is None
+    assert cgroups.remount_hint(str(tmp_path / "missing")) is None

@@ -14,7 +14,8 @@ import pytest
 
 from banyan.worker import cgroups
 from banyan.worker.cgroups import Cgroups
-from banyan.worker.runner import Finished, Launch, Runner
+from banyan.worker.launcher import Launcher
+from banyan.worker.runner import SLOW_MOVE, Finished, Launch, Runner
 from tests.cluster import wait_for
 
 
@@ -32,6 +33,7 @@ pytestmark = pytest.mark.skipif(not have_cgroups(), reason="no writable cgroup2 
 @pytest.fixture
 def runner(tmp_path: Path) -> Iterator[Runner]:
     r = Runner(tmp_path / "spool", [], cgroups=True)
+    r.launcher = Launcher()  # whether or not moves are slow on this machine
     yield r
     r.shutdown_all(time.monotonic())
     wait_for(lambda: not r.poll(time.monotonic()) and not r.running(), 15)
@@ -59,7 +61,7 @@ def run(r: Runner, job: int, command: str) -> Finished:
     return finished(r)
 
 
-WHO = 'grep "^0::" /proc/$$/cgroup; echo "ppid=$PPID sid=$(ps -o sid= -p $$) pid=$$ $GREETING"'
+WHO = 'grep "^0::" /proc/$$/cgroup; echo "ppid=$PPID sid=$(ps -o sid= -p $$ | tr -d " ") pid=$$ $GREETING"'
 
 
 def check_born_in_cgroup(r: Runner, job: int) -> None:
@@ -101,6 +103,18 @@ def test_cancel_kills_everything_in_the_cgroup(runner: Runner) -> None:
     runner.cancel(3, 3, time.monotonic(), "test")
     assert finished(runner).outcome == "cancelled"
     assert info.pid is not None and cgroups.members(path) == []
+
+
+def test_the_runner_measures_moves_to_choose(tmp_path: Path) -> None:
+    r = Runner(tmp_path / "spool", [], cgroups=True)
+    try:
+        assert r.move_time is not None and 0 < r.move_time < 10
+        assert r.launcher.broken == (r.move_time <= SLOW_MOVE)
+        assert r.cgroups is not None
+        assert not os.path.exists(os.path.join(r.cgroups.base, "probe"))
+    finally:
+        assert r.cgroups is not None
+        r.cgroups.close()
 
 
 def test_close_ends_the_helper(runner: Runner) -> None:

@@ -76,12 +76,14 @@ class WorkerDaemon:
         self.runner = Runner(config.spool, config.gpus, cgroups=True)
         # Jobs live in sessions of their own: if this process dies, the watchdog kills them.
         cgroup = self.runner.cgroups.base if self.runner.cgroups else None
-        slow = cgroups.slow_joins() if cgroup is not None else None
-        if slow is not None:
+        moved = self.runner.move_time
+        if moved is not None and not self.runner.launcher.broken:
+            hint = cgroups.remount_hint()
             log.info(
-                "each job joins its own cgroup, which takes 10-40 ms here; to make it ~0.2 ms, "
-                "mount cgroup2 with favordynmods: mount -o remount,favordynmods %s",
-                slow,
+                "a move into a cgroup took %.1f ms here, so a launcher process clones each job "
+                "straight into its own%s",
+                moved * 1e3,
+                f"; `{hint}` (as root) makes moves cheap" if hint else "",
             )
         self.watchdog, self._lifeline = watchdog.start(self.runner.nonce, cgroup)
         self.link = Link()

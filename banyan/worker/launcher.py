@@ -60,10 +60,10 @@ class _CloneArgs(ctypes.Structure):
 class Launcher:
     """The worker's side: one helper process, started on first use."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
-        self.broken = sys.platform != "linux"
+        self.broken = not enabled or sys.platform != "linux"
 
     def spawn(
         self, argv: list[str], env: dict[str, str], fds: tuple[int, int, int], cgroup: str
