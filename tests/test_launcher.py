@@ -61,7 +61,10 @@ def run(r: Runner, job: int, command: str) -> Finished:
     return finished(r)
 
 
-WHO = 'grep "^0::" /proc/$$/cgroup; echo "ppid=$PPID sid=$(ps -o sid= -p $$ | tr -d " ") pid=$$ $GREETING"'
+WHO = (
+    'grep "^0::" /proc/$$/cgroup; '
+    'echo "ppid=$PPID sid=$(ps -o sid= -p $$ | tr -d " ") pid=$$ $GREETING"'
+)
 
 
 def check_born_in_cgroup(r: Runner, job: int) -> None:
@@ -115,6 +118,24 @@ def test_the_runner_measures_moves_to_choose(tmp_path: Path) -> None:
     finally:
         assert r.cgroups is not None
         r.cgroups.close()
+
+
+def test_what_outlives_its_leader_is_killed_through_the_cgroup(runner: Runner) -> None:
+    runner.launcher.close()
+    runner.launcher.broken = True  # the shell's own move, as where moves are cheap
+    # Its own session and no marker: only the cgroup still knows whose it is.
+    done = run(runner, 5, "setsid env -i sleep 1000 & exit 0")
+    assert done.exit_code == 0
+    assert runner.cgroups is not None
+    path = os.path.join(runner.cgroups.base, "job-5-5")
+    wait_for(lambda: not cgroups.populated(path), 10, what="the background sleep to die")
+
+
+def test_populated(runner: Runner, tmp_path: Path) -> None:
+    assert runner.cgroups is not None
+    path = runner.cgroups.create(6, 6)
+    assert path is not None and not cgroups.populated(path)
+    assert cgroups.populated(str(tmp_path / "no-such-cgroup"))  # unknown: assume the worst
 
 
 def test_close_ends_the_helper(runner: Runner) -> None:

@@ -13,6 +13,7 @@ import functools
 import heapq
 import itertools
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -224,7 +225,7 @@ class Broker:
 
     def step(self, timeout: float = 0.0) -> None:
         """One turn: wait up to `timeout` s for input, handle it all, commit once, send."""
-        ready = dict(self.poller.poll(int(timeout * 1000)))
+        ready = dict(self.poller.poll(math.ceil(timeout * 1000)))  # never a 0 ms spin
         if self.zap is not None and self.zap.sock in ready:
             self.zap.handle()
         # Workers' messages are all taken at once and never deferred; clients' are taken one by

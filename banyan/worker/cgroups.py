@@ -137,6 +137,15 @@ def members(path: str) -> list[int]:
         return []
 
 
+def populated(path: str) -> bool:
+    """Whether any process is in the cgroup or below it (True when that cannot be read)."""
+    try:
+        with open(os.path.join(path, "cgroup.events")) as f:
+            return "populated 0" not in f.read()
+    except OSError:
+        return True
+
+
 def kill(path: str) -> None:
     """SIGKILL every process in the cgroup and below it."""
     try:

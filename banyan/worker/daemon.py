@@ -174,7 +174,8 @@ class WorkerDaemon:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self._wakeup_r.fileno(), zmq.POLLIN)
-        ready = dict(poller.poll(int(timeout * 1000)))
+        # Rounded up: a deadline 0.3 ms away must not become a busy loop of 0 ms polls.
+        ready = dict(poller.poll(math.ceil(timeout * 1000)))
         if self._wakeup_r.fileno() in ready:
             with contextlib.suppress(BlockingIOError):
                 self._wakeup_r.recv(4096)
