@@ -225,15 +225,22 @@ class Client:
         jobs: list[dict[str, Any]] | None = None,
         groups: list[dict[str, Any]] | None = None,
         submit_key: str | None = None,
+        array: str | None = None,
         **fields: Any,
     ) -> Submitted:
-        """One job (`command` plus JobSpec fields), or a whole workflow (`jobs`, `groups`)."""
+        """One job (`command` plus JobSpec fields), or a whole workflow (`jobs`, `groups`).
+
+        With `array` (`1-100`, `0-99:2`, `3,5,8-9`) the one job is a template: the broker
+        makes one job per index, `{}` in its command, name and output replaced by the index,
+        which is also in $BANYAN_ARRAY_INDEX."""
         if command is not None:
             unknown = set(fields) - set(JOB_FIELDS)
             if unknown:
                 raise TypeError(f"unknown job field(s): {', '.join(sorted(unknown))}")
             jobs = [{"command": command, **fields}, *(jobs or [])]
         body = {"jobs": jobs or [], "groups": groups or [], "submit_key": submit_key}
+        if array is not None:
+            body["array"] = array
         reply = self.request("submit", body)
         return Submitted(list(reply["jobs"]), dict(reply["groups"]))
 

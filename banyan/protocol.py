@@ -28,7 +28,7 @@ from typing import Any, Final, NoReturn
 
 import msgpack
 
-from banyan import defaults
+from banyan import arrays, defaults
 from banyan.defaults import PROTOCOL_VERSION
 
 __all__ = [
@@ -811,6 +811,41 @@ def _submit_post(body: dict[str, Any]) -> None:
         first = seen.setdefault(group["name"], i)
         if first != i:
             raise _Bad(f"duplicate of groups[{first}].name", ".groups", f"[{i}]", ".name")
+    if body["array"] is not None:
+        _check_array(body["array"], jobs)
+
+
+def _check_array(spec: str, jobs: list[dict[str, Any]]) -> None:
+    """An array's one template and its range; the jobs are made in `_expanded`, on decoding
+    only, so a client checking its request before sending does not build them."""
+    if len(jobs) != 1:
+        raise _Bad(f"needs exactly one job, the template, in jobs (got {len(jobs)})", ".array")
+    try:
+        arrays.count(spec)
+    except ValueError as e:
+        raise _Bad(str(e), ".array") from None
+    if len(jobs[0]["env"]) >= defaults.MAX_ENV_ENTRIES:
+        where = ".jobs[0].env"
+        raise _Bad(f"over {defaults.MAX_ENV_ENTRIES} entries with {arrays.INDEX_VAR}", where)
+
+
+def _expanded(mtype: str, req: int, body: dict[str, Any]) -> dict[str, Any]:
+    """A decoded submit's array as its jobs: the template once per index. Only what the index
+    changed is checked again (the command, name and output may grow past their limits)."""
+    if mtype != "submit" or body.get("array") is None:
+        return body
+    template = body["jobs"][0]
+    body["jobs"] = jobs = arrays.expand(template, arrays.indices(body["array"]), index_env=True)
+    checks = [("command", _COMMAND), ("name", _JOB_FIELDS["name"][0]), ("output", _OUTPUT)]
+    changed = [(k, check) for k, check in checks if "{}" in (template.get(k) or "")]
+    for i, job in enumerate(jobs) if changed else ():
+        for key, check in changed:
+            try:
+                check(job[key])
+            except _Bad as e:
+                reason = _reason(_Bad(e.rule, ".jobs", f"[{i}]", f".{key}"))
+                raise ProtocolError(BAD_REQUEST, reason, type=mtype, req=req) from None
+    return body
 
 
 def _modify_post(body: dict[str, Any]) -> None:
@@ -836,6 +871,7 @@ _CLIENT_REQUEST_SCHEMAS: Final[dict[str, Check]] = {
             "jobs": (_list(_JOB_SPEC, defaults.MAX_JOBS_PER_SUBMIT), []),
             "groups": (_list(_GROUP_SPEC, defaults.MAX_GROUPS_PER_SUBMIT), []),
             "submit_key": (_nullable(_NAME), None),
+            "array": (_nullable(_str(1, defaults.MAX_NAME)), None),
         },
         _submit_post,
     ),
@@ -1204,7 +1240,7 @@ def _decode(frame: bytes | bytearray | memoryview, allowed: frozenset[str] | Non
             check = table.get(mtype)
             if check is not None:
                 try:
-                    return _message(mtype, req, check(body))
+                    return _message(mtype, req, _expanded(mtype, req, check(body)))
                 except _Bad as e:
                     raise ProtocolError(BAD_REQUEST, _reason(e), type=mtype, req=req) from None
     return _decode_envelope(env, allowed)
@@ -1246,7 +1282,7 @@ def _decode_envelope(env: Any, allowed: frozenset[str] | None) -> Message:
         )
         raise ProtocolError(BAD_REQUEST, f"req: {rule}", type=_type_or_none(env))
     mtype = _check_type(mtype, req, allowed)
-    return _message(mtype, req, _validate(mtype, body, req, allowed))
+    return _message(mtype, req, _expanded(mtype, req, _validate(mtype, body, req, allowed)))
 
 
 def encode(

@@ -6,6 +6,7 @@ import io
 
 import pytest
 
+from banyan import arrays
 from banyan.cli.output import (
     Cell,
     LiveLine,
@@ -22,7 +23,7 @@ from banyan.cli.output import (
     table,
     use_color,
 )
-from banyan.cli.submit import array_indices
+from banyan.cli.submit import array_count
 
 
 class FakeTTY(io.StringIO):
@@ -99,11 +100,12 @@ def test_parse_memory(text: str, mib: int) -> None:
 
 
 def test_array_indices() -> None:
-    assert array_indices("0-4") == ["0", "1", "2", "3", "4"]
-    assert array_indices("1-9:4,20") == ["1", "5", "9", "20"]
-    for bad in ("5-2", "a-b", "1-2:0", "-3", "0-1000000000"):
+    assert arrays.indices("0-4") == ["0", "1", "2", "3", "4"]
+    assert arrays.indices("1-9:4,20") == ["1", "5", "9", "20"]
+    assert array_count("1-9:4,20") == 4 and array_count("0-99999") == 100_000
+    for bad in ("5-2", "a-b", "1-2:0", "-3", "0-1000000000", "0-199999,7"):
         with pytest.raises(UsageError, match="--array"):
-            array_indices(bad)
+            array_count(bad)
 
 
 def test_table_aligns_columns_and_colours_only_when_asked() -> None:

@@ -325,6 +325,7 @@ def test_submit_defaults_filled_and_numbers_widened() -> None:
         ],
         "groups": [],
         "submit_key": None,
+        "array": None,
     }
     job = msg.body["jobs"][0]
     assert type(job["cpus"]) is float
@@ -1195,3 +1196,35 @@ def test_env_fast_path_answers_as_the_map_check(env: Any) -> None:
             return ("refused", p._reason(e))
 
     assert outcome(p._env) == outcome(p._ENV_MAP)
+
+
+def test_an_array_is_expanded_on_decoding() -> None:
+    template = {"command": "echo {}", "name": "part-{}", "env": {"A": "1"}}
+    body = decode(encode("submit", {"jobs": [template], "array": "1-3,7"}), CLIENT_REQUESTS).body
+    jobs = body["jobs"]
+    assert [j["command"] for j in jobs] == ["echo 1", "echo 2", "echo 3", "echo 7"]
+    assert [j["name"] for j in jobs] == ["part-1", "part-2", "part-3", "part-7"]
+    assert jobs[3]["env"] == {"A": "1", "BANYAN_ARRAY_INDEX": "7"}
+    assert jobs[0]["cpus"] == 1.0  # the template's defaults, in every job
+    jobs[0]["env"]["B"] = "x"
+    assert "B" not in jobs[1]["env"]  # no map is shared between jobs
+
+
+@pytest.mark.parametrize(
+    ("body", "where", "says"),
+    [
+        ({"jobs": [{"command": "a"}, {"command": "b"}], "array": "1-2"}, "array", "exactly one"),
+        ({"jobs": [], "array": "1-2"}, "array", "exactly one"),
+        ({"jobs": [{"command": "a"}], "array": "5-2"}, "array", "backwards"),
+        ({"jobs": [{"command": "a"}], "array": "x"}, "array", "N-M"),
+        ({"jobs": [{"command": "a"}], "array": "0-1000000"}, "array", "over 200000 jobs"),
+        (
+            {"jobs": [{"command": "a", "name": "n" * 252 + "{}"}], "array": "100000-100001"},
+            "jobs[0].name",
+            "",
+        ),
+    ],
+)
+def test_a_bad_array_is_refused_whole(body: dict[str, Any], where: str, says: str) -> None:
+    reason = refuse(frame("submit", body), CLIENT_REQUESTS).reason
+    assert reason.startswith(where + ": ") and says in reason, reason

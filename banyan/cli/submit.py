@@ -14,7 +14,7 @@ import threading
 from collections import Counter
 from typing import Any
 
-from banyan import defaults
+from banyan import arrays, defaults
 from banyan.cli import EXIT_OK, EXIT_REFUSED
 from banyan.cli.output import (
     CONNECT_OPTIONS,
@@ -89,13 +89,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def submit(args: Args) -> int:
-    jobs, groups = build(args)
+    jobs, groups, array = build(args)
+    count = arrays.count(array) if array else len(jobs)
     with connect(args) as client:
         # Where the event log ends before the jobs exist: the live display follows from here.
         head = client.events_head() if args["--wait"] else 0
         # The broker checks and stores every job before it answers: give a big one time.
-        patience, client.timeout = client.timeout, client.timeout + len(jobs) * SECONDS_PER_JOB
-        result = client.submit(jobs=jobs, groups=groups, submit_key=args["--submit-key"])
+        patience, client.timeout = client.timeout, client.timeout + count * SECONDS_PER_JOB
+        result = client.submit(
+            jobs=jobs, groups=groups, submit_key=args["--submit-key"], array=array
+        )
         client.timeout = patience
         if args["--json"]:
             print_json({"jobs": result.jobs, "groups": result.groups})
@@ -109,8 +112,9 @@ def submit(args: Args) -> int:
         return EXIT_OK if ok else EXIT_REFUSED
 
 
-def build(args: Args) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The submission's jobs and groups, from the command line (and the --file, if any)."""
+def build(args: Args) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str | None]:
+    """The submission's jobs, groups and array range, from the command line (and the --file,
+    if any). An array is sent as its one template job and the range: the broker expands it."""
     if args["--open"] and not args["--group"]:
         raise UsageError("--open needs --group NAME")
     if sum(bool(args[o]) for o in ("--each", "--array", "--file")) > 1:
@@ -127,13 +131,14 @@ def build(args: Args) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             raise UsageError("give a COMMAND or --file, not both")
         jobs, file_groups = load_workflow(args["--file"], fields, cwd)
         listed = {g["name"] for g in file_groups}
-        return jobs, file_groups + [g for g in groups if g["name"] not in listed]
+        return jobs, file_groups + [g for g in groups if g["name"] not in listed], None
     base = {**fields, "cwd": cwd, "command": command_line(args["COMMAND"])}
     if args["--each"]:
-        return expand(base, read_lines(args["--each"]), index_env=False), groups
+        return expand(base, read_lines(args["--each"])), groups, None
     if args["--array"]:
-        return expand(base, array_indices(args["--array"]), index_env=True), groups
-    return [base], groups
+        array_count(args["--array"])  # a bad range is a usage error, found here
+        return [base], groups, args["--array"]
+    return [base], groups, None
 
 
 def command_line(words: list[str]) -> str:
@@ -225,48 +230,19 @@ def _read(option: str, path: str) -> str:
         raise UsageError(f"{option}: cannot read {path}: {e.strerror}") from None
 
 
-def array_indices(spec: str) -> list[str]:
-    """`0-9`, `1-99:2`, `3` or a comma list of those, as strings ready to substitute."""
-    out: list[str] = []
-    for part in spec.split(","):
-        rng, _, step_text = part.strip().partition(":")
-        lo_text, dash, hi_text = rng.partition("-")
-        try:
-            lo = int(lo_text)
-            hi = int(hi_text) if dash else lo
-            step = int(step_text) if step_text else 1
-        except ValueError:
-            raise UsageError(f"--array: expected N-M or N-M:STEP, got {part!r}") from None
-        if lo < 0 or hi < lo or step < 1:
-            raise UsageError(f"--array: {part!r} is empty or backwards (need 0 <= N <= M)")
-        # Count before building, so a typo like 0-1000000000 fails at once.
-        if len(out) + (hi - lo) // step + 1 > defaults.MAX_JOBS_PER_SUBMIT:
-            raise UsageError(f"--array: over {defaults.MAX_JOBS_PER_SUBMIT} jobs in one submission")
-        out += map(str, range(lo, hi + 1, step))
-    return out
+def array_count(spec: str) -> int:
+    """How many jobs `0-9`, `1-99:2`, `3` or a comma list of those makes (arrays.ranges)."""
+    try:
+        return arrays.count(spec)
+    except ValueError as e:
+        raise UsageError(f"--array: {e}") from None
 
 
-def expand(base: dict[str, Any], items: list[str], index_env: bool) -> list[dict[str, Any]]:
-    """One job per item with `{}` replaced: plain string work, fast for 100,000 items."""
-    if len(items) > defaults.MAX_JOBS_PER_SUBMIT:
-        raise UsageError(f"over {defaults.MAX_JOBS_PER_SUBMIT} jobs in one submission")
-    command: str = base["command"]
-    in_command = "{}" in command
-    templated = [k for k in ("name", "output") if "{}" in (base.get(k) or "")]
-    env: dict[str, str] = base.get("env") or {}
-    jobs = []
-    for item in items:
-        job = dict(base)
-        if in_command:
-            job["command"] = command.replace("{}", item)
-        elif not index_env:
-            job["command"] = f"{command} {shlex.quote(item)}"
-        for key in templated:
-            job[key] = base[key].replace("{}", item)
-        if index_env:
-            job["env"] = {**env, "BANYAN_ARRAY_INDEX": item}
-        jobs.append(job)
-    return jobs
+def expand(base: dict[str, Any], items: list[str]) -> list[dict[str, Any]]:
+    try:
+        return arrays.expand(base, items, index_env=False)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 # ---- a workflow file (docs/workflow.md) -------------------------------------------------------
