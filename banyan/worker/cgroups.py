@@ -3,7 +3,8 @@
 No process leaves its cgroup by forking, setsid, double forks or clearing its environment, so
 a job's cgroup holds exactly the job's processes, and `cgroup.kill` ends them all at once with
 no window for a fork to slip through. The worker makes `banyan-NONCE` under its own cgroup and
-one child per attempt; the job's shell moves itself in before it runs anything.
+one child per attempt. The job starts inside it (launcher.py) where moving a process is slow;
+elsewhere the job's shell moves itself in before it runs anything.
 
 Where there is no writable cgroup2 hierarchy (cgroup v1 only, no permission, a container
 without delegation) `Cgroups.make` says None, and the runner relies on sessions, the marker

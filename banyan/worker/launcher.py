@@ -2,10 +2,11 @@
 
 Moving a running process into a cgroup (a write to `cgroup.procs`) takes the kernel's
 cgroup_threadgroup_rwsem for writing; every fork on the machine waits while it is held, and
-unless cgroup2 is mounted with `favordynmods` the write also waits for an RCU grace period.
-A worker whose jobs moved themselves in stalled in posix_spawn behind the previous job's
-move. A process cloned straight into its cgroup (clone3 with CLONE_INTO_CGROUP, Linux 5.7+)
-never moves: nothing to wait for, and no moment outside the cgroup either.
+unless cgroup2 is mounted with `favordynmods` the write also waits for an RCU grace period
+(10-40 ms after an idle moment), during which the job has not started yet. A process cloned
+straight into its cgroup (clone3 with CLONE_INTO_CGROUP, Linux 5.7+) never moves: nothing to
+wait for, and no moment outside the cgroup either. Each start costs a round trip to this
+helper (0.6-0.9 ms), so the runner uses it only where it measured a move to be slow.
 
 Python has no clone3, and a raw clone of the worker itself would copy its page tables and
 could not run Python safely beside libzmq's threads. So the worker starts this module once as
