@@ -17,15 +17,9 @@ import pytest
 
 from banyan import defaults
 from banyan.errors import BadRequest, NotFound
-from banyan.worker.runner import (
-    MARKER_VAR,
-    Finished,
-    Launch,
-    Runner,
-    RunningJob,
-    output_paths,
-    parse_progress,
-)
+from banyan.worker.procs import MARKER_VAR
+from banyan.worker.progress import parse_progress
+from banyan.worker.runner import Finished, Launch, Runner, RunningJob, output_paths
 
 
 def time_factor() -> float:

@@ -20,36 +20,34 @@ reap their zombies. Children started in the worker's session are never touched.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import math
 import os
 import re
 import secrets
 import shlex
 import signal
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import psutil
 
 from banyan import defaults
 from banyan.errors import BadRequest, NotFound
-from banyan.worker import cgroups
+from banyan.worker import cgroups, procs
 from banyan.worker.cgroups import Cgroups, move_time
 from banyan.worker.launcher import Launcher
+from banyan.worker.procs import MARKER_VAR
+from banyan.worker.progress import ProgressReport, ProgressWatch
 
 Outcome = Literal["exited", "cancelled", "timeout"]
 Key = tuple[int, int]  # (job, token)
 
-MARKER_VAR = "BANYAN_MARKER"
 SPAWN_FAILED = 127  # the shell's "command not found": the job never ran
 # Seconds a move into a cgroup may take before the launcher is worth its round trip (~1 ms):
 # moves cost 0.2-0.8 ms with `favordynmods` (or a kernel that behaves so), 10-40 ms without.
 SLOW_MOVE = 0.003
-_PR_SET_CHILD_SUBREAPER = 36
-_PROGRESS_READ = 4 * defaults.PROGRESS_MESSAGE_MAX + 64
 _OUTPUT_FIELD = re.compile(r"%%|%j|\{job\}|\{attempt\}|\{stream\}")
 _WRITE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
 # After a TERM, how soon to look again for survivors: quick for the usual prompt exit, then
@@ -100,38 +98,6 @@ class Finished:
     ended: float
 
 
-@dataclass(frozen=True)
-class ProgressReport:
-    job: int
-    token: int
-    percent: float | None
-    message: str
-
-
-def parse_progress(data: bytes) -> tuple[float | None, str] | None:
-    """The last complete, non-blank line of a progress file: `42.5 epoch 3/10` → (42.5, ...).
-
-    A line still being written (no newline yet) is ignored, so a reader racing `echo 5 > f`
-    never sees half a value.
-    """
-    lines = data.split(b"\n")[:-1]
-    for raw in reversed(lines):
-        line = "".join(c if c.isprintable() else " " for c in raw.decode("utf-8", "replace"))
-        line = line.strip()
-        if line:
-            break
-    else:
-        return None
-    head, _, rest = line.partition(" ")
-    try:
-        value = float(head.removesuffix("%"))
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        return None, line[: defaults.PROGRESS_MESSAGE_MAX]
-    return min(100.0, max(0.0, value)), rest.strip()[: defaults.PROGRESS_MESSAGE_MAX]
-
-
 def output_paths(
     template: str | None, spool: str, cwd: str, job: int, attempt: int
 ) -> tuple[str, str]:
@@ -157,124 +123,6 @@ def output_paths(
     return out, out + ".err"
 
 
-def _become_subreaper() -> bool:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return int(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-class _Stat(NamedTuple):
-    ppid: int
-    pgid: int
-    sid: int
-    start: int  # boot-relative start time: tells a process from a later one with its pid
-    zombie: bool
-
-
-_NOBODY = _Stat(0, 0, 0, 0, True)
-
-
-class _ProcTable:
-    """One pass over /proc: who is whose child, in which group and session."""
-
-    def __init__(self) -> None:
-        self.procs: dict[int, _Stat] = {}
-        self.children: dict[int, list[int]] = defaultdict(list)
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{name}/stat", "rb") as f:
-                    data = f.read()
-                rest = data[data.rindex(b")") + 2 :].split()
-                st = _Stat(
-                    int(rest[1]), int(rest[2]), int(rest[3]), int(rest[19]), rest[0] in b"ZX"
-                )
-            except (OSError, ValueError, IndexError):
-                continue
-            self.procs[int(name)] = st
-            self.children[st.ppid].append(int(name))
-
-    def subtree(self, roots: Iterable[int]) -> set[int]:
-        """Living processes among roots and their descendants."""
-        seen: set[int] = set()
-        todo = [pid for pid in roots if pid in self.procs]
-        while todo:
-            pid = todo.pop()
-            if pid not in seen:
-                seen.add(pid)
-                todo.extend(self.children.get(pid, ()))
-        return {pid for pid in seen if not self.procs[pid].zombie}
-
-
-def _marker_of(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            env = b"\0" + f.read()
-    except OSError:
-        return None
-    key = b"\0" + MARKER_VAR.encode() + b"="
-    start = env.find(key)
-    if start < 0:
-        return None
-    start += len(key)
-    end = env.find(b"\0", start)
-    return env[start : end if end >= 0 else len(env)].decode("utf-8", "replace")
-
-
-def _signal_group(pgid: int, sig: int) -> bool:
-    """Signal a process group; False when it no longer has members (ESRCH means gone)."""
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
-def _signal(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, sig)
-
-
-def _alive(pid: int, start: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            rest = f.read().rsplit(b")", 1)[1].split()
-        return int(rest[19]) == start and rest[0] not in b"ZX"
-    except (OSError, IndexError, ValueError):
-        return False
-
-
-def _peek_exit(pid: int) -> tuple[int | None, int | None] | None:
-    """(exit code, signal) of an exited child, left unreaped; None while it runs."""
-    try:
-        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:
-        return None, None  # someone else reaped it: ended, status unknown
-    if info is None:
-        return None
-    if info.si_code == os.CLD_EXITED:
-        return info.si_status, None
-    return None, info.si_status
-
-
-def _reap_some(target: int) -> bool:
-    """Reap exited children: a pid, or a process group as -pgid. False once none is left."""
-    while True:
-        try:
-            pid, _ = os.waitpid(target, os.WNOHANG)
-        except ChildProcessError:
-            return False
-        if pid == 0:
-            return True
-        if target > 0:
-            return False
-
-
 def _read_tail(path: str, size: int) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -294,44 +142,6 @@ def _append(path: str, text: str) -> None:
         f.write(text.encode("utf-8", "replace"))
 
 
-class _ProgressWatch:
-    """Reads a job's progress file only when it changed, at most once per interval."""
-
-    def __init__(self, path: str, now: float) -> None:
-        self.path = path
-        self.next_check = now
-        self.seen: tuple[int, int] | None = None  # (mtime_ns, size) last read
-        self.last: tuple[float | None, str] | None = None  # last value reported
-
-    def check(self, now: float) -> tuple[float | None, str] | None:
-        if now < self.next_check:
-            return None
-        self.next_check = now + defaults.PROGRESS_INTERVAL
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return None
-        try:
-            st = os.fstat(fd)
-            if (st.st_mtime_ns, st.st_size) == self.seen:
-                return None
-            self.seen = (st.st_mtime_ns, st.st_size)
-            offset = max(0, st.st_size - _PROGRESS_READ)
-            data = os.pread(fd, _PROGRESS_READ, offset)
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
-        if offset > 0:
-            # The window starts mid-line: only lines after its first newline are whole.
-            data = data.partition(b"\n")[2]
-        value = parse_progress(data)
-        if value is None or value == self.last:
-            return None
-        self.last = value
-        return value
-
-
 @dataclass(eq=False)
 class _Attempt:
     info: RunningJob
@@ -349,7 +159,7 @@ class _Attempt:
     next_look: float = -math.inf  # when to look again for processes outliving a TERM
     look_delay: float = _FIRST_LOOK
     usage_procs: dict[tuple[int, int], psutil.Process] = field(default_factory=dict)
-    watch: _ProgressWatch | None = None
+    watch: ProgressWatch | None = None
     cgroup: str | None = None  # its own cgroup, when the worker has them
 
     @property
@@ -376,7 +186,7 @@ class Runner:
         self.spool = os.path.abspath(spool_dir)
         os.makedirs(self.spool, exist_ok=True)
         self.visible_gpus = list(visible_gpus)
-        self.subreaper = _become_subreaper()
+        self.subreaper = procs.become_subreaper()
         self._base_env = dict(os.environ)
         self._nonce = f"{os.getpid()}-{secrets.token_hex(4)}"
         # A cgroup per job where the kernel allows: the one hiding place the others miss
@@ -445,7 +255,7 @@ class Runner:
         )
         a = _Attempt(info, launch, failure=failure, cgroup=cgroup)
         if pid is not None:
-            a.watch = _ProgressWatch(info.progress_path, now)
+            a.watch = ProgressWatch(info.progress_path, now)
             with contextlib.suppress(OSError, AttributeError):
                 a.pidfd = os.pidfd_open(pid)
         self._jobs[key] = a
@@ -531,7 +341,7 @@ class Runner:
                 continue
             elif a.kill_at is None:
                 # Ended by itself: nothing it started may outlive it.
-                _signal_group(a.pgid, signal.SIGKILL)
+                procs.signal_group(a.pgid, signal.SIGKILL)
                 # A kill costs the kernel work that slowed the next start by ~1 ms even on
                 # an empty cgroup, and most jobs leave nothing behind.
                 if a.cgroup and cgroups.populated(a.cgroup):
@@ -544,10 +354,10 @@ class Runner:
                 lingering.append(a)
         if lingering:
             # The leader is gone after a TERM; the job is over once nothing of it is left.
-            table = _ProcTable()
+            table = procs.ProcTable()
             members = self._members(table, lingering, everywhere=True)
             for a in lingering:
-                survivors = members[a.key] | {p for p, s in a.tracked.items() if _alive(p, s)}
+                survivors = members[a.key] | {p for p, s in a.tracked.items() if procs.alive(p, s)}
                 if not survivors:
                     self._schedule_sweep()
                     done.append(self._finish(a, now))
@@ -577,14 +387,14 @@ class Runner:
             return
         for a in self._jobs.values():
             if a.info.pid is not None and a.exit is None:
-                a.exit = _peek_exit(a.info.pid)
+                a.exit = procs.peek_exit(a.info.pid)
         for number, pending in ((-1, self._reap_groups), (1, self._reap_pids)):
             for key in list(pending):
-                if not _reap_some(number * key):
+                if not procs.reap_some(number * key):
                     del pending[key]
 
     def _members(
-        self, table: _ProcTable, attempts: list[_Attempt], everywhere: bool
+        self, table: procs.ProcTable, attempts: list[_Attempt], everywhere: bool
     ) -> dict[Key, set[int]]:
         """Living processes of each attempt: its session, marked processes, their descendants.
 
@@ -608,7 +418,7 @@ class Runner:
             st = table.procs[pid]
             if st.zombie or st.sid in by_sid or pid == self._me:
                 continue
-            marker = _marker_of(pid)
+            marker = procs.marker_of(pid)
             owner = self._by_marker.get(marker) if marker else None
             if owner is not None and owner.key in wanted:
                 roots[owner.key].add(pid)
@@ -629,7 +439,7 @@ class Runner:
         for a in attempts:
             if a.info.pid is None or a.kill_at is not None or a.exit is not None:
                 continue
-            a.exit = _peek_exit(a.info.pid)  # an exit that already happened keeps its outcome
+            a.exit = procs.peek_exit(a.info.pid)  # an exit that already happened keeps its outcome
             if a.exit is None:
                 pending.append(a)
         if pending:
@@ -648,32 +458,32 @@ class Runner:
     def _terminate(
         self, attempts: list[_Attempt], now: float, outcome: Outcome, reason: str | None
     ) -> None:
-        table = _ProcTable()
+        table = procs.ProcTable()
         members = self._members(table, attempts, everywhere=True)
         for a in attempts:
             a.outcome, a.kill_at = outcome, now + max(0.0, a.launch.cancel_grace)
             a.reason = reason or f"time limit of {a.launch.time_limit or 0:g}s reached"
-            _signal_group(a.pgid, signal.SIGTERM)
+            procs.signal_group(a.pgid, signal.SIGTERM)
             for pid in members[a.key]:
                 st = table.procs[pid]
                 if st.pgid != a.pgid:  # the group already got its one SIGTERM
-                    _signal(pid, signal.SIGTERM)
+                    procs.signal(pid, signal.SIGTERM)
                     a.tracked[pid] = st.start
 
     def _kill(self, attempts: list[_Attempt]) -> None:
-        table = _ProcTable()
+        table = procs.ProcTable()
         members = self._members(table, attempts, everywhere=True)
         for a in attempts:
-            _signal_group(a.pgid, signal.SIGKILL)
+            procs.signal_group(a.pgid, signal.SIGKILL)
             if a.cgroup:
                 cgroups.kill(a.cgroup)
             doomed = set(members[a.key])
-            doomed.update(p for p, s in a.tracked.items() if _alive(p, s))
+            doomed.update(p for p, s in a.tracked.items() if procs.alive(p, s))
             for pid in doomed:
-                _signal(pid, signal.SIGKILL)
+                procs.signal(pid, signal.SIGKILL)
             a.killed = True
             self._reap_pids.update(
-                (p, None) for p in doomed if table.procs.get(p, _NOBODY).ppid == self._me
+                (p, None) for p in doomed if table.procs.get(p, procs.NOBODY).ppid == self._me
             )
         self._schedule_sweep()
 
@@ -710,7 +520,7 @@ class Runner:
             os.close(a.pidfd)
         if a.info.pid is not None:
             if a.exit is not None:
-                _reap_some(a.info.pid)  # the leader's zombie, held until now
+                procs.reap_some(a.info.pid)  # the leader's zombie, held until now
             self._reap_groups[a.pgid] = None  # members reparented to us die into zombies
         with contextlib.suppress(OSError):
             os.unlink(a.info.progress_path)
@@ -733,7 +543,7 @@ class Runner:
             else:  # something of an ended job is still in there
                 cgroups.kill(path)
                 self._schedule_sweep()
-        table = _ProcTable()
+        table = procs.ProcTable()
         leaders = {a.info.pid for a in self._jobs.values()}
         doomed: list[int] = []
         for pid in table.procs if not self.subreaper else table.children.get(self._me, ()):
@@ -745,13 +555,13 @@ class Runner:
                     with contextlib.suppress(ChildProcessError):
                         os.waitpid(pid, os.WNOHANG)
                 continue
-            marker = _marker_of(pid)
+            marker = procs.marker_of(pid)
             mine = marker is not None and marker.startswith(self._nonce + ":")
             if mine and marker not in self._by_marker:
                 doomed.append(pid)
         victims = table.subtree(doomed)
         for pid in victims:
-            _signal(pid, signal.SIGKILL)
+            procs.signal(pid, signal.SIGKILL)
         self._reap_pids.update((p, None) for p in victims if table.procs[p].ppid == self._me)
         if victims:
             self._schedule_sweep()  # to reap what just died
@@ -774,11 +584,11 @@ class Runner:
         attempts = [a for a in self._jobs.values() if a.info.pid is not None]
         if not attempts:
             return {}
-        table = _ProcTable()
+        table = procs.ProcTable()
         members = self._members(table, attempts, everywhere=False)
         result: dict[Key, tuple[float, int]] = {}
         for a in attempts:
-            procs: dict[tuple[int, int], psutil.Process] = {}
+            seen: dict[tuple[int, int], psutil.Process] = {}
             cpu, rss = 0.0, 0
             for pid in members[a.key]:
                 ident = (pid, table.procs[pid].start)
@@ -789,8 +599,8 @@ class Runner:
                         rss += proc.memory_info().rss
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue  # ZombieProcess is a NoSuchProcess
-                procs[ident] = proc
-            a.usage_procs = procs
+                seen[ident] = proc
+            a.usage_procs = seen
             result[a.key] = (cpu, rss)
         return result
 

@@ -22,7 +22,7 @@ import sys
 import time
 
 from banyan.worker import cgroups
-from banyan.worker.runner import _marker_of, _ProcTable
+from banyan.worker.procs import ProcTable, marker_of
 
 log = logging.getLogger("banyan.worker.watchdog")
 
@@ -50,10 +50,10 @@ def kill_marked(nonce: str) -> int:
     my_sid = os.getsid(0)
     killed: set[int] = set()
     for _ in range(ROUNDS):
-        table = _ProcTable()
+        table = ProcTable()
         marked = set()
         for pid, st in table.procs.items():
-            if not st.zombie and pid not in mine and (_marker_of(pid) or "").startswith(prefix):
+            if not st.zombie and pid not in mine and (marker_of(pid) or "").startswith(prefix):
                 marked.add(pid)
         sessions = {table.procs[p].sid for p in marked} - {my_sid, 0}
         members = {p for p, st in table.procs.items() if st.sid in sessions}
