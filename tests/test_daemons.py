@@ -10,6 +10,7 @@ from typing import Any
 import psutil
 import pytest
 
+from banyan import protocol
 from banyan.client import Client, JobInfo, LogChunk
 from tests.cluster import HEARTBEAT, LIVENESS, Cluster, pids_with_marker, scaled, wait_for
 
@@ -306,3 +307,42 @@ def test_idle_worker_stays_alive_and_gets_work(cluster: Cluster) -> None:
     # A job this short ends before its `started` report is due: the result dates the start.
     assert attempt["started"] is not None
     assert attempt["claimed"] <= attempt["started"] <= attempt["ended"]
+
+
+def pipelined(c: Client, requests: list[dict[str, Any]]) -> dict[int, protocol.Message]:
+    """Send every submit before reading any answer, as a pipelining client does."""
+    for req, body in enumerate(requests, 1):
+        c.sock.send(protocol.encode("submit", body, req))
+    replies: dict[int, protocol.Message] = {}
+    for _ in range(len(requests)):
+        assert c.sock.poll(int(scaled(10) * 1000)), f"only {len(replies)} replies"
+        msg = protocol.decode(c.sock.recv(), protocol.CLIENT_REPLIES)
+        replies[msg.req] = msg
+    return replies
+
+
+def held(*commands: str) -> dict[str, Any]:
+    return {"jobs": [{"command": command, "hold": True} for command in commands]}
+
+
+def test_pipelined_submits_each_get_their_own_answer(cluster: Cluster) -> None:
+    """Small submits arriving together run as one submission in the broker; every request
+    still gets its own ids, in order, and a refused one changes nothing for the others."""
+    c = cluster.client()
+    together = pipelined(c, [held("echo 1"), held("echo 2", "echo 3"), held("echo 4")])
+    ids = [j for req in (1, 2, 3) for j in together[req].body["jobs"]]
+    assert [len(together[req].body["jobs"]) for req in (1, 2, 3)] == [1, 2, 1]
+    assert ids == list(range(ids[0], ids[0] + 4))  # in the order sent
+    commands = {j.id: j.raw["command"] for j in c.status(ids, detail=True).jobs}
+    assert [commands[j] for j in ids] == ["echo 1", "echo 2", "echo 3", "echo 4"]
+
+    refused = {"jobs": [{"command": "echo x", "depends_on": [{"job": 999_999}]}]}
+    grouped = {**held("echo e"), "groups": [{"name": "pipe"}]}
+    grouped["jobs"][0]["groups"] = ["pipe"]
+    mixed = pipelined(c, [held("echo a"), held("echo b", "echo c"), refused, grouped])
+    assert mixed[3].type == "error" and mixed[3].body["code"] == "not_found", mixed[3]
+    ids = [j for req in (1, 2, 4) for j in mixed[req].body["jobs"]]
+    assert ids == sorted(ids) and len(set(ids)) == 4
+    commands = {j.id: j.raw["command"] for j in c.status(ids, detail=True).jobs}
+    assert [commands[j] for j in ids] == ["echo a", "echo b", "echo c", "echo e"]
+    assert len(c.status(all=True, limit=100).jobs) == 8  # nothing of the refused one

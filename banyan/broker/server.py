@@ -41,6 +41,9 @@ BATCH = 512
 # next turn, after heartbeats have gone out. 512 big submissions (or waits on many jobs) in one
 # transaction held the loop for seconds, and workers took the broker for dead.
 TURN_BUDGET = 0.1
+# Submits of up to this many jobs may share a child transaction and a Core.submit with their
+# neighbours: the per-request cost (child transaction, index writes, events) is paid once.
+MERGE_JOBS = 16
 # The heartbeat of a worker that runs nothing, byte for byte (msgpack encodes it one way).
 IDLE = protocol.encode("heartbeat", {"running": []})
 # Per client connection: requests queued here before TCP holds the sender back, and replies
@@ -91,6 +94,9 @@ class Turn:
     waiters: list[Waiter] = field(default_factory=list)
     fetches: list[LogFetch] = field(default_factory=list)
     deferred: list[Inbound] = field(default_factory=list)  # client requests left for later
+    # Small submits of one owner in a row, run as one (see Broker._run_submits).
+    submits: list[tuple[bytes, protocol.Message]] = field(default_factory=list)
+    submitter: Actor | None = None
 
     def merge(self, other: Turn) -> None:
         self.replies += other.replies
@@ -310,6 +316,7 @@ class Broker:
             kind, frames, user = inbox[n]
             n += 1
             if kind == "worker":
+                wake = self._run_submits(tx, now, turn) or wake
                 wake = self._worker_message(tx, frames, user, now, turn) or wake
             elif served and time.monotonic() > budget:
                 turn.deferred.append((kind, frames, user))
@@ -317,6 +324,7 @@ class Broker:
             else:
                 wake = self._client_message(tx, frames, self._actor(user), now, turn) or wake
                 served = True
+        wake = self._run_submits(tx, now, turn) or wake
         for name in lost:
             why = f"worker {name} silent for {self._window():g} s"
             wake = self._in_child(tx, now, turn, _losing(name, why)) or wake
@@ -368,6 +376,59 @@ class Broker:
         if decoded is None:
             return False
         identity, msg = decoded
+        if _mergeable(msg):
+            wake = self._run_submits(tx, now, turn) if turn.submitter != actor else False
+            turn.submits.append((identity, msg))
+            turn.submitter = actor
+            return wake
+        wake = self._run_submits(tx, now, turn)
+        return self._request(tx, identity, msg, actor, now, turn) or wake
+
+    def _run_submits(self, tx: WriteTx, now: float, turn: Turn) -> bool:
+        """The turn's waiting small submits as one submission: one child transaction, one
+        Core.submit, one batch of writes, rather than one each. Each request still gets its
+        own ids, in order, as if run alone; if any is refused they run one by one, so that
+        only that one is."""
+        batch, actor = turn.submits, turn.submitter
+        turn.submits, turn.submitter = [], None
+        if actor is not None and len(batch) > 1:
+            core: Core | None = None
+            try:
+                with tx.child() as child:
+                    core = Core(child, now, self.config.core)
+                    jobs = [job for _, msg in batch for job in msg.body["jobs"]]
+                    ids = core.submit(actor, jobs, [])["jobs"]
+            except StoreFull:
+                raise
+            except Exception:  # refused or worse: below, each request gets its own answer
+                core = None
+            if core is not None:
+                turn.effects += core.effects
+                turn.events += core.events
+                first = 0
+                for identity, msg in batch:
+                    end = first + len(msg.body["jobs"])
+                    body = {"jobs": ids[first:end], "groups": {}}
+                    turn.replies.append(
+                        ("client", identity, protocol.encode("submitted", body, msg.req))
+                    )
+                    first = end
+                return core.wake
+        wake = False
+        for identity, msg in batch:
+            assert actor is not None
+            wake = self._request(tx, identity, msg, actor, now, turn) or wake
+        return wake
+
+    def _request(
+        self,
+        tx: WriteTx,
+        identity: bytes,
+        msg: protocol.Message,
+        actor: Actor,
+        now: float,
+        turn: Turn,
+    ) -> bool:
         if msg.type == "logs":
             self._logs(tx, identity, msg, now, turn)
             return False
@@ -670,6 +731,20 @@ class Broker:
             self.zap.close()
         self.store.close()
         log.info("stopped; %d messages refused in this run", self.refusals())
+
+
+def _mergeable(msg: protocol.Message) -> bool:
+    """A submit that may run as part of a bigger one: a few jobs, no groups or submit key,
+    and no dependency on a job of its own (`local` counts from the request's first job)."""
+    b = msg.body
+    return (
+        msg.type == "submit"
+        and 0 < len(b["jobs"]) <= MERGE_JOBS
+        and not b["groups"]
+        and b["submit_key"] is None
+        and b.get("array") is None
+        and not any("local" in dep for job in b["jobs"] for dep in job["depends_on"])
+    )
 
 
 def _losing(name: str, why: str) -> Callable[[Core], None]:
