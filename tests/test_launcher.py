@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from banyan.worker import cgroups
+from banyan.worker import cgroups, launcher
 from banyan.worker.cgroups import Cgroups
 from banyan.worker.launcher import Launcher
 from banyan.worker.runner import SLOW_MOVE, Finished, Launch, Runner
@@ -95,6 +95,22 @@ def test_a_dead_launcher_falls_back_to_joining(runner: Runner) -> None:
     assert runner.launcher.broken
 
 
+def test_a_stuck_launcher_is_given_up_and_the_job_runs_once(
+    runner: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner.launcher.close()
+    monkeypatch.setattr(launcher, "_ANSWER_WITHIN", 0.5)
+    runner.launcher = Launcher()
+    check_born_in_cgroup(runner, 1)  # the helper is up
+    helper = runner.launcher._proc
+    assert helper is not None
+    os.kill(helper.pid, signal.SIGSTOP)  # it will not answer
+    runs = tmp_path / "runs"
+    done = run(runner, 2, f"echo ran >> {runs}")
+    assert done.exit_code == 0 and runs.read_text() == "ran\n"
+    assert runner.launcher.broken and helper.poll() is not None  # killed, not left stopped
+
+
 def test_cancel_kills_everything_in_the_cgroup(runner: Runner) -> None:
     info = runner.start(
         Launch(3, 3, 1, "sleep 1000 & sleep 1000 & wait", None, {}, [], None, 0.2, None),
@@ -120,15 +136,25 @@ def test_the_runner_measures_moves_to_choose(tmp_path: Path) -> None:
         r.cgroups.close()
 
 
-def test_what_outlives_its_leader_is_killed_through_the_cgroup(runner: Runner) -> None:
+def test_what_outlives_its_leader_is_killed_through_the_cgroup(
+    runner: Runner, tmp_path: Path
+) -> None:
     runner.launcher.close()
     runner.launcher.broken = True  # the shell's own move, as where moves are cheap
-    # Its own session and no marker: only the cgroup still knows whose it is.
-    done = run(runner, 5, "setsid env -i sleep 1000 & exit 0")
-    assert done.exit_code == 0
+    # Its own session and no marker: only the cgroup still knows whose it is. The leader
+    # waits until the escapee is in place, then ends.
     assert runner.cgroups is not None
     path = os.path.join(runner.cgroups.base, "job-5-5")
-    wait_for(lambda: not cgroups.populated(path), 10, what="the background sleep to die")
+    flag = tmp_path / "hidden"
+    escape = f"setsid env -i /bin/sh -c 'touch {flag}; exec sleep 1000' &"
+    done = run(runner, 5, f"{escape} until [ -e {flag} ]; do sleep 0.01; done")
+    assert done.exit_code == 0
+
+    def gone() -> bool:
+        runner.poll(time.monotonic())  # reaps what the kill left as zombies
+        return cgroups.members(path) == [] and not cgroups.populated(path)
+
+    wait_for(gone, 10, what="the background sleep to die")
 
 
 def test_populated(runner: Runner, tmp_path: Path) -> None:

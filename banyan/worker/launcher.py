@@ -115,15 +115,16 @@ class Launcher:
 
         logging.getLogger("banyan.worker").info("%s; jobs join their cgroups themselves", why)
         self.broken = True
-        self.close()
+        # At once: a helper that missed its answer must not start that job after all.
+        self.close(wait=0.0)
 
-    def close(self) -> None:
+    def close(self, wait: float = _ANSWER_WITHIN) -> None:
         if self._sock is not None:
             self._sock.close()  # the helper reads EOF and exits
             self._sock = None
         if self._proc is not None:
             try:
-                self._proc.wait(timeout=_ANSWER_WITHIN)
+                self._proc.wait(timeout=wait)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()

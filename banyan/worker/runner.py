@@ -291,6 +291,9 @@ class Runner:
                 pid = self.launcher.spawn(argv, env, (null, out_fd, err_fd), cgroup)
                 if pid is not None:
                     return pid
+                # The launcher failed mid-request: whatever it may have started for this
+                # attempt before it died is in this fresh cgroup. None of it may run twice.
+                cgroups.kill(cgroup)
             if cgroup:  # no launcher here: the shell moves itself in first
                 script = cgroups.join_script(cgroup) + script
             actions = [
