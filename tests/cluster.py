@@ -20,6 +20,7 @@ import psutil
 
 from banyan.broker.store import Store
 from banyan.client import Client
+from banyan.worker.cgroups import Cgroups
 
 TIME_FACTOR = float(os.environ.get("BANYAN_TIME_FACTOR", "1"))
 HEARTBEAT = 0.2  # fast heartbeats keep liveness tests short: a 1 s window
@@ -225,3 +226,12 @@ def pids_with_marker(marker: str) -> list[int]:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return out
+
+
+def have_cgroups() -> bool:
+    """Whether a worker on this machine gets a cgroup per job (cgroup2, writable)."""
+    probe = Cgroups.make(f"probe-{os.getpid()}")
+    if probe is None:
+        return False
+    probe.close()
+    return True

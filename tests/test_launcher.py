@@ -13,19 +13,9 @@ import psutil
 import pytest
 
 from banyan.worker import cgroups, launcher
-from banyan.worker.cgroups import Cgroups
 from banyan.worker.launcher import Launcher
 from banyan.worker.runner import SLOW_MOVE, Finished, Launch, Runner
-from tests.cluster import wait_for
-
-
-def have_cgroups() -> bool:
-    probe = Cgroups.make(f"probe-{os.getpid()}")
-    if probe is None:
-        return False
-    probe.close()
-    return True
-
+from tests.cluster import have_cgroups, wait_for
 
 pytestmark = pytest.mark.skipif(not have_cgroups(), reason="no writable cgroup2 hierarchy here")
 

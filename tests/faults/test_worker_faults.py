@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import shlex
 import shutil
 import statistics
 import time
 from pathlib import Path
 
-from banyan.worker.cgroups import Cgroups
-from tests.cluster import HEARTBEAT, LIVENESS, Cluster, scaled, wait_for
+from tests.cluster import HEARTBEAT, LIVENESS, Cluster, have_cgroups, scaled, wait_for
 from tests.faults.conftest import Summary
 from tests.faults.harness import JobLog, audit, gone_at, job_processes, runs_of, size
 
@@ -71,15 +69,6 @@ def hostile(sleeper: Path, started: Path, cleared: bool) -> str:
         "wait",
     ]
     return "\n".join(lines)
-
-
-def have_cgroups() -> bool:
-    """Whether a worker on this machine gets a cgroup per job (cgroup2, writable)."""
-    probe = Cgroups.make(f"probe-{os.getpid()}")
-    if probe is None:
-        return False
-    probe.close()
-    return True
 
 
 def test_hostile_jobs(fleet: Cluster, summary: Summary) -> None:
