@@ -136,13 +136,23 @@ def test_what_outlives_its_leader_is_killed_through_the_cgroup(
     assert runner.cgroups is not None
     path = os.path.join(runner.cgroups.base, "job-5-5")
     flag = tmp_path / "hidden"
-    escape = f"setsid env -i /bin/sh -c 'touch {flag}; exec sleep 1000' &"
+    # The pid lands in the flag whole (rename), and `exec` keeps it as the sleep's.
+    escape = (
+        f"setsid env -i /bin/sh -c 'echo $$ > {flag}.tmp; mv {flag}.tmp {flag}; exec sleep 1000' &"
+    )
     done = run(runner, 5, f"{escape} until [ -e {flag} ]; do sleep 0.01; done")
     assert done.exit_code == 0
+    escapee = int(flag.read_text())
 
     def gone() -> bool:
         runner.poll(time.monotonic())  # reaps what the kill left as zombies
-        return cgroups.members(path) == [] and not cgroups.populated(path)
+        try:
+            dead = psutil.Process(escapee).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            dead = True
+        # The sweep removes the cgroup once it is empty (rmdir refuses a populated one).
+        empty = not os.path.exists(path) or not cgroups.populated(path)
+        return dead and empty
 
     wait_for(gone, 10, what="the background sleep to die")
 
