@@ -25,45 +25,59 @@ BATCH = 512
 _U64 = struct.Struct(">Q")
 
 
-def serve(port: int, state: str, ready: Any = None) -> None:
-    """Serve on 127.0.0.1:port until SIGTERM; `ready` (an Event) is set once bound."""
-    stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
-    env = lmdb.open(state, map_size=1 << 34, sync=True, metasync=True)
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVHWM, 0)
-    sock.setsockopt(zmq.SNDHWM, 0)
-    sock.bind(f"tcp://127.0.0.1:{port}")
-    if ready is not None:
-        ready.set()
-    next_id = 1
-    while not stopping:
-        if not sock.poll(200, zmq.POLLIN):
-            continue
+class Ideal:
+    """The reference broker's state: its socket, its store, the next id. `turn` serves once."""
+
+    def __init__(self, ctx: zmq.Context[Any], endpoint: str, state: str) -> None:
+        self.env = lmdb.open(state, map_size=1 << 34, sync=True, metasync=True)
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.bind(endpoint)
+        self.next_id = 1
+
+    def turn(self, timeout_ms: int) -> None:
+        """Wait up to `timeout_ms` for requests, then drain, write, commit once, reply."""
+        if not self.sock.poll(timeout_ms, zmq.POLLIN):
+            return
         inbox = []
         for _ in range(BATCH):
             try:
-                inbox.append(sock.recv_multipart(zmq.NOBLOCK))
+                inbox.append(self.sock.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 break
         replies = []
-        with env.begin(write=True) as txn:
+        with self.env.begin(write=True) as txn:
             for identity, payload in inbox:
                 _, _, req, body = msgpack.unpackb(payload, raw=False)
                 ids = []
                 for job in body["jobs"]:
-                    txn.put(_U64.pack(next_id), msgpack.packb(job), append=True)
-                    ids.append(next_id)
-                    next_id += 1
+                    txn.put(_U64.pack(self.next_id), msgpack.packb(job), append=True)
+                    ids.append(self.next_id)
+                    self.next_id += 1
                 reply = [1, "submitted", req, {"jobs": ids, "groups": {}}]
                 replies.append([identity, msgpack.packb(reply)])
         for frames in replies:  # only after the commit: persist, then acknowledge
-            sock.send_multipart(frames)
-    sock.close()
+            self.sock.send_multipart(frames)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.env.close()
+
+
+def serve(port: int, state: str, ready: Any = None) -> None:
+    """Serve on 127.0.0.1:port until SIGTERM; `ready` (an Event) is set once bound."""
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    ctx = zmq.Context()
+    ideal = Ideal(ctx, f"tcp://127.0.0.1:{port}", state)
+    if ready is not None:
+        ready.set()
+    while not stopping:
+        ideal.turn(200)
+    ideal.close()
     ctx.term()
-    env.close()
 
 
 def main() -> int:

@@ -28,6 +28,7 @@ BENCHES = (
     "latency",
     "overhead",
     "submit_rate",
+    "broker_cpu",
     "claim_scaling",
     "many_workers",
     "restart",

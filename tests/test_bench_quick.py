@@ -20,6 +20,7 @@ EXPECTED = {
     "latency": "W2 submit→finish p99",
     "overhead": "W3 overhead over ideal",
     "submit_rate": "submits/s, sync x4",
+    "broker_cpu": "broker CPU per submit, pipelined",
     "claim_scaling": "claim via Core.match, 20,000 queued",
     "many_workers": "false losses (worst run)",
     "restart": "restart to status, 20,000 jobs",

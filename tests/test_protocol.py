@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from banyan import defaults
 from banyan import protocol as p
 from banyan.protocol import (
+    BAD_REQUEST,
     BROKER_TO_WORKER,
     CLIENT_REPLIES,
     CLIENT_REQUESTS,
@@ -24,6 +25,7 @@ from banyan.protocol import (
     ProtocolError,
     decode,
     encode,
+    pack,
 )
 
 DIRECTIONS = {
@@ -384,6 +386,14 @@ def test_modify_set_carries_only_what_was_sent() -> None:
 def test_encode_sends_the_body_as_given() -> None:
     data = encode("submit", {"jobs": [{"command": "a"}]})
     assert msgpack.unpackb(data) == [1, "submit", 0, {"jobs": [{"command": "a"}]}]
+
+
+def test_pack_is_encode_without_the_check() -> None:
+    body = {"jobs": [7, 8], "groups": {}}
+    assert pack("submitted", body, 5) == encode("submitted", body, 5)
+    assert decode(pack("submitted", body, 5), CLIENT_REPLIES).body["jobs"] == [7, 8]
+    # Unchecked: a wrong body goes out, and the receiver's decode refuses it.
+    assert refuse(pack("submitted", {"jobs": ["x"]}, 5), CLIENT_REPLIES).code == BAD_REQUEST
 
 
 def test_names_used_both_ways_follow_allowed() -> None:
