@@ -54,9 +54,12 @@ MERGE_JOBS = 16
 # The heartbeat of a worker that runs nothing, byte for byte (msgpack encodes it one way).
 IDLE = protocol.encode("heartbeat", {"running": []})
 # Per client connection: requests queued here before TCP holds the sender back, and replies
-# queued for a client that does not read them; past that it is a slow consumer, and further
-# replies to it are dropped (its requests time out) rather than kept in the broker's memory.
-CLIENT_HWM = (64, 1000)
+# queued for a client that does not read them. A client more than SLOW_CONSUMER replies behind
+# is a slow consumer, and further replies to it are dropped (its requests time out) rather
+# than kept in the broker's memory. The send limit is twice that: ZeroMQ's pipe learns what
+# its reader took only every half-limit messages, so it refuses anywhere from half its limit.
+SLOW_CONSUMER = 1000
+CLIENT_HWM = (64, 2 * SLOW_CONSUMER)
 # A worker that does not send the output it was asked for within this time is answered for.
 LOG_FETCH_TIMEOUT = 2.0
 
