@@ -201,10 +201,15 @@ class Core:
             self.tx.put_group(group)
         born_doomed: list[tuple[int, str]] = []
         rows: list[list[Any]] = []
+        owner, now = actor.name, self.now
         for job_id, spec in zip(ids, jobs, strict=True):
+            deps = new[job_id]
+            if not deps and not spec.get("groups"):  # most jobs of a big submission
+                rows.append(_new_row(job_id, owner, now, spec, _NONE, _NONE, 0))
+                continue
             pending = 0
             doom = None
-            for dep in new[job_id]:
+            for dep in deps:
                 verdict = self._verdict(dep, ids)
                 if verdict == WAIT:
                     pending += 1
@@ -212,10 +217,8 @@ class Core:
                 elif verdict != MET and doom is None:
                     doom = verdict
             groups_of = [by_name[name].id for name in spec.get("groups", ())]
-            depends_on = [d.pack() for d in new[job_id]]
-            rows.append(
-                _new_row(job_id, actor.name, self.now, spec, depends_on, groups_of, pending)
-            )
+            depends_on = [d.pack() for d in deps]
+            rows.append(_new_row(job_id, owner, now, spec, depends_on, groups_of, pending))
             if doom is not None:
                 born_doomed.append((job_id, doom))
         self.tx.put_new_jobs(rows)
@@ -917,6 +920,8 @@ class Core:
 
 
 _AVAILABLE, _INACTIVE = S.AVAILABLE.value, S.INACTIVE.value
+# No dependencies, no groups: one shared empty list, safe because a new row is packed at once.
+_NONE: list[Any] = []
 _CPUS, _MEMORY, _GPUS = float(defaults.CPUS), defaults.MEMORY_MIB, defaults.GPUS
 _PRIORITY, _MAX_ATTEMPTS = defaults.PRIORITY, defaults.MAX_ATTEMPTS
 _CANCEL_GRACE = float(defaults.CANCEL_GRACE)
