@@ -14,12 +14,16 @@ variable and the subreaper alone.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import shlex
 import signal
 import time
 
 _ROUNDS = 20  # kill rounds without cgroup.kill (kernels before 5.14): forks race the kill
+# A worker's own cgroup: `banyan-` and the runner's nonce, its pid and 8 hex digits.
+_WORKER_CGROUP = re.compile(r"banyan-(\d+)-[0-9a-f]{8}")
 
 
 def _hierarchy() -> str | None:
@@ -100,6 +104,11 @@ class Cgroups:
         own = _hierarchy()
         if own is None:
             return None
+        stale = remove_stale(own)
+        if stale:
+            logging.getLogger("banyan.worker").info(
+                "removed %d empty cgroups of workers that are gone", len(stale)
+            )
         base = os.path.join(own, f"banyan-{nonce}")
         try:
             os.mkdir(base)
@@ -121,6 +130,39 @@ class Cgroups:
         """Kill whatever is left in any job's cgroup and remove them all (worker exit)."""
         kill(self.base)
         remove(self.base)
+
+
+def remove_stale(parent: str) -> list[str]:
+    """Remove the empty cgroups that workers killed outright left under `parent`.
+
+    A worker's watchdog removes its cgroups when the worker dies, but gives up while zombies of
+    its jobs keep them populated. Only `banyan-PID-NONCE` cgroups whose PID no longer runs are
+    touched, and only if empty: a populated one may still be in its watchdog's hands. (Workers
+    that share a cgroup are taken to share a PID namespace.)
+    """
+    removed: list[str] = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        found = _WORKER_CGROUP.fullmatch(name)
+        if found is None or _running(int(found[1])):
+            continue
+        path = os.path.join(parent, name)
+        if os.path.isdir(path) and remove(path):
+            removed.append(path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's, alive
+    return True
 
 
 def join_script(path: str) -> str:
