@@ -456,6 +456,11 @@ def check(v):
     except Bad:
         locate(v)
 """
+    return _compiled(source, env)
+
+
+def _compiled(source: str, env: dict[str, Any]) -> Check:
+    """The function `check` that `source` defines, with `env` as its globals."""
     exec(source, env)
     generated: Check = env["check"]
     return generated
@@ -542,9 +547,7 @@ def _sparse(fields: Fields, post: Post | None, full: Check) -> Check:
         *(f"    if {n!r} not in v: out[{n!r}] = {'[]' if t is list else '{}'}" for n, t in fresh),
         "    return out",
     ]
-    exec("\n".join(lines), env)
-    generated: Check = env["check"]
-    return generated
+    return _compiled("\n".join(lines), env)
 
 
 def _unknown(v: Any) -> NoReturn:
@@ -614,9 +617,7 @@ def _straight(fields: Fields, post: Post | None) -> Check:
         *(["    post(out)"] if post is not None else []),
         "    return out",
     ]
-    exec("\n".join(lines), env)
-    generated: Check = env["check"]
-    return generated
+    return _compiled("\n".join(lines), env)
 
 
 def _free_value(x: Any, depth: int) -> None:
