@@ -408,7 +408,9 @@ class Broker:
         only that one is."""
         batch, actor = turn.submits, turn.submitter
         turn.submits, turn.submitter = [], None
-        if actor is not None and len(batch) > 1:
+        if actor is None:
+            return False  # nothing waiting
+        if len(batch) > 1:
             core: Core | None = None
             try:
                 with tx.child() as child:
@@ -433,7 +435,6 @@ class Broker:
                 return core.wake
         wake = False
         for identity, msg in batch:
-            assert actor is not None
             wake = self._request(tx, identity, msg, actor, now, turn) or wake
         return wake
 
