@@ -4,6 +4,10 @@ An `--each` submission is expanded by the client. An array travels as one job sp
 template) and its range, and the broker expands it while decoding (protocol.py): a 100,000-job
 array is then a request of a few hundred bytes rather than megabytes to encode, send, decode
 and check job by job.
+
+Both are sized before they are built: `array_bytes` and `each_bytes` say how many bytes of job
+text (see `text_bytes`) the expansion would make, by arithmetic over the range or the lines, so
+a submission over `MAX_SUBMIT_BYTES` is refused without allocating it.
 """
 
 from __future__ import annotations
@@ -49,6 +53,75 @@ def ranges(spec: str, limit: int = defaults.MAX_JOBS_PER_SUBMIT) -> list[range]:
         if total > limit:
             raise ValueError(f"over {limit} jobs in one submission")
     return out
+
+
+def text_bytes(spec: dict[str, Any]) -> int:
+    """The bytes of text one job spec carries (UTF-8): command, name, cwd, output, env names
+    and values, tags and groups. Every job stores its own copy, so this is what a submission
+    costs per job beyond its fixed fields."""
+    n = 0
+    for key in ("command", "name", "cwd", "output"):
+        value = spec.get(key)
+        if value:
+            n += _utf8_len(value)
+    for k, v in (spec.get("env") or {}).items():
+        n += _utf8_len(k) + _utf8_len(v)
+    for key in ("tags", "groups"):
+        for value in spec.get(key) or ():
+            n += _utf8_len(value)
+    return n
+
+
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _holes(base: dict[str, Any]) -> int:
+    """How many `{}` an item replaces in one job: in the command and the templated fields."""
+    return sum((base.get(k) or "").count("{}") for k in ("command", *TEMPLATED))
+
+
+def array_bytes(template: dict[str, Any], spec: str) -> int:
+    """`text_bytes` summed over the jobs of an array, without making them: each index replaces
+    every `{}` and adds $BANYAN_ARRAY_INDEX to the env."""
+    count = digits = 0
+    for r in ranges(spec):
+        count += len(r)
+        digits += _digit_sum(r)
+    holes = _holes(template)
+    per_job = text_bytes(template) - 2 * holes + len(INDEX_VAR)
+    return count * per_job + digits * (holes + 1)
+
+
+def _digit_sum(r: range) -> int:
+    """Σ len(str(i)) for i in r (r ascending, from 0 up), one band of equal length at a time."""
+    total, low = 0, 0
+    for width in range(1, 21):
+        high = 10**width  # [low, high) are the numbers of `width` digits
+        first = max(0, -(-(low - r.start) // r.step))  # index of the first element >= low
+        stop = max(0, -(-(high - r.start) // r.step))  # index of the first element >= high
+        total += width * max(0, min(stop, len(r)) - min(first, len(r)))
+        low = high
+    return total
+
+
+def each_bytes(base: dict[str, Any], items: list[str]) -> int:
+    """`text_bytes` summed over the jobs `expand(base, items, index_env=False)` would make."""
+    holes = _holes(base)
+    total = len(items) * (text_bytes(base) - 2 * holes) + holes * sum(map(_utf8_len, items))
+    if "{}" not in base["command"]:  # the item is appended as one quoted argument
+        total += sum(1 + _utf8_len(shlex.quote(item)) for item in items)
+    return total
+
+
+def check_size(total: int, what: str) -> None:
+    """Raise ValueError naming the limit when `total` bytes of job text are too many."""
+    if total > defaults.MAX_SUBMIT_BYTES:
+        raise ValueError(
+            f"{what} makes {total} bytes of job text (command, name, cwd, output, env, "
+            f"tags, groups), over the {defaults.MAX_SUBMIT_BYTES} bytes a submission may "
+            "carry (MAX_SUBMIT_BYTES)"
+        )
 
 
 def expand(base: dict[str, Any], items: list[str], index_env: bool) -> list[dict[str, Any]]:

@@ -26,6 +26,15 @@ CANCEL_GRACE = 10.0
 # Limits against hostile or mistaken input.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # ZMQ_MAXMSGSIZE: a 200k-job array fits easily
 MAX_JOBS_PER_SUBMIT = 200_000
+# The job text (command, name, cwd, output, env, tags, groups) of one submission, counted after
+# an --array or --each is expanded: no more than one frame could carry sent job by job, so an
+# array's template cannot make more than a request could (a 64 KiB command times 200,000
+# indices was 12 GiB). A 200,000-job array fits at about 330 bytes of text per job.
+MAX_SUBMIT_BYTES = MAX_MESSAGE_BYTES
+# Maps and lists one request may unpack into; checked while unpacking frames over a MiB. An
+# empty map is one byte on the wire and 64 in memory, so 64 MiB of them were 4 GiB before any
+# schema saw them. Twenty per job of the biggest submission leaves room for any real one.
+MAX_REQUEST_CONTAINERS = 20 * MAX_JOBS_PER_SUBMIT
 MAX_GROUPS_PER_SUBMIT = 10_000
 MAX_COMMAND_BYTES = 64 * 1024
 MAX_NAME = 256

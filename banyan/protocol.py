@@ -829,6 +829,10 @@ def _check_array(spec: str, jobs: list[dict[str, Any]]) -> None:
     if len(jobs[0]["env"]) >= defaults.MAX_ENV_ENTRIES:
         where = ".jobs[0].env"
         raise _Bad(f"over {defaults.MAX_ENV_ENTRIES} entries with {arrays.INDEX_VAR}", where)
+    try:
+        arrays.check_size(arrays.array_bytes(jobs[0], spec), "the array")
+    except ValueError as e:
+        raise _Bad(str(e), ".array") from None
 
 
 def _expanded(mtype: str, req: int, body: dict[str, Any]) -> dict[str, Any]:
@@ -1215,9 +1219,57 @@ def decode(frame: bytes | bytearray | memoryview, allowed: frozenset[str] | None
         gc.enable()
 
 
+class _TooMany(Exception):
+    """Raised from the unpacking hooks: the frame holds more maps and lists than allowed."""
+
+
+def _counted(limit: int) -> Callable[[Any], Any]:
+    """An object_hook and list_hook that lets `limit` maps and lists through, then refuses."""
+    left = limit
+
+    def hook(x: Any) -> Any:
+        nonlocal left
+        left -= 1
+        if left < 0:
+            raise _TooMany
+        return x
+
+    return hook
+
+
+def _unpack_request(frame: bytes | bytearray | memoryview) -> Any:
+    """Unpack a frame sent to the broker under limits that keep its decoded size near its own
+    size: no list longer than any request may hold, no map bigger than an env, and in a frame
+    over a MiB no more maps and lists in all than MAX_REQUEST_CONTAINERS."""
+    if len(frame) <= _COUNTED_BYTES:
+        return _unpackb(frame, raw=False, ext_hook=_no_ext, **_REQUEST_LIMITS)
+    hook = _counted(defaults.MAX_REQUEST_CONTAINERS)
+    return _unpackb(
+        frame, raw=False, ext_hook=_no_ext, object_hook=hook, list_hook=hook, **_REQUEST_LIMITS
+    )
+
+
+# Twice the longest list and the biggest map a request may hold, so the schema, not msgpack,
+# gives the refusal of one just over the limit.
+_REQUEST_LIMITS: Final = {
+    "max_array_len": 2 * defaults.MAX_JOBS_PER_SUBMIT,
+    "max_map_len": 2 * defaults.MAX_ENV_ENTRIES,
+}
+_COUNTED_BYTES: Final = 1 << 20  # smaller frames cannot unpack into more than ~64 MiB
+
+
 def _decode(frame: bytes | bytearray | memoryview, allowed: frozenset[str] | None) -> Message:
     try:
-        env = _unpackb(frame, raw=False, ext_hook=_no_ext)
+        if allowed is CLIENT_REQUESTS or allowed is WORKER_TO_BROKER:
+            env = _unpack_request(frame)
+        else:
+            env = _unpackb(frame, raw=False, ext_hook=_no_ext)
+    except _TooMany:
+        raise ProtocolError(
+            BAD_REQUEST,
+            f"frame: over {defaults.MAX_REQUEST_CONTAINERS} maps and lists in one request "
+            "(MAX_REQUEST_CONTAINERS)",
+        ) from None
     except Exception as e:
         # msgpack raises many types (ExtraData, StackError, UnicodeDecodeError, ValueError for
         # non-str keys, ...); to the sender they all mean the same thing.

@@ -1238,3 +1238,39 @@ def test_an_array_is_expanded_on_decoding() -> None:
 def test_a_bad_array_is_refused_whole(body: dict[str, Any], where: str, says: str) -> None:
     reason = refuse(frame("submit", body), CLIENT_REQUESTS).reason
     assert reason.startswith(where + ": ") and says in reason, reason
+
+
+# ---- bounded requests: sizes are checked before anything is built -----------------------------
+
+
+def test_an_array_too_big_in_bytes_is_refused_before_it_is_expanded() -> None:
+    """A 64 KiB command with `{}` over 4,000 indices is 256 MiB of job text: refused from the
+    template and the range alone, on both ends, naming the limit."""
+    template = {"command": "x" * (defaults.MAX_COMMAND_BYTES - 2) + "{}"}
+    body = {"jobs": [template], "array": "0-3999"}
+    err = refuse(frame("submit", body), CLIENT_REQUESTS)
+    assert err.reason.startswith("array: the array makes 262"), err.reason
+    assert "MAX_SUBMIT_BYTES" in err.reason and str(defaults.MAX_SUBMIT_BYTES) in err.reason
+    with pytest.raises(ProtocolError):
+        encode("submit", body, 1)
+    # Just under the limit is taken: 1,000 such jobs are 64,000 KiB.
+    template = {"command": "x" * (defaults.MAX_COMMAND_BYTES - 4) + "{}"}
+    fits = decode(frame("submit", {"jobs": [template], "array": "0-999"}), CLIENT_REQUESTS)
+    assert len(fits.body["jobs"]) == 1000
+
+
+def test_a_frame_of_many_small_containers_is_refused_while_unpacking() -> None:
+    """Lists nested within the per-list limit still add up: the count stops them."""
+    limit = defaults.MAX_REQUEST_CONTAINERS
+    per = defaults.MAX_JOBS_PER_SUBMIT
+    data = frame("submit", {"jobs": [[{}] * per] * (limit // per + 1)})
+    err = refuse(data, CLIENT_REQUESTS)
+    assert err.reason == (
+        f"frame: over {limit} maps and lists in one request (MAX_REQUEST_CONTAINERS)"
+    )
+    # One list past twice any request's longest is refused by msgpack before it is built.
+    err = refuse(frame("cancel", {"jobs": [{}] * (2 * per + 1)}), CLIENT_REQUESTS)
+    assert "exceeds max_array_len" in err.reason
+    # Replies are not requests: a client may read a long list back.
+    reply = frame("cancelled", {"cancelled": [1] * (2 * per + 1), "pending": [], "already": []})
+    assert len(decode(reply, CLIENT_REPLIES).body["cancelled"]) == 2 * per + 1

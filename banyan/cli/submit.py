@@ -134,7 +134,11 @@ def build(args: Args) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str |
     if args["--each"]:
         return expand(base, read_lines(args["--each"])), groups, None
     if args["--array"]:
-        array_count(args["--array"])  # a bad range is a usage error, found here
+        array_count(args["--array"])  # a bad range or size is a usage error, found here
+        try:
+            arrays.check_size(arrays.array_bytes(base, args["--array"]), "--array")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         return [base], groups, args["--array"]
     return [base], groups, None
 
@@ -227,7 +231,10 @@ def array_count(spec: str) -> int:
 
 
 def expand(base: dict[str, Any], items: list[str]) -> list[dict[str, Any]]:
+    """One job per --each line, sized before any is made (arrays.check_size)."""
     try:
+        if len(items) <= defaults.MAX_JOBS_PER_SUBMIT:
+            arrays.check_size(arrays.each_bytes(base, items), f"--each: {len(items)} lines")
         return arrays.expand(base, items, index_env=False)
     except ValueError as e:
         raise UsageError(str(e)) from None

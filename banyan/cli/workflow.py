@@ -9,6 +9,7 @@ import shlex
 import sys
 from typing import Any
 
+from banyan import arrays, defaults
 from banyan.cli.output import UsageError, number, parse_duration, parse_memory
 from banyan.client import JOB_FIELDS
 
@@ -44,6 +45,8 @@ def load_workflow(
     raw_jobs = _list(data, "jobs", "the file")
     if not raw_jobs and not groups:
         raise UsageError(f"--file: {path} has no jobs and no groups")
+    if len(raw_jobs) > defaults.MAX_JOBS_PER_SUBMIT:
+        raise UsageError(f"--file: over {defaults.MAX_JOBS_PER_SUBMIT} jobs in one submission")
     names = {g["name"] for g in groups}
     keys = _keys(raw_jobs, names)
     book = Refs(keys, cwd)
@@ -52,12 +55,18 @@ def load_workflow(
         raise UsageError("--file: defaults: a key or a command belongs to one job")
     base = book.fields(shared, "defaults")
     jobs = []
+    text = 0  # job text so far: the defaults and options are copied into every job
     for i, raw in enumerate(raw_jobs):
         where = f"jobs[{i}]"
         spec = _merge(base, cli, book.fields(raw, where))
         if "command" not in spec:
             raise UsageError(f'--file: {where}: no "command"')
         spec.setdefault("cwd", cwd)
+        text += arrays.text_bytes(spec)
+        try:
+            arrays.check_size(text, f"--file: {path} up to {where}")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         jobs.append(spec)
     return jobs, groups
 

@@ -1,0 +1,81 @@
+"""Big requests against a real broker: every request costs bounded work (SPEC §6).
+
+A request's size is checked before anything is built, a long operation is done in slices while
+the broker keeps answering, and it is all-or-nothing even across a kill -9.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from banyan import defaults, protocol
+from banyan.cli import submit
+from banyan.client import Client
+from tests.cluster import Cluster, scaled
+
+MIB = 1 << 20
+
+
+def _raw(client: Client, mtype: str, body: dict[str, Any]) -> protocol.Message:
+    """Send `body` unchecked, as a hostile client would, and read the reply."""
+    client.sock.send(protocol.pack(mtype, body, 4242))
+    assert client.sock.poll(int(scaled(10) * 1000), zmq.POLLIN), "no reply"
+    return protocol.decode(client.sock.recv(), protocol.CLIENT_REPLIES)
+
+
+def _peak_rss(pid: int) -> int:
+    """The most memory the process has held at once (VmHWM): what it freed since counts too."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/PID/status")
+
+
+def test_an_array_memory_bomb_is_refused_at_once_and_the_broker_stays_small(
+    cluster: Cluster,
+) -> None:
+    """A 64 KiB command with `{}` over 4,000 indices would be 256 MiB once expanded (12 GiB
+    over the 200,000 indices allowed): the broker refuses it from its size, builds nothing."""
+    pid = cluster.procs["broker"].pid
+    client = cluster.client()
+    client.ping()
+    before = _peak_rss(pid)
+    template = {"command": "x" * (defaults.MAX_COMMAND_BYTES - 2) + "{}"}
+    bomb: dict[str, Any] = {"jobs": [template], "array": "0-3999"}
+    started = time.monotonic()
+    reply = _raw(client, "submit", bomb)
+    took = time.monotonic() - started
+    grown = _peak_rss(pid) - before
+    said = f"refused in {took:.2f} s, the broker grew by {grown / MIB:.0f} MiB"
+    assert took < scaled(0.5) and grown < 32 * MIB, said
+    assert reply.type == "error" and reply.body["code"] == "bad_request"
+    assert "MAX_SUBMIT_BYTES" in reply.body["message"]
+    client.ping()
+    assert client.status(all=True).jobs == []
+
+
+def test_an_each_file_too_big_in_bytes_is_refused_before_it_is_built(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lines = tmp_path / "lines"
+    lines.write_text("".join(f"{i}\n" for i in range(1100)))
+    command = "x" * (defaults.MAX_COMMAND_BYTES - 2) + "{}"
+    code = submit.main(["--broker", "127.0.0.1:9", "--each", str(lines), command])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--each: 1100 lines makes" in err and "MAX_SUBMIT_BYTES" in err, err
+
+
+def test_an_array_too_big_in_bytes_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    command = "x" * 60_000 + " {}"
+    code = submit.main(["--broker", "127.0.0.1:9", "--array", "0-99999", command])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--array makes" in err and "MAX_SUBMIT_BYTES" in err, err
