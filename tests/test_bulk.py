@@ -7,6 +7,7 @@ the broker keeps answering, and it is all-or-nothing even across a kill -9.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 import zmq
 
 from banyan import defaults, protocol
-from banyan.cli import submit
+from banyan.cli import cancel, main, submit
 from banyan.client import Client
 from tests.cluster import Cluster, scaled
 
@@ -79,3 +80,16 @@ def test_an_array_too_big_in_bytes_is_a_usage_error(
     assert code == 2
     err = capsys.readouterr().err
     assert "--array makes" in err and "MAX_SUBMIT_BYTES" in err, err
+
+
+@pytest.mark.parametrize("tool", [cancel.main, lambda argv: main.main(["cancel", *argv])])
+def test_cancel_reads_100000_ids_in_a_moment(
+    cluster: Cluster, tool: Callable[[list[str]], int], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`banyan-cancel $(seq 80 100080)` spent 45 s of CPU parsing its arguments."""
+    ids = [str(i) for i in range(80, 100081)]
+    started = time.process_time()
+    code = tool(["--broker", f"127.0.0.1:{cluster.client_port}", "--reason", "x", *ids])
+    took = time.process_time() - started
+    assert code == 1 and "no job 80" in capsys.readouterr().err  # nothing to cancel here
+    assert took < scaled(2), f"{took:.1f} s of CPU"

@@ -7,6 +7,7 @@ import io
 import pytest
 
 from banyan import arrays
+from banyan.cli import cancel
 from banyan.cli.output import (
     Cell,
     LiveLine,
@@ -19,6 +20,7 @@ from banyan.cli.output import (
     paint,
     parse_duration,
     parse_memory,
+    run,
     size,
     table,
     use_color,
@@ -167,3 +169,26 @@ def test_screen_redraws_in_place_on_a_terminal_and_appends_in_a_pipe() -> None:
     screen.show("a")
     screen.show("b")
     assert pipe.getvalue() == "a\n\nb\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "targets", "reason"),
+    [
+        (["5", "--reason", "7", "8"], ["5", "8"], "7"),
+        (["--rea", "x", "5"], ["5"], "x"),  # abbreviated, as docopt allows
+        (["--reason=--json", "--json", "g"], ["g"], "--json"),
+        (["--json", "--", "-g", "--reason"], ["-g", "--reason"], None),
+    ],
+)
+def test_many_words_are_set_aside_as_docopt_would_read_them(
+    argv: list[str], targets: list[str], reason: str | None
+) -> None:
+    seen: dict[str, object] = {}
+
+    def body(args: dict[str, object]) -> int:
+        seen.update(args)
+        return 0
+
+    assert run(cancel.TOOL, cancel.USAGE, argv, body, many="TARGET") == 0
+    assert seen["TARGET"] == targets and seen["--reason"] == reason
+    assert run(cancel.TOOL, cancel.USAGE, ["--json"], body, many="TARGET") == 2  # none given

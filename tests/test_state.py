@@ -519,6 +519,14 @@ def test_cancel_group_cancels_members_and_downstream(h):
     assert h.state(m2) == h.state(red) == "cancelled"
 
 
+def test_cancel_lists_each_job_once(h):
+    """A job named twice (in a group and by id) is in one list of the reply, under what its
+    first cancel did."""
+    m1, m2 = h.submit(spec(groups=["g"]), spec(groups=["g"]), groups=[{"name": "g"}])
+    out = h.do(lambda c: c.cancel(ALICE, [m2, m1, m2], ["g", "g"], None))
+    assert out == {"cancelled": [m1, m2], "pending": [], "already": []}
+
+
 def test_open_group_completes_when_closed(h):
     h.add_worker("w", cpus=1)
     h.submit(spec(groups=["o"]), groups=[{"name": "o", "open": True}])

@@ -114,6 +114,20 @@ class Logged:
 
 
 @dataclass
+class Sorted:
+    """A cancel's reply: each job once, under what its first cancel did to it."""
+
+    lists: dict[str, list[int]] = field(
+        default_factory=lambda: {"cancelled": [], "pending": [], "already": []}
+    )
+    seen: set[int] = field(default_factory=set)
+
+    def add(self, job_id: int, what: str) -> None:
+        self.seen.add(job_id)
+        self.lists[what].append(job_id)
+
+
+@dataclass
 class Core:
     tx: Tx
     now: float
@@ -432,25 +446,22 @@ class Core:
             if not actor.may_touch(group.owner):
                 raise Forbidden(f"group {group.name!r} belongs to {group.owner}")
         why = f"cancelled by {actor.name}" + (f": {reason}" if reason else "")
-        out: dict[str, list[int]] = {"cancelled": [], "pending": [], "already": []}
+        out = Sorted()
         for group in groups:
             group.cancel_reason = why
             was_open, group.open = group.open, False
             self.tx.put_group(group)
             members = list(self.tx.group_members(group.id))
             for member in members:
-                job = self._load(member)
-                self._sort(out, job, self._cancel(job, f"group {group.name!r} {why}"))
+                if member not in out.seen:
+                    job = self._load(member)
+                    out.add(job.id, self._cancel(job, f"group {group.name!r} {why}"))
             if was_open:
                 self._group_complete(self._group(group.id))
         for job in jobs:
-            self._sort(out, job, self._cancel(self._load(job.id), why))
-        return out
-
-    @staticmethod
-    def _sort(out: dict[str, list[int]], job: Job, what: str) -> None:
-        if job.id not in out[what]:
-            out[what].append(job.id)
+            if job.id not in out.seen:
+                out.add(job.id, self._cancel(self._load(job.id), why))
+        return out.lists
 
     def _cancel(self, job: Job, reason: str) -> str:
         """Cancel one job: "cancelled", "pending" (a running job was asked) or "already"."""

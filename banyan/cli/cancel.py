@@ -26,7 +26,7 @@ Options:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(TOOL, USAGE, argv, cancel)
+    return run(TOOL, USAGE, argv, cancel, many="TARGET")
 
 
 def cancel(args: Args) -> int:

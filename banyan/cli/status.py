@@ -64,7 +64,7 @@ MIN_INTERVAL, MAX_INTERVAL = 0.2, 3600.0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(TOOL, USAGE, argv, status)
+    return run(TOOL, USAGE, argv, status, many="ID")
 
 
 def status(args: Args) -> int:
