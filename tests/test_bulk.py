@@ -82,7 +82,11 @@ def test_an_array_too_big_in_bytes_is_a_usage_error(
     assert "--array makes" in err and "MAX_SUBMIT_BYTES" in err, err
 
 
-@pytest.mark.parametrize("tool", [cancel.main, lambda argv: main.main(["cancel", *argv])])
+@pytest.mark.parametrize(
+    "tool",
+    [cancel.main, lambda argv: main.main(["cancel", *argv])],
+    ids=["banyan-cancel", "banyan cancel"],
+)
 def test_cancel_reads_100000_ids_in_a_moment(
     cluster: Cluster, tool: Callable[[list[str]], int], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -42,7 +42,8 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 def job(job_id: int, **kw: Any) -> Job:
     kw.setdefault("command", "true")
-    return Job(id=job_id, name=f"j{job_id}", owner="ann", submitted=1.0, **kw)
+    kw.setdefault("owner", "ann")
+    return Job(id=job_id, name=f"j{job_id}", submitted=1.0, **kw)
 
 
 def put(store: Store, *jobs: Job) -> None:
@@ -74,6 +75,19 @@ def check_indexes(store: Store) -> None:
             assert list(tx.group_members(group_id)) == [
                 j.id for j in present if group_id in j.groups
             ]
+            assert tx.group_counts(group_id) == {
+                s.value: sum(j.state == s.value and group_id in j.groups for j in present)
+                for s in JobState
+            }
+        for owner in {j.owner for j in present} | {"nobody"}:
+            assert tx.owner_counts(owner) == {
+                s.value: sum(j.state == s.value and j.owner == owner for j in present)
+                for s in JobState
+            }
+            for state in JobState:
+                mine = [j.id for j in present if j.owner == owner and j.state == state.value]
+                assert list(tx.owner_ids(owner, state.value)) == mine
+                assert list(tx.owner_ids(owner, state.value, descending=True)) == mine[::-1]
 
 
 # -- records and counters ------------------------------------------------------------------
@@ -381,7 +395,11 @@ def test_random_histories_keep_indexes_consistent(store: Store) -> None:
         with store.write() as tx:
             for _ in range(20):
                 job_id = rng.randint(1, 60)
-                j = tx.get_job(job_id) or job(job_id)
+                if rng.random() < 0.1:
+                    there = tx.get_job(job_id) is not None
+                    assert tx.delete_job(job_id) == there
+                    continue
+                j = tx.get_job(job_id) or job(job_id, owner=rng.choice(["ann", "bo", "a" * 500]))
                 j.state = rng.choice(states)
                 j.pending = rng.choice([0, 0, 1])
                 j.priority = rng.randint(-3, 3)
@@ -728,6 +746,7 @@ def test_put_new_jobs_keeps_the_same_indexes_as_put_job(tmp_path: Path) -> None:
             cpus=rng.choice([1.0, 2.0]),
             tags=rng.choice([[], ["ssd"]]),
             groups=rng.choice([[], [1], [1, 2]]),
+            owner=rng.choice(["ann", "bo"]),
         )
         for i in range(1, 200)
     ]
@@ -834,3 +853,68 @@ def test_a_store_from_the_older_layout_is_converted(tmp_path: Path) -> None:
         assert txn.get(b"counts") is None  # the old table is gone from the main DB
         assert txn.get(b"job", db=env.open_db(b"ids", txn=txn)) is None
     env.close()
+
+
+# -- ids by index, in either order, within bounds -------------------------------------------
+
+
+def test_ids_in_bounds_either_way(store: Store) -> None:
+    put(store, *(job(i, groups=[1] if i % 2 else []) for i in (3, 5, 6, 9, 10, 12)))
+    with store.read() as tx:
+        assert list(tx.job_ids()) == [3, 5, 6, 9, 10, 12]
+        assert list(tx.job_ids(5, 10, descending=True)) == [10, 9, 6, 5]
+        assert list(tx.job_ids(4, 11)) == [5, 6, 9, 10]
+        assert list(tx.job_ids(7, 8)) == list(tx.job_ids(8, 7)) == []
+        assert list(tx.job_ids(13, descending=True)) == []
+        assert list(tx.job_ids(hi=4, descending=True)) == [3]
+        assert list(tx.state_ids(AVAILABLE, 4, 9, descending=True)) == [9, 6, 5]
+        assert list(tx.member_ids(1, descending=True)) == [9, 5, 3]
+        assert list(tx.member_ids(1, 4)) == [5, 9]
+        assert list(tx.owner_ids("ann", AVAILABLE, 6, 11)) == [6, 9, 10]
+
+
+@pytest.mark.parametrize("descending", [False, True])
+def test_ids_survive_changes_made_while_walking(store: Store, descending: bool) -> None:
+    put(store, *(job(i) for i in range(1, 301)))
+    walked = []
+    with store.write() as tx:
+        for job_id in tx.state_ids(AVAILABLE, 1, 300, descending=descending):
+            walked.append(job_id)
+            j = tx.get_job(job_id)
+            assert j is not None
+            j.state = JobState.CANCELLED.value
+            tx.put_job(j)
+            tx.put_job(job(300 + job_id))  # and something new, elsewhere in the index
+    assert walked == (list(range(300, 0, -1)) if descending else list(range(1, 301)))
+    check_indexes(store)
+
+
+def test_first_submitted_since_finds_the_edge(store: Store) -> None:
+    times = {1: 10.0, 2: 10.0, 4: 11.0, 7: 12.5, 8: 13.0, 20: 20.0}
+    put(store, *(Job(i, "", "true", "ann", t) for i, t in times.items()))
+    with store.read() as tx:
+        for when in (0.0, 10.0, 10.5, 11.0, 12.0, 13.0, 19.9, 20.0, 21.0):
+            edge = tx.first_submitted_since(when)
+            assert list(tx.job_ids(edge)) == [i for i, t in times.items() if t >= when]
+            assert list(tx.job_ids(hi=edge - 1)) == [i for i, t in times.items() if t < when]
+    with Store(store._env.path() + "-empty", sync=False) as empty, empty.read() as tx:
+        assert tx.first_submitted_since(5.0) == 1
+
+
+def test_a_store_without_owner_entries_gets_them_on_open(tmp_path: Path) -> None:
+    with Store(tmp_path / "db") as s:
+        put(s, job(1, groups=[2]), job(2, state=RUNNING, owner="bo"), job(3, groups=[2]))
+    # Take them out again, as a broker before them kept the store: format 1, none of them.
+    env = lmdb.open(str(tmp_path / "db"), max_dbs=20)
+    with env.begin(write=True) as txn:
+        by_state, meta = (env.open_db(name, txn=txn) for name in (b"by_state", b"meta"))
+        for key in [k for k, _ in txn.cursor(by_state) if k[:1] in (b"\x01", b"\x02")]:
+            txn.delete(key, db=by_state)
+        assert txn.pop(b"format", db=meta) is not None
+    env.close()
+    with Store(tmp_path / "db") as s:
+        check_indexes(s)
+        with s.read() as tx:
+            assert tx.owner_counts("ann")[AVAILABLE] == 2
+            assert tx.group_counts(2)[AVAILABLE] == 2
+            assert tx.get_meta("format") == 2

@@ -19,17 +19,28 @@ Keys (integers big-endian, so LMDB's byte order is numeric order):
     eligible     (2**31-1 - priority):u32 id:u64           -> Request row
     by_state     state NUL id:u64                          -> empty
                  state                                     -> jobs in that state:u64
+                 1 owner_len:u16 owner state:u8 id:u64     -> empty
+                 1 owner_len:u16 owner state:u8            -> that owner's jobs in it:u64
+                 2 group:u64 state:u8                      -> that group's jobs in it:u64
     members      group:u64 job:u64                         -> empty
+    ops          id:u64                                    -> Op row (a long operation)
 
 `eligible` holds exactly the jobs that are available with no pending dependency, best first
 (priority descending, then id ascending), and carries each job's Request so a claim can test
 fit without loading the job: taking the next job is one B-tree descent however long the queue.
 
+The owner entries of `by_state` list a user's jobs by state in id order (so by submission
+time), and with the group counts they answer `banyan-status --user U` and `--group G` summaries
+without reading each job; `state:u8` is the state's place in JobState. State names begin with a
+letter, so the 1 and 2 prefixes never meet them. Every write and delete of those entries and
+counts goes through `_index_job` and `_unindex_job`, and `delete_job` removes a job with them.
+
 Every commit rewrites the path to each B-tree it touches, so small tables share trees: the
 per-state counts sit in `by_state` (a bare state sorts before its `state NUL` entries), and
 job ids and event seqs are one past the last key of `jobs` and `events` (neither is ever
 deleted) rather than counters in `ids`. A single-job submit so touches jobs, eligible,
-by_state and events. Stores from before this layout are converted on open (`_upgrade`).
+by_state and events. Stores from before this layout are converted on open (`_upgrade`), and
+`meta` "format" says which layout a store has (`FORMAT`).
 
 Text keys past 400 bytes are cut and suffixed with their SHA-256, because LMDB keys stop at 511
 bytes and names may be 256 characters of 4-byte UTF-8.
@@ -41,6 +52,7 @@ import functools
 import hashlib
 import os
 import struct
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,7 +69,11 @@ __all__ = ["MapGrown", "ReadOnly", "ReadTx", "Store", "StoreError", "StoreFull",
 P = ParamSpec("P")
 T = TypeVar("T")
 
+# The layout version kept in meta "format": 2 added the owner entries and the owner and
+# group counts to by_state.
+FORMAT = 2
 _U64 = struct.Struct(">Q")
+_MAX_ID = 2**64 - 1
 _ATTEMPT = struct.Struct(">QI")
 _ELIGIBLE = struct.Struct(">IQ")
 _PAIR = struct.Struct(">QQ")
@@ -75,6 +91,7 @@ _TABLE_IDS = {"job": "jobs", "event": "events"}
 # without building a Job.
 _F = {name: i for i, name in enumerate(Job.names())}
 _ID, _STATE, _PENDING, _PRIORITY = _F["id"], _F["state"], _F["pending"], _F["priority"]
+_OWNER_FIELD, _SUBMITTED = _F["owner"], _F["submitted"]
 _CPUS, _MEMORY, _GPUS, _TAGS, _GROUPS = (
     _F["cpus"],
     _F["memory"],
@@ -102,6 +119,23 @@ def _text_key(text: str) -> bytes:
 
 def _state_key(state: str, job_id: int) -> bytes:
     return state.encode() + b"\0" + _U64.pack(job_id)
+
+
+_STATE_CODE = {state: i for i, state in enumerate(_STATES)}
+_OWNER, _GROUP = b"\x01", b"\x02"
+_STATE_KEYS = {state: state.encode() for state in _STATES}
+_U16 = struct.Struct(">H")
+
+
+@functools.lru_cache(maxsize=4096)  # a few owners and six states make most of them
+def _owner_prefix(owner: str, state: str) -> bytes:
+    """by_state's key of `owner`'s count of jobs in `state`, and the prefix of their entries."""
+    name = _text_key(owner)
+    return _OWNER + _U16.pack(len(name)) + name + bytes((_STATE_CODE[state],))
+
+
+def _group_key(group_id: int, state: str) -> bytes:
+    return _GROUP + _U64.pack(group_id) + bytes((_STATE_CODE[state],))
 
 
 def _eligible_key(priority: int, job_id: int) -> bytes:
@@ -207,6 +241,7 @@ class _Dbs:
     eligible: Any
     by_state: Any
     members: Any
+    ops: Any
 
     def __init__(self, env: lmdb.Environment) -> None:
         for name in self.__annotations__:
@@ -257,13 +292,109 @@ class ReadTx:
         for key, _ in self._scan(self._db.members, _U64.pack(group_id)):
             yield _PAIR.unpack(key)[1]
 
-    def state_counts(self) -> dict[str, int]:
-        """Jobs per state; every JobState is present, zero or not."""
+    def _ids(
+        self, db: Any, prefix: bytes, lo: int, hi: int, descending: bool
+    ) -> Iterator[int]:
+        """The ids in [lo, hi] of the keys `prefix id:u64`, ascending or descending. Like
+        _scan it re-seeks after a write, so the caller may change the table as it goes."""
+        if lo > hi:
+            return
+        cursor = self._txn.cursor(db)
+        seen = self._batch.mutations
+        end = len(prefix) + 8
+        if descending:  # from the greatest key at or below prefix:hi
+            top = prefix + _U64.pack(hi)
+            if cursor.set_range(top):
+                found = cursor.key() == top or cursor.prev()
+            else:
+                found = cursor.last()
+        else:
+            found = cursor.set_range(prefix + _U64.pack(lo))
+        while found:
+            key = cursor.key()
+            if len(key) != end or not key.startswith(prefix):
+                return
+            job_id = _U64.unpack_from(key, len(prefix))[0]
+            if not lo <= job_id <= hi:
+                return
+            yield job_id
+            if self._batch.mutations != seen:  # pages may have moved: find our place again
+                seen = self._batch.mutations
+                if descending:
+                    found = cursor.prev() if cursor.set_range(key) else cursor.last()
+                else:
+                    found = cursor.set_range(key + b"\0")
+            else:
+                found = cursor.prev() if descending else cursor.next()
+
+    def job_ids(self, lo: int = 1, hi: int = _MAX_ID, descending: bool = False) -> Iterator[int]:
+        """Every job id in [lo, hi]."""
+        return self._ids(self._db.jobs, b"", lo, hi, descending)
+
+    def state_ids(
+        self, state: str, lo: int = 1, hi: int = _MAX_ID, descending: bool = False
+    ) -> Iterator[int]:
+        """The ids in [lo, hi] of the jobs in `state`."""
+        return self._ids(self._db.by_state, state.encode() + b"\0", lo, hi, descending)
+
+    def owner_ids(
+        self, owner: str, state: str, lo: int = 1, hi: int = _MAX_ID, descending: bool = False
+    ) -> Iterator[int]:
+        """The ids in [lo, hi] of `owner`'s jobs in `state`."""
+        return self._ids(self._db.by_state, _owner_prefix(owner, state), lo, hi, descending)
+
+    def member_ids(
+        self, group_id: int, lo: int = 1, hi: int = _MAX_ID, descending: bool = False
+    ) -> Iterator[int]:
+        """The ids in [lo, hi] of the members of a group."""
+        return self._ids(self._db.members, _U64.pack(group_id), lo, hi, descending)
+
+    def owner_counts(self, owner: str) -> dict[str, int]:
+        """`owner`'s jobs per state; every JobState is present."""
+        return self._tally({s: _owner_prefix(owner, s) for s in _STATES})
+
+    def group_counts(self, group_id: int) -> dict[str, int]:
+        """A group's members per state; every JobState is present."""
+        return self._tally({s: _group_key(group_id, s) for s in _STATES})
+
+    def _tally(self, keys: dict[str, bytes]) -> dict[str, int]:
         get, db = self._txn.get, self._db.by_state
         return {
-            state: 0 if (raw := get(state.encode(), db=db)) is None else _U64.unpack(raw)[0]
-            for state in _STATES
+            state: 0 if (raw := get(key, db=db)) is None else _U64.unpack(raw)[0]
+            for state, key in keys.items()
         }
+
+    def first_submitted_since(self, when: float) -> int:
+        """The lowest id of a job submitted at or after `when` (one past the last id if none).
+        Ids are issued in time order, so this is a binary search over the jobs table; a wall
+        clock stepped back can blur the edge by the size of the step."""
+        cursor = self._txn.cursor(self._db.jobs)
+        if not cursor.last():
+            return 1
+        lo, hi = 1, _U64.unpack(cursor.key())[0] + 1  # the answer is in [lo, hi]
+        for _ in range(130):  # each pass narrows [lo, hi]; 64 halvings cover every u64
+            if lo >= hi:
+                break
+            mid = (lo + hi) // 2
+            cursor.set_range(_U64.pack(mid))  # mid < hi <= last + 1: some id >= mid exists
+            job_id = _U64.unpack(cursor.key())[0]
+            if _unpack(cursor.value())[_SUBMITTED] >= when:
+                hi = mid  # no job has an id in [mid, job_id)
+            else:
+                lo = job_id + 1
+        return lo
+
+    def get_op(self, op_id: int) -> list[Any] | None:
+        raw = self._txn.get(_U64.pack(op_id), db=self._db.ops)
+        return None if raw is None else list(_unpack(raw))
+
+    def ops(self) -> list[list[Any]]:
+        """Every long operation in progress, as stored rows, oldest first."""
+        return [list(_unpack(value)) for _, value in self._txn.cursor(self._db.ops)]
+
+    def state_counts(self) -> dict[str, int]:
+        """Jobs per state; every JobState is present, zero or not."""
+        return self._tally(_STATE_KEYS)
 
     def get_attempt(self, job_id: int, number: int) -> Attempt | None:
         raw = self._txn.get(_ATTEMPT.pack(job_id, number), db=self._db.attempts)
@@ -381,6 +512,15 @@ class ReadTx:
     def append_events(self, rows: list[tuple[float, int, str | None, str, str | None]]) -> int:
         raise ReadOnly("append_events on a read view")
 
+    def delete_job(self, job_id: int) -> bool:
+        raise ReadOnly("delete_job on a read view")
+
+    def put_op(self, op_id: int, row: list[Any]) -> None:
+        raise ReadOnly("put_op on a read view")
+
+    def delete_op(self, op_id: int) -> None:
+        raise ReadOnly("delete_op on a read view")
+
 
 def _writes(method: Callable[Concatenate[WriteTx, P], T]) -> Callable[Concatenate[WriteTx, P], T]:
     """Count the write for open scans and turn lmdb errors into StoreErrors."""
@@ -409,24 +549,26 @@ class WriteTx(ReadTx):
         parent: WriteTx | None = None,
     ) -> None:
         super().__init__(txn, dbs, batch)
-        # Per-state deltas: a child hands its own to its parent as it commits, and the outer
+        # Count deltas by their key in by_state (per state, per owner and state, per group
+        # and state): a child hands its own to its parent as it commits, and the outer
         # transaction writes them (_flush), so a turn of many requests writes each count once.
-        self._counts: dict[str, int] = {}
+        self._counts: dict[bytes, int] = {}
         self._parent = parent
 
     def _flush(self) -> None:
-        """Write the per-state count deltas: once per outer transaction."""
-        for state, delta in self._counts.items():
+        """Write the count deltas: once per outer transaction."""
+        for key, delta in self._counts.items():
             if delta:
-                self._count(state, delta)
+                self._count(key, delta)
         self._counts.clear()
 
-    def state_counts(self) -> dict[str, int]:
-        counts = super().state_counts()
+    def _tally(self, keys: dict[str, bytes]) -> dict[str, int]:
+        counts = super()._tally(keys)
         tx: WriteTx | None = self
         while tx is not None:  # the deltas not written yet, here and in every ancestor
-            for state, delta in tx._counts.items():
-                counts[state] += delta
+            pending = tx._counts
+            for state, key in keys.items():
+                counts[state] += pending.get(key, 0)
             tx = tx._parent
         return counts
 
@@ -452,14 +594,13 @@ class WriteTx(ReadTx):
         except lmdb.Error as exc:
             raise self._batch.note(exc) from exc
         counts = self._counts
-        for state, delta in child._counts.items():
-            counts[state] = counts.get(state, 0) + delta
+        for key, delta in child._counts.items():
+            counts[key] = counts.get(key, 0) + delta
 
     def _commit(self) -> None:  # the one place transactions commit, so tests can fail it
         self._txn.commit()
 
-    def _count(self, state: str, delta: int) -> None:
-        key = state.encode()
+    def _count(self, key: bytes, delta: int) -> None:
         raw = self._txn.get(key, db=self._db.by_state)
         count = (0 if raw is None else _U64.unpack(raw)[0]) + delta
         if count:
@@ -510,20 +651,78 @@ class WriteTx(ReadTx):
                 self._batch.clock.grown += 1
 
         old_state = None if old is None else old[_STATE]
-        if old_state != job.state:
-            counts = self._counts
-            if old_state is not None:
-                txn.delete(_state_key(old_state, job.id), db=db.by_state)
-                counts[old_state] = counts.get(old_state, 0) - 1
-            txn.put(_state_key(job.state, job.id), b"", db=db.by_state)
-            counts[job.state] = counts.get(job.state, 0) + 1
-
         old_groups = [] if old is None else old[_GROUPS]
+        if old_state != job.state or old_groups != job.groups:
+            was = None if old is None else (old[_STATE], old_groups)
+            self._restate(job.id, job.owner, was, (job.state, job.groups))
         if old_groups != job.groups:
             for group_id in set(old_groups) - set(job.groups):
                 txn.delete(_PAIR.pack(group_id, job.id), db=db.members)
             for group_id in set(job.groups) - set(old_groups):
                 txn.put(_PAIR.pack(group_id, job.id), b"", db=db.members)
+
+    def _index_owners_and_groups(self) -> None:
+        """Add the owner entries and the owner and group counts of every stored job: a store
+        of FORMAT 1 has none (a million jobs take a few seconds, once)."""
+        txn, by_state, counts = self._txn, self._db.by_state, self._counts
+        for key, raw in txn.cursor(self._db.jobs):
+            row = _unpack(raw)
+            owned = _owner_prefix(row[_OWNER_FIELD], row[_STATE])
+            txn.put(owned + key, b"", db=by_state)
+            for count_key in (owned, *(_group_key(g, row[_STATE]) for g in set(row[_GROUPS]))):
+                counts[count_key] = counts.get(count_key, 0) + 1
+        self._batch.mutations += 1
+
+    def _restate(
+        self,
+        job_id: int,
+        owner: str,
+        was: tuple[str, list[int]] | None,
+        now: tuple[str, list[int]] | None,
+    ) -> None:
+        """Move one job's by_state entries and counts from its (state, groups) `was` to `now`
+        (None: not stored). The one place they change, but for put_new_jobs' bulk form."""
+        txn, db, counts = self._txn, self._db.by_state, self._counts
+        for side, delta in ((was, -1), (now, 1)):
+            if side is None:
+                continue
+            state, groups = side
+            owned = _owner_prefix(owner, state)
+            entries = (_state_key(state, job_id), owned + _U64.pack(job_id))
+            for entry in entries:
+                if delta > 0:
+                    txn.put(entry, b"", db=db)
+                else:
+                    txn.delete(entry, db=db)
+            for key in (_STATE_KEYS[state], owned, *(_group_key(g, state) for g in set(groups))):
+                counts[key] = counts.get(key, 0) + delta
+
+    @_writes
+    def delete_job(self, job_id: int) -> bool:
+        """Remove a job's record and every index entry and count of it; False if none. Its
+        attempts, edges and events are the caller's to remove."""
+        key = _U64.pack(job_id)
+        txn, db = self._txn, self._db
+        raw = txn.get(key, db=db.jobs)
+        if raw is None:
+            return False
+        old = _unpack(raw)
+        txn.delete(key, db=db.jobs)
+        if old[_STATE] == _AVAILABLE and old[_PENDING] == 0:
+            txn.delete(_eligible_key(old[_PRIORITY], job_id), db=db.eligible)
+            self._batch.clock.shrunk += 1
+        self._restate(job_id, old[_OWNER_FIELD], (old[_STATE], old[_GROUPS]), None)
+        for group_id in set(old[_GROUPS]):
+            txn.delete(_PAIR.pack(group_id, job_id), db=db.members)
+        return True
+
+    @_writes
+    def put_op(self, op_id: int, row: list[Any]) -> None:
+        self._txn.put(_U64.pack(op_id), self._batch.pack(row), db=self._db.ops)
+
+    @_writes
+    def delete_op(self, op_id: int) -> None:
+        self._txn.delete(_U64.pack(op_id), db=self._db.ops)
 
     @_writes
     def put_new_jobs(self, rows: list[list[Any]]) -> None:
@@ -534,11 +733,21 @@ class WriteTx(ReadTx):
         pack, u64 = self._batch.pack, _U64.pack
         keys = [u64(row[_ID]) for row in rows]
         jobs = [(key, pack(row)) for key, row in zip(keys, rows, strict=True)]
-        tally: dict[str, int] = {}
+        tally: dict[bytes, int] = {}  # count deltas by key
+        where = Counter((row[_OWNER_FIELD], row[_STATE]) for row in rows)
+        for (owner, state), n in where.items():
+            for count_key in (_STATE_KEYS[state], _owner_prefix(owner, state)):
+                tally[count_key] = tally.get(count_key, 0) + n
         for row in rows:
-            tally[row[_STATE]] = tally.get(row[_STATE], 0) + 1
-        prefix = {state: state.encode() + b"\0" for state in tally}
+            for group_id in set(row[_GROUPS]) if row[_GROUPS] else ():
+                count_key = _group_key(group_id, row[_STATE])
+                tally[count_key] = tally.get(count_key, 0) + 1
+        prefix = {state: state.encode() + b"\0" for state in _STATES}
         states = [(prefix[row[_STATE]] + key, b"") for key, row in zip(keys, rows, strict=True)]
+        states += [
+            (_owner_prefix(row[_OWNER_FIELD], row[_STATE]) + key, b"")
+            for key, row in zip(keys, rows, strict=True)
+        ]
         eligible = [
             (
                 _eligible_key(row[_PRIORITY], row[_ID]),
@@ -561,8 +770,8 @@ class WriteTx(ReadTx):
         txn.cursor(db.by_state).putmulti(states)
         if members:
             txn.cursor(db.members).putmulti(members)
-        for state, n in tally.items():
-            counts[state] = counts.get(state, 0) + n
+        for count_key, n in tally.items():
+            counts[count_key] = counts.get(count_key, 0) + n
 
     @_writes
     def put_attempt(self, attempt: Attempt) -> None:
@@ -659,16 +868,23 @@ class Store:
 
     def _upgrade(self) -> None:
         """Convert a store from before the per-state counts moved into `by_state` and job and
-        event numbers into their tables' last keys (module docstring)."""
+        event numbers into their tables' last keys, and from before `by_state` held the owner
+        entries and owner and group counts (module docstring)."""
         with self._env.begin(write=True) as txn:
-            if txn.get(b"counts") is None:  # the main DB names every table
-                return
-            counts = self._env.open_db(b"counts", txn=txn)
-            for key, value in txn.cursor(counts):
-                txn.put(key, value, db=self._db.by_state)
-            txn.drop(counts, delete=True)
-            for counter in _TABLE_IDS:
-                txn.delete(counter.encode(), db=self._db.ids)
+            if txn.get(b"counts") is not None:  # the main DB names every table
+                counts = self._env.open_db(b"counts", txn=txn)
+                for key, value in txn.cursor(counts):
+                    txn.put(key, value, db=self._db.by_state)
+                txn.drop(counts, delete=True)
+                for counter in _TABLE_IDS:
+                    txn.delete(counter.encode(), db=self._db.ids)
+
+        def reindex(tx: WriteTx) -> None:
+            if (tx.get_meta("format") or 1) < FORMAT:
+                tx._index_owners_and_groups()
+                tx.put_meta("format", FORMAT)
+
+        self.write_batch(reindex)
 
     @property
     def map_size(self) -> int:
