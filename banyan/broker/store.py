@@ -292,9 +292,7 @@ class ReadTx:
         for key, _ in self._scan(self._db.members, _U64.pack(group_id)):
             yield _PAIR.unpack(key)[1]
 
-    def _ids(
-        self, db: Any, prefix: bytes, lo: int, hi: int, descending: bool
-    ) -> Iterator[int]:
+    def _ids(self, db: Any, prefix: bytes, lo: int, hi: int, descending: bool) -> Iterator[int]:
         """The ids in [lo, hi] of the keys `prefix id:u64`, ascending or descending. Like
         _scan it re-seeks after a write, so the caller may change the table as it goes."""
         if lo > hi:
@@ -304,10 +302,8 @@ class ReadTx:
         end = len(prefix) + 8
         if descending:  # from the greatest key at or below prefix:hi
             top = prefix + _U64.pack(hi)
-            if cursor.set_range(top):
-                found = cursor.key() == top or cursor.prev()
-            else:
-                found = cursor.last()
+            at_or_above = cursor.set_range(top)
+            found = (cursor.key() == top or cursor.prev()) if at_or_above else cursor.last()
         else:
             found = cursor.set_range(prefix + _U64.pack(lo))
         while found:
