@@ -103,6 +103,12 @@ class Cancelled:
 
 
 @dataclass(frozen=True)
+class Modified:
+    modified: list[int]
+    skipped: list[tuple[int, str]]  # (job, why its state did not allow the change)
+
+
+@dataclass(frozen=True)
 class LogChunk:
     data: bytes
     offset: int
@@ -202,16 +208,19 @@ class Client:
                 # reply cannot be mistaken for the next request's.
                 self.sock.close(linger=0)
                 self.sock = self._socket()
-                raise BrokerUnavailable(
-                    f"no answer from the broker at {self.endpoint} within {limit:g} s "
-                    "(is banyan-broker running? set BANYAN_BROKER or --broker)"
-                )
+                raise self._no_answer(limit)
             msg = protocol.decode(self.sock.recv(), protocol.CLIENT_REPLIES)
             if msg.req != req:
                 continue  # a reply to an abandoned request
             if msg.type == "error":
                 raise from_wire(msg.body["code"], msg.body["message"])
             return msg.body
+
+    def _no_answer(self, seconds: float) -> BrokerUnavailable:
+        return BrokerUnavailable(
+            f"no answer from the broker at {self.endpoint} within {seconds:g} s "
+            "(is banyan-broker running? set BANYAN_BROKER or --broker)"
+        )
 
     # ---- the API ----------------------------------------------------------------------------
 
@@ -249,11 +258,45 @@ class Client:
         jobs: Sequence[int] = (),
         groups: Sequence[str | int] = (),
         reason: str | None = None,
+        select: dict[str, Any] | None = None,
     ) -> Cancelled:
-        reply = self.request(
-            "cancel", {"jobs": list(jobs), "groups": list(groups), "reason": reason}
-        )
+        """Cancel jobs by id and groups by name or id (each must exist and be yours), and the
+        unfinished jobs `select` matches (see `Client.select`). Many jobs take the broker a
+        while: the reply comes when all are done, and the client waits for it as long as the
+        broker answers meanwhile."""
+        body = {"jobs": list(jobs), "groups": list(groups), "reason": reason, "select": select}
+        reply = self._patiently("cancel", body)
         return Cancelled(reply["cancelled"], reply["pending"], reply["already"])
+
+    @staticmethod
+    def select(
+        ids: Sequence[tuple[int, int]] = (),
+        owner: str | None = None,
+        state: str | None = None,
+        name: str | None = None,
+        group: str | int | None = None,
+    ) -> dict[str, Any]:
+        """A selector for `cancel` and `modify_many`: the jobs every given criterion holds
+        for. `ids` are inclusive ranges; `name` is a glob over the name shown (the command when
+        there is none). A user's selector means only their own jobs."""
+        ranges = [list(r) for r in ids]
+        return {"ids": ranges, "owner": owner, "state": state, "name": name, "group": group}
+
+    def modify_many(
+        self,
+        jobs: Sequence[int] = (),
+        select: dict[str, Any] | None = None,
+        hold: bool = False,
+        release: bool = False,
+        **changes: Any,
+    ) -> Modified:
+        """Change many jobs in one request: the named ones (each must exist and be yours) and
+        those `select` matches (by default those still held or queued). A job whose state does
+        not allow the change is skipped, with the reason; all the rest change together."""
+        body: dict[str, Any] = {"jobs": list(jobs), "select": select, "set": changes}
+        body |= {"hold": hold, "release": release}
+        reply = self._patiently("modify_many", body)
+        return Modified(reply["modified"], [(j, why) for j, why in reply["skipped"]])
 
     def modify(
         self, job: int, hold: bool = False, release: bool = False, **changes: Any
@@ -310,17 +353,23 @@ class Client:
         While it waits, the client pings the broker every `self.timeout` seconds, so a broker
         that dies meanwhile gives `BrokerUnavailable` instead of a hang.
         """
-        req = next(self._reqs)
         body = {"jobs": list(jobs), "groups": list(groups), "timeout": timeout}
-        self.sock.send(protocol.encode("wait", body, req))
-        end = None if timeout is None else time.monotonic() + timeout + self.timeout
+        reply = self._patiently("wait", body, timeout)
+        return Waited([JobInfo.of(j) for j in reply["jobs"]], reply["timed_out"])
+
+    def _patiently(self, kind: str, body: dict[str, Any], limit: float | None = None) -> Any:
+        """Send a request whose answer may take long, and wait for it (at most `limit` s
+        plus the client's timeout, if given) while pings show the broker is alive."""
+        req = next(self._reqs)
+        self.sock.send(protocol.encode(kind, body, req))
+        end = None if limit is None else time.monotonic() + limit + self.timeout
         ping_req, ping_sent = 0, 0.0
         while True:
             now = time.monotonic()
             if (ping_req and now - ping_sent > self.timeout) or (end is not None and now > end):
                 self.sock.close(linger=0)
                 self.sock = self._socket()
-                raise BrokerUnavailable(f"the broker at {self.endpoint} stopped answering")
+                raise self._no_answer(self.timeout)
             if not self.sock.poll(int(self.timeout * 1000 / 2), zmq.POLLIN):
                 if not ping_req:
                     ping_req, ping_sent = next(self._reqs), now
@@ -332,7 +381,7 @@ class Client:
             elif msg.req == req:
                 if msg.type == "error":
                     raise from_wire(msg.body["code"], msg.body["message"])
-                return Waited([JobInfo.of(j) for j in msg.body["jobs"]], msg.body["timed_out"])
+                return msg.body
 
     def workers(self) -> list[WorkerInfo]:
         return [WorkerInfo.of(w) for w in self.request("workers", {})["workers"]]

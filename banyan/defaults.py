@@ -45,6 +45,8 @@ MAX_DEPS_PER_JOB = 1000
 MAX_CLAIM = 1024
 OUTPUT_TAIL_BYTES = 4096  # the tail of stdout/stderr sent with a result
 PROGRESS_MESSAGE_MAX = 1024
+# Id ranges in one selector (`banyan-cancel 1-9 20-29 ...`): each is one index walk.
+MAX_SELECT_RANGES = 1000
 STATUS_LIMIT = 1000  # rows per status reply unless the client asks for fewer/more
 EVENTS_LIMIT = 10_000
 # How far down the eligible index one claim looks for a job that fits before giving up for now.

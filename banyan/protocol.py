@@ -859,6 +859,37 @@ def _modify_post(body: dict[str, Any]) -> None:
         raise _Bad("hold and release cannot both be true", ".release")
 
 
+def _modify_many_post(body: dict[str, Any]) -> None:
+    _modify_post(body)
+    if not body["jobs"] and body["select"] is None:
+        raise _Bad("name jobs, or a selector in select", ".jobs")
+    if not body["set"] and not body["hold"] and not body["release"]:
+        raise _Bad("nothing to change: give set, hold or release", ".set")
+
+
+def _selector_post(body: dict[str, Any]) -> None:
+    for i, (first, last) in enumerate(body["ids"]):
+        if first > last:
+            raise _Bad(f"{first}-{last} is backwards", ".ids", f"[{i}]")
+    if not body["ids"] and all(body[k] is None for k in ("owner", "state", "name", "group")):
+        raise _Bad("must name at least one of ids, owner, state, name or group")
+
+
+# Which jobs a bulk request means: every criterion given must hold (banyan/broker/selectors.py).
+_SELECTOR = _nullable(
+    _record(
+        {
+            "ids": (_list(_row("[first, last]", _ID, _ID), defaults.MAX_SELECT_RANGES), []),
+            "owner": (_nullable(_NAME), None),
+            "state": (_nullable(_enum(*_STATES)), None),
+            "name": (_nullable(_NAME), None),
+            "group": (_nullable(_GROUP_REF), None),
+        },
+        _selector_post,
+    )
+)
+
+
 def _result_post(body: dict[str, Any]) -> None:
     # The state machine tells success from failure by exit_code; an exit with neither is noise.
     if body["outcome"] == "exited" and body["exit_code"] is None and body["signal"] is None:
@@ -886,7 +917,18 @@ _CLIENT_REQUEST_SCHEMAS: Final[dict[str, Check]] = {
             "jobs": (_JOB_IDS, []),
             "groups": (_GROUP_REFS, []),
             "reason": (_nullable(_REASON), None),
+            "select": (_SELECTOR, None),
         }
+    ),
+    "modify_many": _record(
+        {
+            "jobs": (_JOB_IDS, []),
+            "select": (_SELECTOR, None),
+            "set": (_MODIFY_SET, {}),
+            "hold": (_bool, False),
+            "release": (_bool, False),
+        },
+        _modify_many_post,
     ),
     "modify": _record(
         {
@@ -966,6 +1008,12 @@ _CLIENT_REPLY_SCHEMAS: Final[dict[str, Check]] = {
             "cancelled": (_INT_LIST, _REQUIRED),
             "pending": (_INT_LIST, _REQUIRED),
             "already": (_INT_LIST, _REQUIRED),
+        }
+    ),
+    "modified": _record(
+        {
+            "modified": (_INT_LIST, _REQUIRED),
+            "skipped": (_list(_row("[job, reason]", _ANY_INT, _str(0, _BIG)), _BIG), _REQUIRED),
         }
     ),
     "job": _record({"job": (_free, _REQUIRED)}),

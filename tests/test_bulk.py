@@ -6,6 +6,7 @@ the broker keeps answering, and it is all-or-nothing even across a kill -9.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ import zmq
 from banyan import defaults, protocol
 from banyan.cli import cancel, main, submit
 from banyan.client import Client
-from tests.cluster import Cluster, scaled
+from tests.cluster import Cluster, scaled, wait_for
 
 MIB = 1 << 20
 
@@ -97,3 +98,78 @@ def test_cancel_reads_100000_ids_in_a_moment(
     took = time.process_time() - started
     assert code == 1 and "no job 80" in capsys.readouterr().err  # nothing to cancel here
     assert took < scaled(2), f"{took:.1f} s of CPU"
+
+
+# ---- long operations: in slices, the broker answering meanwhile, all or nothing -------------
+
+
+def _group_of(client: Client, n: int, name: str = "g") -> list[int]:
+    """`n` queued jobs in a new group, made by one array request."""
+    template = {"command": "true", "groups": [name]}
+    client.timeout = scaled(60)
+    return client.submit(jobs=[template], groups=[{"name": name}], array=f"1-{n}").jobs
+
+
+def test_a_100000_job_cancel_keeps_the_broker_answering(cluster: Cluster) -> None:
+    """The cancel is done a slice a turn: a client pinging every 50 ms meanwhile is answered
+    within 200 ms each time (it blocked the broker for 40 s)."""
+    ids = _group_of(cluster.client(), 100_000)
+    latencies: list[float] = []
+    stop = threading.Event()
+
+    def pinger() -> None:
+        with Client(f"127.0.0.1:{cluster.client_port}", cluster.home, timeout=scaled(5)) as p:
+            for _ in range(10_000):
+                if stop.is_set():
+                    return
+                started = time.monotonic()
+                p.ping()
+                latencies.append(time.monotonic() - started)
+                stop.wait(0.05)
+
+    thread = threading.Thread(target=pinger)
+    thread.start()
+    try:
+        wait_for(lambda: latencies, what="the first ping")
+        started = time.monotonic()
+        done = cluster.client(timeout=10).cancel(groups=["g"])
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join(timeout=scaled(10))
+    assert sorted(done.cancelled) == ids
+    assert len(latencies) >= took / 0.25, "the pinger stalled"
+    assert max(latencies) < scaled(0.2), f"slowest ping {max(latencies):.3f} s in {took:.1f} s"
+
+
+def test_a_group_cancel_killed_in_the_middle_is_finished_after_restart(cluster: Cluster) -> None:
+    """kill -9 while the cancel is half done: the restarted broker finishes it, so every member
+    is cancelled, once; nothing is left half done."""
+    n = 30_000
+    ids = _group_of(cluster.client(), n)
+    watcher = cluster.client()
+    head = watcher.events_head()
+    canceller = cluster.client()
+    canceller.sock.send(protocol.encode("cancel", {"groups": ["g"], "reason": "midway"}, 1))
+
+    seen = wait_for(lambda: _cancelled_since(watcher, head), what="the cancel to begin")
+    cluster.kill("broker")
+    assert len(seen) < n, "the cancel ended before the kill; nothing was tested"
+    cluster.start_broker()
+    client = cluster.client(timeout=30)
+    status = client.status(group="g", limit=1)  # it waits for the operation to end
+    assert status.groups[0]["counts"] == {"cancelled": n}
+    assert status.groups[0]["cancel_reason"].endswith(": midway")
+    assert sorted(_cancelled_since(client, head)) == ids  # each once
+    assert "resuming cancel operation" in cluster.log("broker")
+
+
+def _cancelled_since(client: Client, since: int) -> list[int]:
+    """The jobs of every `cancelled` event from `since` on, reading the whole log."""
+    out = []
+    for _ in range(1000):
+        page, since = client.events(since, defaults.EVENTS_LIMIT)
+        out += [e[2] for e in page if e[4] == "cancelled"]
+        if len(page) < defaults.EVENTS_LIMIT:  # the end, as it was then
+            return out
+    raise AssertionError("the event log did not end")

@@ -123,7 +123,18 @@ EXAMPLES: dict[str, dict[str, dict[str, Any]]] = {
             "groups": [{"name": "nightly", "open": True}, {"name": "other"}],
             "submit_key": "a1b2c3",
         },
-        "cancel": {"jobs": [1, 2], "groups": ["nightly", 3], "reason": "superseded"},
+        "cancel": {
+            "jobs": [1, 2],
+            "groups": ["nightly", 3],
+            "reason": "superseded",
+            "select": {"ids": [[100, 2000], [5, 5]], "owner": "alice", "state": "available"},
+        },
+        "modify_many": {
+            "jobs": [4],
+            "select": {"name": "seed-*", "group": "nightly"},
+            "set": {"priority": 3},
+            "release": True,
+        },
         "modify": {
             "job": 5,
             "set": {"priority": 10, "cpus": 2, "depends_on": [{"job": 4}], "time_limit": None},
@@ -150,6 +161,7 @@ EXAMPLES: dict[str, dict[str, dict[str, Any]]] = {
         "pong": {"version": 1, "time": 1700000000.25},
         "submitted": {"jobs": [10, 11], "groups": {"nightly": 2}},
         "cancelled": {"cancelled": [1], "pending": [2], "already": [3]},
+        "modified": {"modified": [4], "skipped": [[5, "priority: may only be changed ..."]]},
         "job": {"job": JOB_INFO},
         "group": {"group": GROUP_INFO},
         "status": {"jobs": [JOB_INFO], "groups": [GROUP_INFO], "truncated": False},

@@ -28,7 +28,6 @@ ALL = (*ACTIVE, *TERMINAL)
 REPLY = {
     "ping": "pong",
     "submit": "submitted",
-    "cancel": "cancelled",
     "modify": "job",
     "close_group": "group",
     "status": "status",
@@ -47,9 +46,8 @@ def handle(
     if kind == "ping":
         return {"version": defaults.PROTOCOL_VERSION, "time": time.time()}
     if kind == "submit":
-        return core.submit(actor, body["jobs"], body["groups"], body.get("submit_key"))
-    if kind == "cancel":
-        return core.cancel(actor, body["jobs"], body["groups"], body.get("reason"))
+        array = body.get("array") is not None
+        return core.submit(actor, body["jobs"], body["groups"], body.get("submit_key"), array)
     if kind == "modify":
         job = core.modify(actor, body["job"], body["set"], body["hold"], body["release"])
         return {"job": views.job_info(tx, job, list(tx.workers()))}

@@ -23,7 +23,7 @@ from typing import Any, cast
 import zmq
 
 from banyan import defaults, protocol
-from banyan.broker import queries
+from banyan.broker import longops, queries
 from banyan.broker.auth import ZapHandler
 from banyan.broker.records import WorkerState
 from banyan.broker.state import Actor, Config, Core, Effect, Logged
@@ -107,6 +107,7 @@ class Turn:
     # Small submits of one owner in a row, run as one (see Broker._run_submits).
     submits: list[tuple[bytes, protocol.Message]] = field(default_factory=list)
     submitter: Actor | None = None
+    ops: longops.Staged = field(default_factory=longops.Staged)  # long operations
 
     def merge(self, other: Turn) -> None:
         self.replies += other.replies
@@ -115,6 +116,7 @@ class Turn:
         self.waiters += other.waiters
         self.fetches += other.fetches
         self.deferred += other.deferred
+        self.ops.parked += other.ops.parked
 
 
 @dataclass
@@ -171,6 +173,7 @@ class Broker:
         self._deadline_seq = itertools.count()
         self.fetches: dict[int, LogFetch] = {}
         self.backlog: list[Inbound] = []  # client requests a turn left for the next
+        self.longops = longops.LongOps()
         self.next_fetch = 1
         self.refused = 0
         self._reported = 0
@@ -215,6 +218,8 @@ class Broker:
 
         for name in self.store.write_batch(reset):
             self.sessions[name] = Session(None, now)
+        with self.store.read() as view:
+            self.longops.recover(view.ops())
         log.info(
             "state loaded from %s; %d workers expected back",
             self.config.state_dir,
@@ -236,7 +241,7 @@ class Broker:
         self.close()
 
     def _poll_timeout(self) -> float:
-        if self.backlog:
+        if self.backlog or self.longops.busy:
             return 0.0
         return max(0.0, min(self.next_heartbeat - self.clock(), self.config.core.heartbeat))
 
@@ -264,22 +269,34 @@ class Broker:
         due = self._due_waiters(now)
         if inbox or lost or due or pull:
             self._turn(inbox, lost, due, now, pull)
+        if self.longops.busy:
+            # A transaction of its own, after the messages' turn has answered them: a request
+            # that came in meanwhile waits for one slice, not for a slice and a turn.
+            self._turn([], [], [], now, False, slices=True)
         self._expire_fetches(now)
         if now >= self.next_heartbeat:
             self._heartbeat(now)
             self._report_refusals()
 
     def _turn(
-        self, inbox: list[Inbound], lost: list[str], due: list[Waiter], now: float, pull: bool
+        self,
+        inbox: list[Inbound],
+        lost: list[str],
+        due: list[Waiter],
+        now: float,
+        pull: bool,
+        slices: bool = False,
     ) -> None:
         try:
-            turn = self.store.write_batch(lambda tx: self._apply(tx, inbox, lost, due, now, pull))
+            turn = self.store.write_batch(
+                lambda tx: self._apply(tx, inbox, lost, due, now, pull, slices)
+            )
         except StoreFull as e:
             log.error("store full: %s; applying this turn's %d messages one by one", e, len(inbox))
             turn, lost = self._one_by_one(inbox, lost, due, now)
         for name in lost:
             self.sessions.pop(name, None)
-        self.backlog = turn.deferred
+        self.backlog = self.longops.commit(turn.ops) + turn.deferred
         self._send(turn, now)
 
     def _one_by_one(
@@ -310,10 +327,12 @@ class Broker:
         due: list[Waiter],
         now: float,
         pull: bool = False,
+        slices: bool = False,
     ) -> Turn:
         """Apply a turn's messages in one transaction. With `pull`, more client requests are
         taken from the socket while the budget lasts; they join `inbox`, so a run again after
-        the map grew sees them too. Requests past the budget are left in `turn.deferred`."""
+        the map grew sees them too. Requests past the budget are left in `turn.deferred`. With
+        `slices`, the running long operation, if any, gets its slice of the turn."""
         turn = Turn()
         wake = served = False
         budget = time.monotonic() + TURN_BUDGET
@@ -333,16 +352,19 @@ class Broker:
                 turn.deferred.append((kind, frames, user))
                 pull = False
             else:
-                wake = self._client_message(tx, frames, self._actor(user), now, turn) or wake
+                wake = self._client_message(tx, frames, user, now, turn) or wake
                 served = True
         wake = self._run_submits(tx, now, turn) or wake
+        if slices:
+            wake = self._long_slice(tx, now, turn) or wake
         for name in lost:
             why = f"worker {name} silent for {self._window():g} s"
             wake = self._in_child(tx, now, turn, _losing(name, why)) or wake
         for waiter in due:
             turn.replies.append(("client", waiter.identity, self._waited(tx, waiter, True)))
         if wake:
-            self._in_child(tx, now, turn, lambda c: c.match())
+            ready = self.longops.held(turn.ops)
+            self._in_child(tx, now, turn, lambda c: (ready(c), c.match()))
         return turn
 
     def _in_child(self, tx: WriteTx, now: float, turn: Turn, fn: Callable[[Core], Any]) -> bool:
@@ -387,12 +409,19 @@ class Broker:
             return None
 
     def _client_message(
-        self, tx: WriteTx, frames: list[bytes], actor: Actor, now: float, turn: Turn
+        self, tx: WriteTx, frames: list[bytes], user: str | None, now: float, turn: Turn
     ) -> bool:
         decoded = self._decode("client", frames, turn)
         if decoded is None:
             return False
         identity, msg = decoded
+        actor = self._actor(user)
+        if self.longops.parks(msg.type, turn.ops):
+            try:
+                self.longops.park(("client", frames, user), turn.ops)
+            except BanyanError as e:
+                turn.replies.append(("client", identity, _error(e.code, e.message, msg.req)))
+            return False
         if _mergeable(msg):
             wake = self._run_submits(tx, now, turn) if turn.submitter is not actor else False
             turn.submits.append((identity, msg))
@@ -450,6 +479,8 @@ class Broker:
         if msg.type == "logs":
             self._logs(tx, identity, msg, now, turn)
             return False
+        if msg.type in longops.STARTS:
+            return self._long_start(tx, identity, msg, actor, now, turn)
         core: Core | None = None
         try:
             with tx.child() as child:
@@ -481,6 +512,53 @@ class Broker:
         rtype, body = reply.pop("_type", None) or queries.REPLY[msg.type], reply
         turn.replies.append(("client", identity, protocol.encode(rtype, body, msg.req)))
         return core.wake
+
+    # ---- long operations (see longops.py) ------------------------------------------------------
+
+    def _long_start(
+        self,
+        tx: WriteTx,
+        identity: bytes,
+        msg: protocol.Message,
+        actor: Actor,
+        now: float,
+        turn: Turn,
+    ) -> bool:
+        """Admit a cancel or modify_many and do its first slice; answered now if that was all."""
+        try:
+            core, reply = self.longops.admit(tx, self._core_at(now), actor, identity, msg, turn.ops)
+        except BanyanError as e:
+            self.refused += 1
+            turn.replies.append(("client", identity, _error(e.code, e.message, msg.req)))
+            return False
+        except StoreFull:
+            raise
+        except Exception:
+            log.exception("internal error on %s", msg.type)
+            turn.replies.append(
+                ("client", identity, _error("internal", "internal broker error", msg.req))
+            )
+            return False
+        turn.effects += core.effects
+        turn.events += core.events
+        if reply is not None:
+            turn.replies.append(("client", identity, reply))
+        return core.wake
+
+    def _long_slice(self, tx: WriteTx, now: float, turn: Turn) -> bool:
+        """The running long operation's slice of this turn (none if it began this turn)."""
+        if turn.ops.head is not None or turn.ops.ended:
+            return False
+        core, replies = self.longops.work(tx, self._core_at(now), turn.ops)
+        turn.replies += [("client", identity, reply) for identity, reply in replies]
+        if core is None:
+            return False
+        turn.effects += core.effects
+        turn.events += core.events
+        return core.wake
+
+    def _core_at(self, now: float) -> Callable[[WriteTx], Core]:
+        return lambda child: Core(child, now, self.config.core)
 
     def _logs(
         self, tx: WriteTx, identity: bytes, msg: protocol.Message, now: float, turn: Turn

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import gc
 import operator
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +71,8 @@ EDITABLE["priority"] = frozenset({S.INACTIVE, S.AVAILABLE})
 _ID, _STATE, _PENDING = (Job.names().index(f) for f in ("id", "state", "pending"))
 
 ADMIN = "admin"
+# The names of arrays' own groups (Core._array_group); no other group may take one.
+ARRAY_GROUP = re.compile(r"array-\d+(-\d+)?")
 # A worker with less free cpu than this is full: a claim from it scans nothing.
 MIN_CPUS = 1e-6
 # Submissions of at least this many jobs run with the cyclic GC paused (see Core.submit).
@@ -135,6 +139,8 @@ class Core:
     effects: list[Effect] = field(default_factory=list)
     events: list[Logged] = field(default_factory=list)
     wake: bool = False  # a job became eligible or a claim arrived: run `match`
+    # Jobs that claims pass over for now: the targets of a long operation (bulk.py).
+    held: Callable[[int], bool] | None = None
 
     # ---- transitions ------------------------------------------------------------------------
 
@@ -168,10 +174,13 @@ class Core:
         jobs: list[dict[str, Any]],
         groups: list[dict[str, Any]],
         submit_key: str | None = None,
+        array: bool = False,
     ) -> dict[str, Any]:
         """Create jobs, groups and edges atomically; returns `{jobs: [ids], groups: {name: id}}`.
 
         Resubmitting with the same `submit_key` returns the first result and creates nothing.
+        The jobs of an `array` also make a group of their own, `array-FIRST` (FIRST being the
+        first job's id), sealed: one handle for the whole array.
         """
         if submit_key:
             prior = self.tx.get_submit_key(actor.name, submit_key)
@@ -180,12 +189,12 @@ class Core:
         if not jobs and not groups:
             raise BadRequest("nothing to submit: no jobs and no groups")
         if len(jobs) < GC_PAUSE_JOBS or not gc.isenabled():
-            return self._submit(actor, jobs, groups, submit_key)
+            return self._submit(actor, jobs, groups, submit_key, array)
         # Each job makes a handful of lists; for a big submission that sets off the cyclic GC
         # again and again, to find nothing (rows hold no cycles), a third of the time.
         gc.disable()
         try:
-            return self._submit(actor, jobs, groups, submit_key)
+            return self._submit(actor, jobs, groups, submit_key, array)
         finally:
             gc.enable()
 
@@ -195,12 +204,17 @@ class Core:
         jobs: list[dict[str, Any]],
         groups: list[dict[str, Any]],
         submit_key: str | None,
+        array: bool = False,
     ) -> dict[str, Any]:
         by_name, joined = self._open_groups(actor, jobs, groups)
         first = self.tx.next_job_id() if jobs else 0
         ids = list(range(first, first + len(jobs)))
         new: dict[int, list[Dep]] = {}
         members: dict[int, list[int]] = {}
+        own = self._array_group(actor, first) if array and jobs else None
+        if own is not None:
+            by_name[own.name] = own
+            members[own.id] = ids
         for i, spec in enumerate(jobs):
             deps = spec.get("depends_on")
             new[ids[i]] = self._resolve_deps(i, spec, by_name, ids) if deps else []
@@ -216,9 +230,10 @@ class Core:
         born_doomed: list[tuple[int, str]] = []
         rows: list[list[Any]] = []
         owner, now = actor.name, self.now
+        mine = [] if own is None else [own.id]
         for job_id, spec in zip(ids, jobs, strict=True):
             deps = new[job_id]
-            if not deps and not spec.get("groups"):  # most jobs of a big submission
+            if not deps and not spec.get("groups") and not mine:  # most jobs of a big one
                 rows.append(_new_row(job_id, owner, now, spec, _NONE, _NONE, 0))
                 continue
             pending = 0
@@ -230,7 +245,7 @@ class Core:
                     self.tx.add_dependent(dep.target, dep.id, job_id, dep.kind)
                 elif verdict != MET and doom is None:
                     doom = verdict
-            groups_of = [by_name[name].id for name in spec.get("groups", ())]
+            groups_of = [by_name[name].id for name in spec.get("groups", ())] + mine
             depends_on = [d.pack() for d in deps]
             rows.append(_new_row(job_id, owner, now, spec, depends_on, groups_of, pending))
             if doom is not None:
@@ -258,6 +273,15 @@ class Core:
         self.events.append(Logged(seq, job.id, frm, job.state))
         if job.eligible:
             self.wake = True
+
+    def _array_group(self, actor: Actor, first: int) -> Group:
+        """An array's own group, named for its first job (and, were that name taken by a group
+        from before such names were kept for arrays, for the group's id too)."""
+        gid = self.tx.next_id("group")
+        name = f"array-{first}"
+        if self.tx.group_by_name(name) is not None:
+            name = f"array-{first}-{gid}"
+        return Group(gid, name, actor.name, self.now, False)
 
     @staticmethod
     def _group_of(by_name: dict[str, Group], gid: int) -> Group:
@@ -294,6 +318,8 @@ class Core:
                 by_name[name] = existing
                 joined.add(existing.id)
             elif name in listed:
+                if ARRAY_GROUP.fullmatch(name):
+                    raise BadRequest(f"{where}: names like {name!r} are kept for arrays' groups")
                 by_name[name] = Group(self.tx.next_id("group"), name, actor.name, self.now, is_open)
             else:
                 raise NotFound(f"{where}: no group {name!r} (list it in the submission's groups)")
@@ -684,6 +710,7 @@ class Core:
         chosen: list[int] = []
         scanned = 0
         whole = True  # the scan saw every entry
+        passed = False  # it passed over held jobs, which come back with no change to the index
         for job_id, (cpus, memory, gpus, tags) in self.tx.eligible():
             if scanned >= limit or len(chosen) >= worker.wants or free_cpus < MIN_CPUS:
                 whole = False
@@ -693,11 +720,14 @@ class Core:
                 continue
             if tags and not all(t in worker.tags for t in tags):
                 continue
+            if self.held is not None and self.held(job_id):
+                passed = True
+                continue
             chosen.append(job_id)
             free_cpus -= cpus
             free_mem -= memory
             free_gpus -= gpus
-        if not chosen:
+        if not chosen and not passed:
             self.tx.note_empty_scan(worker.name, whole, (*room, *key))
         return chosen
 

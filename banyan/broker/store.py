@@ -54,7 +54,7 @@ import os
 import struct
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -510,6 +510,9 @@ class ReadTx:
 
     def delete_job(self, job_id: int) -> bool:
         raise ReadOnly("delete_job on a read view")
+
+    def child(self) -> AbstractContextManager[WriteTx]:
+        raise ReadOnly("child on a read view")
 
     def put_op(self, op_id: int, row: list[Any]) -> None:
         raise ReadOnly("put_op on a read view")
