@@ -787,12 +787,13 @@ class WriteTx(ReadTx):
         key = _U64.pack(group.id)
         names = self._db.group_names
         raw = self._txn.get(key, db=self._db.groups)
-        if raw is not None:
-            old_name = _unpack(raw)[1]
-            if old_name != group.name and self._txn.get(_text_key(old_name), db=names) == key:
+        old_name = None if raw is None else _unpack(raw)[1]
+        if old_name is not None and old_name != group.name:
+            if self._txn.get(_text_key(old_name), db=names) == key:
                 self._txn.delete(_text_key(old_name), db=names)
         self._txn.put(key, self._batch.pack(group.pack()), db=self._db.groups)
-        self._txn.put(_text_key(group.name), key, db=names)
+        if old_name != group.name:  # a member's end rewrites its groups: leave names be
+            self._txn.put(_text_key(group.name), key, db=names)
 
     @_writes
     def put_worker(self, worker: Worker) -> None:
