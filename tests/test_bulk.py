@@ -6,6 +6,7 @@ the broker keeps answering, and it is all-or-nothing even across a kill -9.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ import pytest
 import zmq
 
 from banyan import defaults, protocol
-from banyan.cli import cancel, main, submit
+from banyan.cli import cancel, main, modify, status, submit
 from banyan.client import Client
 from tests.cluster import Cluster, scaled, wait_for
 
@@ -173,3 +174,48 @@ def _cancelled_since(client: Client, since: int) -> list[int]:
         if len(page) < defaults.EVENTS_LIMIT:  # the end, as it was then
             return out
     raise AssertionError("the event log did not end")
+
+
+# ---- selectors on the command line ----------------------------------------------------------
+
+
+def _cli(cluster: Cluster, capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, Any]]:
+    """Run a tool in-process against the cluster with --json; (exit code, parsed output)."""
+    tools = {"cancel": cancel.main, "modify": modify.main, "status": status.main}
+
+    def run(tool: str, *argv: str) -> tuple[int, Any]:
+        capsys.readouterr()
+        code = tools[tool](["--broker", f"127.0.0.1:{cluster.client_port}", "--json", *argv])
+        out = capsys.readouterr().out
+        return code, json.loads(out) if out.strip() else None
+
+    return run
+
+
+def test_cancel_and_modify_take_ranges_and_filters(
+    cluster: Cluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _cli(cluster, capsys)
+    client = cluster.client()
+    seeds = client.submit("true", array="0-9", name="seed-{}", hold=True).jobs
+    others = client.submit("true", array="0-4", name="other-{}").jobs
+    code, out = run("cancel", f"{seeds[2]}-{seeds[4]}", "--name", "seed-*")
+    assert code == 0 and out["cancelled"] == seeds[2:5]
+    code, out = run("cancel", "--state", "available", "--name", "other-*")
+    assert code == 0 and out["cancelled"] == others
+    code, out = run("modify", "--priority", "5", "--group", f"array-{seeds[0]}")
+    assert code == 0 and out == {"modified": seeds[:2] + seeds[5:], "skipped": []}
+    code, out = run("modify", "--release", f"{seeds[0]}-{seeds[-1]}", "--state", "cancelled")
+    assert code == 0 and out["modified"] == []
+    assert [s[0] for s in out["skipped"]] == seeds[2:5]
+    assert "only an inactive job can be released" in out["skipped"][0][1]
+    code, out = run("cancel", f"array-{seeds[0]}")  # the array's handle
+    assert code == 0 and out["cancelled"] == seeds[:2] + seeds[5:]
+    assert out["already"] == seeds[2:5]
+    infos = client.status(seeds).jobs
+    assert {j.state for j in infos} == {"cancelled"}
+    assert [j.raw["priority"] for j in infos] == [5, 5, 0, 0, 0, 5, 5, 5, 5, 5]
+    code, _ = run("cancel", "--state", "bogus")
+    assert code == 2
+    code, _ = run("cancel", "--user", "nobody", "some-group")
+    assert code == 2

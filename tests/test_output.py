@@ -7,7 +7,7 @@ import io
 import pytest
 
 from banyan import arrays
-from banyan.cli import cancel
+from banyan.cli import cancel, keygen, logs, modify, stats, status, submit, workers
 from banyan.cli.output import (
     Cell,
     LiveLine,
@@ -191,4 +191,12 @@ def test_many_words_are_set_aside_as_docopt_would_read_them(
 
     assert run(cancel.TOOL, cancel.USAGE, argv, body, many="TARGET") == 0
     assert seen["TARGET"] == targets and seen["--reason"] == reason
-    assert run(cancel.TOOL, cancel.USAGE, ["--json"], body, many="TARGET") == 2  # none given
+    assert cancel.main(["--json"]) == 2  # nothing named, no filter
+
+
+def test_no_line_of_prose_in_a_usage_reads_as_an_option() -> None:
+    """docopt takes any line that starts with a dash for an option's description, so a
+    sentence wrapped to begin with `--state` made --state a list."""
+    for tool in (cancel, keygen, logs, modify, stats, status, submit, workers):
+        prose = tool.USAGE.split("Options:")[0].split("\n\n", 2)[-1]
+        assert not [line for line in prose.splitlines() if line.lstrip().startswith("-")], tool

@@ -787,10 +787,11 @@ class WriteTx(ReadTx):
         key = _U64.pack(group.id)
         names = self._db.group_names
         raw = self._txn.get(key, db=self._db.groups)
-        old_name = None if raw is None else _unpack(raw)[1]
+        old_name: str | None = None if raw is None else _unpack(raw)[1]
         if old_name is not None and old_name != group.name:
-            if self._txn.get(_text_key(old_name), db=names) == key:
-                self._txn.delete(_text_key(old_name), db=names)
+            old_key = _text_key(old_name)
+            if self._txn.get(old_key, db=names) == key:
+                self._txn.delete(old_key, db=names)
         self._txn.put(key, self._batch.pack(group.pack()), db=self._db.groups)
         if old_name != group.name:  # a member's end rewrites its groups: leave names be
             self._txn.put(_text_key(group.name), key, db=names)

@@ -1,25 +1,38 @@
-"""banyan-cancel: cancel jobs and groups; what has already ended counts as done (SPEC §8)."""
+"""banyan-cancel: cancel jobs, groups, or whatever a selector matches (SPEC §8).
+
+What has already ended counts as done. Ranges and filters go to the broker as one selector, so
+cancelling 100,000 jobs is one small request.
+"""
 
 from __future__ import annotations
 
 import sys
 
 from banyan.cli import EXIT_OK
-from banyan.cli.output import CONNECT_OPTIONS, Args, connect, print_json, run
+from banyan.cli.output import CONNECT_OPTIONS, Args, UsageError, connect, print_json, run
+from banyan.cli.targets import Targets, ids_text
 
 TOOL = "banyan-cancel"
 USAGE = (
-    """banyan-cancel: cancel jobs, or every unfinished job of a group.
+    """banyan-cancel: cancel jobs, groups, or every unfinished job a filter matches.
 
 Usage:
-  banyan-cancel [options] TARGET...
+  banyan-cancel [options] [TARGET...]
 
-A TARGET that is a number is a job id; anything else is a group name. Queued and held jobs
-are cancelled at once; running ones get SIGTERM, then SIGKILL after their grace period.
-Everything that depends on a cancelled job is cancelled too.
+A TARGET is a job id (12), a range of ids (100-2000) or a group name; the jobs of an
+array are the group array-ID, ID being the array's first job. Named jobs and groups must
+exist and be yours (an admin may cancel anyone's). A range, and the filters below, select
+unfinished jobs: your own, or an admin's pick of anyone's. Filters narrow the ranges given,
+or stand alone; --group G alone cancels group G. Queued and held jobs are cancelled at once;
+running ones get SIGTERM, then SIGKILL after their grace period. Everything that depends on
+a cancelled job is cancelled too.
 
 Options:
   --reason TEXT         Why, recorded with the jobs and shown by banyan-status.
+  --user U              Only U's jobs.
+  --state S             Only jobs in state S (default: every unfinished one).
+  --name GLOB           Only jobs whose name (the command, if unnamed) matches GLOB.
+  --group G             Only the members of group G.
 """
     + CONNECT_OPTIONS
 )
@@ -30,11 +43,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cancel(args: Args) -> int:
-    targets: list[str] = args["TARGET"]
-    jobs = [int(t) for t in targets if t.isdigit()]
-    groups = [t for t in targets if not t.isdigit()]
+    targets = Targets.parse(args["TARGET"], args, name_option="--name")
+    if targets.empty:
+        raise UsageError("nothing to cancel: give job ids, ranges, groups or a filter")
     with connect(args) as client:
-        done = client.cancel(jobs, groups, reason=args["--reason"])
+        done = client.cancel(
+            targets.ids, targets.groups, reason=args["--reason"], select=targets.select
+        )
     if args["--json"]:
         print_json({"cancelled": done.cancelled, "pending": done.pending, "already": done.already})
         return EXIT_OK
@@ -44,15 +59,10 @@ def cancel(args: Args) -> int:
         (done.already, "already over"),
     ):
         if ids:
-            print(f"{what}: {_ids(ids)}")
+            print(f"{what}: {ids_text(ids)}")
     if not (done.cancelled or done.pending or done.already):
-        print("nothing to cancel: the groups have no members")
+        print("nothing to cancel: nothing matched")
     return EXIT_OK
-
-
-def _ids(ids: list[int]) -> str:
-    shown = " ".join(map(str, ids[:20]))
-    return shown + (f" … ({len(ids)} in all)" if len(ids) > 20 else "")
 
 
 if __name__ == "__main__":

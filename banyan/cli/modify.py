@@ -1,4 +1,8 @@
-"""banyan-modify: change a job that has not started, hold it or release it (SPEC §2, §3)."""
+"""banyan-modify: change jobs that have not started, hold them or release them (SPEC §2, §3).
+
+One job id gets the broker's strict answer (the job in full, or why it may not change); ranges,
+several ids and filters become one `modify_many`, which changes every job it may and says
+which it skipped and why."""
 
 from __future__ import annotations
 
@@ -11,10 +15,12 @@ from banyan.cli.output import (
     UsageError,
     connect,
     dependencies,
+    plural,
     print_json,
     run,
 )
 from banyan.cli.submit import job_fields
+from banyan.cli.targets import Targets, ids_text
 
 TOOL = "banyan-modify"
 USAGE = (
@@ -22,11 +28,16 @@ USAGE = (
 
 Usage:
   banyan-modify [options] [--tag T]... [--env K=V]... [--after IDS]... [--after-any IDS]...
-                [--after-fail IDS]... ID
+                [--after-fail IDS]... [TARGET...]
 
-Most fields can change only while the job is held (inactive); the priority also while it is
-queued (available). Tags, env and dependencies replace the job's whole list. Values take the
-forms banyan-submit takes.
+A TARGET is a job id (12) or a range of ids (100-2000). Most fields can change only while a
+job is held (inactive); the priority also while it is queued (available). Tags, env and
+dependencies replace the job's whole list. Values take the forms banyan-submit takes.
+
+One ID is changed or refused as a whole. With several, a range or a filter, every job it may
+change is changed in one step and the others are listed as skipped, with the reason. A range
+or a filter means your own held and queued jobs (an admin's pick of anyone's), unless a state
+is given.
 
 Options:
   --hold                Hold a queued job: it will not start until released.
@@ -47,27 +58,35 @@ Options:
   --after IDS           Dependencies (replace them all): run after these succeed.
   --after-any IDS       Run after these end, whatever the outcome.
   --after-fail IDS      Run only if these end without success.
+  --user U              Only U's jobs.
+  --state S             Only jobs in state S (default: inactive and available).
+  --named GLOB          Only jobs whose name (the command, if unnamed) matches GLOB.
+  --group G             Only the members of group G (an array's is array-ID).
 """
     + CONNECT_OPTIONS
 )
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(TOOL, USAGE, argv, modify)
+    return run(TOOL, USAGE, argv, modify, many="TARGET")
 
 
 def modify(args: Args) -> int:
-    if not args["ID"].isdigit():
-        raise UsageError(f"expected a job id, got {args['ID']!r}")
+    targets = Targets.parse(args["TARGET"], args, name_option="--named", whole_groups=False)
+    if targets.empty:
+        raise UsageError("nothing to modify: give job ids, ranges or a filter")
     if args["--hold"] and args["--release"]:
         raise UsageError("--hold and --release exclude each other")
     changes = job_fields(args)
     if not changes and not args["--hold"] and not args["--release"]:
         raise UsageError("nothing to change: give --priority, --hold, --release, ...")
+    hold, release = args["--hold"], args["--release"]
+    if len(targets.ids) != 1 or targets.select is not None:
+        with connect(args) as client:
+            done = client.modify_many(targets.ids, targets.select, hold, release, **changes)
+        return _many(done.modified, done.skipped, args["--json"])
     with connect(args) as client:
-        job = client.modify(
-            int(args["ID"]), hold=args["--hold"], release=args["--release"], **changes
-        )
+        job = client.modify(targets.ids[0], hold=hold, release=release, **changes)
     if args["--json"]:
         print_json({"job": job.raw})
         return EXIT_OK
@@ -75,6 +94,23 @@ def modify(args: Args) -> int:
     what += ["held"] * args["--hold"] + ["released"] * args["--release"]
     print(f"job {job.id} ({job.state}): {', '.join(what)}")
     return EXIT_OK
+
+
+def _many(modified: list[int], skipped: list[tuple[int, str]], as_json: bool) -> int:
+    if as_json:
+        print_json({"modified": modified, "skipped": [list(s) for s in skipped]})
+        return EXIT_OK
+    print(
+        f"modified {plural(len(modified), 'job')}" + (f": {ids_text(modified)}" if modified else "")
+    )
+    for job_id, why in skipped[:SKIPS_SHOWN]:
+        print(f"skipped {job_id}: {why}")
+    if len(skipped) > SKIPS_SHOWN:
+        print(f"skipped {len(skipped) - SKIPS_SHOWN} more (--json lists them all)")
+    return EXIT_OK
+
+
+SKIPS_SHOWN = 10
 
 
 def _show(value: object) -> str:
