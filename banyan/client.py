@@ -82,7 +82,11 @@ class JobInfo:
 class Status:
     jobs: list[JobInfo]
     groups: list[dict[str, Any]]
-    truncated: bool
+    truncated: bool  # more match than `jobs` holds
+    next: int | None = None  # the cursor of the page after this one (newest first)
+    counts: dict[str, int] = field(default_factory=dict)  # every match by state, not the shown
+    matched: int | None = None  # all of them (None when jobs were named by id)
+    exact: bool = True  # False: counting stopped at the broker's bound; counts are a floor
 
 
 @dataclass(frozen=True)
@@ -324,19 +328,46 @@ class Client:
         all: bool = False,
         detail: bool = False,
         limit: int | None = None,
+        name: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        cursor: int | None = None,
     ) -> Status:
-        body: dict[str, Any] = {
-            "jobs": list(jobs),
-            "group": group,
-            "state": state,
-            "owner": owner,
-            "all": all,
-            "detail": detail,
-        }
-        if limit is not None:
-            body["limit"] = limit
-        reply = self.request("status", body)
-        return Status([JobInfo.of(j) for j in reply["jobs"]], reply["groups"], reply["truncated"])
+        """The named jobs, in that order; or without `jobs`, the newest `limit` (default
+        1,000) jobs that match: active ones, or with `all` every one, or those in `state`,
+        `owner`'s, in `group`, named like the glob `name`, submitted in [since, until) (Unix
+        times), below `cursor` (a previous page's `next`). The broker answers a page at a
+        time; this asks for as many pages as `limit` takes."""
+        body: dict[str, Any] = {"group": group, "state": state, "owner": owner, "all": all}
+        body |= {"detail": detail, "name": name, "since": since, "until": until}
+        want = limit or defaults.STATUS_LIMIT
+        page = defaults.STATUS_PAGE
+        if jobs:
+            ids = list(jobs)[:want]
+            rows = []
+            for i in range(0, len(ids), page):
+                reply = self.request("status", body | {"jobs": ids[i : i + page]})
+                rows += reply["jobs"]
+            return Status([JobInfo.of(j) for j in rows], [], len(jobs) > want)
+        rows, first = [], None
+        while True:
+            reply = self.request(
+                "status", body | {"limit": min(page, want - len(rows))} | {"cursor": cursor}
+            )
+            first = first or reply
+            rows += reply["jobs"]
+            cursor = reply.get("next")
+            if cursor is None or len(rows) >= want:
+                break
+        return Status(
+            [JobInfo.of(j) for j in rows],
+            first["groups"],
+            cursor is not None,
+            cursor,
+            dict(first.get("counts") or {}),
+            first.get("matched"),
+            bool(first.get("exact", True)),
+        )
 
     def job(self, job: int) -> JobInfo:
         """One job in full detail (attempt history, output tail, usage)."""

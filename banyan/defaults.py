@@ -47,7 +47,15 @@ OUTPUT_TAIL_BYTES = 4096  # the tail of stdout/stderr sent with a result
 PROGRESS_MESSAGE_MAX = 1024
 # Id ranges in one selector (`banyan-cancel 1-9 20-29 ...`): each is one index walk.
 MAX_SELECT_RANGES = 1000
-STATUS_LIMIT = 1000  # rows per status reply unless the client asks for fewer/more
+STATUS_LIMIT = 1000  # rows per status reply unless the client asks for fewer
+# A status reply holds at most this many jobs (about 30 ms of the broker's loop); clients page
+# with its `next` cursor for more.
+STATUS_PAGE = 1000
+# Jobs a status page reads and passes over (a name glob, or a filter its index cannot apply)
+# before it ends early with a cursor, and index keys it counts matches by: with STATUS_PAGE,
+# what keeps one status request near a tenth of a second however big the history.
+STATUS_SCAN = 20_000
+STATUS_COUNT_KEYS = 100_000
 EVENTS_LIMIT = 10_000
 # How far down the eligible index one claim looks for a job that fits before giving up for now.
 CLAIM_SCAN_LIMIT = 4096

@@ -50,6 +50,7 @@ __all__ = [
     "MAX_REASON",
     "MAX_SIGNAL",
     "MAX_TAG",
+    "MAX_TIME",
     "MAX_TIME_LIMIT",
     "PROTOCOL_VERSION",
     "UNSUPPORTED_VERSION",
@@ -83,6 +84,7 @@ MAX_MEMORY: Final = 1 << 40  # MiB
 MAX_GPUS: Final = 1024
 MAX_ATTEMPTS_LIMIT: Final = 1000
 MAX_TIME_LIMIT: Final = 1e9
+MAX_TIME: Final = 1e11  # a Unix time: year 5138
 MAX_CANCEL_GRACE: Final = 86_400.0
 MAX_REASON: Final = 1024
 MAX_TAG: Final = 64
@@ -949,6 +951,10 @@ _CLIENT_REQUEST_SCHEMAS: Final[dict[str, Check]] = {
             "all": (_bool, False),
             "limit": (_int(1, defaults.MAX_JOBS_PER_SUBMIT), defaults.STATUS_LIMIT),
             "detail": (_bool, False),
+            "name": (_nullable(_NAME), None),
+            "since": (_num(0.0, MAX_TIME, null=True), None),
+            "until": (_num(0.0, MAX_TIME, null=True), None),
+            "cursor": (_nullable(_ID), None),
         }
     ),
     "wait": _record(
@@ -1023,6 +1029,10 @@ _CLIENT_REPLY_SCHEMAS: Final[dict[str, Check]] = {
             "jobs": (_FREE_LIST, _REQUIRED),
             "groups": (_FREE_LIST, _REQUIRED),
             "truncated": (_bool, _REQUIRED),
+            "next": (_nullable(_ANY_INT), None),
+            "counts": (_map(_str(0, _BIG), _ANY_INT, _BIG), {}),
+            "matched": (_nullable(_ANY_INT), None),
+            "exact": (_bool, True),
         }
     ),
     "waited": _record({"jobs": (_FREE_LIST, _REQUIRED), "timed_out": (_bool, _REQUIRED)}),

@@ -219,3 +219,53 @@ def test_cancel_and_modify_take_ranges_and_filters(
     assert code == 2
     code, _ = run("cancel", "--user", "nobody", "some-group")
     assert code == 2
+
+
+# ---- history, like sacct ----------------------------------------------------------------------
+
+
+def test_status_after_5000_jobs_shows_the_newest_and_counts_them_all(
+    cluster: Cluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client = cluster.client()
+    ids = client.submit("true", array="1-4000", hold=True).jobs
+    ids += client.submit("true", array="1-1000", name="late-{}").jobs
+    capsys.readouterr()
+    assert status.main(["--broker", f"127.0.0.1:{cluster.client_port}", "--limit", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [int(line.split()[0]) for line in lines[1:4]] == ids[:-4:-1]
+    assert lines[-1] == (
+        "5000 jobs: 4000 inactive, 1000 available; the newest 3 shown (--limit N for more)"
+    )
+    run = _cli(cluster, capsys)
+    code, page = run("status", "--limit", "2", "--user", "root", "--state", "available")
+    assert code == 0 and [j["id"] for j in page["jobs"]] == ids[:-3:-1]
+    assert (page["counts"], page["matched"], page["exact"]) == ({"available": 1000}, 1000, True)
+    code, more = run(
+        "status", "--limit", "3", "--cursor", str(page["next"]), "--state", "available"
+    )
+    assert [j["id"] for j in more["jobs"]] == ids[-3:-6:-1] and more["next"] == ids[-5]
+    code, named = run("status", "--all", "--name", "late-99*", "--limit", "1000")
+    ks = [*range(999, 989, -1), 99]  # late-999 .. late-990 and late-99, newest first
+    assert [j["id"] for j in named["jobs"]] == [ids[4000 + k - 1] for k in ks]
+    assert named["matched"] == 11 and named["next"] is None
+
+
+def test_status_since_and_until_cut_by_submission_time(
+    cluster: Cluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client = cluster.client()
+    early = client.submit("true", array="1-300", hold=True).jobs
+    late = client.submit("true", array="1-200", hold=True).jobs
+    edge = client.status([late[0]]).jobs[0].raw["submitted"]
+    assert client.status([early[-1]]).jobs[0].raw["submitted"] < edge
+    run = _cli(cluster, capsys)
+    code, page = run("status", "--since", f"@{edge}", "--limit", "1000")
+    assert code == 0 and [j["id"] for j in page["jobs"]] == late[::-1]
+    assert page["counts"] == {"inactive": 200} and page["exact"]
+    code, page = run("status", "--until", f"@{edge}", "--limit", "1000")
+    assert [j["id"] for j in page["jobs"]] == early[::-1] and page["matched"] == 300
+    code, page = run("status", "--since", "1h", "--until", f"@{edge}", "--limit", "5")
+    assert page["matched"] == 300 and len(page["jobs"]) == 5
+    code, _ = run("status", "--since", "yesterday-ish")
+    assert code == 2

@@ -11,9 +11,11 @@ from typing import Any
 
 import pytest
 
-from banyan.broker import bulk
+from banyan import defaults
+from banyan.broker import bulk, history
 from banyan.broker.selectors import ALL, Selector
 from banyan.broker.state import Actor, Core
+from banyan.broker.store import ReadTx
 from banyan.errors import BadRequest, Forbidden, NotFound
 from tests.statekit import ALICE, BOB, ROOT, Harness, after, spec
 
@@ -223,3 +225,44 @@ def test_array_group_names_are_kept_for_arrays(h: Harness) -> None:
     with pytest.raises(BadRequest, match="kept for arrays"):
         h.submit(spec(groups=["array-7"]), groups=[{"name": "array-7"}])
     h.submit(spec(groups=["array-x"]), groups=[{"name": "array-x"}])  # not that form: fine
+
+
+# ---- a status page costs a bounded number of reads ------------------------------------------
+
+
+def test_a_status_page_reads_a_bounded_number_of_jobs(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(defaults, "STATUS_SCAN", 50)
+    monkeypatch.setattr(defaults, "STATUS_COUNT_KEYS", 60)
+    (needle,) = h.submit(spec(name="needle"))
+    hay = h.submit(*(spec(name="hay") for _ in range(200)))
+    reads = 0
+    get_job = ReadTx.get_job
+
+    def counted(self: ReadTx, job_id: int) -> Any:
+        nonlocal reads
+        reads += 1
+        return get_job(self, job_id)
+
+    monkeypatch.setattr(ReadTx, "get_job", counted)
+    with h.store.read() as tx:
+        found: list[int] = []
+        cursor = None
+        pages = 0
+        for _ in range(100):
+            pages += 1
+            reads = 0
+            body = {"all": True, "name": "needle", "limit": 10, "cursor": cursor}
+            page = history.page(tx, body, [])
+            assert reads <= 2 * 50 + 1  # the page's walk, then the counting walk
+            found += [j["id"] for j in page["jobs"]]
+            cursor = page["next"]
+            if cursor is None:
+                break
+        assert found == [needle] and pages == 5
+        assert not page["exact"] and page["matched"] < 201  # counting stopped at its bound
+        window = {"all": True, "limit": 1, "until": 1e10}  # a window: counted key by key
+        assert history.page(tx, window, [])["exact"] is False
+        assert history.page(tx, {"all": True, "limit": 1}, [])["counts"] == {"available": 201}
+    assert len(hay) == 200

@@ -7,23 +7,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 from typing import Any
 
 from banyan import defaults
-from banyan.broker import stats, views
-from banyan.broker.records import JobState, Tx
+from banyan.broker import history, stats, views
+from banyan.broker.records import Tx
+from banyan.broker.selectors import TERMINAL
 from banyan.broker.state import Actor, Core
 from banyan.errors import BadRequest, NotFound
-
-ACTIVE = (
-    JobState.INACTIVE.value,
-    JobState.AVAILABLE.value,
-    JobState.RUNNING.value,
-    JobState.PENDING_CANCELLATION.value,
-)
-TERMINAL = (JobState.TERMINATED.value, JobState.CANCELLED.value)
-ALL = (*ACTIVE, *TERMINAL)
 
 REPLY = {
     "ping": "pong",
@@ -76,50 +67,22 @@ def workers(tx: Tx, last_seen: dict[str, float]) -> list[dict[str, Any]]:
 
 
 def status(tx: Tx, body: dict[str, Any]) -> dict[str, Any]:
-    limit = body.get("limit") or defaults.STATUS_LIMIT
-    ids: Iterable[int]
-    groups = []
-    if body.get("jobs"):
-        ids = body["jobs"]
-        for job_id in ids:
-            if tx.get_job(job_id) is None:
-                raise NotFound(f"no job {job_id}")
-    elif body.get("group") is not None:
-        ref = body["group"]
-        group = tx.get_group(ref) if isinstance(ref, int) else tx.group_by_name(ref)
-        if group is None:
-            raise NotFound(f"no group {ref!r}")
-        groups.append(views.group_info(tx, group))
-        ids = tx.group_members(group.id)
-    else:
-        state = body.get("state")
-        if state is not None and state not in ALL:
-            raise BadRequest(f"state: must be one of {', '.join(ALL)}, got {state!r}")
-        states = (state,) if state else ALL if body.get("all") else ACTIVE
-        ids = _merged(tx, states)
+    """Named jobs in the order asked (at most a page of them), or a page of the queue or of
+    history (history.page)."""
     live = list(tx.workers())
-    owner = body.get("owner")
-    state_filter = body.get("state")
+    if not body.get("jobs"):
+        return history.page(tx, body, live)
+    limit = min(body.get("limit") or defaults.STATUS_LIMIT, defaults.STATUS_PAGE)
+    ids = body["jobs"][:limit]
     out: list[dict[str, Any]] = []
-    truncated = False
     for job_id in ids:
         job = tx.get_job(job_id)
-        if job is None or (owner and job.owner != owner):
+        if job is None:
+            raise NotFound(f"no job {job_id}")
+        if body.get("owner") not in (None, job.owner) or body.get("state") not in (None, job.state):
             continue
-        if state_filter and job.state != state_filter:
-            continue
-        if len(out) >= limit:
-            truncated = True
-            break
         out.append(views.job_info(tx, job, live, detail=bool(body.get("detail"))))
-    return {"jobs": out, "groups": groups, "truncated": truncated}
-
-
-def _merged(tx: Tx, states: Iterable[str]) -> list[int]:
-    ids: list[int] = []
-    for state in states:
-        ids += tx.jobs_in_state(state)
-    return sorted(ids)
+    return {"jobs": out, "groups": [], "truncated": len(body["jobs"]) > limit}
 
 
 def wait(tx: Tx, body: dict[str, Any]) -> dict[str, Any]:

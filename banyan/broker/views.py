@@ -129,11 +129,7 @@ def _group_name(tx: Tx, gid: int) -> str:
 
 
 def group_info(tx: Tx, group: Group) -> dict[str, Any]:
-    counts: dict[str, int] = {}
-    for job_id in tx.group_members(group.id):
-        job = tx.get_job(job_id)
-        if job is not None:
-            counts[job.state] = counts.get(job.state, 0) + 1
+    counts = {state: n for state, n in tx.group_counts(group.id).items() if n}
     return {
         "id": group.id,
         "name": group.name,

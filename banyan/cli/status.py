@@ -1,7 +1,9 @@
-"""banyan-status: the queue as a table (like squeue), or one job in full detail."""
+"""banyan-status: the queue (like squeue) or its history (like sacct), newest first, or one job
+in full detail."""
 
 from __future__ import annotations
 
+import datetime
 import sys
 import time
 from typing import Any
@@ -22,6 +24,7 @@ from banyan.cli.output import (
     job_color,
     mib,
     number,
+    parse_duration,
     plural,
     print_json,
     run,
@@ -39,17 +42,25 @@ USAGE = (
 Usage:
   banyan-status [options] [ID...]
 
-With no ID it lists the active jobs (held, queued, running, being cancelled), oldest first,
-with the reason each waiting job waits. With IDs it shows each job in full: its attempts,
-worker, progress, usage, exit and the tail of its output.
+With no ID it lists the active jobs (held, queued, running, being cancelled), newest first,
+with the reason each waiting job waits; the last line counts every job that matched, shown
+or not. With IDs it shows each job in full: its attempts, worker, progress, usage, exit and
+the tail of its output.
 
 Options:
-  --group G             Every job of group G, with the group's summary.
+  --group G             Every job of group G, with the group's summary (an array's group
+                        is array-ID, ID being its first job).
   --state S             Only jobs in state S: inactive, available, running,
                         pending_cancellation, terminated or cancelled.
   --user U              Only jobs submitted by U.
+  --name GLOB           Only jobs whose name (the command, if unnamed) matches GLOB.
   -a --all              Ended jobs too.
-  --limit N             Show at most N jobs [default: 1000].
+  --since WHEN          Only jobs submitted at or after WHEN: a date and time such as
+                        2024-06-01 or 2024-06-01T13:30 (local time), @UNIXTIME, or a
+                        duration ago such as 2h or 3d.
+  --until WHEN          Only jobs submitted before WHEN.
+  --limit N             Show at most N jobs, the newest [default: 1000].
+  --cursor C            Go on from a previous --json page: its "next".
   -w --watch            Redraw until Ctrl-C.
   --interval SECONDS    Time between redraws with --watch [default: 2].
   --count N             With --watch, stop after N redraws.
@@ -71,6 +82,12 @@ def status(args: Args) -> int:
     for ref in args["ID"]:
         if not ref.isdigit():
             raise UsageError(f"expected job ids, got {ref!r} (use --group for a group)")
+    now = time.time()
+    args["since"] = when(args["--since"], "--since", now)
+    args["until"] = when(args["--until"], "--until", now)
+    args["cursor"] = (
+        number(args["--cursor"], "--cursor", minimum=1, integer=True) if args["--cursor"] else None
+    )
     limit = number(args["--limit"], "--limit", minimum=1, integer=True)
     interval = number(args["--interval"], "--interval", minimum=MIN_INTERVAL)
     if interval > MAX_INTERVAL:
@@ -83,6 +100,25 @@ def status(args: Args) -> int:
         return watch(client, args, limit, interval, count)
 
 
+def when(text: str | None, option: str, now: float) -> float | None:
+    """A time from `2024-06-01`, `2024-06-01T13:30` (local), `@1717200000`, or `2h` (ago)."""
+    if text is None:
+        return None
+    if text.startswith("@"):
+        return float(number(text[1:], option))
+    try:
+        return datetime.datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        pass
+    try:
+        return now - parse_duration(text, option)
+    except UsageError:
+        raise UsageError(
+            f"{option}: expected a date (2024-06-01T13:30), @UNIXTIME or a duration ago "
+            f"(2h), got {text!r}"
+        ) from None
+
+
 def fetch(client: Client, args: Args, limit: int) -> Status:
     return client.status(
         [int(i) for i in args["ID"]],
@@ -92,14 +128,21 @@ def fetch(client: Client, args: Args, limit: int) -> Status:
         all=args["--all"],
         detail=bool(args["ID"]),
         limit=limit,
+        name=args["--name"],
+        since=args["since"],
+        until=args["until"],
+        cursor=args["cursor"],
     )
 
 
 def show(st: Status, args: Args) -> None:
     if args["--json"]:
-        print_json(
-            {"jobs": [j.raw for j in st.jobs], "groups": st.groups, "truncated": st.truncated}
-        )
+        out: dict[str, Any] = {"jobs": [j.raw for j in st.jobs], "groups": st.groups}
+        out["truncated"] = st.truncated
+        if not args["ID"]:
+            out |= {"next": st.next, "counts": st.counts, "matched": st.matched}
+            out["exact"] = st.exact
+        print_json(out)
     else:
         sys.stdout.write(render(st, args, use_color(sys.stdout)) + "\n")
     sys.stdout.flush()
@@ -140,19 +183,31 @@ def render(st: Status, args: Args, color: bool) -> str:
         return "\n\n".join(detail(j.raw, color) for j in st.jobs)
     out = [group_line(g) for g in st.groups]
     if not st.jobs:
-        what = "jobs" if args["--all"] or args["--state"] or args["--group"] else "active jobs"
+        filtered = any(args[o] for o in ("--all", "--state", "--group", "--name", "--since"))
+        what = "jobs" if filtered or args["--until"] else "active jobs"
         out.append(f"no {what}" + ("" if args["--all"] else " (--all shows ended ones)"))
         return "\n".join(out)
     now = time.time()
     rows = [row(j.raw, now) for j in st.jobs]
     out.append(table(HEADERS, rows, color))
-    counts: dict[str, int] = {}
-    for j in st.jobs:
-        counts[j.state] = counts.get(j.state, 0) + 1
-    tally = ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-    more = f"; more not shown (--limit {len(st.jobs)})" if st.truncated else ""
-    out.append(f"{plural(len(st.jobs), 'job')}: {tally}{more}")
+    out.append(summary(st))
     return "\n".join(out)
+
+
+def summary(st: Status) -> str:
+    """Every job that matched, by state; how many of them are shown."""
+    counts = st.counts
+    total = st.matched
+    if total is None:  # jobs named by id: what is shown is what matched
+        counts = {}
+        for j in st.jobs:
+            counts[j.state] = counts.get(j.state, 0) + 1
+        total = len(st.jobs)
+    tally = ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    text = ("at least " if not st.exact else "") + f"{plural(total, 'job')}: {tally}"
+    if len(st.jobs) < total or st.truncated:
+        text += f"; the newest {len(st.jobs)} shown (--limit N for more)"
+    return text
 
 
 HEADERS = ("ID", "NAME", "USER", "STATE", "ATTEMPT", "WORKER", "PROGRESS", "TIME", "REASON")
