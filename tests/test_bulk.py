@@ -113,8 +113,10 @@ def _group_of(client: Client, n: int, name: str = "g") -> list[int]:
 
 def test_a_100000_job_cancel_keeps_the_broker_answering(cluster: Cluster) -> None:
     """The cancel is done a slice a turn: a client pinging every 50 ms meanwhile is answered
-    within 200 ms each time (it blocked the broker for 40 s)."""
+    within 200 ms each time (it blocked the broker for 40 s). A status asked meanwhile waits
+    for the cancel to end, and sees it whole."""
     ids = _group_of(cluster.client(), 100_000)
+    head = cluster.client().events_head()
     latencies: list[float] = []
     stop = threading.Event()
 
@@ -133,12 +135,19 @@ def test_a_100000_job_cancel_keeps_the_broker_answering(cluster: Cluster) -> Non
     try:
         wait_for(lambda: latencies, what="the first ping")
         started = time.monotonic()
-        done = cluster.client(timeout=10).cancel(groups=["g"])
+        canceller = cluster.client(timeout=10)
+        canceller.sock.send(protocol.encode("cancel", {"groups": ["g"]}, 7))
+        watcher = cluster.client()
+        assert 0 < len(wait_for(lambda: _cancelled_since(watcher, head))) < len(ids)
+        seen = cluster.client(timeout=60).status(group="g", limit=1).groups[0]["counts"]
+        assert canceller.sock.poll(int(scaled(60) * 1000)), "no reply to the cancel"
+        done = protocol.decode(canceller.sock.recv(), protocol.CLIENT_REPLIES).body
         took = time.monotonic() - started
     finally:
         stop.set()
         thread.join(timeout=scaled(10))
-    assert sorted(done.cancelled) == ids
+    assert seen == {"cancelled": len(ids)}
+    assert sorted(done["cancelled"]) == ids
     assert len(latencies) >= took / 0.25, "the pinger stalled"
     assert max(latencies) < scaled(0.2), f"slowest ping {max(latencies):.3f} s in {took:.1f} s"
 
