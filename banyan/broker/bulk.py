@@ -54,6 +54,7 @@ class Op:
     cursor: int = 0  # where in it: an index into `jobs`, or the last job id done
     opened: list[int] = field(default_factory=list)  # sealed groups that had been open
     _named: frozenset[int] | None = field(default=None, repr=False, compare=False)
+    _selector: Selector | None = field(default=None, repr=False, compare=False)
 
     def pack(self) -> list[Any]:
         return [
@@ -71,7 +72,9 @@ class Op:
 
     @property
     def selector(self) -> Selector | None:
-        return None if self.select is None else Selector.unpack(self.select)
+        if self._selector is None and self.select is not None:
+            self._selector = Selector.unpack(self.select)
+        return self._selector
 
     def sources(self) -> list[tuple[str, int]]:
         """(kind, group id or 0) for each source, in the order they are walked."""

@@ -42,6 +42,8 @@ STARTS = frozenset({"cancel", "modify_many"})
 SLICE_SECONDS = 0.04
 # Jobs per step between looks at the clock: a cancel costs about 30 µs a job.
 STEP_JOBS = 128
+# After a slice finds the store full, the next is tried this much later (not in a busy loop).
+STALL_SECONDS = 1.0
 # Requests kept waiting at most; past this a parked kind of request is refused as unavailable
 # until the operation ends (each client may have only 64 in flight; this bounds them all).
 MAX_PARKED = 10_000
@@ -79,21 +81,29 @@ class Staged:
     ended: bool = False  # the one running at the start of the turn ended
     parked: list[Inbound] = field(default_factory=list)
 
+    def copy(self) -> Staged:
+        return Staged(self.head, self.ended, list(self.parked))
+
 
 class LongOps:
     def __init__(self) -> None:
         self.queue: list[Running] = []  # the first runs; any others were recovered and wait
         self.parked: list[Inbound] = []
+        self.resume_at = 0.0  # after a slice found the store full: no slice before this
+
+    def ready(self, now: float) -> bool:
+        """Whether an operation is due a slice now."""
+        return bool(self.queue) and now >= self.resume_at
+
+    def stall(self, now: float) -> None:
+        """A slice could not commit (the store is full): try again in a while, not at once."""
+        self.resume_at = now + STALL_SECONDS
 
     def recover(self, rows: list[list[Any]]) -> None:
         """Operations a previous broker left unfinished, to be finished first."""
         self.queue = [Running(bulk.Op.unpack(row), None, 0) for row in rows]
         for run in self.queue:
             log.info("resuming %s operation %d of %s", run.op.kind, run.op.id, run.op.actor)
-
-    @property
-    def busy(self) -> bool:
-        return bool(self.queue)
 
     def current(self, staged: Staged) -> Running | None:
         """The running operation as of this point of the turn."""
@@ -144,7 +154,8 @@ class LongOps:
         before = self.current(staged)
         if before is None:
             return None, []
-        run = replace(before, op=replace(before.op), seen=set(before.seen))
+        op = replace(before.op, opened=list(before.op.opened))  # _seal appends to it
+        run = replace(before, op=op, seen=set(before.seen))
         run.lists = {k: list(v) for k, v in before.lists.items()}
         try:
             with tx.child() as child:

@@ -116,7 +116,6 @@ class Turn:
         self.waiters += other.waiters
         self.fetches += other.fetches
         self.deferred += other.deferred
-        self.ops.parked += other.ops.parked
 
 
 @dataclass
@@ -241,7 +240,7 @@ class Broker:
         self.close()
 
     def _poll_timeout(self) -> float:
-        if self.backlog or self.longops.busy:
+        if self.backlog or self.longops.ready(self.clock()):
             return 0.0
         return max(0.0, min(self.next_heartbeat - self.clock(), self.config.core.heartbeat))
 
@@ -269,7 +268,7 @@ class Broker:
         due = self._due_waiters(now)
         if inbox or lost or due or pull:
             self._turn(inbox, lost, due, now, pull)
-        if self.longops.busy:
+        if self.longops.ready(now):
             # A transaction of its own, after the messages' turn has answered them: a request
             # that came in meanwhile waits for one slice, not for a slice and a turn.
             self._turn([], [], [], now, False, slices=True)
@@ -293,6 +292,8 @@ class Broker:
             )
         except StoreFull as e:
             log.error("store full: %s; applying this turn's %d messages one by one", e, len(inbox))
+            if slices:
+                self.longops.stall(now)
             turn, lost = self._one_by_one(inbox, lost, due, now)
         for name in lost:
             self.sessions.pop(name, None)
@@ -309,13 +310,16 @@ class Broker:
         parts: list[tuple[list[Inbound], list[str], list[Waiter]]] = [([], [], due)]
         parts += [([m], [], []) for m in inbox] + [([], [n], []) for n in lost]
         for msgs, names, waiters in parts:
-            apply = functools.partial(self._apply, inbox=msgs, lost=names, due=waiters, now=now)
+            apply = functools.partial(
+                self._apply, inbox=msgs, lost=names, due=waiters, now=now, ops=turn.ops
+            )
             try:
                 part = self.store.write_batch(apply)
             except StoreFull as e:
                 part = self._refuse_all(msgs, NoSpace(f"no space left in the broker's store: {e}"))
             else:
                 recorded += names
+                turn.ops = part.ops  # what the parts did to long operations adds up
             turn.merge(part)
         return turn, recorded
 
@@ -328,12 +332,14 @@ class Broker:
         now: float,
         pull: bool = False,
         slices: bool = False,
+        ops: longops.Staged | None = None,
     ) -> Turn:
         """Apply a turn's messages in one transaction. With `pull`, more client requests are
         taken from the socket while the budget lasts; they join `inbox`, so a run again after
         the map grew sees them too. Requests past the budget are left in `turn.deferred`. With
-        `slices`, the running long operation, if any, gets its slice of the turn."""
-        turn = Turn()
+        `slices`, the running long operation, if any, gets its slice of the turn; `ops` is what
+        earlier transactions of the same turn did to long operations (see _one_by_one)."""
+        turn = Turn(ops=longops.Staged() if ops is None else ops.copy())
         wake = served = False
         budget = time.monotonic() + TURN_BUDGET
         n = 0
