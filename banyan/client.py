@@ -26,6 +26,9 @@ from banyan.config import address, home
 from banyan.errors import BanyanError, from_wire
 from banyan.keys import Curve, peer
 
+# Requests that wait behind a long operation in the broker (its longops.PARKED) or are one.
+PATIENT = frozenset({"status", "wait", "cancel", "modify", "modify_many", "close_group", "stats"})
+
 
 class BrokerUnavailable(BanyanError):
     code = "unavailable"
@@ -200,7 +203,12 @@ class Client:
     # ---- transport --------------------------------------------------------------------------
 
     def request(self, kind: str, body: dict[str, Any], timeout: float | None = None) -> Any:
-        """Send one request and return the reply body; `timeout=None` uses the client's."""
+        """Send one request and return the reply body; `timeout=None` uses the client's.
+
+        A request the broker may hold back behind a long operation (PATIENT) is waited for
+        as long as the broker answers pings meanwhile."""
+        if kind in PATIENT and timeout is None:
+            return self._patiently(kind, body)
         req = next(self._reqs)
         self.sock.send(protocol.encode(kind, body, req))
         limit = self.timeout if timeout is None else timeout
@@ -269,7 +277,7 @@ class Client:
         while: the reply comes when all are done, and the client waits for it as long as the
         broker answers meanwhile."""
         body = {"jobs": list(jobs), "groups": list(groups), "reason": reason, "select": select}
-        reply = self._patiently("cancel", body)
+        reply = self.request("cancel", body)
         return Cancelled(reply["cancelled"], reply["pending"], reply["already"])
 
     @staticmethod
@@ -299,7 +307,7 @@ class Client:
         not allow the change is skipped, with the reason; all the rest change together."""
         body: dict[str, Any] = {"jobs": list(jobs), "select": select, "set": changes}
         body |= {"hold": hold, "release": release}
-        reply = self._patiently("modify_many", body)
+        reply = self.request("modify_many", body)
         return Modified(reply["modified"], [(j, why) for j, why in reply["skipped"]])
 
     def modify(
