@@ -12,6 +12,7 @@ within `timeout` raises `BrokerUnavailable`, never a hang.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections.abc import Sequence
@@ -412,7 +413,10 @@ class Client:
             if not self.sock.poll(int(self.timeout * 1000 / 2), zmq.POLLIN):
                 if not ping_req:
                     ping_req, ping_sent = next(self._reqs), now
-                    self.sock.send(protocol.encode("ping", {}, ping_req))
+                    # Not blocking: with no broker connected (say, the key was refused) a
+                    # DEALER's send waits for one; an unsent ping is just never answered.
+                    with contextlib.suppress(zmq.Again):
+                        self.sock.send(protocol.encode("ping", {}, ping_req), zmq.NOBLOCK)
                 continue
             msg = protocol.decode(self.sock.recv(), protocol.CLIENT_REPLIES)
             if msg.req == ping_req:
