@@ -2,11 +2,11 @@
 
 Filters (owner, states, a name glob, a group, a submission time window) become a `Selector`
 and an id window, walked by index from the newest job down, so a page costs what it shows
-plus what the filter passes over, never a scan of every job; past `STATUS_SCAN` jobs passed
-over, the page ends early and its cursor says where to go on. The reply counts every job the
-filter matches, by state: from the kept counts when the filter allows it, else by walking the
-indexes (key by key, or job by job for a name glob), up to a bound past which the counts are
-a floor and `exact` is false.
+plus what the filter passes over, never a scan of every job: after `STATUS_SCAN` jobs read,
+the page ends early and its cursor says where to go on. The reply counts every job the
+filter matches, by state: from the kept counters, or in a time window from the index keys;
+a filter no index answers (a name glob; a group with other filters) is counted by the first
+page as it walks, up to the same bound. Past a bound the counts are a floor (`exact` false).
 """
 
 from __future__ import annotations
@@ -27,32 +27,46 @@ def page(tx: Tx, body: dict[str, Any], workers: list[Worker]) -> dict[str, Any]:
     selector, groups = _selector(tx, body)
     lo, hi = _window(tx, body)
     limit = min(body.get("limit") or defaults.STATUS_LIMIT, defaults.STATUS_PAGE)
-    top = hi if body.get("cursor") is None else min(hi, body["cursor"] - 1)
+    first = body.get("cursor") is None
+    top = hi if first else min(hi, body["cursor"] - 1)
+    # With a filter no index or counter answers, the first page counts as it walks.
+    tally: dict[str, int] | None = None if _counted(selector, lo, hi) else {}
     rows: list[dict[str, Any]] = []
-    last = None  # the last id looked at
-    passed = 0
-    more = False
+    shown = seen = None  # the last id shown, and the last looked at
+    more = cut = False
+    read = 0
     for job_id in selector.ids(tx, lo, top, descending=True):
+        if read >= defaults.STATUS_SCAN:
+            cut = True
+            break
+        read += 1
+        seen = job_id
         job = tx.get_job(job_id)
         if job is None or not selector.matches(job):
-            passed += 1
-            if passed >= defaults.STATUS_SCAN:
-                last, more = job_id, True
-                break
             continue
-        if len(rows) >= limit:  # one more match exists: there is a next page
-            more = True
-            break
-        rows.append(views.job_info(tx, job, workers, detail=bool(body.get("detail"))))
-        last = job_id
-    counts, exact = _counts(tx, selector, lo, hi)
+        if len(rows) < limit:
+            rows.append(views.job_info(tx, job, workers, detail=bool(body.get("detail"))))
+            shown = job_id
+        else:
+            more = True  # a match past the page
+            if tally is None or not first:
+                break
+        if tally is not None:
+            tally[job.state] = tally.get(job.state, 0) + 1
+    if tally is None:
+        counts, exact = _counts(tx, selector, lo, hi)
+    elif first:
+        counts, exact = tally, not cut
+    else:
+        counts, exact = {}, False  # counted on the first page only
+    resume = shown if more or len(rows) == limit else seen
     return {
         "jobs": rows,
         "groups": groups,
-        "truncated": more,
-        "next": last if more else None,
+        "truncated": more or cut,
+        "next": resume if more or cut else None,
         "counts": counts,
-        "matched": sum(counts.values()),
+        "matched": sum(counts.values()) if first or tally is None else None,
         "exact": exact,
     }
 
@@ -84,10 +98,18 @@ def _window(tx: Tx, body: dict[str, Any]) -> tuple[int, int]:
     return lo, hi
 
 
+def _counted(selector: Selector, lo: int, hi: int) -> bool:
+    """Whether `_counts` can count the matches from counters or index keys alone: no name
+    glob, and no group but on its own over all time."""
+    if selector.name is not None:
+        return False
+    return selector.group is None or (selector.owner is None and lo <= 1 and hi >= MAX_ID)
+
+
 def _counts(tx: Tx, selector: Selector, lo: int, hi: int) -> tuple[dict[str, int], bool]:
-    """How many jobs match, by state; False when the walk stopped at its bound."""
-    whole = lo <= 1 and hi >= MAX_ID
-    if whole and selector.name is None and (selector.group is None or selector.owner is None):
+    """The matches by state, for a filter `_counted` allows: from the kept counters, or in
+    a time window key by key, a state at a time; False when the keys ran past their bound."""
+    if lo <= 1 and hi >= MAX_ID:
         if selector.group is not None:
             kept = tx.group_counts(selector.group)
         elif selector.owner is not None:
@@ -96,22 +118,11 @@ def _counts(tx: Tx, selector: Selector, lo: int, hi: int) -> tuple[dict[str, int
             kept = tx.state_counts()
         return {s: kept[s] for s in selector.states if kept[s]}, True
     counts: dict[str, int] = {}
-    if selector.name is None and selector.group is None:  # key by key, a state at a time
-        budget = defaults.STATUS_COUNT_KEYS
-        for state in selector.states:
-            one = Selector(owner=selector.owner, states=(state,))
-            for _ in one.ids(tx, lo, hi):
-                budget -= 1
-                if budget < 0:
-                    return counts, False
-                counts[state] = counts.get(state, 0) + 1
-        return counts, True
-    budget = defaults.STATUS_SCAN
-    for job_id in selector.ids(tx, lo, hi):
-        budget -= 1
-        if budget < 0:
-            return counts, False
-        job = tx.get_job(job_id)
-        if job is not None and selector.matches(job):
-            counts[job.state] = counts.get(job.state, 0) + 1
+    budget = defaults.STATUS_COUNT_KEYS
+    for state in selector.states:
+        for _ in Selector(owner=selector.owner, states=(state,)).ids(tx, lo, hi):
+            budget -= 1
+            if budget < 0:
+                return counts, False
+            counts[state] = counts.get(state, 0) + 1
     return counts, True

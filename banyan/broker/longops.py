@@ -39,7 +39,7 @@ PARKED = frozenset({"status", "wait", "cancel", "modify", "modify_many", "close_
 STARTS = frozenset({"cancel", "modify_many"})
 # Loop time per turn for the running operation: with the turn's other work and its commit,
 # a turn stays well inside the 100 ms the loop may be held (SPEC §6).
-SLICE_SECONDS = 0.04
+SLICE_SECONDS = 0.025
 # Jobs per step between looks at the clock: a cancel costs about 30 µs a job.
 STEP_JOBS = 128
 # After a slice finds the store full, the next is tried this much later (not in a busy loop).
