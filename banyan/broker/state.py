@@ -460,7 +460,9 @@ class Core:
     def cancel(
         self, actor: Actor, job_ids: list[int], group_refs: list[str | int], reason: str | None
     ) -> dict[str, list[int]]:
-        """Cancel jobs and groups; cancelling what is already over is a success (SPEC §8)."""
+        """Cancel jobs and groups at once; cancelling what is already over is a success (SPEC
+        §8). The broker does the same a slice at a time (bulk.py), which must end exactly as
+        this does; tests hold the two to it."""
         jobs = [self._load(j) for j in job_ids]
         groups = [self._group(g) for g in group_refs]
         for job in jobs:
