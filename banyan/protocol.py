@@ -1299,12 +1299,13 @@ def _unpack_request(frame: bytes | bytearray | memoryview) -> Any:
     """Unpack a frame sent to the broker under limits that keep its decoded size near its own
     size: no list longer than any request may hold, no map bigger than an env, and in a frame
     over a MiB no more maps and lists in all than MAX_REQUEST_CONTAINERS."""
+    # No more items than bytes either (msgpack's own default), so a header that claims more
+    # than the frame holds still reads as a broken frame, not as a limit.
+    limits = {k: min(v, len(frame)) for k, v in _REQUEST_LIMITS.items()}
     if len(frame) <= _COUNTED_BYTES:
-        return _unpackb(frame, raw=False, ext_hook=_no_ext, **_REQUEST_LIMITS)
+        return _unpackb(frame, raw=False, ext_hook=_no_ext, **limits)
     hook = _counted(defaults.MAX_REQUEST_CONTAINERS)
-    return _unpackb(
-        frame, raw=False, ext_hook=_no_ext, object_hook=hook, list_hook=hook, **_REQUEST_LIMITS
-    )
+    return _unpackb(frame, raw=False, ext_hook=_no_ext, object_hook=hook, list_hook=hook, **limits)
 
 
 # Twice the longest list and the biggest map a request may hold, so the schema, not msgpack,
@@ -1329,6 +1330,13 @@ def _decode(frame: bytes | bytearray | memoryview, allowed: frozenset[str] | Non
             "(MAX_REQUEST_CONTAINERS)",
         ) from None
     except Exception as e:
+        limits = _REQUEST_LIMITS
+        if isinstance(e, ValueError) and any(f"{k}({v})" in str(e) for k, v in limits.items()):
+            raise ProtocolError(
+                BAD_REQUEST,
+                f"frame: {e}: a request's lists hold at most {limits['max_array_len']} items "
+                f"and its maps {limits['max_map_len']} entries",
+            ) from None
         # msgpack raises many types (ExtraData, StackError, UnicodeDecodeError, ValueError for
         # non-str keys, ...); to the sender they all mean the same thing.
         detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__

@@ -1282,7 +1282,10 @@ def test_a_frame_of_many_small_containers_is_refused_while_unpacking() -> None:
     )
     # One list past twice any request's longest is refused by msgpack before it is built.
     err = refuse(frame("cancel", {"jobs": [{}] * (2 * per + 1)}), CLIENT_REQUESTS)
-    assert "exceeds max_array_len" in err.reason
+    assert err.reason == (
+        f"frame: {2 * per + 1} exceeds max_array_len({2 * per}): a request's lists hold at most "
+        f"{2 * per} items and its maps {2 * defaults.MAX_ENV_ENTRIES} entries"
+    )
     # Replies are not requests: a client may read a long list back.
     reply = frame("cancelled", {"cancelled": [1] * (2 * per + 1), "pending": [], "already": []})
     assert len(decode(reply, CLIENT_REPLIES).body["cancelled"]) == 2 * per + 1
