@@ -38,8 +38,6 @@ OUTPUT_TAIL_BYTES = 4096  # the tail of stdout/stderr sent with a result
 PROGRESS_MESSAGE_MAX = 1024
 STATUS_LIMIT = 1000  # rows per status reply unless the client asks for fewer/more
 EVENTS_LIMIT = 10_000
-# How far down the eligible index one claim looks for a job that fits before giving up for now.
-CLAIM_SCAN_LIMIT = 4096
 
 # LMDB: start small and double on MapFullError, so a test store costs nothing and a big one grows.
 INITIAL_MAP_SIZE = 64 * 1024 * 1024

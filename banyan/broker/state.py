@@ -10,12 +10,12 @@ written, and the server's child transaction makes even a half-done handler leave
 from __future__ import annotations
 
 import gc
-import operator
 from dataclasses import dataclass, field
 from typing import Any
 
 from banyan import defaults
 from banyan.broker.graph import DepGraph
+from banyan.broker.matching import Board
 from banyan.broker.records import (
     NEW_JOB_FIELDS,
     NEW_JOB_TAIL,
@@ -100,7 +100,6 @@ class Config:
     heartbeat: float = defaults.HEARTBEAT_INTERVAL
     liveness: int = defaults.LIVENESS
     max_lost_requeues: int = defaults.MAX_LOST_REQUEUES
-    claim_scan_limit: int = defaults.CLAIM_SCAN_LIMIT
 
 
 @dataclass(slots=True)
@@ -636,59 +635,47 @@ class Core:
     def match(self) -> int:
         """Answer outstanding claims with the best eligible jobs that fit; returns how many.
 
-        The least loaded claimer goes first, so work spreads. Each claimer scans the eligible
-        index from the top, skipping jobs too big for it, at most `claim_scan_limit` entries.
+        The least loaded claimer goes first, so work spreads. Each claim looks only at the
+        heads of the queues (see matching.py), so jobs that fit no worker never hold it up.
         """
         claimers = [w for n in self.tx.claimers() if (w := self.tx.get_worker(n)) is not None]
         claimers.sort(key=lambda w: (w.used_cpus / w.cpus if w.cpus else 1.0, w.name))
+        board: Board | None = None
         assigned = 0
         for worker in claimers:
             if worker.state != WorkerState.ACTIVE.value:
                 worker.wants = 0
                 self.tx.put_worker(worker)
                 continue
-            chosen = self._choose(worker)
-            batch = [self._assign(worker, job_id) for job_id in chosen]
+            if worker.cpus - worker.used_cpus < MIN_CPUS:  # every job asks for some cpu
+                continue
+            if board is None:  # read once, only when some claimer has room
+                board = Board(self.tx.queue_heads())
+            batch = self._fill(worker, board)
             if batch:
                 self.tx.put_worker(worker)
                 self.effects.append(Effect(worker.name, "assign", {"jobs": batch}))
                 assigned += len(batch)
         return assigned
 
-    def _choose(self, worker: Worker) -> list[int]:
-        """Pick jobs for one claim without writing, so the index cursor stays valid."""
-        free_cpus = worker.cpus - worker.used_cpus
-        free_mem = worker.memory - worker.used_memory
-        free_gpus = worker.gpus - len(worker.used_gpus)
-        if free_cpus < MIN_CPUS or worker.wants <= 0:  # every job asks for some cpu
-            return []
-        # A scan that found nothing finds nothing again until the index gains an entry or the
-        # worker gains room: skip it. With a million queued jobs it reads 4,096 of them.
-        limit = self.config.claim_scan_limit
-        room = (free_cpus, free_mem, free_gpus)
-        key = (tuple(worker.tags), limit)
-        memo = self.tx.empty_scan(worker.name)
-        if memo is not None and memo[3:] == key and all(map(operator.le, room, memo[:3])):
-            return []
-        chosen: list[int] = []
-        scanned = 0
-        whole = True  # the scan saw every entry
-        for job_id, (cpus, memory, gpus, tags) in self.tx.eligible():
-            if scanned >= limit or len(chosen) >= worker.wants or free_cpus < MIN_CPUS:
-                whole = False
+    def _fill(self, worker: Worker, board: Board) -> list[dict[str, Any]]:
+        """Assign `worker` the best fitting jobs, one at a time, while it wants more and has
+        room; returns the assignments."""
+        batch: list[dict[str, Any]] = []
+        while worker.wants > 0 and board:
+            room = (
+                worker.cpus - worker.used_cpus,
+                worker.memory - worker.used_memory,
+                worker.gpus - len(worker.used_gpus),
+            )
+            if room[0] < MIN_CPUS:
                 break
-            scanned += 1
-            if cpus > free_cpus + 1e-9 or memory > free_mem or gpus > free_gpus:
-                continue
-            if tags and not all(t in worker.tags for t in tags):
-                continue
-            chosen.append(job_id)
-            free_cpus -= cpus
-            free_mem -= memory
-            free_gpus -= gpus
-        if not chosen:
-            self.tx.note_empty_scan(worker.name, whole, (*room, *key))
-        return chosen
+            head = board.pick(room, worker.tags)
+            if head is None:
+                break
+            batch.append(self._assign(worker, head.job))
+            board.took(head, self.tx.queue_head(head.queue))
+        return batch
 
     def _assign(self, worker: Worker, job_id: int) -> dict[str, Any]:
         job = self._load(job_id)

@@ -16,20 +16,30 @@ Keys (integers big-endian, so LMDB's byte order is numeric order):
     events       seq:u64                                   -> Event row
     meta         key                                       -> msgpack value
     ids          counter name                              -> last id issued:u64
-    eligible     (2**31-1 - priority):u32 id:u64           -> Request row
+    eligible     owner:u32 shape:u32 (2**31-1 - priority):u32 id:u64 -> Request row
     by_state     state NUL id:u64                          -> empty
                  state                                     -> jobs in that state:u64
     members      group:u64 job:u64                         -> empty
+    owners       name                                      -> [owner:u32, {state: jobs}, mcpus]
+    owner_names  owner:u32                                 -> name
+    shapes       packed [cpus, memory, gpus, sorted tags]  -> shape:u32
+    users        name                                      -> User row
 
-`eligible` holds exactly the jobs that are available with no pending dependency, best first
-(priority descending, then id ascending), and carries each job's Request so a claim can test
-fit without loading the job: taking the next job is one B-tree descent however long the queue.
+`eligible` holds exactly the jobs that are available with no pending dependency, in queues:
+one per owner and shape (the same cpus, memory, gpus and tags), each best first (priority
+descending, then id ascending). Each entry carries its job's Request so a claim can test fit
+without loading the job. Every job of a queue fits wherever its head fits, so a claim reads
+only the heads, one B-tree descent each, however many jobs wait behind them, and jobs that fit
+no worker never stand in the way of jobs that do. Owners and shapes are numbered on first
+sight (`owners`, `shapes`); numbers are never reused. `owners` also counts each owner's jobs
+by state and the cpus (in thousandths) its running jobs hold.
 
 Every commit rewrites the path to each B-tree it touches, so small tables share trees: the
 per-state counts sit in `by_state` (a bare state sorts before its `state NUL` entries), and
 job ids and event seqs are one past the last key of `jobs` and `events` (neither is ever
 deleted) rather than counters in `ids`. A single-job submit so touches jobs, eligible,
-by_state and events. Stores from before this layout are converted on open (`_upgrade`).
+by_state, owners and events. Stores from before a layout are converted on open (`_upgrade`);
+`meta` holds the layout's number under "format".
 
 Text keys past 400 bytes are cut and suffixed with their SHA-256, because LMDB keys stop at 511
 bytes and names may be 256 characters of 4-byte UTF-8.
@@ -49,7 +59,19 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import lmdb
 import msgpack
 
-from banyan.broker.records import Attempt, Event, Group, Job, JobState, Request, Worker
+from banyan.broker.records import (
+    HOLDING,
+    Attempt,
+    Event,
+    Group,
+    Head,
+    Job,
+    JobState,
+    Request,
+    Tally,
+    User,
+    Worker,
+)
 from banyan.defaults import INITIAL_MAP_SIZE, MAX_MAP_SIZE
 
 __all__ = ["MapGrown", "ReadOnly", "ReadTx", "Store", "StoreError", "StoreFull", "WriteTx"]
@@ -59,11 +81,15 @@ T = TypeVar("T")
 
 _U64 = struct.Struct(">Q")
 _ATTEMPT = struct.Struct(">QI")
-_ELIGIBLE = struct.Struct(">IQ")
+_ELIGIBLE = struct.Struct(">IIIQ")  # owner, shape, inverted priority, id
+_QUEUE = struct.Struct(">II")  # owner, shape: the prefix of one queue's entries
+_RANK = struct.Struct(">IQ")  # inverted priority, id: the rest of an eligible key
+_U32 = struct.Struct(">I")
 _PAIR = struct.Struct(">QQ")
 _PRIORITY_TOP = 2**31 - 1
 _TARGETS = {"job": b"j", "group": b"g"}
 _AVAILABLE = JobState.AVAILABLE.value
+_HOLDING = frozenset(s.value for s in HOLDING)
 _STATES = tuple(s.value for s in JobState)
 _DUMPED = ("jobs", "groups", "attempts", "edges")
 # Numbered by their own table's last key, not by a counter in `ids`: one B-tree fewer per
@@ -75,6 +101,7 @@ _TABLE_IDS = {"job": "jobs", "event": "events"}
 # without building a Job.
 _F = {name: i for i, name in enumerate(Job.names())}
 _ID, _STATE, _PENDING, _PRIORITY = _F["id"], _F["state"], _F["pending"], _F["priority"]
+_OWNER = _F["owner"]
 _CPUS, _MEMORY, _GPUS, _TAGS, _GROUPS = (
     _F["cpus"],
     _F["memory"],
@@ -104,10 +131,20 @@ def _state_key(state: str, job_id: int) -> bytes:
     return state.encode() + b"\0" + _U64.pack(job_id)
 
 
-def _eligible_key(priority: int, job_id: int) -> bytes:
+def _rank(priority: int, job_id: int) -> bytes:
+    """The part of an eligible key after the queue: best first within the queue."""
     if not -(2**31) <= priority <= _PRIORITY_TOP:
         raise ValueError(f"priority {priority} outside the int32 range")
-    return _ELIGIBLE.pack(_PRIORITY_TOP - priority, job_id)
+    return _RANK.pack(_PRIORITY_TOP - priority, job_id)
+
+
+def _mcpus(cpus: float) -> int:
+    """Cpus in thousandths: sums of them stay exact however many jobs come and go."""
+    return round(cpus * 1000)
+
+
+# Format 2: eligible keys start with the owner and the shape; owners' tallies.
+FORMAT = 2
 
 
 class StoreError(Exception):
@@ -150,28 +187,13 @@ def _free_bytes(path: str) -> int:
     return st.f_bavail * st.f_frsize
 
 
-class _Clock:
-    """Changes to the eligible index, counted in memory, and the empty scans noted against
-    them (see ReadTx.empty_scan). Volatile: a restart starts with no notes."""
-
-    __slots__ = ("grown", "notes", "shrunk")
-
-    def __init__(self) -> None:
-        # `grown`: an entry was added or its request changed, or a write transaction was
-        # undone (which may put back entries it had removed). `shrunk`: an entry was removed.
-        self.grown = 0
-        self.shrunk = 0
-        self.notes: dict[str, tuple[int, int, bool, Any]] = {}
-
-
 class _Batch:
     """What one outer write transaction and its children share."""
 
-    __slots__ = ("clock", "env", "failure", "mutations", "pack")
+    __slots__ = ("env", "failure", "mutations", "pack")
 
-    def __init__(self, env: lmdb.Environment, clock: _Clock) -> None:
+    def __init__(self, env: lmdb.Environment) -> None:
         self.env = env
-        self.clock = clock
         self.failure: str | None = None  # "map" or "disk" once a write ran out of room
         self.mutations = 0  # bumped by every write, so open scans know to re-seek
         # One Packer per transaction: packb builds a new one per call, which costs more than
@@ -207,6 +229,10 @@ class _Dbs:
     eligible: Any
     by_state: Any
     members: Any
+    owners: Any
+    owner_names: Any
+    shapes: Any
+    users: Any
 
     def __init__(self, env: lmdb.Environment) -> None:
         for name in self.__annotations__:
@@ -245,9 +271,57 @@ class ReadTx:
         return None if raw is None else Job.unpack(_unpack(raw))
 
     def eligible(self) -> Iterator[tuple[int, Request]]:
+        """Every eligible job, queue by queue (owner, then shape), best first in each."""
         for key, value in self._scan(self._db.eligible, b""):
             cpus, memory, gpus, tags = _unpack(value)
-            yield _ELIGIBLE.unpack(key)[1], (cpus, memory, gpus, tags)
+            yield _ELIGIBLE.unpack(key)[3], (cpus, memory, gpus, tags)
+
+    def queue_heads(self) -> list[Head]:
+        """The first entry of every queue: a skip scan, one descent per queue."""
+        cursor = self._txn.cursor(self._db.eligible)
+        heads: list[Head] = []
+        names: dict[int, str] = {}
+        found = cursor.first()
+        while found:
+            key, value = cursor.item()
+            heads.append(self._head(key, value, names))
+            owner, shape = _QUEUE.unpack_from(key)
+            found = cursor.set_range(_QUEUE.pack(owner, shape + 1))  # past this queue
+        return heads
+
+    def queue_head(self, queue: bytes) -> Head | None:
+        cursor = self._txn.cursor(self._db.eligible)
+        if not cursor.set_range(queue) or not cursor.key().startswith(queue):
+            return None
+        return self._head(cursor.key(), cursor.value(), {})
+
+    def _head(self, key: bytes, value: bytes, names: dict[int, str]) -> Head:
+        owner, _, rank, job_id = _ELIGIBLE.unpack(key)
+        name = names.get(owner)
+        if name is None:
+            raw = self._txn.get(_U32.pack(owner), db=self._db.owner_names)
+            name = names[owner] = "" if raw is None else raw.decode()
+        cpus, memory, gpus, tags = _unpack(value)
+        return Head(key[:8], name, (cpus, memory, gpus, tags), _PRIORITY_TOP - rank, job_id)
+
+    def tally(self, owner: str) -> Tally:
+        raw = self._txn.get(_text_key(owner), db=self._db.owners)
+        counts, mcpus = ({}, 0) if raw is None else _unpack(raw)[1:]
+        return Tally(owner, counts, mcpus / 1000)
+
+    def tallies(self) -> Iterator[Tally]:
+        for _, value in self._scan(self._db.owners, b""):
+            uid, counts, mcpus = _unpack(value)
+            raw = self._txn.get(_U32.pack(uid), db=self._db.owner_names)
+            yield Tally("" if raw is None else raw.decode(), counts, mcpus / 1000)
+
+    def get_user(self, name: str) -> User | None:
+        raw = self._txn.get(_text_key(name), db=self._db.users)
+        return None if raw is None else User.unpack(_unpack(raw))
+
+    def users(self) -> Iterator[User]:
+        for _, value in self._scan(self._db.users, b""):
+            yield User.unpack(_unpack(value))
 
     def jobs_in_state(self, state: str) -> Iterator[int]:
         for key, _ in self._scan(self._db.by_state, state.encode() + b"\0"):
@@ -330,24 +404,12 @@ class ReadTx:
     def next_job_id(self) -> int:
         return self._last_key(self._db.jobs) + 1
 
-    def empty_scan(self, worker: str) -> Any:
-        """The note kept by note_empty_scan for `worker`, while it still holds: no entry has
-        joined the eligible index since (nor left it, unless that scan saw the whole index)."""
-        note = self._batch.clock.notes.get(worker)
-        if note is None:
-            return None
-        grown, shrunk, whole, memo = note
-        clock = self._batch.clock
-        if grown != clock.grown or not (whole or shrunk == clock.shrunk):
-            return None
-        return memo
-
     # The writers of records.Tx, so a read view can stand wherever a Tx is expected.
     def next_id(self, counter: str, count: int = 1) -> int:
         raise ReadOnly("next_id on a read view")
 
-    def note_empty_scan(self, worker: str, whole: bool, memo: Any) -> None:
-        raise ReadOnly("note_empty_scan on a read view")
+    def put_user(self, user: User) -> None:
+        raise ReadOnly("put_user on a read view")
 
     def put_job(self, job: Job) -> None:
         raise ReadOnly("put_job on a read view")
@@ -399,7 +461,7 @@ def _writes(method: Callable[Concatenate[WriteTx, P], T]) -> Callable[Concatenat
 class WriteTx(ReadTx):
     """One write transaction (or a child of one): implements records.Tx."""
 
-    __slots__ = ("_counts", "_parent")
+    __slots__ = ("_counts", "_owned", "_parent")
 
     def __init__(
         self,
@@ -409,17 +471,32 @@ class WriteTx(ReadTx):
         parent: WriteTx | None = None,
     ) -> None:
         super().__init__(txn, dbs, batch)
-        # Per-state deltas: a child hands its own to its parent as it commits, and the outer
-        # transaction writes them (_flush), so a turn of many requests writes each count once.
+        # Per-state deltas, overall and per owner (with the owner's running mcpus under ""):
+        # a child hands its own to its parent as it commits, and the outer transaction writes
+        # them (_flush), so a turn of many requests writes each count once.
         self._counts: dict[str, int] = {}
+        self._owned: dict[str, dict[str, int]] = {}
         self._parent = parent
 
     def _flush(self) -> None:
-        """Write the per-state count deltas: once per outer transaction."""
+        """Write the count deltas: once per outer transaction."""
         for state, delta in self._counts.items():
             if delta:
                 self._count(state, delta)
         self._counts.clear()
+        for owner, deltas in self._owned.items():
+            key = _text_key(owner)
+            raw = self._txn.get(key, db=self._db.owners)
+            uid, counts, mcpus = _unpack(raw) if raw is not None else (self._uid(owner), {}, 0)
+            for state, delta in deltas.items():
+                if state:
+                    counts[state] = counts.get(state, 0) + delta
+                    if not counts[state]:
+                        del counts[state]
+                else:
+                    mcpus += delta
+            self._txn.put(key, self._batch.pack([uid, counts, mcpus]), db=self._db.owners)
+        self._owned.clear()
 
     def state_counts(self) -> dict[str, int]:
         counts = super().state_counts()
@@ -429,6 +506,19 @@ class WriteTx(ReadTx):
                 counts[state] += delta
             tx = tx._parent
         return counts
+
+    def tally(self, owner: str) -> Tally:
+        stored = super().tally(owner)
+        counts, mcpus = dict(stored.counts), _mcpus(stored.cpus)
+        tx: WriteTx | None = self
+        while tx is not None:
+            for state, delta in tx._owned.get(owner, {}).items():
+                if state:
+                    counts[state] = counts.get(state, 0) + delta
+                else:
+                    mcpus += delta
+            tx = tx._parent
+        return Tally(owner, {k: n for k, n in counts.items() if n}, mcpus / 1000)
 
     @contextmanager
     def child(self) -> Iterator[WriteTx]:
@@ -443,7 +533,6 @@ class WriteTx(ReadTx):
             yield child
         except BaseException:
             txn.abort()
-            self._batch.clock.grown += 1  # the undo may put back eligible entries
             raise
         finally:
             self._batch.mutations += 1  # the parent's tree changed (or was restored)
@@ -454,6 +543,10 @@ class WriteTx(ReadTx):
         counts = self._counts
         for state, delta in child._counts.items():
             counts[state] = counts.get(state, 0) + delta
+        for owner, deltas in child._owned.items():
+            mine = self._owned.setdefault(owner, {})
+            for state, delta in deltas.items():
+                mine[state] = mine.get(state, 0) + delta
 
     def _commit(self) -> None:  # the one place transactions commit, so tests can fail it
         self._txn.commit()
@@ -467,12 +560,46 @@ class WriteTx(ReadTx):
         else:
             self._txn.delete(key, db=self._db.by_state)
 
-    def note_empty_scan(self, worker: str, whole: bool, memo: Any) -> None:
-        """Keep `memo` for `worker` until the eligible index gains an entry (or loses one,
-        unless `whole`: the scan saw every entry, so a removal cannot bring a new one into
-        its reach). Memory only; an undone transaction voids every note."""
-        clock = self._batch.clock
-        clock.notes[worker] = (clock.grown, clock.shrunk, whole, memo)
+    def _own(
+        self, owner: str, old: tuple[str | None, float], new: tuple[str | None, float]
+    ) -> None:
+        """Count a job of `owner` going from `old` to `new`, each (state or None, cpus)."""
+        deltas = self._owned.get(owner)
+        if deltas is None:
+            deltas = self._owned[owner] = {}
+        mcpus = 0
+        for (state, cpus), sign in ((old, -1), (new, 1)):
+            if state is not None:
+                deltas[state] = deltas.get(state, 0) + sign
+                if state in _HOLDING:
+                    mcpus += sign * _mcpus(cpus)
+        if mcpus:
+            deltas[""] = deltas.get("", 0) + mcpus
+
+    def _uid(self, owner: str) -> int:
+        """The owner's number, given on first sight."""
+        key = _text_key(owner)
+        raw = self._txn.get(key, db=self._db.owners)
+        if raw is not None:
+            return int(_unpack(raw)[0])
+        uid = self.next_id("owner")
+        self._txn.put(key, self._batch.pack([uid, {}, 0]), db=self._db.owners)
+        self._txn.put(_U32.pack(uid), owner.encode(), db=self._db.owner_names)
+        return uid
+
+    def _sid(self, cpus: float, memory: int, gpus: int, tags: list[str]) -> int:
+        """The shape's number, given on first sight. Tags are a set: order does not matter."""
+        key = self._batch.pack([float(cpus), int(memory), int(gpus), sorted(set(tags))])
+        raw = self._txn.get(key, db=self._db.shapes)
+        if raw is not None:
+            return int(_U32.unpack(raw)[0])
+        sid = self.next_id("shape")
+        self._txn.put(key, _U32.pack(sid), db=self._db.shapes)
+        return sid
+
+    def _queue(self, owner: str, request: list[Any]) -> bytes:
+        """The eligible-key prefix of the queue for `owner`'s jobs asking for `request`."""
+        return _QUEUE.pack(self._uid(owner), self._sid(*request))
 
     @_writes
     def next_id(self, counter: str, count: int = 1) -> int:
@@ -496,18 +623,17 @@ class WriteTx(ReadTx):
         txn.put(key, value, db=db.jobs)
         old: Any = None if raw is None else _unpack(raw)
 
-        old_key = None
+        old_key = new_key = request = old_request = None
         if old is not None and old[_STATE] == _AVAILABLE and old[_PENDING] == 0:
-            old_key = _eligible_key(old[_PRIORITY], job.id)
-        new_key = _eligible_key(job.priority, job.id) if job.eligible else None
+            old_request = [old[i] for i in (_CPUS, _MEMORY, _GPUS, _TAGS)]
+            old_key = self._queue(old[_OWNER], old_request) + _rank(old[_PRIORITY], job.id)
+        if job.eligible:
+            request = [job.cpus, job.memory, job.gpus, job.tags]
+            new_key = self._queue(job.owner, request) + _rank(job.priority, job.id)
         if old_key is not None and old_key != new_key:
             txn.delete(old_key, db=db.eligible)
-            self._batch.clock.shrunk += 1
-        if new_key is not None:
-            request = [job.cpus, job.memory, job.gpus, job.tags]
-            if old_key != new_key or request != [old[i] for i in (_CPUS, _MEMORY, _GPUS, _TAGS)]:
-                txn.put(new_key, pack(request), db=db.eligible)
-                self._batch.clock.grown += 1
+        if new_key is not None and (old_key != new_key or request != old_request):
+            txn.put(new_key, pack(request), db=db.eligible)
 
         old_state = None if old is None else old[_STATE]
         if old_state != job.state:
@@ -517,6 +643,9 @@ class WriteTx(ReadTx):
                 counts[old_state] = counts.get(old_state, 0) - 1
             txn.put(_state_key(job.state, job.id), b"", db=db.by_state)
             counts[job.state] = counts.get(job.state, 0) + 1
+        old_cpus = 0.0 if old is None else old[_CPUS]
+        if old_state != job.state or (old_cpus != job.cpus and job.state in _HOLDING):
+            self._own(job.owner, (old_state, old_cpus), (job.state, job.cpus))
 
         old_groups = [] if old is None else old[_GROUPS]
         if old_groups != job.groups:
@@ -534,19 +663,27 @@ class WriteTx(ReadTx):
         pack, u64 = self._batch.pack, _U64.pack
         keys = [u64(row[_ID]) for row in rows]
         jobs = [(key, pack(row)) for key, row in zip(keys, rows, strict=True)]
-        tally: dict[str, int] = {}
+        tally: dict[tuple[str, str], int] = {}
         for row in rows:
-            tally[row[_STATE]] = tally.get(row[_STATE], 0) + 1
-        prefix = {state: state.encode() + b"\0" for state in tally}
+            kind = (row[_OWNER], row[_STATE])
+            tally[kind] = tally.get(kind, 0) + 1
+            if row[_STATE] in _HOLDING:
+                held = self._owned.setdefault(row[_OWNER], {})
+                held[""] = held.get("", 0) + _mcpus(row[_CPUS])
+        prefix = {state: state.encode() + b"\0" for _, state in tally}
         states = [(prefix[row[_STATE]] + key, b"") for key, row in zip(keys, rows, strict=True)]
-        eligible = [
-            (
-                _eligible_key(row[_PRIORITY], row[_ID]),
-                pack([row[_CPUS], row[_MEMORY], row[_GPUS], row[_TAGS]]),
-            )
-            for row in rows
-            if row[_STATE] == _AVAILABLE and not row[_PENDING]
-        ]
+        queues: dict[tuple[Any, ...], bytes] = {}  # (owner, cpus, memory, gpus, tags...)
+        eligible = []
+        for row in rows:
+            if row[_STATE] != _AVAILABLE or row[_PENDING]:
+                continue
+            request = [row[_CPUS], row[_MEMORY], row[_GPUS], row[_TAGS]]
+            shape = (row[_OWNER], *request[:3], *request[3])
+            queue = queues.get(shape)
+            if queue is None:
+                queue = queues[shape] = self._queue(row[_OWNER], request)
+            eligible.append((queue + _rank(row[_PRIORITY], row[_ID]), pack(request)))
+        eligible.sort()  # putmulti into a B-tree is cheapest in key order
         members = [(_PAIR.pack(g, row[_ID]), b"") for row in rows for g in set(row[_GROUPS])]
         txn, db, counts = self._txn, self._db, self._counts
         cursor = txn.cursor(db.jobs)
@@ -557,12 +694,13 @@ class WriteTx(ReadTx):
             raise StoreError("put_new_jobs: a job id is already taken or out of order")
         if eligible:
             txn.cursor(db.eligible).putmulti(eligible)
-            self._batch.clock.grown += 1
         txn.cursor(db.by_state).putmulti(states)
         if members:
             txn.cursor(db.members).putmulti(members)
-        for state, n in tally.items():
+        for (owner, state), n in tally.items():
             counts[state] = counts.get(state, 0) + n
+            deltas = self._owned.setdefault(owner, {})
+            deltas[state] = deltas.get(state, 0) + n
 
     @_writes
     def put_attempt(self, attempt: Attempt) -> None:
@@ -626,6 +764,24 @@ class WriteTx(ReadTx):
     def put_meta(self, key: str, value: Any) -> None:
         self._txn.put(_text_key(key), self._batch.pack(value), db=self._db.meta)
 
+    @_writes
+    def put_user(self, user: User) -> None:
+        self._txn.put(_text_key(user.name), self._batch.pack(user.pack()), db=self._db.users)
+
+
+def _to_format_2(tx: WriteTx) -> None:
+    """Eligible entries keyed by owner and shape first; owners numbered and their jobs counted.
+    One pass over every job, once."""
+    tx._txn.drop(tx._db.eligible, delete=False)
+    for _, raw in tx._scan(tx._db.jobs, b""):
+        job = Job.unpack(_unpack(raw))
+        tx._own(job.owner, (None, 0.0), (job.state, job.cpus))
+        if job.eligible:
+            request = [job.cpus, job.memory, job.gpus, job.tags]
+            key = tx._queue(job.owner, request) + _rank(job.priority, job.id)
+            tx._txn.put(key, tx._batch.pack(request), db=tx._db.eligible)
+    tx.put_meta("format", FORMAT)
+
 
 class Store:
     """One LMDB environment holding the broker's state.
@@ -651,24 +807,31 @@ class Store:
             sync=sync,
             metasync=sync,
         )
+        with self._env.begin() as txn:
+            fresh = txn.get(b"jobs") is None  # the main DB names every table
         self._db = _Dbs(self._env)
         self._writing = False
         self._readers = 0  # open read views: the map must not move under them
-        self._clock = _Clock()
-        self._upgrade()
+        if fresh:
+            self.write_batch(lambda tx: tx.put_meta("format", FORMAT))
+        else:
+            self._upgrade()
 
     def _upgrade(self) -> None:
-        """Convert a store from before the per-state counts moved into `by_state` and job and
-        event numbers into their tables' last keys (module docstring)."""
+        """Convert a store written by an older broker to this layout (module docstring)."""
         with self._env.begin(write=True) as txn:
-            if txn.get(b"counts") is None:  # the main DB names every table
-                return
-            counts = self._env.open_db(b"counts", txn=txn)
-            for key, value in txn.cursor(counts):
-                txn.put(key, value, db=self._db.by_state)
-            txn.drop(counts, delete=True)
-            for counter in _TABLE_IDS:
-                txn.delete(counter.encode(), db=self._db.ids)
+            if txn.get(b"counts") is not None:
+                # Per-state counts in a table of their own, job and event numbers in `ids`.
+                counts = self._env.open_db(b"counts", txn=txn)
+                for key, value in txn.cursor(counts):
+                    txn.put(key, value, db=self._db.by_state)
+                txn.drop(counts, delete=True)
+                for counter in _TABLE_IDS:
+                    txn.delete(counter.encode(), db=self._db.ids)
+        with self.read() as view:
+            version = view.get_meta("format") or 1
+        if version < 2:
+            self.write_batch(_to_format_2)
 
     @property
     def map_size(self) -> int:
@@ -691,9 +854,8 @@ class Store:
         if self._writing:
             raise StoreError("a write transaction is already open")  # LMDB would deadlock
         txn = self._begin(write=True)
-        batch = _Batch(self._env, self._clock)
+        batch = _Batch(self._env)
         self._writing = True
-        committed = False
         try:
             try:
                 tx = WriteTx(txn, self._db, batch)
@@ -701,7 +863,6 @@ class Store:
                 if batch.failure is None:
                     tx._flush()
                     tx._commit()
-                    committed = True
                     return
             except lmdb.Error as exc:  # from commit, or a getter in a failed transaction
                 error = batch.note(exc)
@@ -713,8 +874,6 @@ class Store:
         finally:
             txn.abort()  # a no-op once committed
             self._writing = False
-            if not committed:
-                self._clock.grown += 1  # the undo may put back eligible entries
         self._grow(batch.failure)  # out of room: whatever the body raised, this is the cause
 
     def _grow(self, failure: str | None) -> None:
@@ -749,7 +908,7 @@ class Store:
         txn = self._begin(write=False)
         self._readers += 1
         try:
-            yield ReadTx(txn, self._db, _Batch(self._env, self._clock))
+            yield ReadTx(txn, self._db, _Batch(self._env))
         finally:
             self._readers -= 1
             txn.abort()

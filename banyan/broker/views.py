@@ -13,7 +13,11 @@ S = JobState
 
 
 def waiting_reason(job: Job, workers: list[Worker]) -> str | None:
-    """Why a job is not running, in words (SPEC §3, §5); None when it is past waiting."""
+    """Why a job is not running, in words (SPEC §3, §5); None when it is past waiting.
+
+    "queued" only while a worker that takes jobs has room for it now: it goes at the next
+    claim. A job no such worker can fit says what it waits for instead.
+    """
     st = job.st
     if st == S.INACTIVE:
         return "held"
@@ -29,9 +33,11 @@ def waiting_reason(job: Job, workers: list[Worker]) -> str | None:
     never = unrunnable(job, live)
     if never:
         return never
-    if not any(w.state == WorkerState.ACTIVE.value for w in live):
-        return "every worker is draining"
-    if any(w.fits(job.cpus, job.memory, job.gpus, job.tags) for w in live):
+    request = (job.cpus, job.memory, job.gpus, job.tags)
+    takers = [w for w in live if w.state == WorkerState.ACTIVE.value and w.could_ever_fit(*request)]
+    if not takers:
+        return "every worker that could run it is draining"
+    if any(w.fits(*request) for w in takers):
         return "queued"
     return "waiting for free resources"
 
