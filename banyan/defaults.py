@@ -15,6 +15,10 @@ LIVENESS = 5
 # A lost worker's job goes back to the queue this often without spending a retry (SPEC §5).
 MAX_LOST_REQUEUES = 3
 
+# Fair share: usage counts half as much after a week, as Slurm's PriorityDecayHalfLife: long
+# enough that a burst is remembered for days, short enough that last month is forgotten.
+USAGE_HALF_LIFE = 7 * 86400.0
+
 # Job defaults (SPEC §2).
 CPUS = 1.0
 MEMORY_MIB = 0

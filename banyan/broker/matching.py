@@ -3,17 +3,29 @@
 The eligible index is split into queues, one per owner and shape (records.Head). A job fits a
 worker exactly when its queue's head does, so a claim looks at one entry per queue, never at
 the jobs behind a head that does not fit.
+
+Between owners, fair share decides. Each owner with eligible work gets a weight: its shares
+times Slurm's fair-share factor 2^(-U/S), where S is its fraction of the shares and U its
+fraction of the recent usage (cpu-seconds, halved every half-life) among the owners with
+eligible work. The next job goes to the owner holding the fewest cpus per unit of weight (ties:
+the higher weight, then the oldest job), so free capacity is shared in proportion to the
+weights and an owner that ran more lately gets less until the others catch up. Within one
+owner, priority decides, then age. An owner at its `max_running` gets nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+import math
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field
 
-from banyan.broker.records import Head, Request
+from banyan.broker.records import Head, Request, Tally, User
 
 Room = tuple[float, int, int]  # free cpus, memory MiB, gpus
 # Whose jobs a worker may take (an owner filter); None takes everyone's.
 Accepts = Callable[[str], bool] | None
+# The least weight an owner can have: 2^(-U/S) underflows to 0 for tiny shares.
+_MIN_WEIGHT = 1e-12
 
 
 def fits(request: Request, room: Room, tags: Collection[str]) -> bool:
@@ -26,30 +38,102 @@ def fits(request: Request, room: Room, tags: Collection[str]) -> bool:
     )
 
 
-class Board:
-    """The queue heads during one `match`, kept up to date as it assigns."""
+def decayed(user: User | None, now: float, half_life: float) -> float:
+    """The user's usage in cpu-seconds as of `now`."""
+    if user is None or user.usage <= 0:
+        return 0.0
+    age = max(0.0, now - user.usage_at)
+    return user.usage * math.pow(0.5, age / half_life) if half_life > 0 else 0.0
 
-    def __init__(self, heads: list[Head]) -> None:
-        self._heads = {h.queue: h for h in heads}
 
-    def __bool__(self) -> bool:
-        return bool(self._heads)
+def factors(users: dict[str, User | None], now: float, half_life: float) -> dict[str, float]:
+    """Slurm's fair-share factor of each user among these: 2^(-U/S), from 1 (used nothing)
+    down; 0.5 for a user whose usage fraction equals its share fraction."""
+    shares = {name: u.shares if u else 1.0 for name, u in users.items()}
+    usage = {name: decayed(u, now, half_life) for name, u in users.items()}
+    total_shares, total_usage = sum(shares.values()), sum(usage.values())
+    out = {}
+    for name in users:
+        used = usage[name] / total_usage if total_usage > 0 else 0.0
+        out[name] = math.pow(2.0, -used / (shares[name] / total_shares))
+    return out
 
-    def pick(self, room: Room, tags: Collection[str], accepts: Accepts = None) -> Head | None:
-        """The best head that fits `room` and `tags`: highest priority, then oldest."""
+
+@dataclass
+class Account:
+    """One owner during a match: its queues' heads and what it holds."""
+
+    owner: str
+    weight: float  # shares times fair-share factor
+    cpus: float  # held now, with what this match assigned
+    running: int
+    max_running: int | None
+    heads: dict[bytes, Head] = field(default_factory=dict)
+
+    def order(self) -> tuple[float, float, int]:
+        oldest = min(h.job for h in self.heads.values())
+        return (self.cpus / self.weight, -self.weight, oldest)
+
+    def best(self, room: Room, tags: Collection[str]) -> Head | None:
+        """Its best head that fits: highest priority, then oldest."""
         best: Head | None = None
-        for head in self._heads.values():
-            if not fits(head.request, room, tags):
-                continue
-            if accepts is not None and not accepts(head.owner):
-                continue
-            if best is None or (head.priority, -head.job) > (best.priority, -best.job):
+        for head in self.heads.values():
+            if fits(head.request, room, tags) and (
+                best is None or (head.priority, -head.job) > (best.priority, -best.job)
+            ):
                 best = head
         return best
 
+
+class Board:
+    """The queue heads during one `match`, by owner, kept up to date as it assigns."""
+
+    def __init__(self, heads: Iterable[Head], accounts: dict[str, Account]) -> None:
+        self.accounts = accounts
+        for head in heads:
+            accounts[head.owner].heads[head.queue] = head
+
+    @classmethod
+    def build(
+        cls,
+        heads: list[Head],
+        users: dict[str, User | None],
+        tallies: dict[str, Tally],
+        now: float,
+        half_life: float,
+    ) -> Board:
+        """`users` and `tallies` for every owner with a head."""
+        factor = factors(users, now, half_life)
+        accounts = {}
+        for owner, user in users.items():
+            tally = tallies[owner]
+            weight = max(_MIN_WEIGHT, (user.shares if user else 1.0) * factor[owner])
+            limit = user.max_running if user else None
+            accounts[owner] = Account(owner, weight, tally.cpus, tally.running, limit)
+        return cls(heads, accounts)
+
+    def __bool__(self) -> bool:
+        return any(a.heads for a in self.accounts.values())
+
+    def pick(self, room: Room, tags: Collection[str], accepts: Accepts = None) -> Head | None:
+        """The job to assign next to a worker with `room` and `tags`, if any fits."""
+        waiting = [a for a in self.accounts.values() if a.heads]
+        for account in sorted(waiting, key=Account.order):
+            if account.max_running is not None and account.running >= account.max_running:
+                continue
+            if accepts is not None and not accepts(account.owner):
+                continue
+            head = account.best(room, tags)
+            if head is not None:
+                return head
+        return None
+
     def took(self, head: Head, after: Head | None) -> None:
         """`head` was assigned; `after` is its queue's new head, if any."""
+        account = self.accounts[head.owner]
+        account.cpus += head.request[0]
+        account.running += 1
         if after is None:
-            del self._heads[head.queue]
+            del account.heads[head.queue]
         else:
-            self._heads[head.queue] = after
+            account.heads[head.queue] = after

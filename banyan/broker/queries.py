@@ -37,6 +37,8 @@ REPLY = {
     "drain": "workers",
     "stats": "stats",
     "events": "events",
+    "users": "users",
+    "set_user": "users",
 }
 
 
@@ -66,6 +68,12 @@ def handle(
         return {"workers": workers(tx, last_seen)}
     if kind == "stats":
         return stats.summary(tx, core.now)
+    if kind == "users":
+        return {"users": views.users_info(tx, core.now, core.config.half_life)}
+    if kind == "set_user":
+        core.set_user(actor, body["name"], body["set"])
+        listed = views.users_info(tx, core.now, core.config.half_life)
+        return {"users": [u for u in listed if u["name"] == body["name"]]}
     if kind == "events":
         events = tx.events_from(body["since"], body["limit"])
         rows = [[e.seq, e.time, e.job, e.frm, e.to, e.reason] for e in events]
@@ -103,6 +111,7 @@ def status(tx: Tx, body: dict[str, Any]) -> dict[str, Any]:
     owner = body.get("owner")
     state_filter = body.get("state")
     out: list[dict[str, Any]] = []
+    limits: dict[str, str | None] = {}
     truncated = False
     for job_id in ids:
         job = tx.get_job(job_id)
@@ -113,7 +122,7 @@ def status(tx: Tx, body: dict[str, Any]) -> dict[str, Any]:
         if len(out) >= limit:
             truncated = True
             break
-        out.append(views.job_info(tx, job, live, detail=bool(body.get("detail"))))
+        out.append(views.job_info(tx, job, live, bool(body.get("detail")), limits))
     return {"jobs": out, "groups": groups, "truncated": truncated}
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from banyan import defaults
 from banyan.broker.graph import DepGraph
-from banyan.broker.matching import Board
+from banyan.broker.matching import Board, decayed
 from banyan.broker.records import (
     NEW_JOB_FIELDS,
     NEW_JOB_TAIL,
@@ -27,6 +27,7 @@ from banyan.broker.records import (
     JobState,
     Outcome,
     Tx,
+    User,
     Worker,
     WorkerState,
 )
@@ -69,6 +70,7 @@ EDITABLE["priority"] = frozenset({S.INACTIVE, S.AVAILABLE})
 _ID, _STATE, _PENDING = (Job.names().index(f) for f in ("id", "state", "pending"))
 
 ADMIN = "admin"
+USER_SETTINGS = ("shares", "max_running", "max_queued")
 # A worker with less free cpu than this is full: a claim from it scans nothing.
 MIN_CPUS = 1e-6
 # Submissions of at least this many jobs run with the cyclic GC paused (see Core.submit).
@@ -100,6 +102,7 @@ class Config:
     heartbeat: float = defaults.HEARTBEAT_INTERVAL
     liveness: int = defaults.LIVENESS
     max_lost_requeues: int = defaults.MAX_LOST_REQUEUES
+    half_life: float = defaults.USAGE_HALF_LIFE  # of users' usage, for fair share
 
 
 @dataclass(slots=True)
@@ -181,6 +184,8 @@ class Core:
         groups: list[dict[str, Any]],
         submit_key: str | None,
     ) -> dict[str, Any]:
+        if jobs:
+            self._check_queued(actor.name, len(jobs))
         by_name, joined = self._open_groups(actor, jobs, groups)
         first = self.tx.next_job_id() if jobs else 0
         ids = list(range(first, first + len(jobs)))
@@ -650,13 +655,20 @@ class Core:
             if worker.cpus - worker.used_cpus < MIN_CPUS:  # every job asks for some cpu
                 continue
             if board is None:  # read once, only when some claimer has room
-                board = Board(self.tx.queue_heads())
+                board = self._board()
             batch = self._fill(worker, board)
             if batch:
                 self.tx.put_worker(worker)
                 self.effects.append(Effect(worker.name, "assign", {"jobs": batch}))
                 assigned += len(batch)
         return assigned
+
+    def _board(self) -> Board:
+        heads = self.tx.queue_heads()
+        owners = {h.owner for h in heads}
+        users = {name: self.tx.get_user(name) for name in owners}
+        tallies = {name: self.tx.tally(name) for name in owners}
+        return Board.build(heads, users, tallies, self.now, self.config.half_life)
 
     def _fill(self, worker: Worker, board: Board) -> list[dict[str, Any]]:
         """Assign `worker` the best fitting jobs, one at a time, while it wants more and has
@@ -780,6 +792,7 @@ class Core:
             attempt.started = max(attempt.claimed, self.now - runtime)
         attempt.ended, attempt.exit_code, attempt.signal = self.now, exit_code, signal
         attempt.stdout_tail, attempt.stderr_tail = tails
+        self._charge(job, attempt)
         job.exit_code, job.signal = exit_code, signal
         worker = self._worker(name)
         self._release(worker, job)
@@ -828,6 +841,15 @@ class Core:
                 )
         return False
 
+    def _charge(self, job: Job, attempt: Attempt) -> None:
+        """Add the ended attempt's cpu-seconds (held, not used) to its owner's usage."""
+        start = attempt.started if attempt.started is not None else attempt.claimed
+        held = job.cpus * max(0.0, self.now - start)
+        user = self.tx.get_user(job.owner) or User(job.owner)
+        user.usage = decayed(user, self.now, self.config.half_life) + held
+        user.usage_at = self.now
+        self.tx.put_user(user)
+
     def _release(self, worker: Worker, job: Job) -> None:
         """Give the attempt's resources back to its worker."""
         if worker.running.pop(job.id, None) is None:
@@ -859,6 +881,34 @@ class Core:
         self.effects.append(Effect(name, "drain", {"resume": resume}))
         return worker
 
+    # ---- users -------------------------------------------------------------------------------
+
+    def set_user(self, actor: Actor, name: str, changes: dict[str, Any]) -> User:
+        """Set a user's shares and limits: `shares`, `max_running`, `max_queued` (None lifts
+        a limit). Admins only; the user need not have submitted anything yet."""
+        if actor.role != ADMIN:
+            raise Forbidden("setting users' shares and limits is for admins")
+        user = self.tx.get_user(name) or User(name)
+        for key, value in changes.items():
+            if key not in USER_SETTINGS:
+                raise BadRequest(f"{key}: not a user setting; one of {', '.join(USER_SETTINGS)}")
+            setattr(user, key, value)
+        self.tx.put_user(user)
+        self.wake = True  # a raised limit or a new share may change who runs next
+        return user
+
+    def _check_queued(self, owner: str, adding: int) -> None:
+        """Refuse a submission that would take `owner` past its max_queued."""
+        user = self.tx.get_user(owner)
+        if user is None or user.max_queued is None:
+            return
+        queued = self.tx.tally(owner).queued
+        if queued + adding > user.max_queued:
+            raise Conflict(
+                f"max_queued: {owner} may have at most {user.max_queued} jobs waiting "
+                f"({queued} now, and this submission adds {adding})"
+            )
+
     # ---- lost workers -----------------------------------------------------------------------
 
     def worker_lost(self, name: str, reason: str) -> None:
@@ -883,6 +933,7 @@ class Core:
         if attempt is not None:
             attempt.ended, attempt.outcome, attempt.reason = self.now, Outcome.LOST.value, reason
             self.tx.put_attempt(attempt)
+            self._charge(job, attempt)
         job.token = None
         if job.st == S.PENDING_CANCELLATION:
             self._move(job, S.CANCELLED, job.cancel_reason)

@@ -51,7 +51,8 @@ Options:
   --memory SIZE         Memory to reserve: MiB, or a size such as 512M or 4G (default: none).
   --gpus N              GPUs to reserve (default: 0).
   --tag T               A label the worker must carry; repeat for more.
-  --priority P          Higher runs first; equal priorities run oldest first (default: 0).
+  --priority P          Among your own jobs, higher runs first; equal priorities run oldest
+                        first (default: 0). Between users, fair share decides.
   --attempts N          Runs allowed in total: failures are retried (default: 1).
   -t --time-limit T     Wall-clock limit per attempt: seconds, 90s, 1h30m or HH:MM:SS.
   --cancel-grace T      Time from SIGTERM to SIGKILL when cancelled (default: 10s).
