@@ -15,6 +15,14 @@ LIVENESS = 5
 # A lost worker's job goes back to the queue this often without spending a retry (SPEC §5).
 MAX_LOST_REQUEUES = 3
 
+# Ended jobs, their attempts and events are kept this long, then purged: a month of history
+# for status and stats, after which the store stops growing with the work that passes through.
+RETENTION = 30 * 86400.0
+# A purge runs in transactions of its own of at most this long, so the loop stays responsive.
+PURGE_SLICE = 0.005
+# Caught up, the next purge waits at least this long: one transaction a second is plenty.
+PURGE_REST = 1.0
+
 # Fair share: usage counts half as much after a week, as Slurm's PriorityDecayHalfLife: long
 # enough that a burst is remembered for days, short enough that last month is forgotten.
 USAGE_HALF_LIFE = 7 * 86400.0

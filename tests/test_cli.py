@@ -553,9 +553,13 @@ def test_stats(cli: Runner, live: Cluster) -> None:
     assert r.code == 0
     for words in ("jobs", "PER MINUTE", "queue wait", "run time", "success", "workers"):
         assert words in r.out
+    assert "on disk" in r.out and "ended jobs kept 30d" in r.out
     doc = cli("stats", "--json").json()
     for key in ("counts", "per_minute", "queue_wait", "run_time", "success_rate", "workers"):
         assert key in doc
+    store = doc["store"]
+    assert 0 < store["used"] <= store["file"] and store["retention"] == 30 * 86400
+    assert store["oldest_job"]["id"] == 1 and store["jobs"] == sum(doc["counts"].values())
 
 
 def test_logs_whole_output_from_the_worker(cli: Runner, live: Cluster) -> None:

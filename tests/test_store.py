@@ -200,8 +200,8 @@ def test_workers_and_claimers(store: Store) -> None:
 def test_submit_keys_and_meta(store: Store) -> None:
     with store.write() as tx:
         assert tx.get_submit_key("ann", "k") is None
-        tx.put_submit_key("ann", "k", {"jobs": [1, 2], "groups": {"g": 3}})
-        tx.put_submit_key("bob", "k", [9])
+        tx.put_submit_key("ann", "k", {"jobs": [1, 2], "groups": {"g": 3}}, 1.0)
+        tx.put_submit_key("bob", "k", [9], 1.0)
         tx.put_meta("version", 1)
         tx.put_meta("blob", b"\x00\xff")
     with store.read() as tx:
@@ -220,8 +220,8 @@ def test_long_names_fit_lmdb_keys(store: Store) -> None:
         tx.put_group(Group(1, long_a, "ann", 1.0))
         tx.put_group(Group(2, long_b, "ann", 1.0))
         tx.put_worker(Worker(long_a, "h", 1, 1, 0, wants=1))
-        tx.put_submit_key(long_a, long_b, 1)
-        tx.put_submit_key(long_a, long_a, 2)
+        tx.put_submit_key(long_a, long_b, 1, 1.0)
+        tx.put_submit_key(long_a, long_a, 2, 1.0)
     with store.read() as tx:
         assert [g.id for g in (tx.group_by_name(long_a), tx.group_by_name(long_b)) if g] == [1, 2]
         assert tx.claimers() == [long_a]
@@ -532,7 +532,7 @@ def test_read_view_is_a_snapshot_and_refuses_writes(store: Store) -> None:
             lambda: view.add_dependent("job", 1, 2, "after"),
             lambda: view.put_group(Group(1, "g", "ann", 1.0)),
             lambda: view.put_worker(Worker("w", "h", 1, 1, 0)),
-            lambda: view.put_submit_key("ann", "k", 1),
+            lambda: view.put_submit_key("ann", "k", 1, 1.0),
             lambda: view.append_event(1.0, 1, None, AVAILABLE, None),
             lambda: view.put_meta("k", 1),
         ):
@@ -909,3 +909,45 @@ def test_a_format_1_store_gets_queues_and_tallies(tmp_path: Path) -> None:
             counts = {AVAILABLE: 2, RUNNING: 1, "terminated": 1}
             assert view.tally("ann") == Tally("ann", counts, 1.5)
             assert sorted(h.job for h in view.queue_heads()) == [1, 2]
+
+
+def test_delete_job_undoes_every_index_put_job_keeps(store: Store) -> None:
+    put(
+        store,
+        job(1, groups=[1, 2]),
+        job(2, state=RUNNING, cpus=2.0),
+        job(3, depends_on=[["after", "job", 1], ["after", "group", 2]], pending=2),
+        job(4, state="terminated", owner="bo"),
+    )
+    with store.write() as tx:
+        tx.add_dependent("job", 1, 3, "after")
+        tx.add_dependent("group", 2, 3, "after")
+        tx.put_attempt(Attempt(2, 1, 7, "w", 1.0))
+        tx.put_group(Group(2, "g2", "ann", 1.0))
+        assert tx.delete_job(9) is None
+        for job_id in (1, 2, 4):
+            assert tx.delete_job(job_id) is not None
+        assert tx.attempts_of(2) == [] and tx.dependents("job", 1) == []
+        assert tx.dependents("group", 2) == [(3, "after")]  # job 3 still waits for the group
+        assert tx.delete_job(3) is not None
+        assert tx.dependents("group", 2) == []
+        tx.delete_group(2)
+        assert tx.group_by_name("g2") is None and tx.get_group(2) is None
+    check_indexes(store)
+    with store.read() as tx:
+        assert tx.state_counts() == dict.fromkeys(tx.state_counts(), 0)
+        assert (tx.tally("ann"), tx.tally("bo")) == (Tally("ann", {}, 0.0), Tally("bo", {}, 0.0))
+        assert tx.next_job_id() == 5  # the last job's number stays taken
+
+
+def test_events_and_submit_keys_are_deleted_oldest_first(store: Store) -> None:
+    with store.write() as tx:
+        tx.append_events([(float(t), 1, None, AVAILABLE, None) for t in range(5)])
+        for t in range(4):
+            tx.put_submit_key("ann", f"k{t}", t, float(t))
+        assert tx.delete_events_through(2) == 2 and tx.events_from(0, 9)[0].seq == 3
+        assert tx.expire_submit_keys(2.5, 10) == 3
+        assert [tx.get_submit_key("ann", f"k{t}") for t in range(4)] == [None, None, None, 3]
+        assert tx.expire_submit_keys(9.0, 10) == 1
+        assert tx.delete_events_through(99) == 3 and tx.events_from(0, 9) == []
+        assert tx.append_event(9.0, 1, None, AVAILABLE, None) == 6  # numbers are not reused

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from banyan import defaults
-from banyan.broker import stats, views
+from banyan.broker import retention, stats, views
 from banyan.broker.records import JobState, Tx
 from banyan.broker.state import Actor, Core
 from banyan.errors import BadRequest, NotFound
@@ -67,7 +67,7 @@ def handle(
         core.drain(actor, body["worker"], body["resume"])
         return {"workers": workers(tx, last_seen)}
     if kind == "stats":
-        return stats.summary(tx, core.now)
+        return stats.summary(tx, core.now, core.config.retention)
     if kind == "users":
         return {"users": views.users_info(tx, core.now, core.config.half_life)}
     if kind == "set_user":
@@ -93,7 +93,7 @@ def status(tx: Tx, body: dict[str, Any]) -> dict[str, Any]:
         ids = body["jobs"]
         for job_id in ids:
             if tx.get_job(job_id) is None:
-                raise NotFound(f"no job {job_id}")
+                raise NotFound(retention.gone(tx, job_id))
     elif body.get("group") is not None:
         ref = body["group"]
         group = tx.get_group(ref) if isinstance(ref, int) else tx.group_by_name(ref)

@@ -23,7 +23,7 @@ from typing import Any, cast
 import zmq
 
 from banyan import defaults, protocol
-from banyan.broker import queries
+from banyan.broker import queries, retention
 from banyan.broker.auth import ZapHandler
 from banyan.broker.records import WorkerState
 from banyan.broker.state import Actor, Config, Core, Effect, Logged
@@ -177,6 +177,8 @@ class Broker:
         self.stopping = False
         self.next_heartbeat = 0.0
         self.next_expiry = 0.0
+        self.next_purge = 0.0  # on self.clock, like the events' times
+        self.purged = retention.Purged()  # this pass so far, for the log
         self._recover()
 
     def _bind(self, port: int, domain: bytes) -> zmq.Socket[Any]:
@@ -238,7 +240,9 @@ class Broker:
     def _poll_timeout(self) -> float:
         if self.backlog:
             return 0.0
-        return max(0.0, min(self.next_heartbeat - self.clock(), self.config.core.heartbeat))
+        purge = self.next_purge if self.config.core.retention is not None else math.inf
+        wait = min(self.next_heartbeat, purge) - self.clock()
+        return max(0.0, min(wait, self.config.core.heartbeat))
 
     def step(self, timeout: float = 0.0) -> None:
         """One turn: wait up to `timeout` s for input, handle it all, commit once, send."""
@@ -268,6 +272,40 @@ class Broker:
         if now >= self.next_heartbeat:
             self._heartbeat(now)
             self._report_refusals()
+        if self.config.core.retention is not None and now >= self.next_purge:
+            self._purge(now, self.config.core.retention)
+
+    def _purge(self, now: float, keep: float) -> None:
+        """One slice of retention (retention.py): a transaction of its own, at most
+        PURGE_SLICE long; the next one at once while there is more, else once the oldest
+        event kept comes of age."""
+        stop = time.monotonic() + defaults.PURGE_SLICE
+        try:
+            done = self.store.write_batch(
+                lambda tx: retention.purge(tx, now - keep, lambda: time.monotonic() < stop)
+            )
+        except StoreFull as e:
+            log.warning("store full; purging old jobs again in a minute: %s", e)
+            self.next_purge = now + 60
+            return
+        log.debug("purged %d jobs and %d events in a slice", done.jobs, done.events)
+        total = self.purged
+        total.add(done)
+        if not done.done:
+            self.next_purge = now
+            return
+        due = now + keep if done.oldest is None else done.oldest + keep
+        self.next_purge = min(max(due, now + defaults.PURGE_REST), now + keep)
+        if total.jobs or total.events:
+            log.info(
+                "purged %d jobs, %d events, %d groups and %d submit keys older than %gs",
+                total.jobs,
+                total.events,
+                total.groups,
+                total.submit_keys,
+                keep,
+            )
+        self.purged = retention.Purged()
 
     def _turn(
         self, inbox: list[Inbound], lost: list[str], due: list[Waiter], now: float, pull: bool

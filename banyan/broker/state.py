@@ -31,6 +31,7 @@ from banyan.broker.records import (
     Worker,
     WorkerState,
 )
+from banyan.broker.retention import gone, purged
 from banyan.errors import BadRequest, Conflict, Forbidden, NotFound
 
 S = JobState
@@ -103,6 +104,7 @@ class Config:
     liveness: int = defaults.LIVENESS
     max_lost_requeues: int = defaults.MAX_LOST_REQUEUES
     half_life: float = defaults.USAGE_HALF_LIFE  # of users' usage, for fair share
+    retention: float | None = defaults.RETENTION  # how long ended jobs are kept; None: ever
 
 
 @dataclass(slots=True)
@@ -139,7 +141,7 @@ class Core:
     def _load(self, job_id: int) -> Job:
         job = self.tx.get_job(job_id)
         if job is None:
-            raise NotFound(f"no job {job_id}")
+            raise NotFound(gone(self.tx, job_id))
         return job
 
     def _group(self, ref: str | int) -> Group:
@@ -231,7 +233,7 @@ class Core:
             self._cancel(self._load(job_id), reason)
         result = {"jobs": ids, "groups": {name: g.id for name, g in by_name.items()}}
         if submit_key:
-            self.tx.put_submit_key(actor.name, submit_key, result)
+            self.tx.put_submit_key(actor.name, submit_key, result, self.now)
         return result
 
     def _log_submitted(self, rows: list[list[Any]]) -> None:
@@ -317,7 +319,7 @@ class Core:
     def _load_ref(self, job_id: int, where: str) -> Job:
         job = self.tx.get_job(job_id)
         if job is None:
-            raise NotFound(f"{where}: no job {job_id}")
+            raise NotFound(f"{where}: {gone(self.tx, job_id)}")
         return job
 
     def _group_ref(self, ref: str | int, where: str) -> Group:
@@ -424,8 +426,10 @@ class Core:
     def cancel(
         self, actor: Actor, job_ids: list[int], group_refs: list[str | int], reason: str | None
     ) -> dict[str, list[int]]:
-        """Cancel jobs and groups; cancelling what is already over is a success (SPEC §8)."""
-        jobs = [self._load(j) for j in job_ids]
+        """Cancel jobs and groups; cancelling what is already over is a success (SPEC §8),
+        even once retention has purged it."""
+        over = [j for j in job_ids if purged(self.tx, j)]
+        jobs = [self._load(j) for j in job_ids if j not in over]
         groups = [self._group(g) for g in group_refs]
         for job in jobs:
             if not actor.may_touch(job.owner):
@@ -449,6 +453,7 @@ class Core:
                 self._group_complete(self._group(group.id))
         for job in jobs:
             self._sort(out, job, self._cancel(self._load(job.id), why))
+        out["already"] += [j for j in dict.fromkeys(over) if j not in out["already"]]
         return out
 
     @staticmethod

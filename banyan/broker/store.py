@@ -13,6 +13,7 @@ Keys (integers big-endian, so LMDB's byte order is numeric order):
     workers      name                                      -> Worker row
     claimers     name                                      -> name   (workers with wants > 0)
     submit_keys  owner NUL key                             -> msgpack value
+    submit_times time:f64 owner NUL key                    -> empty (when each key was made)
     events       seq:u64                                   -> Event row
     meta         key                                       -> msgpack value
     ids          counter name                              -> last id issued:u64
@@ -36,10 +37,12 @@ by state and the cpus (in thousandths) its running jobs hold.
 
 Every commit rewrites the path to each B-tree it touches, so small tables share trees: the
 per-state counts sit in `by_state` (a bare state sorts before its `state NUL` entries), and
-job ids and event seqs are one past the last key of `jobs` and `events` (neither is ever
-deleted) rather than counters in `ids`. A single-job submit so touches jobs, eligible,
-by_state, owners and events. Stores from before a layout are converted on open (`_upgrade`);
-`meta` holds the layout's number under "format".
+job ids and event seqs are one past the last key of `jobs` and `events` rather than counters
+in `ids`. Retention deletes the oldest records of both; when it deletes the last one of a table
+it leaves that number in `ids` (under "purged job" or "purged event"), so numbers are never
+reused. A single-job submit so touches jobs, eligible, by_state, owners and events. Stores
+from before a layout are converted on open (`_upgrade`); `meta` holds the layout's number
+under "format".
 
 Text keys past 400 bytes are cut and suffixed with their SHA-256, because LMDB keys stop at 511
 bytes and names may be 256 characters of 4-byte UTF-8.
@@ -51,6 +54,7 @@ import functools
 import hashlib
 import os
 import struct
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -93,9 +97,10 @@ _HOLDING = frozenset(s.value for s in HOLDING)
 _STATES = tuple(s.value for s in JobState)
 _DUMPED = ("jobs", "groups", "attempts", "edges")
 # Numbered by their own table's last key, not by a counter in `ids`: one B-tree fewer per
-# commit. Sound because no job and no event is ever deleted; a retention sweep would need the
-# counters back (or to keep the last record).
+# commit. A purge that deletes a table's last key leaves its number in `ids` (_FLOORS).
 _TABLE_IDS = {"job": "jobs", "event": "events"}
+_FLOORS = {"job": b"purged job", "event": b"purged event"}
+_TIME = struct.Struct(">d")  # a time >= 0: its bytes sort as it does
 
 # Positions in a packed Job row, so put_job can read the previous record's indexed fields
 # without building a Job.
@@ -233,6 +238,7 @@ class _Dbs:
     owner_names: Any
     shapes: Any
     users: Any
+    submit_times: Any
 
     def __init__(self, env: lmdb.Environment) -> None:
         for name in self.__annotations__:
@@ -394,15 +400,48 @@ class ReadTx:
         cursor = self._txn.cursor(db)
         return int(_U64.unpack(cursor.key())[0]) if cursor.last() else 0
 
+    def _top(self, counter: str) -> int:
+        """The last job id or event seq ever issued: its table's last key, or the number a
+        purge left when it deleted the last one."""
+        raw = self._txn.get(_FLOORS[counter], db=self._db.ids)
+        last = self._last_key(getattr(self._db, _TABLE_IDS[counter]))
+        return last if raw is None else max(last, int(_U64.unpack(raw)[0]))
+
     def last_id(self, counter: str) -> int:
-        table = _TABLE_IDS.get(counter)
-        if table is not None:
-            return self._last_key(getattr(self._db, table))
+        if counter in _TABLE_IDS:
+            return self._top(counter)
         raw = self._txn.get(_text_key(counter), db=self._db.ids)
         return 0 if raw is None else int(_U64.unpack(raw)[0])
 
     def next_job_id(self) -> int:
-        return self._last_key(self._db.jobs) + 1
+        return self._top("job") + 1
+
+    def first_job(self) -> Job | None:
+        """The oldest job still kept."""
+        cursor = self._txn.cursor(self._db.jobs)
+        return Job.unpack(_unpack(cursor.value())) if cursor.first() else None
+
+    def store_info(self) -> dict[str, int]:
+        """Bytes: `file` (data.mdb), `used` (pages of every table), `free` (pages LMDB has
+        freed and will reuse before it grows the file), `map` (the map's current size)."""
+        env = self._batch.env
+        stat = env.stat()
+        page = stat["psize"]
+        pages = sum(
+            s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"]
+            for s in [stat, *(self._txn.stat(getattr(self._db, n)) for n in _Dbs.__annotations__)]
+        )
+        ever = env.info()["last_pgno"] + 1  # pages the file has ever held, with 2 meta pages
+        try:
+            size = os.stat(os.path.join(env.path(), "data.mdb")).st_size
+        except OSError:
+            size = ever * page
+        return {
+            "file": size,
+            "used": pages * page,
+            "free": max(0, ever - 2 - pages) * page,
+            "map": env.info()["map_size"],
+        }
 
     # The writers of records.Tx, so a read view can stand wherever a Tx is expected.
     def next_id(self, counter: str, count: int = 1) -> int:
@@ -429,8 +468,20 @@ class ReadTx:
     def put_worker(self, worker: Worker) -> None:
         raise ReadOnly("put_worker on a read view")
 
-    def put_submit_key(self, owner: str, key: str, value: Any) -> None:
+    def put_submit_key(self, owner: str, key: str, value: Any, time: float) -> None:
         raise ReadOnly("put_submit_key on a read view")
+
+    def delete_job(self, job_id: int) -> Job | None:
+        raise ReadOnly("delete_job on a read view")
+
+    def delete_group(self, group_id: int) -> None:
+        raise ReadOnly("delete_group on a read view")
+
+    def delete_events_through(self, seq: int) -> int:
+        raise ReadOnly("delete_events_through on a read view")
+
+    def expire_submit_keys(self, before: float, limit: int) -> int:
+        raise ReadOnly("expire_submit_keys on a read view")
 
     def append_event(
         self, time: float, job: int, frm: str | None, to: str, reason: str | None
@@ -736,16 +787,111 @@ class WriteTx(ReadTx):
             self._txn.delete(key, db=self._db.claimers)
 
     @_writes
-    def put_submit_key(self, owner: str, key: str, value: Any) -> None:
-        self._txn.put(
-            _text_key(f"{owner}\0{key}"), self._batch.pack(value), db=self._db.submit_keys
-        )
+    def put_submit_key(self, owner: str, key: str, value: Any, time: float) -> None:
+        """Remember a submission's result under its key, made at `time` (for retention)."""
+        name = _text_key(f"{owner}\0{key}")
+        self._txn.put(name, self._batch.pack(value), db=self._db.submit_keys)
+        self._txn.put(_TIME.pack(max(0.0, time)) + name, b"", db=self._db.submit_times)
+
+    # ---- deleting, for retention -----------------------------------------------------------
+
+    def _delete_prefix(self, db: Any, prefix: bytes) -> int:
+        cursor = self._txn.cursor(db)
+        deleted = 0
+        found = cursor.set_range(prefix)
+        # delete() moves on to the next entry; past the last one the key reads empty.
+        while found and cursor.key().startswith(prefix):
+            found = cursor.delete()
+            deleted += 1
+        return deleted
+
+    def _keep_number(self, counter: str, key: bytes) -> None:
+        """Before deleting `key` from a numbering table: if it is the last, keep its number."""
+        cursor = self._txn.cursor(getattr(self._db, _TABLE_IDS[counter]))
+        if cursor.last() and cursor.key() == key:
+            kept = self._txn.get(_FLOORS[counter], db=self._db.ids)
+            if kept is None or kept < key:
+                self._txn.put(_FLOORS[counter], key, db=self._db.ids)
+
+    @_writes
+    def delete_job(self, job_id: int) -> Job | None:
+        """Delete a job and everything kept about it: its attempts, its entries in every job
+        index and count, and the dependency edges to and from it; returns what it was. The one
+        place a job is deleted: whatever put_job indexes, this undoes."""
+        key = _U64.pack(job_id)
+        txn, db = self._txn, self._db
+        raw = txn.get(key, db=db.jobs)
+        if raw is None:
+            return None
+        job = Job.unpack(_unpack(raw))
+        self._keep_number("job", key)
+        txn.delete(key, db=db.jobs)
+        if job.eligible:
+            request = [job.cpus, job.memory, job.gpus, job.tags]
+            txn.delete(
+                self._queue(job.owner, request) + _rank(job.priority, job.id), db=db.eligible
+            )
+        txn.delete(_state_key(job.state, job_id), db=db.by_state)
+        self._counts[job.state] = self._counts.get(job.state, 0) - 1
+        self._own(job.owner, (job.state, job.cpus), (None, 0.0))
+        for group_id in set(job.groups):
+            txn.delete(_PAIR.pack(group_id, job_id), db=db.members)
+        self._delete_prefix(db.attempts, key)
+        self._delete_prefix(db.edges, _TARGETS["job"] + key)  # its dependents'
+        for _, target, target_id in job.depends_on:  # its own
+            txn.delete(_TARGETS[target] + _PAIR.pack(target_id, job_id), db=db.edges)
+        return job
+
+    @_writes
+    def delete_group(self, group_id: int) -> None:
+        """Delete a group: its record, its name (unless a newer group took it), the edges of
+        jobs that depend on it and any member entries left."""
+        key = _U64.pack(group_id)
+        txn, db = self._txn, self._db
+        raw = txn.get(key, db=db.groups)
+        if raw is None:
+            return
+        name = _text_key(_unpack(raw)[1])
+        if txn.get(name, db=db.group_names) == key:
+            txn.delete(name, db=db.group_names)
+        txn.delete(key, db=db.groups)
+        self._delete_prefix(db.edges, _TARGETS["group"] + key)
+        self._delete_prefix(db.members, key)
+
+    @_writes
+    def delete_events_through(self, seq: int) -> int:
+        """Delete every event up to and including `seq`; returns how many."""
+        cursor = self._txn.cursor(self._db.events)
+        last = _U64.pack(seq)
+        if cursor.last() and cursor.key() <= last:
+            self._keep_number("event", cursor.key())
+        deleted = 0
+        found = cursor.first()
+        while found and b"" < cursor.key() <= last:
+            found = cursor.delete()
+            deleted += 1
+        return deleted
+
+    @_writes
+    def expire_submit_keys(self, before: float, limit: int) -> int:
+        """Forget up to `limit` submit keys made before `before`; returns how many."""
+        cursor = self._txn.cursor(self._db.submit_times)
+        deleted = 0
+        found = cursor.first()
+        while found and deleted < limit:
+            stamp = cursor.key()
+            if not stamp or _TIME.unpack_from(stamp)[0] >= before:
+                break
+            self._txn.delete(stamp[_TIME.size :], db=self._db.submit_keys)
+            found = cursor.delete()
+            deleted += 1
+        return deleted
 
     @_writes
     def append_event(
         self, time: float, job: int, frm: str | None, to: str, reason: str | None
     ) -> int:
-        seq = self._last_key(self._db.events) + 1
+        seq = self._top("event") + 1
         row = [seq, time, job, frm, to, reason]  # Event.pack() order
         self._txn.put(_U64.pack(seq), self._batch.pack(row), append=True, db=self._db.events)
         return seq
@@ -754,7 +900,7 @@ class WriteTx(ReadTx):
     def append_events(self, rows: list[tuple[float, int, str | None, str, str | None]]) -> int:
         """Several events, numbered from the returned seq."""
         cursor = self._txn.cursor(self._db.events)
-        first = (_U64.unpack(cursor.key())[0] if cursor.last() else 0) + 1
+        first = self._top("event") + 1
         pack = self._batch.pack
         items = [(_U64.pack(seq), pack([seq, *row])) for seq, row in enumerate(rows, first)]
         cursor.putmulti(items, append=True)
@@ -770,8 +916,11 @@ class WriteTx(ReadTx):
 
 
 def _to_format_2(tx: WriteTx) -> None:
-    """Eligible entries keyed by owner and shape first; owners numbered and their jobs counted.
-    One pass over every job, once."""
+    """Eligible entries keyed by owner and shape first; owners numbered and their jobs counted,
+    in one pass over every job; submit keys dated now, so retention keeps them a full period."""
+    now = _TIME.pack(time.time())
+    for name, _ in tx._scan(tx._db.submit_keys, b""):
+        tx._txn.put(now + name, b"", db=tx._db.submit_times)
     tx._txn.drop(tx._db.eligible, delete=False)
     for _, raw in tx._scan(tx._db.jobs, b""):
         job = Job.unpack(_unpack(raw))

@@ -10,6 +10,8 @@ Options:
   --state-dir DIR      LMDB state directory (default: $BANYAN_HOME/state).
   --heartbeat S        Heartbeat interval in seconds [default: 1.0].
   --liveness N         Missed heartbeats before a worker is lost [default: 5].
+  --retention T        Keep ended jobs, their attempts and events this long (2h, 30d),
+                       then purge them; `none` keeps them forever [default: 30d].
   --usage-half-life T  Fair share: a user's past usage counts half after T (1h30m, 7d)
                        [default: 7d].
   --insecure           No CurveZMQ keys: every peer is trusted (loudly warned about off
@@ -46,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
                 heartbeat=float(args["--heartbeat"]),
                 liveness=int(args["--liveness"]),
                 half_life=_positive(args["--usage-half-life"], "--usage-half-life"),
+                retention=None
+                if args["--retention"].lower() == "none"
+                else _positive(args["--retention"], "--retention"),
             ),
             secure=not args["--insecure"],
         )
