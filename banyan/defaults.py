@@ -74,6 +74,14 @@ CLIENT_TIMEOUT = 10.0
 ORPHAN_SWEEP_INTERVAL = 1.0
 # Ended attempts whose output files the worker still serves to `banyan-logs` (~0.5 KiB each).
 FINISHED_LOGS_KEPT = 10_000
+# Worker spool (banyan/worker/spool.py): a job's output is deleted a week after it last
+# changed, a week being enough to read or copy it; sooner when free space is under 1 GiB,
+# enough headroom for the output of the jobs running meanwhile on most machines.
+SPOOL_RETENTION = 7 * 86400.0
+SPOOL_MIN_FREE = 1 << 30
+SPOOL_SWEEP = 600.0  # a pass over the spool for old output: at most every 10 minutes
+SPOOL_DISK_CHECK = 5.0  # statvfs of the spool: cheap, so often enough to catch a filling disk
+SPOOL_SLICE = 0.005  # seconds of spool upkeep per turn of the worker's loop
 LOG_CHUNK_MAX = 1024 * 1024  # protocol: log_chunk data ≤ 1 MiB
 # nvidia-smi can hang on a wedged driver; the worker must still start.
 GPU_PROBE_TIMEOUT = 5.0

@@ -32,7 +32,7 @@ from docopt import DocoptExit, docopt
 from banyan.broker.server import Broker, BrokerConfig
 from banyan.broker.state import Config
 from banyan.cli import EXIT_OK, EXIT_USAGE, daemon_logging
-from banyan.cli.output import UsageError, parse_duration
+from banyan.cli.output import UsageError, positive_duration
 from banyan.config import home
 
 
@@ -47,10 +47,10 @@ def main(argv: list[str] | None = None) -> int:
             core=Config(
                 heartbeat=float(args["--heartbeat"]),
                 liveness=int(args["--liveness"]),
-                half_life=_positive(args["--usage-half-life"], "--usage-half-life"),
+                half_life=positive_duration(args["--usage-half-life"], "--usage-half-life"),
                 retention=None
                 if args["--retention"].lower() == "none"
-                else _positive(args["--retention"], "--retention"),
+                else positive_duration(args["--retention"], "--retention"),
             ),
             secure=not args["--insecure"],
         )
@@ -77,13 +77,6 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, stop)
     broker.run()
     return EXIT_OK
-
-
-def _positive(text: str, option: str) -> float:
-    seconds = parse_duration(text, option)
-    if seconds <= 0:
-        raise UsageError(f"{option}: must be more than 0, got {text!r}")
-    return seconds
 
 
 def _loopback(host: str) -> bool:
