@@ -86,10 +86,18 @@ class Account:
 
 
 class Board:
-    """The queue heads during one `match`, by owner, kept up to date as it assigns."""
+    """The queue heads during one `match`, by owner, kept up to date as it assigns: a queue
+    whose head was taken is read again (`reload`) only when a pick needs it."""
 
-    def __init__(self, heads: Iterable[Head], accounts: dict[str, Account]) -> None:
+    def __init__(
+        self,
+        heads: Iterable[Head],
+        accounts: dict[str, Account],
+        reload: Callable[[bytes], Head | None],
+    ) -> None:
         self.accounts = accounts
+        self._reload = reload
+        self._taken: list[Head] = []
         for head in heads:
             accounts[head.owner].heads[head.queue] = head
 
@@ -101,22 +109,30 @@ class Board:
         tallies: dict[str, Tally],
         now: float,
         half_life: float,
+        reload: Callable[[bytes], Head | None],
     ) -> Board:
-        """`users` and `tallies` for every owner with a head."""
-        factor = factors(users, now, half_life)
+        """`users` for every owner with a head; `tallies` for those that compete with another
+        or have a limit (the others count as holding nothing)."""
+        factor = factors(users, now, half_life) if len(users) > 1 else dict.fromkeys(users, 1.0)
         accounts = {}
         for owner, user in users.items():
-            tally = tallies[owner]
+            tally = tallies.get(owner)
             weight = max(_MIN_WEIGHT, (user.shares if user else 1.0) * factor[owner])
             limit = user.max_running if user else None
-            accounts[owner] = Account(owner, weight, tally.cpus, tally.running, limit)
-        return cls(heads, accounts)
-
-    def __bool__(self) -> bool:
-        return any(a.heads for a in self.accounts.values())
+            cpus, running = (tally.cpus, tally.running) if tally else (0.0, 0)
+            accounts[owner] = Account(owner, weight, cpus, running, limit)
+        return cls(heads, accounts, reload)
 
     def pick(self, room: Room, tags: Collection[str], accepts: Accepts = None) -> Head | None:
         """The job to assign next to a worker with `room` and `tags`, if any fits."""
+        for taken in self._taken:
+            after = self._reload(taken.queue)
+            heads = self.accounts[taken.owner].heads
+            if after is None:
+                del heads[taken.queue]
+            else:
+                heads[taken.queue] = after
+        self._taken.clear()
         waiting = [a for a in self.accounts.values() if a.heads]
         for account in sorted(waiting, key=Account.order):
             if account.max_running is not None and account.running >= account.max_running:
@@ -128,12 +144,9 @@ class Board:
                 return head
         return None
 
-    def took(self, head: Head, after: Head | None) -> None:
-        """`head` was assigned; `after` is its queue's new head, if any."""
+    def took(self, head: Head) -> None:
+        """`head` was assigned: its queue has a new head (or none)."""
         account = self.accounts[head.owner]
         account.cpus += head.request[0]
         account.running += 1
-        if after is None:
-            del account.heads[head.queue]
-        else:
-            account.heads[head.queue] = after
+        self._taken.append(head)

@@ -10,7 +10,7 @@ import enum
 import operator
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar
 
 
 class JobState(str, enum.Enum):
@@ -58,10 +58,10 @@ R = TypeVar("R", bound="Record")
 Request = tuple[float, int, int, list[str]]
 
 
-@dataclass(frozen=True, slots=True)
-class Head:
+class Head(NamedTuple):
     """The best eligible job of one queue: one owner's jobs of one shape (the same cpus,
-    memory, gpus and tags), so that if the head does not fit a worker, nothing behind it does."""
+    memory, gpus and tags), so that if the head does not fit a worker, nothing behind it does.
+    A tuple: a claim makes one per queue, so it has to be cheap."""
 
     queue: bytes  # opaque to all but the store: which queue, for `Tx.queue_head`
     owner: str

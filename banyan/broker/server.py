@@ -178,6 +178,7 @@ class Broker:
         self.next_heartbeat = 0.0
         self.next_expiry = 0.0
         self.next_purge = 0.0  # on self.clock, like the events' times
+        self._purged_at = 0.0  # when the last purge slice ended, on the monotonic clock
         self.purged = retention.Purged()  # this pass so far, for the log
         self._recover()
 
@@ -276,10 +277,15 @@ class Broker:
             self._purge(now, self.config.core.retention)
 
     def _purge(self, now: float, keep: float) -> None:
-        """One slice of retention (retention.py): a transaction of its own, at most
-        PURGE_SLICE long; the next one at once while there is more, else once the oldest
-        event kept comes of age."""
-        stop = time.monotonic() + defaults.PURGE_SLICE
+        """One slice of retention (retention.py): a transaction of its own, PURGE_SLICE long,
+        or PURGE_SHARE of the time since the last slice while it is behind; the next one at
+        once while there is more, else once the oldest event kept comes of age."""
+        start = time.monotonic()
+        budget = defaults.PURGE_SLICE
+        if self.purged.jobs or self.purged.events:  # this pass has gone on a while: behind
+            share = defaults.PURGE_SHARE * (start - self._purged_at)
+            budget = min(max(budget, share), defaults.PURGE_SLICE_MAX)
+        stop = start + budget
         try:
             done = self.store.write_batch(
                 lambda tx: retention.purge(tx, now - keep, lambda: time.monotonic() < stop)
@@ -288,6 +294,8 @@ class Broker:
             log.warning("store full; purging old jobs again in a minute: %s", e)
             self.next_purge = now + 60
             return
+        finally:
+            self._purged_at = time.monotonic()
         log.debug("purged %d jobs and %d events in a slice", done.jobs, done.events)
         total = self.purged
         total.add(done)

@@ -672,14 +672,21 @@ class Core:
         heads = self.tx.queue_heads()
         owners = {h.owner for h in heads}
         users = {name: self.tx.get_user(name) for name in owners}
-        tallies = {name: self.tx.tally(name) for name in owners}
-        return Board.build(heads, users, tallies, self.now, self.config.half_life)
+        # What an owner holds matters only against other owners, or to its own limit.
+        tallies = {
+            name: self.tx.tally(name)
+            for name, user in users.items()
+            if len(owners) > 1 or (user is not None and user.max_running is not None)
+        }
+        return Board.build(
+            heads, users, tallies, self.now, self.config.half_life, self.tx.queue_head
+        )
 
     def _fill(self, worker: Worker, board: Board) -> list[dict[str, Any]]:
         """Assign `worker` the best fitting jobs, one at a time, while it wants more and has
         room; returns the assignments."""
         batch: list[dict[str, Any]] = []
-        while worker.wants > 0 and board:
+        while worker.wants > 0:
             room = (
                 worker.cpus - worker.used_cpus,
                 worker.memory - worker.used_memory,
@@ -691,7 +698,7 @@ class Core:
             if head is None:
                 break
             batch.append(self._assign(worker, head.job))
-            board.took(head, self.tx.queue_head(head.queue))
+            board.took(head)
         return batch
 
     def _assign(self, worker: Worker, job_id: int) -> dict[str, Any]:
