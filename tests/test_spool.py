@@ -50,16 +50,18 @@ def test_output_older_than_the_retention_goes_unless_its_job_is_busy(tmp_path: P
     (d / "notes.txt").write_text("not ours")
     os.utime(d / "notes.txt", (NOW - 90 * DAY, NOW - 90 * DAY))
     outside = tmp_path / "precious"
-    outside.write_text("keep")
+    (outside / "sub").mkdir(parents=True)
+    (outside / "sub" / "file").write_text("keep")
     make(d, 5, 1, 8 * DAY, cwd=True)
-    (d / "5.1" / "link").symlink_to(outside)  # a job's link out of its directory
+    (d / "5.1" / "dir-link").symlink_to(outside / "sub")  # a job's links out of its directory
+    (d / "5.1" / "file-link").symlink_to(outside / "sub" / "file")
     os.utime(d / "5.1", (NOW - 8 * DAY, NOW - 8 * DAY))
     spool = Spool(str(d), SpoolPolicy(retention=7 * DAY, min_free=0))
     step_until_idle(spool, busy={2})
     assert names(d) == {"2.1.out", "2.1.err", "3.2.out", "3.2.err", "4.1.out", "4.1.err"} | {
         "notes.txt"
     }
-    assert outside.read_text() == "keep" and spool.deleted == 2
+    assert (outside / "sub" / "file").read_text() == "keep" and spool.deleted == 2
 
 
 def test_the_work_goes_a_slice_at_a_time(tmp_path: Path):

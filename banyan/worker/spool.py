@@ -119,7 +119,7 @@ class Spool:
         dated: list[tuple[float, Stem]] = []
         for stem in self._stems():
             yield
-            if stem is not None and stem[0] not in self._busy:
+            if stem is not None:
                 newest = self._newest(stem)
                 if newest is not None:
                     dated.append((newest, stem))
@@ -127,7 +127,7 @@ class Spool:
         for _, stem in dated:
             if self._free(self.path) >= self.policy.min_free:
                 return
-            if stem[0] not in self._busy:
+            if stem[0] not in self._busy:  # as of now: a pass takes several steps
                 yield from self._delete(stem)
         if self._free(self.path) < self.policy.min_free:
             log.warning("spool disk still low: nothing more of ended jobs to delete")
