@@ -72,7 +72,8 @@ Options:
                         replaced by the index, which is also in $BANYAN_ARRAY_INDEX.
   -f --file JOBS.json   A whole workflow: jobs, groups and dependencies (docs/workflow.md).
                         Options given here apply to every job that does not set its own.
-  --submit-key KEY      Make the submission idempotent: repeating it returns the first ids.
+  --submit-key KEY      Make the submission idempotent: repeating it returns the first ids
+                        (while the broker keeps the key: its --retention, 30 days).
   -w --wait             Wait until every job has ended; exit 0 only if all succeeded.
 """
     + CONNECT_OPTIONS
