@@ -684,7 +684,8 @@ class Core:
 
     def _fill(self, worker: Worker, board: Board) -> list[dict[str, Any]]:
         """Assign `worker` the best fitting jobs, one at a time, while it wants more and has
-        room; returns the assignments."""
+        room; returns the assignments. (Whose jobs a worker may run would go to `pick` as its
+        `accepts`.)"""
         batch: list[dict[str, Any]] = []
         while worker.wants > 0:
             room = (
