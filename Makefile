@@ -23,7 +23,7 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m banyan.demo
 
-# Every benchmark at full size (about 10 minutes on 2 cores); tables on stdout, JSON and a
+# Every benchmark at full size (about 20 minutes on 2 cores); tables on stdout, JSON and a
 # summary table under bench/results/. bench-quick runs the same at small sizes in about 90 s.
 bench: $(STAMP)
 	$(PY) bench/run_all.py

@@ -436,6 +436,16 @@ class Client:
     def stats(self) -> dict[str, Any]:
         return dict(self.request("stats", {}))
 
+    def users(self) -> list[dict[str, Any]]:
+        """Each user's shares, limits, running and queued jobs, usage and fair-share factor."""
+        return list(self.request("users", {})["users"])
+
+    def set_user(self, name: str, **settings: Any) -> dict[str, Any]:
+        """Set `shares`, `max_running` or `max_queued` (None lifts a limit); admins only.
+        Returns the user's row."""
+        (row,) = self.request("set_user", {"name": name, "set": settings})["users"]
+        return dict(row)
+
     def logs(
         self, job: int, stream: str = "stdout", offset: int = 0, limit: int = 1 << 20
     ) -> LogChunk:

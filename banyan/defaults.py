@@ -15,6 +15,22 @@ LIVENESS = 5
 # A lost worker's job goes back to the queue this often without spending a retry (SPEC §5).
 MAX_LOST_REQUEUES = 3
 
+# Ended jobs, their attempts and events are kept this long, then purged: a month of history
+# for status and stats, after which the store stops growing with the work that passes through.
+RETENTION = 30 * 86400.0
+# A purge runs in transactions of its own of 5 ms, so the loop stays responsive; while it is
+# behind, up to a quarter of the loop's time (at most 20 ms a slice), so that it keeps up with
+# a broker busy ending thousands of jobs a second (each costs the purge about 50 µs).
+PURGE_SLICE = 0.005
+PURGE_SHARE = 0.25
+PURGE_SLICE_MAX = 0.02
+# Caught up, the next purge waits at least this long: one transaction a second is plenty.
+PURGE_REST = 1.0
+
+# Fair share: usage counts half as much after a week, as Slurm's PriorityDecayHalfLife: long
+# enough that a burst is remembered for days, short enough that last month is forgotten.
+USAGE_HALF_LIFE = 7 * 86400.0
+
 # Job defaults (SPEC §2).
 CPUS = 1.0
 MEMORY_MIB = 0
@@ -57,8 +73,6 @@ STATUS_PAGE = 1000
 STATUS_SCAN = 20_000
 STATUS_COUNT_KEYS = 100_000
 EVENTS_LIMIT = 10_000
-# How far down the eligible index one claim looks for a job that fits before giving up for now.
-CLAIM_SCAN_LIMIT = 4096
 
 # LMDB: start small and double on MapFullError, so a test store costs nothing and a big one grows.
 INITIAL_MAP_SIZE = 64 * 1024 * 1024
@@ -83,6 +97,14 @@ CLIENT_TIMEOUT = 10.0
 ORPHAN_SWEEP_INTERVAL = 1.0
 # Ended attempts whose output files the worker still serves to `banyan-logs` (~0.5 KiB each).
 FINISHED_LOGS_KEPT = 10_000
+# Worker spool (banyan/worker/spool.py): a job's output is deleted a week after it last
+# changed, a week being enough to read or copy it; sooner when free space is under 1 GiB,
+# enough headroom for the output of the jobs running meanwhile on most machines.
+SPOOL_RETENTION = 7 * 86400.0
+SPOOL_MIN_FREE = 1 << 30
+SPOOL_SWEEP = 600.0  # a pass over the spool for old output: at most every 10 minutes
+SPOOL_DISK_CHECK = 5.0  # statvfs of the spool: cheap, so often enough to catch a filling disk
+SPOOL_SLICE = 0.005  # seconds of spool upkeep per turn of the worker's loop
 LOG_CHUNK_MAX = 1024 * 1024  # protocol: log_chunk data ≤ 1 MiB
 # nvidia-smi can hang on a wedged driver; the worker must still start.
 GPU_PROBE_TIMEOUT = 5.0

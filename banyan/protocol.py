@@ -48,6 +48,7 @@ __all__ = [
     "MAX_LOG_CHUNK",
     "MAX_MEMORY",
     "MAX_REASON",
+    "MAX_SHARES",
     "MAX_SIGNAL",
     "MAX_TAG",
     "MAX_TIME",
@@ -90,6 +91,7 @@ MAX_REASON: Final = 1024
 MAX_TAG: Final = 64
 MAX_LOG_CHUNK: Final = 1 << 20
 MAX_SIGNAL: Final = 127  # WTERMSIG is 7 bits
+MAX_SHARES: Final = 1_000_000.0
 # Not in the doc: past these a broker's settings are a mistake, not a choice.
 MAX_HEARTBEAT: Final = 3600.0
 MAX_LIVENESS: Final = 1000
@@ -967,6 +969,22 @@ _CLIENT_REQUEST_SCHEMAS: Final[dict[str, Check]] = {
     "workers": _record({}),
     "drain": _record({"worker": (_NAME, _REQUIRED), "resume": (_bool, False)}),
     "stats": _record({}),
+    "users": _record({}),
+    "set_user": _record(
+        {
+            "name": (_NAME, _REQUIRED),
+            "set": (
+                _record(
+                    {
+                        "shares": (_num(0.0, MAX_SHARES, above=True), _OMIT),
+                        "max_running": (_int(0, MAX_INT, null=True), _OMIT),
+                        "max_queued": (_int(0, MAX_INT, null=True), _OMIT),
+                    }
+                ),
+                {},
+            ),
+        }
+    ),
     "events": _record(
         {
             "since": (_INDEX, 0),
@@ -1038,6 +1056,7 @@ _CLIENT_REPLY_SCHEMAS: Final[dict[str, Check]] = {
     "waited": _record({"jobs": (_FREE_LIST, _REQUIRED), "timed_out": (_bool, _REQUIRED)}),
     "workers": _record({"workers": (_FREE_LIST, _REQUIRED)}),
     "stats": _free,
+    "users": _record({"users": (_FREE_LIST, _REQUIRED)}),
     "events": _record({"events": (_list(_EVENT, _BIG), _REQUIRED), "next": (_ANY_INT, _REQUIRED)}),
     "logs": _record(
         {

@@ -1,19 +1,22 @@
 """Does taking the next job cost the same with 1,000 or 1,000,000 jobs queued?
 
 Fills a fresh store with N eligible jobs (through `Store.write_batch` and `put_job`, 50,000
-per transaction), then times four things, each with its own commit:
+per transaction), each asking for 1 cpu and 256 MiB, then FIT jobs asking for no memory, at
+the lowest priority. Then it times five things, each with its own commit:
 
 - index: take the first eligible job, write it back as running (the store's part of a claim);
 - match: a worker with room claims one job through `Core.claim` + `Core.match` (what the
   broker's turn runs: worker record, attempt, event, assignment);
-- match, no queued job fits: a claim by a worker too small for every queued job. The first
-  scans the eligible index up to CLAIM_SCAN_LIMIT entries, assigns nothing and leaves a note;
-  the others find the note (no entry joined or left the index, the worker has no more room)
-  and skip the scan, so the median is the note's cost, and the max the scan's;
+- match, no queued job fits: a claim by a worker too small for every queued job: it reads
+  the head of each queue (one per owner and shape), assigns nothing;
 - match, worker has no free cpu: the same for a worker whose one cpu is taken (W1's case: a
-  standing claim from a busy worker, matched again at every result).
+  standing claim from a busy worker, matched again at every result): it reads nothing;
+- claim behind N jobs that do not fit: a worker with 128 MiB claims one job; none of the N
+  queued ahead of the FIT jobs fits it (head-of-line blocking, if a claim had to look past
+  them). Its reference is the same claim on a queue of nothing but the FIT jobs.
 
-The median with the big queue is compared with the median with the small one, same run.
+The median with the big queue is compared with the median with the small one (or the FIT-only
+queue), same run.
 
     python bench/claim_scaling.py            # N = 1,000 and 1,000,000
     python bench/claim_scaling.py --quick    # N = 1,000 and 20,000
@@ -37,10 +40,12 @@ from bench.common import Figure, Report, median, parser, percentile, workdir
 
 CHUNK = 50_000
 TARGET = 2.0
+FIT = 1_000  # jobs the 128 MiB worker fits, behind the N that it does not
 
 
 def fill(store: Store, n: int) -> float:
-    """Queue n available jobs in chunks; returns the seconds it took (map growth included)."""
+    """Queue n available jobs in chunks, then FIT that ask for no memory; returns the seconds
+    it took (map growth included)."""
     rng = random.Random(n)
     started = time.perf_counter()
 
@@ -54,15 +59,15 @@ def fill(store: Store, n: int) -> float:
                     owner="bench",
                     submitted=1.7e9 + job_id,
                     cpus=1.0,
-                    memory=256,
-                    priority=rng.randint(-2, 2),
+                    memory=0 if job_id > n else 256,
+                    priority=-3 if job_id > n else rng.randint(-2, 2),
                     groups=[1 + job_id // 10_000],
                 )
             )
         tx.put_meta("filled", hi - 1)
 
-    for lo in range(1, n + 1, CHUNK):
-        hi = min(lo + CHUNK, n + 1)
+    for lo in range(1, n + FIT + 1, CHUNK):
+        hi = min(lo + CHUNK, n + FIT + 1)
         store.write_batch(functools.partial(chunk, lo=lo, hi=hi))
     return time.perf_counter() - started
 
@@ -107,9 +112,9 @@ def match(store: Store, worker: str, expect: int) -> float:
     return elapsed
 
 
-def register(store: Store, name: str, cpus: float) -> None:
+def register(store: Store, name: str, cpus: float, memory: int = 1 << 30) -> None:
     with store.write() as tx:
-        Core(tx, time.time()).register(name, "bench", (cpus, 1 << 30, 0), [], [])
+        Core(tx, time.time()).register(name, "bench", (cpus, memory, 0), [], [])
 
 
 def stats(times: list[float]) -> dict[str, float]:
@@ -120,10 +125,15 @@ def stats(times: list[float]) -> dict[str, float]:
     }
 
 
-def measure(store: Store, claims: int) -> dict[str, dict[str, float]]:
-    """The bare index claim; a claim through Core.match by a worker with room; and a match
-    for a worker that has no room for any queued job (it scans, finds nothing)."""
-    out = {"index": stats([claim(store) for _ in range(claims)])}
+def measure(store: Store, claims: int, only_behind: bool = False) -> dict[str, dict[str, float]]:
+    """The bare index claim; a claim through Core.match by a worker with room; a match for a
+    worker that has no room for any queued job; and a claim by a worker that fits only the
+    FIT jobs (with `only_behind`, just that one)."""
+    out = {"behind": stats([match(store, "narrow", 1) for _ in range(min(claims, FIT))])}
+    requeue(store)
+    if only_behind:
+        return out
+    out["index"] = stats([claim(store) for _ in range(claims)])
     requeue(store)
     out["match"] = stats([match(store, "roomy", 1) for _ in range(claims)])
     requeue(store)
@@ -144,18 +154,25 @@ def main() -> int:
     p.add_argument("--dir", type=Path, help="where to build the stores (default: a temp dir)")
     args = p.parse_args()
     small, big = 1_000, 20_000 if args.quick else 1_000_000
-    params = {"claims": args.claims, "sync": args.sync, "sizes": [small, big], "chunk": CHUNK}
+    params = {
+        "claims": args.claims,
+        "sync": args.sync,
+        "sizes": [small, big],
+        "chunk": CHUNK,
+        "fit": FIT,
+    }
     report = Report("claim_scaling", args.quick, args.repeat, params)
     with workdir(args.keep, "claim") as tmp:
         root = args.dir or tmp
         sizes: dict[int, dict[str, Any]] = {}
         stores = {}
-        for n in (small, big):
+        for n in (0, small, big):
             stores[n] = Store(root / f"n{n}", sync=args.sync)
             fill_s = fill(stores[n], n)
             register(stores[n], "roomy", 1e6)
             register(stores[n], "full", 0.5)  # every queued job asks for 1 cpu
             register(stores[n], "busy", 1.0)
+            register(stores[n], "narrow", 1e6, memory=128)  # fits only the FIT jobs
             for _ in range(20):  # warm the cursor paths and the page cache
                 claim(stores[n])
             requeue(stores[n])
@@ -164,7 +181,9 @@ def main() -> int:
             print(f"  filled {n:,} jobs in {fill_s:.1f} s", file=sys.stderr)
         # Alternate the sizes within each run, so a busy moment hits both alike.
         for _ in range(args.repeat):
-            report.runs.append({str(n): measure(stores[n], args.claims) for n in (small, big)})
+            report.runs.append(
+                {str(n): measure(stores[n], args.claims, only_behind=not n) for n in stores}
+            )
         for store in stores.values():
             store.close()
     report.params["stores"] = {str(n): v for n, v in sizes.items()}
@@ -172,9 +191,9 @@ def main() -> int:
     def med(n: int, kind: str, key: str = "median_us") -> float:
         return median([r[str(n)][kind][key] for r in report.runs])
 
-    def ratio(kind: str) -> float:
+    def ratio(kind: str, ref: int = small) -> float:
         return median(
-            [r[str(big)][kind]["median_us"] / r[str(small)][kind]["median_us"] for r in report.runs]
+            [r[str(big)][kind]["median_us"] / r[str(ref)][kind]["median_us"] for r in report.runs]
         )
 
     labels = {
@@ -198,7 +217,21 @@ def main() -> int:
                 r <= TARGET,
             ),
         )
-    report.add(Figure(f"fill rate, {big:,} jobs", big / sizes[big]["fill_s"], "jobs/s"))
+    r = ratio("behind", 0)
+    report.add(
+        Figure(f"claim behind {small:,} jobs that do not fit", med(small, "behind"), "us"),
+        Figure(
+            f"claim behind {big:,} jobs that do not fit",
+            med(big, "behind"),
+            "us",
+            "no job ahead",
+            med(0, "behind"),
+            r,
+            f"ratio <= {TARGET:g}",
+            r <= TARGET,
+        ),
+        Figure(f"fill rate, {big:,} jobs", big / sizes[big]["fill_s"], "jobs/s"),
+    )
     report.finish(args.out)
     return 0
 

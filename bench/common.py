@@ -247,13 +247,18 @@ class Cluster:
         return proc
 
     def start_broker(
-        self, wrap: Sequence[str] = (), heartbeat: float = 1.0, wait: bool = True
+        self,
+        wrap: Sequence[str] = (),
+        heartbeat: float = 1.0,
+        wait: bool = True,
+        args: Sequence[str] = (),
     ) -> subprocess.Popen[bytes]:
-        """`wrap` is put in front of the module, e.g. `-m cProfile -o FILE`."""
+        """`wrap` is put in front of the module, e.g. `-m cProfile -o FILE`; `args` after it."""
         argv = [sys.executable, *wrap, "-m", "banyan.cli.broker"]
         argv += ["--client-port", str(self.client_port), "--worker-port", str(self.worker_port)]
         argv += ["--state-dir", str(self.state_dir), "--heartbeat", str(heartbeat)]
         argv += ["--log-level", "warning"] + (["--insecure"] if self.insecure else [])
+        argv += args
         proc = self.spawn("broker", argv)
         if wait:
             self.wait_broker()

@@ -4,7 +4,7 @@ Each benchmark runs as its own process with the flags given here, writes its JSO
 --out, and this script then gathers them into `summary.json` and `summary.md` (the table
 docs/performance.md quotes).
 
-    python bench/run_all.py            # full sizes: about 10 minutes on 2 cores
+    python bench/run_all.py            # full sizes: about 20 minutes on 2 cores (soak: 10)
     python bench/run_all.py --quick    # small sizes, about 90 s: proves every benchmark works
     python bench/run_all.py --only throughput,latency
 """
@@ -32,6 +32,7 @@ BENCHES = (
     "claim_scaling",
     "many_workers",
     "restart",
+    "soak",
 )
 
 

@@ -127,8 +127,9 @@ class Cluster:
         gpus: int = 0,
         tags: tuple[str, ...] = (),
         wait: bool = True,
+        args: tuple[str, ...] = (),
     ) -> subprocess.Popen[bytes]:
-        args = [
+        argv = [
             "banyan.cli.worker",
             "--broker",
             f"{self.worker_hosts.get(name, '127.0.0.1')}:{self.worker_port}",
@@ -146,8 +147,8 @@ class Cluster:
             "debug",
         ]
         for t in tags:
-            args += ["--tag", t]
-        proc = self._spawn(name, args)
+            argv += ["--tag", t]
+        proc = self._spawn(name, [*argv, *args])
         if wait:
             self.wait_worker(name)
         return proc

@@ -24,6 +24,7 @@ EXPECTED = {
     "claim_scaling": "claim via Core.match, 20,000 queued",
     "many_workers": "false losses (worst run)",
     "restart": "restart to status, 20,000 jobs",
+    "soak": "store file after 40,000 jobs",
 }
 
 

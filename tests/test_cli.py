@@ -20,7 +20,7 @@ import pytest
 import zmq.auth
 
 from banyan import protocol
-from banyan.cli import cancel, keygen, logs, main, modify, stats, status, submit, workers
+from banyan.cli import cancel, keygen, logs, main, modify, stats, status, submit, users, workers
 from banyan.client import Client
 from tests.cluster import Cluster, free_port, scaled, wait_for
 
@@ -30,6 +30,7 @@ TOOLS: dict[str, Callable[[list[str] | None], int]] = {
     "modify": modify.main,
     "status": status.main,
     "workers": workers.main,
+    "users": users.main,
     "stats": stats.main,
     "logs": logs.main,
     "keygen": keygen.main,
@@ -374,7 +375,9 @@ def test_unreachable_broker_is_one_clear_line(
 
 
 def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
-    for tool in ("submit", "status", "cancel", "modify", "workers", "stats", "logs", "keygen"):
+    for tool in TOOLS:
+        if tool == "banyan":
+            continue
         assert TOOLS[tool](["--help"]) == 0
         assert "Usage:" in capsys.readouterr().out
 
@@ -520,15 +523,44 @@ def test_workers_table_json_and_drain(cli: Runner, live: Cluster) -> None:
     assert cli("workers", "--drain", "nope").code == 1
 
 
+def test_users_shows_and_sets_shares_and_limits(cli: Runner, live: Cluster) -> None:
+    (job,) = cli("submit", "--json", "--hold", "true").json()["jobs"]
+    me = cli("status", "--json", str(job)).json()["jobs"][0]["owner"]
+    r = cli("users")
+    assert r.code == 0 and r.out.splitlines()[0].split()[:3] == ["USER", "SHARES", "RUNNING"]
+    (mine,) = [u for u in cli("users", "--json").json()["users"] if u["name"] == me]
+    assert mine["queued"] >= 1 and mine["shares"] == 1 and mine["max_running"] is None
+    set_ = cli("users", "carol", "--shares", "2.5", "--max-queued", "40", "--json")
+    assert set_.code == 0
+    (carol,) = set_.json()["users"]
+    assert (carol["shares"], carol["max_queued"], carol["max_running"]) == (2.5, 40, None)
+    assert cli("users", "carol").out.splitlines()[1].split()[:2] == ["carol", "2.5"]
+    try:
+        assert cli("users", me, "--max-running", "0").code == 0
+        cli("modify", "--release", str(job))
+        reason = cli("status", "--json", str(job)).json()["jobs"][0]["reason"]
+        assert reason == f"{me} is at max_running (0 of 0 running)"
+    finally:
+        lifted = cli("users", me, "--max-running", "none", "--json")
+    assert lifted.json()["users"][0]["max_running"] is None
+    assert finish(live, [job]) == {job: "terminated/success"}
+    assert cli("users", "--shares", "2").code == 2  # a setting needs a NAME
+    assert cli("users", "carol", "--max-running", "many").code == 2
+
+
 def test_stats(cli: Runner, live: Cluster) -> None:
     finish(live, cli("submit", "true").ids())
     r = cli("stats")
     assert r.code == 0
     for words in ("jobs", "PER MINUTE", "queue wait", "run time", "success", "workers"):
         assert words in r.out
+    assert "on disk" in r.out and "ended jobs kept 30d" in r.out
     doc = cli("stats", "--json").json()
     for key in ("counts", "per_minute", "queue_wait", "run_time", "success_rate", "workers"):
         assert key in doc
+    store = doc["store"]
+    assert 0 < store["used"] <= store["file"] and store["retention"] == 30 * 86400
+    assert store["oldest_job"]["id"] == 1 and store["jobs"] == sum(doc["counts"].values())
 
 
 def test_logs_whole_output_from_the_worker(cli: Runner, live: Cluster) -> None:

@@ -154,6 +154,8 @@ EXAMPLES: dict[str, dict[str, dict[str, Any]]] = {
         "workers": {},
         "drain": {"worker": "w1", "resume": True},
         "stats": {},
+        "users": {},
+        "set_user": {"name": "bob", "set": {"shares": 2.0, "max_running": None}},
         "events": {"since": 100, "limit": 10},
         "logs": {"job": 7, "stream": "stderr", "offset": 4096, "limit": 1024},
     },
@@ -168,6 +170,7 @@ EXAMPLES: dict[str, dict[str, dict[str, Any]]] = {
         "waited": {"jobs": [JOB_INFO], "timed_out": True},
         "workers": {"workers": [WORKER_INFO]},
         "stats": {"jobs": {"running": 3}, "uptime": 12.5, "workers": [{"name": "w1"}]},
+        "users": {"users": [{"name": "bob", "shares": 2.0, "max_running": None}]},
         "events": {
             "events": [
                 [1, 10.5, 7, None, "available", None],
@@ -661,6 +664,20 @@ REFUSALS = [
         "heartbeat",
         {"running": [[1, 1, float("inf"), 0]]},
         "running[0][2]: must be a finite number, got inf",
+    ),
+    (
+        "no-shares",
+        CLIENT_REQUESTS,
+        "set_user",
+        {"name": "bob", "set": {"shares": 0}},
+        "set.shares: must be > 0, got 0",
+    ),
+    (
+        "not-a-setting",
+        CLIENT_REQUESTS,
+        "set_user",
+        {"name": "bob", "set": {"cpus": 1}},
+        "set.cpus: unknown field",
     ),
     (
         "neg-inf",

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import functools
 import operator
-from typing import Any
 
 import pytest
 
 from banyan.broker.records import JobState, WorkerState
 from banyan.broker.state import TRANSITIONS, Config
-from banyan.broker.store import WriteTx
 from banyan.broker.views import waiting_reason
 from banyan.errors import BadRequest, Conflict, Forbidden, NotFound
 from tests.statekit import ALICE, BOB, ROOT, Harness, after, spec
@@ -153,62 +151,49 @@ def test_claim_waits_until_a_job_is_submitted(h):
     assert h.state(j) == "running"
 
 
-@pytest.fixture
-def scans(monkeypatch):
-    """How many times a claim has scanned the eligible index."""
-    seen: list[int] = []
-    original = WriteTx.eligible
-
-    def counted(self: WriteTx) -> Any:
-        seen.append(1)
-        return original(self)
-
-    monkeypatch.setattr(WriteTx, "eligible", counted)
-    return seen
-
-
-def test_an_empty_scan_is_not_repeated_until_a_job_could_fit(h, scans):
+def test_a_standing_claim_takes_the_first_job_that_could_fit(h):
     h.add_worker("w", cpus=2, tags=["ssd"])
     h.submit(spec(cpus=4), spec(tags=["gpu"]))
-    assert h.claim("w") == []
-    before = len(scans)
     assert h.claim("w") == [] and h.claim("w", 3) == []
-    assert len(scans) == before  # nothing joined the queue and the worker did not grow
     (fits,) = h.submit(spec(cpus=2))  # a new eligible job: the standing claim takes it
     assert h.assigned("w") == [fits]
 
 
-def test_an_empty_scan_is_repeated_once_the_worker_has_more_room(h, scans):
+def test_a_claim_is_answered_once_the_worker_has_more_room(h):
     h.add_worker("w", cpus=2)
     first, second = h.submit(spec(cpus=1), spec(cpus=2))
     (a,) = h.claim("w", 2)
     assert a["job"] == first
     assert h.claim("w") == []  # 1 cpu free, the queued job wants 2
-    before = len(scans)
     h.finish("w", a)
     assert [b["job"] for b in h.claim("w")] == [second]
-    assert len(scans) > before
 
 
-def test_a_scan_cut_short_is_repeated_when_the_queue_moves(tmp_path, scans):
-    h = Harness(tmp_path / "store", Config(claim_scan_limit=2))
-    h.add_worker("big", cpus=8)
-    h.add_worker("small", cpus=1)
-    big1, _ = h.submit(spec(cpus=8, priority=9), spec(cpus=8, priority=9))
-    (small,) = h.submit(spec(cpus=1))
-    assert h.claim("small") == []  # the limit stops it on the two big ones
-    # `big` takes one big job: the small one comes within reach of the limit.
-    assert [a["job"] for a in h.claim("big")] == [big1]
-    assert h.assigned("small") == [small]
-    h.store.close()
-
-
-def test_an_empty_scan_is_repeated_after_a_priority_change(h, scans):
+def test_a_priority_change_reaches_a_standing_claim(h):
     h.add_worker("w", cpus=1)
     _, wanted = h.submit(spec(cpus=2), spec(cpus=1, priority=-5, hold=True))
     assert h.claim("w") == []
     h.do(lambda c: c.modify(ALICE, wanted, {"priority": 5}, release=True))
     assert h.assigned("w") == [wanted]
+
+
+def test_no_number_of_jobs_that_do_not_fit_holds_back_one_that_does(h):
+    """Head-of-line blocking: 9,000 older, higher-priority jobs that need more cpus or a tag
+    than the claiming worker has stand ahead of one it can run."""
+    h.add_worker("big", cpus=8, tags=["gpu"])
+    h.add_worker("small", cpus=1)
+    (busy,) = h.submit(spec(cpus=8, priority=9))
+    assert [a["job"] for a in h.claim("big")] == [busy]  # big is full from now on
+    h.submit(*[spec(cpus=4, priority=5)] * 4500, *[spec(tags=["gpu"], priority=5)] * 4500)
+    assert h.claim("small") == []
+    (fits,) = h.submit(spec(priority=-1))
+    assert h.assigned("small") == [fits]
+    (later,) = h.submit(spec())
+    assert h.claim("small") == []  # full again
+    with h.store.read() as tx:
+        job = tx.get_job(later)
+        assert job is not None
+        assert waiting_reason(job, list(tx.workers())) == "waiting for free resources"
 
 
 # ---- results, retries, fencing ---------------------------------------------------------------
@@ -632,3 +617,22 @@ def test_reopen_shows_committed_state(tmp_path):
     assert h2.store.dump() == before
     assert h2.state(j) == "running"
     h2.store.close()
+
+
+def test_queued_only_while_a_worker_that_takes_jobs_has_room(h):
+    h.add_worker("gpu", cpus=4, gpus=1)
+    h.add_worker("cpu", cpus=1)
+    (wide,) = h.submit(spec(cpus=2, hold=True))
+    (gpu,) = h.submit(spec(gpus=1, hold=True))
+
+    def reason(job_id: int) -> str | None:
+        with h.store.read() as tx:
+            return waiting_reason(h.job(job_id), list(tx.workers()))
+
+    h.do(lambda c: c.drain(ROOT, "gpu", resume=False))
+    for j in (wide, gpu):
+        h.do(lambda c, j=j: c.modify(ALICE, j, {}, release=True))
+        # Only the drained worker could run it, and it has room: not "queued".
+        assert reason(j) == "every worker that could run it is draining"
+    h.do(lambda c: c.drain(ROOT, "gpu", resume=True))
+    assert reason(wide) == reason(gpu) == "queued"  # the next claim from gpu takes them

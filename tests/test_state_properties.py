@@ -163,9 +163,12 @@ def check(tx: Tx, terminal: dict[int, list[Any]]) -> None:
             job = tx.get_job(j)
             assert job is not None and job.token == t
     eligible = {j for j, _ in tx.eligible()}
+    tallies: dict[str, dict[str, int]] = {}
     for job_id in all_jobs(tx):
         job = tx.get_job(job_id)
         assert job is not None
+        mine = tallies.setdefault(job.owner, {})
+        mine[job.state] = mine.get(job.state, 0) + 1
         live_attempts = [a for a in tx.attempts_of(job_id) if a.ended is None]
         assert len(live_attempts) <= 1
         if job.st in (S.RUNNING, S.PENDING_CANCELLATION):
@@ -186,6 +189,8 @@ def check(tx: Tx, terminal: dict[int, list[Any]]) -> None:
                 unfinished += group is not None and not group.complete
         assert job.pending == unfinished, (job_id, job.pending, unfinished)
         assert (job_id in eligible) == (job.st == S.AVAILABLE and unfinished == 0)
+    for owner, counts in tallies.items():
+        assert tx.tally(owner).counts == counts
 
 
 Machine.TestCase.settings = settings(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lmdb
+import msgpack
 import pytest
 
 from banyan.broker.records import (
@@ -17,7 +19,9 @@ from banyan.broker.records import (
     Group,
     Job,
     JobState,
+    Tally,
     Tx,
+    User,
     Worker,
 )
 from banyan.broker.store import (
@@ -62,10 +66,24 @@ def check_indexes(store: Store) -> None:
     with store.read() as tx:
         jobs = [tx.get_job(i) for i in range(1, 1000)]
         present = [j for j in jobs if j is not None]
-        best_first = sorted((j for j in present if j.eligible), key=lambda j: (-j.priority, j.id))
+        queues: dict[tuple[Any, ...], list[Job]] = {}
+        for j in present:
+            if j.eligible:
+                shape = (j.owner, j.cpus, j.memory, j.gpus, *sorted(set(j.tags)))
+                queues.setdefault(shape, []).append(j)
+        listed = [job_id for job_id, _ in tx.eligible()]
+        # Each queue is one run of entries, best first; its head is its first entry.
+        runs = [sorted(q, key=lambda j: (-j.priority, j.id)) for q in queues.values()]
+        runs.sort(key=lambda run: listed.index(run[0].id))
         assert list(tx.eligible()) == [
-            (j.id, (j.cpus, j.memory, j.gpus, j.tags)) for j in best_first
+            (j.id, (j.cpus, j.memory, j.gpus, j.tags)) for run in runs for j in run
         ]
+        heads = tx.queue_heads()
+        assert [(h.job, h.owner, h.priority) for h in heads] == [
+            (run[0].id, run[0].owner, run[0].priority) for run in runs
+        ]
+        for head in heads:
+            assert tx.queue_head(head.queue) == head
         for state in JobState:
             assert list(tx.jobs_in_state(state.value)) == [
                 j.id for j in present if j.state == state.value
@@ -85,9 +103,15 @@ def check_indexes(store: Store) -> None:
                 for s in JobState
             }
             for state in JobState:
-                mine = [j.id for j in present if j.owner == owner and j.state == state.value]
-                assert list(tx.owner_ids(owner, state.value)) == mine
-                assert list(tx.owner_ids(owner, state.value, descending=True)) == mine[::-1]
+                ids = [j.id for j in present if j.owner == owner and j.state == state.value]
+                assert list(tx.owner_ids(owner, state.value)) == ids
+                assert list(tx.owner_ids(owner, state.value, descending=True)) == ids[::-1]
+            owned = [j for j in present if j.owner == owner]
+            tally = tx.tally(owner)
+            assert tally.counts == dict(collections.Counter(j.state for j in owned))
+            assert tally.cpus == pytest.approx(
+                sum(j.cpus for j in owned if j.state in (RUNNING, "pending_cancellation"))
+            )
 
 
 # -- records and counters ------------------------------------------------------------------
@@ -188,8 +212,8 @@ def test_workers_and_claimers(store: Store) -> None:
 def test_submit_keys_and_meta(store: Store) -> None:
     with store.write() as tx:
         assert tx.get_submit_key("ann", "k") is None
-        tx.put_submit_key("ann", "k", {"jobs": [1, 2], "groups": {"g": 3}})
-        tx.put_submit_key("bob", "k", [9])
+        tx.put_submit_key("ann", "k", {"jobs": [1, 2], "groups": {"g": 3}}, 1.0)
+        tx.put_submit_key("bob", "k", [9], 1.0)
         tx.put_meta("version", 1)
         tx.put_meta("blob", b"\x00\xff")
     with store.read() as tx:
@@ -208,8 +232,8 @@ def test_long_names_fit_lmdb_keys(store: Store) -> None:
         tx.put_group(Group(1, long_a, "ann", 1.0))
         tx.put_group(Group(2, long_b, "ann", 1.0))
         tx.put_worker(Worker(long_a, "h", 1, 1, 0, wants=1))
-        tx.put_submit_key(long_a, long_b, 1)
-        tx.put_submit_key(long_a, long_a, 2)
+        tx.put_submit_key(long_a, long_b, 1, 1.0)
+        tx.put_submit_key(long_a, long_a, 2, 1.0)
     with store.read() as tx:
         assert [g.id for g in (tx.group_by_name(long_a), tx.group_by_name(long_b)) if g] == [1, 2]
         assert tx.claimers() == [long_a]
@@ -396,7 +420,7 @@ def test_random_histories_keep_indexes_consistent(store: Store) -> None:
             for _ in range(20):
                 job_id = rng.randint(1, 60)
                 if rng.random() < 0.1:
-                    there = tx.get_job(job_id) is not None
+                    there = tx.get_job(job_id)
                     assert tx.delete_job(job_id) == there
                     continue
                 j = tx.get_job(job_id) or job(job_id, owner=rng.choice(["ann", "bo", "a" * 500]))
@@ -519,12 +543,12 @@ def test_read_view_is_a_snapshot_and_refuses_writes(store: Store) -> None:
             lambda: view.put_job(job(3)),
             lambda: view.next_id("token"),
             lambda: view.put_new_jobs([]),
-            lambda: view.note_empty_scan("w", True, None),
+            lambda: view.put_user(User("ann")),
             lambda: view.put_attempt(Attempt(1, 1, 1, "w", 0.0)),
             lambda: view.add_dependent("job", 1, 2, "after"),
             lambda: view.put_group(Group(1, "g", "ann", 1.0)),
             lambda: view.put_worker(Worker("w", "h", 1, 1, 0)),
-            lambda: view.put_submit_key("ann", "k", 1),
+            lambda: view.put_submit_key("ann", "k", 1, 1.0),
             lambda: view.append_event(1.0, 1, None, AVAILABLE, None),
             lambda: view.put_meta("k", 1),
         ):
@@ -626,7 +650,7 @@ def test_map_full_swallowed_in_a_child_still_dooms_the_batch(tmp_path: Path) -> 
 
 
 def test_store_full_at_max_size_and_still_usable(tmp_path: Path) -> None:
-    with Store(tmp_path / "db", map_size=64 * 1024, max_map_size=256 * 1024, sync=False) as s:
+    with Store(tmp_path / "db", map_size=128 * 1024, max_map_size=256 * 1024, sync=False) as s:
         put(s, job(1))
         with pytest.raises(StoreFull):
             s.write_batch(lambda tx: [tx.put_job(big_job(i)) for i in range(2, 100_000)])
@@ -792,33 +816,51 @@ def test_counts_written_once_by_the_outer_transaction(store: Store) -> None:
         assert view.state_counts()[AVAILABLE] == 2
 
 
-def test_empty_scan_notes_follow_the_eligible_index(store: Store) -> None:
-    put(store, job(1), job(2))
+def test_owner_tallies_follow_children_and_aborts(store: Store) -> None:
     with store.write() as tx:
-        tx.note_empty_scan("whole", True, "w")
-        tx.note_empty_scan("part", False, "p")
+        with tx.child() as child:
+            child.put_job(job(1, cpus=0.5))
+            child.put_new_jobs([job(2, cpus=2.0).pack(), job(3, owner="bo").pack()])
+            with child.child() as grandchild:
+                j = grandchild.get_job(1)
+                assert j is not None
+                j.state = RUNNING
+                grandchild.put_job(j)
+                assert grandchild.tally("ann") == Tally("ann", {AVAILABLE: 1, RUNNING: 1}, 0.5)
+        with pytest.raises(RuntimeError), tx.child() as child:
+            child.put_job(job(4))
+            raise RuntimeError
+        assert tx.tally("ann") == Tally("ann", {AVAILABLE: 1, RUNNING: 1}, 0.5)
     with store.read() as view:
-        assert (view.empty_scan("whole"), view.empty_scan("part")) == ("w", "p")
-    with store.write() as tx:  # an entry leaves: only the scan that saw everything still holds
+        assert view.tally("ann") == Tally("ann", {AVAILABLE: 1, RUNNING: 1}, 0.5)
+        assert sorted(t.owner for t in view.tallies()) == ["ann", "bo"]
+        assert view.tally("nobody") == Tally("nobody", {}, 0.0)
+    check_indexes(store)
+
+
+def test_queues_split_by_owner_and_shape(store: Store) -> None:
+    put(
+        store,
+        job(1, cpus=4.0, priority=9),
+        job(2, tags=["b", "a"]),
+        job(3),
+        job(4, cpus=4.0),
+        job(5, owner="bo"),
+        job(6, tags=["a", "b"], priority=1),
+    )
+    with store.read() as tx:
+        heads = {h.job: h for h in tx.queue_heads()}
+        assert sorted(heads) == [1, 3, 5, 6]  # tags are a set: 2 and 6 share a queue
+        assert heads[6].request == (1.0, 0, 0, ["a", "b"]) and heads[6].priority == 1
+        assert heads[5].owner == "bo"
+    with store.write() as tx:  # taking a head uncovers the next one in its queue
         j = tx.get_job(1)
         assert j is not None
         j.state = RUNNING
         tx.put_job(j)
-        assert (tx.empty_scan("whole"), tx.empty_scan("part")) == ("w", None)
-    with store.write() as tx:  # an entry joins: nothing holds
-        tx.put_job(job(3))
-        assert tx.empty_scan("whole") is None
-        tx.note_empty_scan("whole", True, "w2")
-    with store.write() as tx:  # an undone child may put entries back
-        with pytest.raises(RuntimeError), tx.child():
-            raise RuntimeError
-        assert tx.empty_scan("whole") is None
-        tx.note_empty_scan("whole", True, "w3")
-    with pytest.raises(RuntimeError), store.write() as tx:
-        raise RuntimeError
-    with store.read() as view:
-        assert view.empty_scan("whole") is None
-        assert view.empty_scan("nobody") is None
+        after = tx.queue_head(heads[1].queue)
+        assert after is not None and after.job == 4
+    check_indexes(store)
 
 
 def test_a_store_from_the_older_layout_is_converted(tmp_path: Path) -> None:
@@ -901,20 +943,80 @@ def test_first_submitted_since_finds_the_edge(store: Store) -> None:
         assert tx.first_submitted_since(5.0) == 1
 
 
-def test_a_store_without_owner_entries_gets_them_on_open(tmp_path: Path) -> None:
+def test_a_format_1_store_gets_queues_and_tallies(tmp_path: Path) -> None:
     with Store(tmp_path / "db") as s:
-        put(s, job(1, groups=[2]), job(2, state=RUNNING, owner="bo"), job(3, groups=[2]))
-    # Take them out again, as a broker before them kept the store: format 1, none of them.
-    env = lmdb.open(str(tmp_path / "db"), max_dbs=20)
+        put(
+            s,
+            job(1, priority=3, groups=[2]),
+            job(2, owner="bo", cpus=2.0),
+            job(3, state=RUNNING, cpus=1.5),
+            job(4, pending=1),
+            job(5, state="terminated"),
+        )
+    # Rewrite it as format 1 kept it: one eligible index, best first, no owners, and no owner
+    # entries or group counts in by_state.
+    env = lmdb.open(str(tmp_path / "db"), max_dbs=30)
     with env.begin(write=True) as txn:
-        by_state, meta = (env.open_db(name, txn=txn) for name in (b"by_state", b"meta"))
+        by_state = env.open_db(b"by_state", txn=txn)
         for key in [k for k, _ in txn.cursor(by_state) if k[:1] in (b"\x01", b"\x02")]:
             txn.delete(key, db=by_state)
-        assert txn.pop(b"format", db=meta) is not None
+        for name in (b"owners", b"owner_names", b"shapes"):
+            txn.drop(env.open_db(name, txn=txn), delete=True)
+        txn.delete(b"format", db=env.open_db(b"meta", txn=txn))
+        eligible = env.open_db(b"eligible", txn=txn)
+        txn.drop(eligible, delete=False)
+        for job_id, priority, request in ((1, 3, [1.0, 0, 0, []]), (2, 0, [2.0, 0, 0, []])):
+            key = (2**31 - 1 - priority).to_bytes(4, "big") + job_id.to_bytes(8, "big")
+            txn.put(key, msgpack.packb(request), db=eligible)
     env.close()
     with Store(tmp_path / "db") as s:
         check_indexes(s)
-        with s.read() as tx:
-            assert tx.owner_counts("ann")[AVAILABLE] == 2
-            assert tx.group_counts(2)[AVAILABLE] == 2
-            assert tx.get_meta("format") == 2
+        with s.read() as view:
+            assert view.get_meta("format") == 2
+            counts = {AVAILABLE: 2, RUNNING: 1, "terminated": 1}
+            assert view.tally("ann") == Tally("ann", counts, 1.5)
+            assert sorted(h.job for h in view.queue_heads()) == [1, 2]
+            assert view.group_counts(2)[AVAILABLE] == 1
+            assert list(view.owner_ids("ann", AVAILABLE)) == [1, 4]
+
+
+def test_delete_job_undoes_every_index_put_job_keeps(store: Store) -> None:
+    put(
+        store,
+        job(1, groups=[1, 2]),
+        job(2, state=RUNNING, cpus=2.0),
+        job(3, depends_on=[["after", "job", 1], ["after", "group", 2]], pending=2),
+        job(4, state="terminated", owner="bo"),
+    )
+    with store.write() as tx:
+        tx.add_dependent("job", 1, 3, "after")
+        tx.add_dependent("group", 2, 3, "after")
+        tx.put_attempt(Attempt(2, 1, 7, "w", 1.0))
+        tx.put_group(Group(2, "g2", "ann", 1.0))
+        assert tx.delete_job(9) is None
+        for job_id in (1, 2, 4):
+            assert tx.delete_job(job_id) is not None
+        assert tx.attempts_of(2) == [] and tx.dependents("job", 1) == []
+        assert tx.dependents("group", 2) == [(3, "after")]  # job 3 still waits for the group
+        assert tx.delete_job(3) is not None
+        assert tx.dependents("group", 2) == []
+        tx.delete_group(2)
+        assert tx.group_by_name("g2") is None and tx.get_group(2) is None
+    check_indexes(store)
+    with store.read() as tx:
+        assert tx.state_counts() == dict.fromkeys(tx.state_counts(), 0)
+        assert (tx.tally("ann"), tx.tally("bo")) == (Tally("ann", {}, 0.0), Tally("bo", {}, 0.0))
+        assert tx.next_job_id() == 5  # the last job's number stays taken
+
+
+def test_events_and_submit_keys_are_deleted_oldest_first(store: Store) -> None:
+    with store.write() as tx:
+        tx.append_events([(float(t), 1, None, AVAILABLE, None) for t in range(5)])
+        for t in range(4):
+            tx.put_submit_key("ann", f"k{t}", t, float(t))
+        assert tx.delete_events_through(2) == 2 and tx.events_from(0, 9)[0].seq == 3
+        assert tx.expire_submit_keys(2.5, 10) == 3
+        assert [tx.get_submit_key("ann", f"k{t}") for t in range(4)] == [None, None, None, 3]
+        assert tx.expire_submit_keys(9.0, 10) == 1
+        assert tx.delete_events_through(99) == 3 and tx.events_from(0, 9) == []
+        assert tx.append_event(9.0, 1, None, AVAILABLE, None) == 6  # numbers are not reused

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from banyan.broker.records import Job
+from banyan.broker.retention import gone, purged
 from banyan.broker.selectors import ACTIVE, MAX_ID, Selector
 from banyan.broker.state import ADMIN, Actor, Core
 from banyan.errors import BadRequest, BanyanError, Forbidden, NotFound
@@ -239,10 +240,13 @@ def _walk(core: Core, op: Op, kind: str, group_id: int, budget: int, done: Done)
 
 
 def _check(core: Core, op: Op, job_id: int) -> None:
-    """A named job exists and the actor may act on it."""
+    """A named job exists (or, for a cancel, ended so long ago that it was purged) and the
+    actor may act on it."""
     job = core.tx.get_job(job_id)
     if job is None:
-        raise NotFound(f"no job {job_id}")
+        if op.kind == CANCEL and purged(core.tx, job_id):
+            return
+        raise NotFound(gone(core.tx, job_id))
     if not op.who.may_touch(job.owner):
         verb = "cancel" if op.kind == CANCEL else "modify"
         raise Forbidden(f"job {job.id} belongs to {job.owner}; only they or an admin may {verb} it")
@@ -269,7 +273,9 @@ def _apply(core: Core, op: Op, job_id: int, via: int | Selector | None, done: Do
     """Do the operation to one job; `via` is the group or the selector that found it."""
     job = core.tx.get_job(job_id)
     if job is None:
-        return  # removed since (a named job was checked; this is a selector's or a group's)
+        if via is None and op.kind == CANCEL:  # a named job, purged: long over
+            done.lists["already"].append(job_id)
+        return  # else a selector's or a group's, removed since
     if isinstance(via, Selector) and not via.matches(job):
         return
     if op.kind == CANCEL:

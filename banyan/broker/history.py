@@ -32,6 +32,7 @@ def page(tx: Tx, body: dict[str, Any], workers: list[Worker]) -> dict[str, Any]:
     # With a filter no index or counter answers, the first page counts as it walks.
     tally: dict[str, int] | None = None if _counted(selector, lo, hi) else {}
     rows: list[dict[str, Any]] = []
+    limits: dict[str, str | None] = {}  # what holds each owner's jobs back, once per reply
     shown = seen = None  # the last id shown, and the last looked at
     more = cut = False
     read = 0
@@ -45,7 +46,7 @@ def page(tx: Tx, body: dict[str, Any], workers: list[Worker]) -> dict[str, Any]:
         if job is None or not selector.matches(job):
             continue
         if len(rows) < limit:
-            rows.append(views.job_info(tx, job, workers, detail=bool(body.get("detail"))))
+            rows.append(views.job_info(tx, job, workers, bool(body.get("detail")), limits))
             shown = job_id
         else:
             more = True  # a match past the page

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from banyan import defaults
-from banyan.broker import history, stats, views
+from banyan.broker import history, retention, stats, views
 from banyan.broker.records import Tx
 from banyan.broker.selectors import TERMINAL
 from banyan.broker.state import Actor, Core
@@ -27,6 +27,8 @@ REPLY = {
     "drain": "workers",
     "stats": "stats",
     "events": "events",
+    "users": "users",
+    "set_user": "users",
 }
 
 
@@ -54,7 +56,13 @@ def handle(
         core.drain(actor, body["worker"], body["resume"])
         return {"workers": workers(tx, last_seen)}
     if kind == "stats":
-        return stats.summary(tx, core.now)
+        return stats.summary(tx, core.now, core.config.retention)
+    if kind == "users":
+        return {"users": views.users_info(tx, core.now, core.config.half_life)}
+    if kind == "set_user":
+        core.set_user(actor, body["name"], body["set"])
+        listed = views.users_info(tx, core.now, core.config.half_life)
+        return {"users": [u for u in listed if u["name"] == body["name"]]}
     if kind == "events":
         events = tx.events_from(body["since"], body["limit"])
         rows = [[e.seq, e.time, e.job, e.frm, e.to, e.reason] for e in events]
@@ -75,13 +83,14 @@ def status(tx: Tx, body: dict[str, Any]) -> dict[str, Any]:
     limit = min(body.get("limit") or defaults.STATUS_LIMIT, defaults.STATUS_PAGE)
     ids = body["jobs"][:limit]
     out: list[dict[str, Any]] = []
+    limits: dict[str, str | None] = {}
     for job_id in ids:
         job = tx.get_job(job_id)
         if job is None:
-            raise NotFound(f"no job {job_id}")
+            raise NotFound(retention.gone(tx, job_id))
         if body.get("owner") not in (None, job.owner) or body.get("state") not in (None, job.state):
             continue
-        out.append(views.job_info(tx, job, live, detail=bool(body.get("detail"))))
+        out.append(views.job_info(tx, job, live, bool(body.get("detail")), limits))
     return {"jobs": out, "groups": [], "truncated": len(body["jobs"]) > limit}
 
 

@@ -11,7 +11,7 @@ import operator
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar
 
 
 class JobState(str, enum.Enum):
@@ -28,6 +28,8 @@ class JobState(str, enum.Enum):
 
 
 TERMINAL = frozenset({JobState.TERMINATED, JobState.CANCELLED})
+HOLDING = frozenset({JobState.RUNNING, JobState.PENDING_CANCELLATION})  # hold a worker's room
+QUEUED = frozenset({JobState.INACTIVE, JobState.AVAILABLE})  # submitted, not started
 
 
 class Outcome(str, enum.Enum):
@@ -55,6 +57,18 @@ R = TypeVar("R", bound="Record")
 
 # What a job asks of a worker: (cpus, memory MiB, gpus, tags). Kept beside the eligible index.
 Request = tuple[float, int, int, list[str]]
+
+
+class Head(NamedTuple):
+    """The best eligible job of one queue: one owner's jobs of one shape (the same cpus,
+    memory, gpus and tags), so that if the head does not fit a worker, nothing behind it does.
+    A tuple: a claim makes one per queue, so it has to be cheap."""
+
+    queue: bytes  # opaque to all but the store: which queue, for `Tx.queue_head`
+    owner: str
+    request: Request
+    priority: int
+    job: int
 
 
 class Record:
@@ -194,6 +208,35 @@ class Group(Record):
 
 
 @dataclass(slots=True)
+class User(Record):
+    """An account's fair-share settings and recent usage; made on first use with the defaults."""
+
+    name: str
+    shares: float = 1.0  # relative: 2 shares get twice the capacity of 1 when both want it
+    max_running: int | None = None  # None: no limit
+    max_queued: int | None = None
+    usage: float = 0.0  # cpu-seconds, decayed to `usage_at` with the configured half-life
+    usage_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """One owner's jobs by state and the cpus its running jobs hold; kept by the store."""
+
+    owner: str
+    counts: dict[str, int]
+    cpus: float  # held by its running and pending_cancellation jobs
+
+    @property
+    def running(self) -> int:
+        return sum(self.counts.get(s.value, 0) for s in HOLDING)
+
+    @property
+    def queued(self) -> int:
+        return sum(self.counts.get(s.value, 0) for s in QUEUED)
+
+
+@dataclass(slots=True)
 class Worker(Record):
     name: str
     host: str
@@ -241,8 +284,8 @@ class Event(Record):
 class Tx(Protocol):
     """One write transaction on the store; everything the state machine may read or write.
 
-    `put_job` keeps every job index (eligible, by state, by group) and the per-state counts in
-    step with the record it writes, so callers only ever write whole records.
+    `put_job` keeps every job index (eligible, by state, by group) and the per-state and
+    per-owner counts in step with the record it writes, so callers only ever write whole records.
     """
 
     def next_id(self, counter: str, count: int = 1) -> int: ...  # the first of `count` new ids
@@ -254,10 +297,14 @@ class Tx(Protocol):
     def put_job(self, job: Job) -> None: ...
     def put_new_jobs(self, rows: list[list[Any]]) -> None: ...  # new jobs, Job.pack() rows
     def eligible(self) -> Iterator[tuple[int, Request]]: ...
-    # A note that a claim's scan of `eligible` found nothing, kept (in memory only) until the
-    # index gains an entry, or loses one unless the scan was `whole`.
-    def empty_scan(self, worker: str) -> Any: ...
-    def note_empty_scan(self, worker: str, whole: bool, memo: Any) -> None: ...
+    def queue_heads(self) -> list[Head]: ...  # the head of every non-empty queue
+    # That queue's head now, or the entry behind `after`.
+    def queue_head(self, queue: bytes, after: Head | None = None) -> Head | None: ...
+    def tally(self, owner: str) -> Tally: ...
+    def tallies(self) -> Iterator[Tally]: ...
+    def get_user(self, name: str) -> User | None: ...
+    def put_user(self, user: User) -> None: ...
+    def users(self) -> Iterator[User]: ...
     def jobs_in_state(self, state: str) -> Iterator[int]: ...
     def group_members(self, group_id: int) -> Iterator[int]: ...
     def state_counts(self) -> dict[str, int]: ...
@@ -275,7 +322,7 @@ class Tx(Protocol):
     def workers(self) -> Iterator[Worker]: ...
     def claimers(self) -> list[str]: ...
     def get_submit_key(self, owner: str, key: str) -> Any: ...
-    def put_submit_key(self, owner: str, key: str, value: Any) -> None: ...
+    def put_submit_key(self, owner: str, key: str, value: Any, time: float) -> None: ...
     def append_event(
         self, time: float, job: int, frm: str | None, to: str, reason: str | None
     ) -> int: ...
@@ -299,7 +346,6 @@ class Tx(Protocol):
     def owner_counts(self, owner: str) -> dict[str, int]: ...
     def group_counts(self, group_id: int) -> dict[str, int]: ...
     def first_submitted_since(self, when: float) -> int: ...
-    def delete_job(self, job_id: int) -> bool: ...  # the record, its index entries and counts
     # Long operations in progress (bulk.py), as stored rows.
     def get_op(self, op_id: int) -> list[Any] | None: ...
     def ops(self) -> list[list[Any]]: ...
@@ -307,3 +353,11 @@ class Tx(Protocol):
     def delete_op(self, op_id: int) -> None: ...
     # A nested transaction: merged on normal exit, undone on an exception.
     def child(self) -> AbstractContextManager[Tx]: ...
+    # Retention: only ever of what has ended (see retention.py).
+    def first_job(self) -> Job | None: ...
+    # The record, its attempts, edges, index entries and counts (store.delete_job).
+    def delete_job(self, job_id: int) -> Job | None: ...
+    def delete_group(self, group_id: int) -> None: ...
+    def delete_events_through(self, seq: int) -> int: ...
+    def expire_submit_keys(self, before: float, limit: int) -> int: ...
+    def store_info(self) -> dict[str, int]: ...

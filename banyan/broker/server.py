@@ -23,7 +23,7 @@ from typing import Any, cast
 import zmq
 
 from banyan import defaults, protocol
-from banyan.broker import longops, queries
+from banyan.broker import longops, queries, retention
 from banyan.broker.auth import ZapHandler
 from banyan.broker.records import WorkerState
 from banyan.broker.state import Actor, Config, Core, Effect, Logged
@@ -179,6 +179,9 @@ class Broker:
         self.stopping = False
         self.next_heartbeat = 0.0
         self.next_expiry = 0.0
+        self.next_purge = 0.0  # on self.clock, like the events' times
+        self._purged_at = 0.0  # when the last purge slice ended, on the monotonic clock
+        self.purged = retention.Purged()  # this pass so far, for the log
         self._recover()
 
     def _bind(self, port: int, domain: bytes) -> zmq.Socket[Any]:
@@ -242,7 +245,9 @@ class Broker:
     def _poll_timeout(self) -> float:
         if self.backlog or self.longops.ready(self.clock()):
             return 0.0
-        return max(0.0, min(self.next_heartbeat - self.clock(), self.config.core.heartbeat))
+        purge = self.next_purge if self.config.core.retention is not None else math.inf
+        wait = min(self.next_heartbeat, purge) - self.clock()
+        return max(0.0, min(wait, self.config.core.heartbeat))
 
     def step(self, timeout: float = 0.0) -> None:
         """One turn: wait up to `timeout` s for input, handle it all, commit once, send."""
@@ -276,6 +281,47 @@ class Broker:
         if now >= self.next_heartbeat:
             self._heartbeat(now)
             self._report_refusals()
+        if self.config.core.retention is not None and now >= self.next_purge:
+            self._purge(now, self.config.core.retention)
+
+    def _purge(self, now: float, keep: float) -> None:
+        """One slice of retention (retention.py): a transaction of its own, PURGE_SLICE long,
+        or PURGE_SHARE of the time since the last slice while it is behind; the next one at
+        once while there is more, else once the oldest event kept comes of age."""
+        start = time.monotonic()
+        budget = defaults.PURGE_SLICE
+        if self.purged.jobs or self.purged.events:  # this pass has gone on a while: behind
+            share = defaults.PURGE_SHARE * (start - self._purged_at)
+            budget = min(max(budget, share), defaults.PURGE_SLICE_MAX)
+        stop = start + budget
+        try:
+            done = self.store.write_batch(
+                lambda tx: retention.purge(tx, now - keep, lambda: time.monotonic() < stop)
+            )
+        except StoreFull as e:
+            log.warning("store full; purging old jobs again in a minute: %s", e)
+            self.next_purge = now + 60
+            return
+        finally:
+            self._purged_at = time.monotonic()
+        log.debug("purged %d jobs and %d events in a slice", done.jobs, done.events)
+        total = self.purged
+        total.add(done)
+        if not done.done:
+            self.next_purge = now
+            return
+        due = now + keep if done.oldest is None else done.oldest + keep
+        self.next_purge = min(max(due, now + defaults.PURGE_REST), now + keep)
+        if total.jobs or total.events:
+            log.info(
+                "purged %d jobs, %d events, %d groups and %d submit keys older than %gs",
+                total.jobs,
+                total.events,
+                total.groups,
+                total.submit_keys,
+                keep,
+            )
+        self.purged = retention.Purged()
 
     def _turn(
         self,

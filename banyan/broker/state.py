@@ -10,7 +10,6 @@ written, and the server's child transaction makes even a half-done handler leave
 from __future__ import annotations
 
 import gc
-import operator
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Any
 
 from banyan import defaults
 from banyan.broker.graph import DepGraph
+from banyan.broker.matching import Board, decayed
 from banyan.broker.records import (
     NEW_JOB_FIELDS,
     NEW_JOB_TAIL,
@@ -29,9 +29,11 @@ from banyan.broker.records import (
     JobState,
     Outcome,
     Tx,
+    User,
     Worker,
     WorkerState,
 )
+from banyan.broker.retention import gone, purged
 from banyan.errors import BadRequest, Conflict, Forbidden, NotFound
 
 S = JobState
@@ -73,6 +75,7 @@ _ID, _STATE, _PENDING = (Job.names().index(f) for f in ("id", "state", "pending"
 ADMIN = "admin"
 # The names of arrays' own groups (Core._array_group); no other group may take one.
 ARRAY_GROUP = re.compile(r"array-\d+(-\d+)?")
+USER_SETTINGS = ("shares", "max_running", "max_queued")
 # A worker with less free cpu than this is full: a claim from it scans nothing.
 MIN_CPUS = 1e-6
 # Submissions of at least this many jobs run with the cyclic GC paused (see Core.submit).
@@ -104,7 +107,8 @@ class Config:
     heartbeat: float = defaults.HEARTBEAT_INTERVAL
     liveness: int = defaults.LIVENESS
     max_lost_requeues: int = defaults.MAX_LOST_REQUEUES
-    claim_scan_limit: int = defaults.CLAIM_SCAN_LIMIT
+    half_life: float = defaults.USAGE_HALF_LIFE  # of users' usage, for fair share
+    retention: float | None = defaults.RETENTION  # how long ended jobs are kept; None: ever
 
 
 @dataclass(slots=True)
@@ -157,7 +161,7 @@ class Core:
     def _load(self, job_id: int) -> Job:
         job = self.tx.get_job(job_id)
         if job is None:
-            raise NotFound(f"no job {job_id}")
+            raise NotFound(gone(self.tx, job_id))
         return job
 
     def _group(self, ref: str | int) -> Group:
@@ -206,6 +210,8 @@ class Core:
         submit_key: str | None,
         array: bool = False,
     ) -> dict[str, Any]:
+        if jobs:
+            self._check_queued(actor.name, len(jobs))
         by_name, joined = self._open_groups(actor, jobs, groups)
         first = self.tx.next_job_id() if jobs else 0
         ids = list(range(first, first + len(jobs)))
@@ -256,7 +262,7 @@ class Core:
             self._cancel(self._load(job_id), reason)
         result = {"jobs": ids, "groups": {name: g.id for name, g in by_name.items()}}
         if submit_key:
-            self.tx.put_submit_key(actor.name, submit_key, result)
+            self.tx.put_submit_key(actor.name, submit_key, result, self.now)
         return result
 
     def _log_submitted(self, rows: list[list[Any]]) -> None:
@@ -353,7 +359,7 @@ class Core:
     def _load_ref(self, job_id: int, where: str) -> Job:
         job = self.tx.get_job(job_id)
         if job is None:
-            raise NotFound(f"{where}: no job {job_id}")
+            raise NotFound(f"{where}: {gone(self.tx, job_id)}")
         return job
 
     def _group_ref(self, ref: str | int, where: str) -> Group:
@@ -461,9 +467,10 @@ class Core:
         self, actor: Actor, job_ids: list[int], group_refs: list[str | int], reason: str | None
     ) -> dict[str, list[int]]:
         """Cancel jobs and groups at once; cancelling what is already over is a success (SPEC
-        §8). The broker does the same a slice at a time (bulk.py), which must end exactly as
-        this does; tests hold the two to it."""
-        jobs = [self._load(j) for j in job_ids]
+        §8), even once retention has purged it. The broker does the same a slice at a time
+        (bulk.py), which must end exactly as this does; tests hold the two to it."""
+        over = [j for j in job_ids if purged(self.tx, j)]
+        jobs = [self._load(j) for j in job_ids if j not in over]
         groups = [self._group(g) for g in group_refs]
         for job in jobs:
             if not actor.may_touch(job.owner):
@@ -489,6 +496,9 @@ class Core:
         for job in jobs:
             if job.id not in out.seen:
                 out.add(job.id, self._cancel(self._load(job.id), why))
+        for job_id in over:
+            if job_id not in out.seen:
+                out.add(job_id, "already")
         return out.lists
 
     def _cancel(self, job: Job, reason: str) -> str:
@@ -675,63 +685,62 @@ class Core:
     def match(self) -> int:
         """Answer outstanding claims with the best eligible jobs that fit; returns how many.
 
-        The least loaded claimer goes first, so work spreads. Each claimer scans the eligible
-        index from the top, skipping jobs too big for it, at most `claim_scan_limit` entries.
+        The least loaded claimer goes first, so work spreads. Each claim looks only at the
+        heads of the queues (see matching.py), so jobs that fit no worker never hold it up.
         """
         claimers = [w for n in self.tx.claimers() if (w := self.tx.get_worker(n)) is not None]
         claimers.sort(key=lambda w: (w.used_cpus / w.cpus if w.cpus else 1.0, w.name))
+        board: Board | None = None
         assigned = 0
         for worker in claimers:
             if worker.state != WorkerState.ACTIVE.value:
                 worker.wants = 0
                 self.tx.put_worker(worker)
                 continue
-            chosen = self._choose(worker)
-            batch = [self._assign(worker, job_id) for job_id in chosen]
+            if worker.cpus - worker.used_cpus < MIN_CPUS:  # every job asks for some cpu
+                continue
+            if board is None:  # read once, only when some claimer has room
+                board = self._board()
+            batch = self._fill(worker, board)
             if batch:
                 self.tx.put_worker(worker)
                 self.effects.append(Effect(worker.name, "assign", {"jobs": batch}))
                 assigned += len(batch)
         return assigned
 
-    def _choose(self, worker: Worker) -> list[int]:
-        """Pick jobs for one claim without writing, so the index cursor stays valid."""
-        free_cpus = worker.cpus - worker.used_cpus
-        free_mem = worker.memory - worker.used_memory
-        free_gpus = worker.gpus - len(worker.used_gpus)
-        if free_cpus < MIN_CPUS or worker.wants <= 0:  # every job asks for some cpu
-            return []
-        # A scan that found nothing finds nothing again until the index gains an entry or the
-        # worker gains room: skip it. With a million queued jobs it reads 4,096 of them.
-        limit = self.config.claim_scan_limit
-        room = (free_cpus, free_mem, free_gpus)
-        key = (tuple(worker.tags), limit)
-        memo = self.tx.empty_scan(worker.name)
-        if memo is not None and memo[3:] == key and all(map(operator.le, room, memo[:3])):
-            return []
-        chosen: list[int] = []
-        scanned = 0
-        whole = True  # the scan saw every entry
-        passed = False  # it passed over held jobs, which come back with no change to the index
-        for job_id, (cpus, memory, gpus, tags) in self.tx.eligible():
-            if scanned >= limit or len(chosen) >= worker.wants or free_cpus < MIN_CPUS:
-                whole = False
+    def _board(self) -> Board:
+        heads = self.tx.queue_heads()
+        owners = {h.owner for h in heads}
+        users = {name: self.tx.get_user(name) for name in owners}
+        # What an owner holds matters only against other owners, or to its own limit.
+        tallies = {
+            name: self.tx.tally(name)
+            for name, user in users.items()
+            if len(owners) > 1 or (user is not None and user.max_running is not None)
+        }
+        return Board.build(
+            heads, users, tallies, self.now, self.config.half_life, self.tx.queue_head
+        )
+
+    def _fill(self, worker: Worker, board: Board) -> list[dict[str, Any]]:
+        """Assign `worker` the best fitting jobs, one at a time, while it wants more and has
+        room; returns the assignments. (Whose jobs a worker may run would go to `pick` as its
+        `accepts`.)"""
+        batch: list[dict[str, Any]] = []
+        while worker.wants > 0:
+            room = (
+                worker.cpus - worker.used_cpus,
+                worker.memory - worker.used_memory,
+                worker.gpus - len(worker.used_gpus),
+            )
+            if room[0] < MIN_CPUS:
                 break
-            scanned += 1
-            if cpus > free_cpus + 1e-9 or memory > free_mem or gpus > free_gpus:
-                continue
-            if tags and not all(t in worker.tags for t in tags):
-                continue
-            if self.held is not None and self.held(job_id):
-                passed = True
-                continue
-            chosen.append(job_id)
-            free_cpus -= cpus
-            free_mem -= memory
-            free_gpus -= gpus
-        if not chosen and not passed:
-            self.tx.note_empty_scan(worker.name, whole, (*room, *key))
-        return chosen
+            head = board.pick(room, worker.tags, held=self.held)
+            if head is None:
+                break
+            batch.append(self._assign(worker, head.job))
+            board.took(head)
+        return batch
 
     def _assign(self, worker: Worker, job_id: int) -> dict[str, Any]:
         job = self._load(job_id)
@@ -836,6 +845,7 @@ class Core:
             attempt.started = max(attempt.claimed, self.now - runtime)
         attempt.ended, attempt.exit_code, attempt.signal = self.now, exit_code, signal
         attempt.stdout_tail, attempt.stderr_tail = tails
+        self._charge(job, attempt)
         job.exit_code, job.signal = exit_code, signal
         worker = self._worker(name)
         self._release(worker, job)
@@ -884,6 +894,15 @@ class Core:
                 )
         return False
 
+    def _charge(self, job: Job, attempt: Attempt) -> None:
+        """Add the ended attempt's cpu-seconds (held, not used) to its owner's usage."""
+        start = attempt.started if attempt.started is not None else attempt.claimed
+        held = job.cpus * max(0.0, self.now - start)
+        user = self.tx.get_user(job.owner) or User(job.owner)
+        user.usage = decayed(user, self.now, self.config.half_life) + held
+        user.usage_at = self.now
+        self.tx.put_user(user)
+
     def _release(self, worker: Worker, job: Job) -> None:
         """Give the attempt's resources back to its worker."""
         if worker.running.pop(job.id, None) is None:
@@ -915,6 +934,34 @@ class Core:
         self.effects.append(Effect(name, "drain", {"resume": resume}))
         return worker
 
+    # ---- users -------------------------------------------------------------------------------
+
+    def set_user(self, actor: Actor, name: str, changes: dict[str, Any]) -> User:
+        """Set a user's shares and limits: `shares`, `max_running`, `max_queued` (None lifts
+        a limit). Admins only; the user need not have submitted anything yet."""
+        if actor.role != ADMIN:
+            raise Forbidden("setting users' shares and limits is for admins")
+        user = self.tx.get_user(name) or User(name)
+        for key, value in changes.items():
+            if key not in USER_SETTINGS:
+                raise BadRequest(f"{key}: not a user setting; one of {', '.join(USER_SETTINGS)}")
+            setattr(user, key, value)
+        self.tx.put_user(user)
+        self.wake = True  # a raised limit or a new share may change who runs next
+        return user
+
+    def _check_queued(self, owner: str, adding: int) -> None:
+        """Refuse a submission that would take `owner` past its max_queued."""
+        user = self.tx.get_user(owner)
+        if user is None or user.max_queued is None:
+            return
+        queued = self.tx.tally(owner).queued
+        if queued + adding > user.max_queued:
+            raise Conflict(
+                f"max_queued: {owner} may have at most {user.max_queued} jobs waiting "
+                f"({queued} now, and this submission adds {adding})"
+            )
+
     # ---- lost workers -----------------------------------------------------------------------
 
     def worker_lost(self, name: str, reason: str) -> None:
@@ -939,6 +986,7 @@ class Core:
         if attempt is not None:
             attempt.ended, attempt.outcome, attempt.reason = self.now, Outcome.LOST.value, reason
             self.tx.put_attempt(attempt)
+            self._charge(job, attempt)
         job.token = None
         if job.st == S.PENDING_CANCELLATION:
             self._move(job, S.CANCELLED, job.cancel_reason)

@@ -10,7 +10,7 @@ WINDOW_EVENTS = 20_000  # the recent history the rates and percentiles are drawn
 MINUTES = 10
 
 
-def summary(tx: Tx, now: float) -> dict[str, Any]:
+def summary(tx: Tx, now: float, retention: float | None = None) -> dict[str, Any]:
     last = tx.last_id("event")
     events = tx.events_from(max(1, last - WINDOW_EVENTS + 1), WINDOW_EVENTS)
     per_minute: dict[str, list[int]] = {
@@ -60,6 +60,22 @@ def summary(tx: Tx, now: float) -> dict[str, Any]:
             "utilisation": sum(w.used_cpus for w in live) / total_cpus if total_cpus else None,
         },
         "window_events": len(events),
+        "store": store(tx, retention),
+    }
+
+
+def store(tx: Tx, retention: float | None) -> dict[str, Any]:
+    """How big the store is, and how far back it goes."""
+    oldest = tx.first_job()
+    first_event = tx.events_from(0, 1)
+    return {
+        **tx.store_info(),
+        "jobs": sum(tx.state_counts().values()),
+        "retention": retention,
+        "oldest_job": None
+        if oldest is None
+        else {"id": oldest.id, "submitted": oldest.submitted, "ended": oldest.ended},
+        "oldest_event": first_event[0].time if first_event else None,
     }
 
 

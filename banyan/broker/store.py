@@ -13,34 +13,46 @@ Keys (integers big-endian, so LMDB's byte order is numeric order):
     workers      name                                      -> Worker row
     claimers     name                                      -> name   (workers with wants > 0)
     submit_keys  owner NUL key                             -> msgpack value
+    submit_times time:f64 owner NUL key                    -> empty (when each key was made)
     events       seq:u64                                   -> Event row
     meta         key                                       -> msgpack value
     ids          counter name                              -> last id issued:u64
-    eligible     (2**31-1 - priority):u32 id:u64           -> Request row
+    eligible     owner:u32 shape:u32 (2**31-1 - priority):u32 id:u64 -> Request row
     by_state     state NUL id:u64                          -> empty
                  state                                     -> jobs in that state:u64
                  1 owner_len:u16 owner state:u8 id:u64     -> empty
-                 1 owner_len:u16 owner state:u8            -> that owner's jobs in it:u64
                  2 group:u64 state:u8                      -> that group's jobs in it:u64
     members      group:u64 job:u64                         -> empty
     ops          id:u64                                    -> Op row (a long operation)
+    owners       name                                      -> [owner:u32, {state: jobs}, mcpus]
+    owner_names  owner:u32                                 -> name
+    shapes       packed [cpus, memory, gpus, sorted tags]  -> shape:u32
+    users        name                                      -> User row
 
-`eligible` holds exactly the jobs that are available with no pending dependency, best first
-(priority descending, then id ascending), and carries each job's Request so a claim can test
-fit without loading the job: taking the next job is one B-tree descent however long the queue.
+`eligible` holds exactly the jobs that are available with no pending dependency, in queues:
+one per owner and shape (the same cpus, memory, gpus and tags), each best first (priority
+descending, then id ascending). Each entry carries its job's Request so a claim can test fit
+without loading the job. Every job of a queue fits wherever its head fits, so a claim reads
+only the heads, one B-tree descent each, however many jobs wait behind them, and jobs that fit
+no worker never stand in the way of jobs that do. Owners and shapes are numbered on first
+sight (`owners`, `shapes`); numbers are never reused. `owners` also counts each owner's jobs
+by state and the cpus (in thousandths) its running jobs hold.
 
 The owner entries of `by_state` list a user's jobs by state in id order (so by submission
-time), and with the group counts they answer `banyan-status --user U` and `--group G` summaries
-without reading each job; `state:u8` is the state's place in JobState. State names begin with a
-letter, so the 1 and 2 prefixes never meet them. Every write and delete of those entries and
-counts goes through `_index_job` and `_unindex_job`, and `delete_job` removes a job with them.
+time), and with the owners' tallies and the group counts they answer `banyan-status --user U`
+and `--group G` summaries without reading each job; `state:u8` is the state's place in
+JobState. State names begin with a letter, so the 1 and 2 prefixes never meet them. Every
+write and delete of by_state's entries and counts goes through `_restate` (but for
+put_new_jobs' bulk form), and `delete_job` removes a job with it.
 
 Every commit rewrites the path to each B-tree it touches, so small tables share trees: the
 per-state counts sit in `by_state` (a bare state sorts before its `state NUL` entries), and
-job ids and event seqs are one past the last key of `jobs` and `events` (neither is ever
-deleted) rather than counters in `ids`. A single-job submit so touches jobs, eligible,
-by_state and events. Stores from before this layout are converted on open (`_upgrade`), and
-`meta` "format" says which layout a store has (`FORMAT`).
+job ids and event seqs are one past the last key of `jobs` and `events` rather than counters
+in `ids`. Retention deletes the oldest records of both; when it deletes the last one of a table
+it leaves that number in `ids` (under "purged job" or "purged event"), so numbers are never
+reused. A single-job submit so touches jobs, eligible, by_state, owners and events. Stores
+from before a layout are converted on open (`_upgrade`); `meta` holds the layout's number
+under "format" (`FORMAT`).
 
 Text keys past 400 bytes are cut and suffixed with their SHA-256, because LMDB keys stop at 511
 bytes and names may be 256 characters of 4-byte UTF-8.
@@ -52,6 +64,7 @@ import functools
 import hashlib
 import os
 import struct
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -61,7 +74,19 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import lmdb
 import msgpack
 
-from banyan.broker.records import Attempt, Event, Group, Job, JobState, Request, Worker
+from banyan.broker.records import (
+    HOLDING,
+    Attempt,
+    Event,
+    Group,
+    Head,
+    Job,
+    JobState,
+    Request,
+    Tally,
+    User,
+    Worker,
+)
 from banyan.defaults import INITIAL_MAP_SIZE, MAX_MAP_SIZE
 
 __all__ = ["MapGrown", "ReadOnly", "ReadTx", "Store", "StoreError", "StoreFull", "WriteTx"]
@@ -69,29 +94,34 @@ __all__ = ["MapGrown", "ReadOnly", "ReadTx", "Store", "StoreError", "StoreFull",
 P = ParamSpec("P")
 T = TypeVar("T")
 
-# The layout version kept in meta "format": 2 added the owner entries and the owner and
-# group counts to by_state.
+# The layout version kept in meta "format". 2: eligible keys start with the owner and the
+# shape; owners numbered, with their tallies; owner entries and group counts in by_state.
 FORMAT = 2
 _U64 = struct.Struct(">Q")
 _MAX_ID = 2**64 - 1
 _ATTEMPT = struct.Struct(">QI")
-_ELIGIBLE = struct.Struct(">IQ")
+_ELIGIBLE = struct.Struct(">IIIQ")  # owner, shape, inverted priority, id
+_QUEUE = struct.Struct(">II")  # owner, shape: the prefix of one queue's entries
+_RANK = struct.Struct(">IQ")  # inverted priority, id: the rest of an eligible key
+_U32 = struct.Struct(">I")
 _PAIR = struct.Struct(">QQ")
 _PRIORITY_TOP = 2**31 - 1
 _TARGETS = {"job": b"j", "group": b"g"}
 _AVAILABLE = JobState.AVAILABLE.value
+_HOLDING = frozenset(s.value for s in HOLDING)
 _STATES = tuple(s.value for s in JobState)
 _DUMPED = ("jobs", "groups", "attempts", "edges")
 # Numbered by their own table's last key, not by a counter in `ids`: one B-tree fewer per
-# commit. Sound because no job and no event is ever deleted; a retention sweep would need the
-# counters back (or to keep the last record).
+# commit. A purge that deletes a table's last key leaves its number in `ids` (_FLOORS).
 _TABLE_IDS = {"job": "jobs", "event": "events"}
+_FLOORS = {"job": b"purged job", "event": b"purged event"}
+_TIME = struct.Struct(">d")  # a time >= 0: its bytes sort as it does
 
 # Positions in a packed Job row, so put_job can read the previous record's indexed fields
 # without building a Job.
 _F = {name: i for i, name in enumerate(Job.names())}
 _ID, _STATE, _PENDING, _PRIORITY = _F["id"], _F["state"], _F["pending"], _F["priority"]
-_OWNER_FIELD, _SUBMITTED = _F["owner"], _F["submitted"]
+_OWNER, _SUBMITTED = _F["owner"], _F["submitted"]
 _CPUS, _MEMORY, _GPUS, _TAGS, _GROUPS = (
     _F["cpus"],
     _F["memory"],
@@ -122,26 +152,32 @@ def _state_key(state: str, job_id: int) -> bytes:
 
 
 _STATE_CODE = {state: i for i, state in enumerate(_STATES)}
-_OWNER, _GROUP = b"\x01", b"\x02"
+_BY_OWNER, _BY_GROUP = b"\x01", b"\x02"
 _STATE_KEYS = {state: state.encode() for state in _STATES}
 _U16 = struct.Struct(">H")
 
 
 @functools.lru_cache(maxsize=4096)  # a few owners and six states make most of them
 def _owner_prefix(owner: str, state: str) -> bytes:
-    """by_state's key of `owner`'s count of jobs in `state`, and the prefix of their entries."""
+    """The prefix of by_state's entries of `owner`'s jobs in `state`."""
     name = _text_key(owner)
-    return _OWNER + _U16.pack(len(name)) + name + bytes((_STATE_CODE[state],))
+    return _BY_OWNER + _U16.pack(len(name)) + name + bytes((_STATE_CODE[state],))
 
 
 def _group_key(group_id: int, state: str) -> bytes:
-    return _GROUP + _U64.pack(group_id) + bytes((_STATE_CODE[state],))
+    return _BY_GROUP + _U64.pack(group_id) + bytes((_STATE_CODE[state],))
 
 
-def _eligible_key(priority: int, job_id: int) -> bytes:
+def _rank(priority: int, job_id: int) -> bytes:
+    """The part of an eligible key after the queue: best first within the queue."""
     if not -(2**31) <= priority <= _PRIORITY_TOP:
         raise ValueError(f"priority {priority} outside the int32 range")
-    return _ELIGIBLE.pack(_PRIORITY_TOP - priority, job_id)
+    return _RANK.pack(_PRIORITY_TOP - priority, job_id)
+
+
+def _mcpus(cpus: float) -> int:
+    """Cpus in thousandths: sums of them stay exact however many jobs come and go."""
+    return round(cpus * 1000)
 
 
 class StoreError(Exception):
@@ -184,28 +220,13 @@ def _free_bytes(path: str) -> int:
     return st.f_bavail * st.f_frsize
 
 
-class _Clock:
-    """Changes to the eligible index, counted in memory, and the empty scans noted against
-    them (see ReadTx.empty_scan). Volatile: a restart starts with no notes."""
-
-    __slots__ = ("grown", "notes", "shrunk")
-
-    def __init__(self) -> None:
-        # `grown`: an entry was added or its request changed, or a write transaction was
-        # undone (which may put back entries it had removed). `shrunk`: an entry was removed.
-        self.grown = 0
-        self.shrunk = 0
-        self.notes: dict[str, tuple[int, int, bool, Any]] = {}
-
-
 class _Batch:
     """What one outer write transaction and its children share."""
 
-    __slots__ = ("clock", "env", "failure", "mutations", "pack")
+    __slots__ = ("env", "failure", "mutations", "pack")
 
-    def __init__(self, env: lmdb.Environment, clock: _Clock) -> None:
+    def __init__(self, env: lmdb.Environment) -> None:
         self.env = env
-        self.clock = clock
         self.failure: str | None = None  # "map" or "disk" once a write ran out of room
         self.mutations = 0  # bumped by every write, so open scans know to re-seek
         # One Packer per transaction: packb builds a new one per call, which costs more than
@@ -242,6 +263,11 @@ class _Dbs:
     by_state: Any
     members: Any
     ops: Any
+    owners: Any
+    owner_names: Any
+    shapes: Any
+    users: Any
+    submit_times: Any
 
     def __init__(self, env: lmdb.Environment) -> None:
         for name in self.__annotations__:
@@ -280,9 +306,59 @@ class ReadTx:
         return None if raw is None else Job.unpack(_unpack(raw))
 
     def eligible(self) -> Iterator[tuple[int, Request]]:
+        """Every eligible job, queue by queue (owner, then shape), best first in each."""
         for key, value in self._scan(self._db.eligible, b""):
             cpus, memory, gpus, tags = _unpack(value)
-            yield _ELIGIBLE.unpack(key)[1], (cpus, memory, gpus, tags)
+            yield _ELIGIBLE.unpack(key)[3], (cpus, memory, gpus, tags)
+
+    def queue_heads(self) -> list[Head]:
+        """The first entry of every queue: a skip scan, one descent per queue."""
+        cursor = self._txn.cursor(self._db.eligible)
+        heads: list[Head] = []
+        names: dict[int, str] = {}
+        found = cursor.first()
+        while found:
+            key, value = cursor.item()
+            heads.append(self._head(key, value, names))
+            owner, shape = _QUEUE.unpack_from(key)
+            found = cursor.set_range(_QUEUE.pack(owner, shape + 1))  # past this queue
+        return heads
+
+    def queue_head(self, queue: bytes, after: Head | None = None) -> Head | None:
+        """The queue's first entry, or with `after` (one of its entries) the one behind it."""
+        cursor = self._txn.cursor(self._db.eligible)
+        start = queue if after is None else queue + _rank(after.priority, after.job) + b"\0"
+        if not cursor.set_range(start) or not cursor.key().startswith(queue):
+            return None
+        return self._head(cursor.key(), cursor.value(), {})
+
+    def _head(self, key: bytes, value: bytes, names: dict[int, str]) -> Head:
+        owner, _, rank, job_id = _ELIGIBLE.unpack(key)
+        name = names.get(owner)
+        if name is None:
+            raw = self._txn.get(_U32.pack(owner), db=self._db.owner_names)
+            name = names[owner] = "" if raw is None else raw.decode()
+        cpus, memory, gpus, tags = _unpack(value)
+        return Head(key[:8], name, (cpus, memory, gpus, tags), _PRIORITY_TOP - rank, job_id)
+
+    def tally(self, owner: str) -> Tally:
+        raw = self._txn.get(_text_key(owner), db=self._db.owners)
+        counts, mcpus = ({}, 0) if raw is None else _unpack(raw)[1:]
+        return Tally(owner, counts, mcpus / 1000)
+
+    def tallies(self) -> Iterator[Tally]:
+        for _, value in self._scan(self._db.owners, b""):
+            uid, counts, mcpus = _unpack(value)
+            raw = self._txn.get(_U32.pack(uid), db=self._db.owner_names)
+            yield Tally("" if raw is None else raw.decode(), counts, mcpus / 1000)
+
+    def get_user(self, name: str) -> User | None:
+        raw = self._txn.get(_text_key(name), db=self._db.users)
+        return None if raw is None else User.unpack(_unpack(raw))
+
+    def users(self) -> Iterator[User]:
+        for _, value in self._scan(self._db.users, b""):
+            yield User.unpack(_unpack(value))
 
     def jobs_in_state(self, state: str) -> Iterator[int]:
         for key, _ in self._scan(self._db.by_state, state.encode() + b"\0"):
@@ -347,7 +423,8 @@ class ReadTx:
 
     def owner_counts(self, owner: str) -> dict[str, int]:
         """`owner`'s jobs per state; every JobState is present."""
-        return self._tally({s: _owner_prefix(owner, s) for s in _STATES})
+        counts = self.tally(owner).counts
+        return {state: counts.get(state, 0) for state in _STATES}
 
     def group_counts(self, group_id: int) -> dict[str, int]:
         """A group's members per state; every JobState is present."""
@@ -447,34 +524,55 @@ class ReadTx:
         cursor = self._txn.cursor(db)
         return int(_U64.unpack(cursor.key())[0]) if cursor.last() else 0
 
+    def _top(self, counter: str) -> int:
+        """The last job id or event seq ever issued: its table's last key, or the number a
+        purge left when it deleted the last one."""
+        raw = self._txn.get(_FLOORS[counter], db=self._db.ids)
+        last = self._last_key(getattr(self._db, _TABLE_IDS[counter]))
+        return last if raw is None else max(last, int(_U64.unpack(raw)[0]))
+
     def last_id(self, counter: str) -> int:
-        table = _TABLE_IDS.get(counter)
-        if table is not None:
-            return self._last_key(getattr(self._db, table))
+        if counter in _TABLE_IDS:
+            return self._top(counter)
         raw = self._txn.get(_text_key(counter), db=self._db.ids)
         return 0 if raw is None else int(_U64.unpack(raw)[0])
 
     def next_job_id(self) -> int:
-        return self._last_key(self._db.jobs) + 1
+        return self._top("job") + 1
 
-    def empty_scan(self, worker: str) -> Any:
-        """The note kept by note_empty_scan for `worker`, while it still holds: no entry has
-        joined the eligible index since (nor left it, unless that scan saw the whole index)."""
-        note = self._batch.clock.notes.get(worker)
-        if note is None:
-            return None
-        grown, shrunk, whole, memo = note
-        clock = self._batch.clock
-        if grown != clock.grown or not (whole or shrunk == clock.shrunk):
-            return None
-        return memo
+    def first_job(self) -> Job | None:
+        """The oldest job still kept."""
+        cursor = self._txn.cursor(self._db.jobs)
+        return Job.unpack(_unpack(cursor.value())) if cursor.first() else None
+
+    def store_info(self) -> dict[str, int]:
+        """Bytes: `file` (data.mdb), `used` (pages of every table), `free` (pages LMDB has
+        freed and will reuse before it grows the file), `map` (the map's current size)."""
+        env = self._batch.env
+        stat = env.stat()
+        page = stat["psize"]
+        pages = sum(
+            s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"]
+            for s in [stat, *(self._txn.stat(getattr(self._db, n)) for n in _Dbs.__annotations__)]
+        )
+        ever = env.info()["last_pgno"] + 1  # pages the file has ever held, with 2 meta pages
+        try:
+            size = os.stat(os.path.join(env.path(), "data.mdb")).st_size
+        except OSError:
+            size = ever * page
+        return {
+            "file": size,
+            "used": pages * page,
+            "free": max(0, ever - 2 - pages) * page,
+            "map": env.info()["map_size"],
+        }
 
     # The writers of records.Tx, so a read view can stand wherever a Tx is expected.
     def next_id(self, counter: str, count: int = 1) -> int:
         raise ReadOnly("next_id on a read view")
 
-    def note_empty_scan(self, worker: str, whole: bool, memo: Any) -> None:
-        raise ReadOnly("note_empty_scan on a read view")
+    def put_user(self, user: User) -> None:
+        raise ReadOnly("put_user on a read view")
 
     def put_job(self, job: Job) -> None:
         raise ReadOnly("put_job on a read view")
@@ -494,8 +592,20 @@ class ReadTx:
     def put_worker(self, worker: Worker) -> None:
         raise ReadOnly("put_worker on a read view")
 
-    def put_submit_key(self, owner: str, key: str, value: Any) -> None:
+    def put_submit_key(self, owner: str, key: str, value: Any, time: float) -> None:
         raise ReadOnly("put_submit_key on a read view")
+
+    def delete_job(self, job_id: int) -> Job | None:
+        raise ReadOnly("delete_job on a read view")
+
+    def delete_group(self, group_id: int) -> None:
+        raise ReadOnly("delete_group on a read view")
+
+    def delete_events_through(self, seq: int) -> int:
+        raise ReadOnly("delete_events_through on a read view")
+
+    def expire_submit_keys(self, before: float, limit: int) -> int:
+        raise ReadOnly("expire_submit_keys on a read view")
 
     def append_event(
         self, time: float, job: int, frm: str | None, to: str, reason: str | None
@@ -507,9 +617,6 @@ class ReadTx:
 
     def append_events(self, rows: list[tuple[float, int, str | None, str, str | None]]) -> int:
         raise ReadOnly("append_events on a read view")
-
-    def delete_job(self, job_id: int) -> bool:
-        raise ReadOnly("delete_job on a read view")
 
     def child(self) -> AbstractContextManager[WriteTx]:
         raise ReadOnly("child on a read view")
@@ -538,7 +645,7 @@ def _writes(method: Callable[Concatenate[WriteTx, P], T]) -> Callable[Concatenat
 class WriteTx(ReadTx):
     """One write transaction (or a child of one): implements records.Tx."""
 
-    __slots__ = ("_counts", "_parent")
+    __slots__ = ("_counts", "_owned", "_parent")
 
     def __init__(
         self,
@@ -548,10 +655,12 @@ class WriteTx(ReadTx):
         parent: WriteTx | None = None,
     ) -> None:
         super().__init__(txn, dbs, batch)
-        # Count deltas by their key in by_state (per state, per owner and state, per group
-        # and state): a child hands its own to its parent as it commits, and the outer
-        # transaction writes them (_flush), so a turn of many requests writes each count once.
+        # Count deltas by their key in by_state (per state, per group and state), and per
+        # owner (by state, with the owner's running mcpus under ""): a child hands its own to
+        # its parent as it commits, and the outer transaction writes them (_flush), so a turn
+        # of many requests writes each count once.
         self._counts: dict[bytes, int] = {}
+        self._owned: dict[str, dict[str, int]] = {}
         self._parent = parent
 
     def _flush(self) -> None:
@@ -560,6 +669,19 @@ class WriteTx(ReadTx):
             if delta:
                 self._count(key, delta)
         self._counts.clear()
+        for owner, deltas in self._owned.items():
+            key = _text_key(owner)
+            raw = self._txn.get(key, db=self._db.owners)
+            uid, counts, mcpus = _unpack(raw) if raw is not None else (self._uid(owner), {}, 0)
+            for state, delta in deltas.items():
+                if state:
+                    counts[state] = counts.get(state, 0) + delta
+                    if not counts[state]:
+                        del counts[state]
+                else:
+                    mcpus += delta
+            self._txn.put(key, self._batch.pack([uid, counts, mcpus]), db=self._db.owners)
+        self._owned.clear()
 
     def _tally(self, keys: dict[str, bytes]) -> dict[str, int]:
         counts = super()._tally(keys)
@@ -570,6 +692,19 @@ class WriteTx(ReadTx):
                 counts[state] += pending.get(key, 0)
             tx = tx._parent
         return counts
+
+    def tally(self, owner: str) -> Tally:
+        stored = super().tally(owner)
+        counts, mcpus = dict(stored.counts), _mcpus(stored.cpus)
+        tx: WriteTx | None = self
+        while tx is not None:
+            for state, delta in tx._owned.get(owner, {}).items():
+                if state:
+                    counts[state] = counts.get(state, 0) + delta
+                else:
+                    mcpus += delta
+            tx = tx._parent
+        return Tally(owner, {k: n for k, n in counts.items() if n}, mcpus / 1000)
 
     @contextmanager
     def child(self) -> Iterator[WriteTx]:
@@ -584,7 +719,6 @@ class WriteTx(ReadTx):
             yield child
         except BaseException:
             txn.abort()
-            self._batch.clock.grown += 1  # the undo may put back eligible entries
             raise
         finally:
             self._batch.mutations += 1  # the parent's tree changed (or was restored)
@@ -595,6 +729,10 @@ class WriteTx(ReadTx):
         counts = self._counts
         for key, delta in child._counts.items():
             counts[key] = counts.get(key, 0) + delta
+        for owner, deltas in child._owned.items():
+            mine = self._owned.setdefault(owner, {})
+            for state, delta in deltas.items():
+                mine[state] = mine.get(state, 0) + delta
 
     def _commit(self) -> None:  # the one place transactions commit, so tests can fail it
         self._txn.commit()
@@ -607,12 +745,46 @@ class WriteTx(ReadTx):
         else:
             self._txn.delete(key, db=self._db.by_state)
 
-    def note_empty_scan(self, worker: str, whole: bool, memo: Any) -> None:
-        """Keep `memo` for `worker` until the eligible index gains an entry (or loses one,
-        unless `whole`: the scan saw every entry, so a removal cannot bring a new one into
-        its reach). Memory only; an undone transaction voids every note."""
-        clock = self._batch.clock
-        clock.notes[worker] = (clock.grown, clock.shrunk, whole, memo)
+    def _own(
+        self, owner: str, old: tuple[str | None, float], new: tuple[str | None, float]
+    ) -> None:
+        """Count a job of `owner` going from `old` to `new`, each (state or None, cpus)."""
+        deltas = self._owned.get(owner)
+        if deltas is None:
+            deltas = self._owned[owner] = {}
+        mcpus = 0
+        for (state, cpus), sign in ((old, -1), (new, 1)):
+            if state is not None:
+                deltas[state] = deltas.get(state, 0) + sign
+                if state in _HOLDING:
+                    mcpus += sign * _mcpus(cpus)
+        if mcpus:
+            deltas[""] = deltas.get("", 0) + mcpus
+
+    def _uid(self, owner: str) -> int:
+        """The owner's number, given on first sight."""
+        key = _text_key(owner)
+        raw = self._txn.get(key, db=self._db.owners)
+        if raw is not None:
+            return int(_unpack(raw)[0])
+        uid = self.next_id("owner")
+        self._txn.put(key, self._batch.pack([uid, {}, 0]), db=self._db.owners)
+        self._txn.put(_U32.pack(uid), owner.encode(), db=self._db.owner_names)
+        return uid
+
+    def _sid(self, cpus: float, memory: int, gpus: int, tags: list[str]) -> int:
+        """The shape's number, given on first sight. Tags are a set: order does not matter."""
+        key = self._batch.pack([float(cpus), int(memory), int(gpus), sorted(set(tags))])
+        raw = self._txn.get(key, db=self._db.shapes)
+        if raw is not None:
+            return int(_U32.unpack(raw)[0])
+        sid = self.next_id("shape")
+        self._txn.put(key, _U32.pack(sid), db=self._db.shapes)
+        return sid
+
+    def _queue(self, owner: str, request: list[Any]) -> bytes:
+        """The eligible-key prefix of the queue for `owner`'s jobs asking for `request`."""
+        return _QUEUE.pack(self._uid(owner), self._sid(*request))
 
     @_writes
     def next_id(self, counter: str, count: int = 1) -> int:
@@ -636,20 +808,22 @@ class WriteTx(ReadTx):
         txn.put(key, value, db=db.jobs)
         old: Any = None if raw is None else _unpack(raw)
 
-        old_key = None
+        old_key = new_key = request = old_request = None
         if old is not None and old[_STATE] == _AVAILABLE and old[_PENDING] == 0:
-            old_key = _eligible_key(old[_PRIORITY], job.id)
-        new_key = _eligible_key(job.priority, job.id) if job.eligible else None
+            old_request = [old[i] for i in (_CPUS, _MEMORY, _GPUS, _TAGS)]
+            old_key = self._queue(old[_OWNER], old_request) + _rank(old[_PRIORITY], job.id)
+        if job.eligible:
+            request = [job.cpus, job.memory, job.gpus, job.tags]
+            new_key = self._queue(job.owner, request) + _rank(job.priority, job.id)
         if old_key is not None and old_key != new_key:
             txn.delete(old_key, db=db.eligible)
-            self._batch.clock.shrunk += 1
-        if new_key is not None:
-            request = [job.cpus, job.memory, job.gpus, job.tags]
-            if old_key != new_key or request != [old[i] for i in (_CPUS, _MEMORY, _GPUS, _TAGS)]:
-                txn.put(new_key, pack(request), db=db.eligible)
-                self._batch.clock.grown += 1
+        if new_key is not None and (old_key != new_key or request != old_request):
+            txn.put(new_key, pack(request), db=db.eligible)
 
         old_state = None if old is None else old[_STATE]
+        old_cpus = 0.0 if old is None else old[_CPUS]
+        if old_state != job.state or (old_cpus != job.cpus and job.state in _HOLDING):
+            self._own(job.owner, (old_state, old_cpus), (job.state, job.cpus))
         old_groups = [] if old is None else old[_GROUPS]
         if old_state != job.state or old_groups != job.groups:
             was = None if old is None else (old[_STATE], old_groups)
@@ -659,18 +833,6 @@ class WriteTx(ReadTx):
                 txn.delete(_PAIR.pack(group_id, job.id), db=db.members)
             for group_id in set(job.groups) - set(old_groups):
                 txn.put(_PAIR.pack(group_id, job.id), b"", db=db.members)
-
-    def _index_owners_and_groups(self) -> None:
-        """Add the owner entries and the owner and group counts of every stored job: a store
-        of FORMAT 1 has none (a million jobs take a few seconds, once)."""
-        txn, by_state, counts = self._txn, self._db.by_state, self._counts
-        for key, raw in txn.cursor(self._db.jobs):
-            row = _unpack(raw)
-            owned = _owner_prefix(row[_OWNER_FIELD], row[_STATE])
-            txn.put(owned + key, b"", db=by_state)
-            for count_key in (owned, *(_group_key(g, row[_STATE]) for g in set(row[_GROUPS]))):
-                counts[count_key] = counts.get(count_key, 0) + 1
-        self._batch.mutations += 1
 
     def _restate(
         self,
@@ -693,27 +855,8 @@ class WriteTx(ReadTx):
                     txn.put(entry, b"", db=db)
                 else:
                     txn.delete(entry, db=db)
-            for key in (_STATE_KEYS[state], owned, *(_group_key(g, state) for g in set(groups))):
+            for key in (_STATE_KEYS[state], *(_group_key(g, state) for g in set(groups))):
                 counts[key] = counts.get(key, 0) + delta
-
-    @_writes
-    def delete_job(self, job_id: int) -> bool:
-        """Remove a job's record and every index entry and count of it; False if none. Its
-        attempts, edges and events are the caller's to remove."""
-        key = _U64.pack(job_id)
-        txn, db = self._txn, self._db
-        raw = txn.get(key, db=db.jobs)
-        if raw is None:
-            return False
-        old = _unpack(raw)
-        txn.delete(key, db=db.jobs)
-        if old[_STATE] == _AVAILABLE and old[_PENDING] == 0:
-            txn.delete(_eligible_key(old[_PRIORITY], job_id), db=db.eligible)
-            self._batch.clock.shrunk += 1
-        self._restate(job_id, old[_OWNER_FIELD], (old[_STATE], old[_GROUPS]), None)
-        for group_id in set(old[_GROUPS]):
-            txn.delete(_PAIR.pack(group_id, job_id), db=db.members)
-        return True
 
     @_writes
     def put_op(self, op_id: int, row: list[Any]) -> None:
@@ -733,28 +876,37 @@ class WriteTx(ReadTx):
         keys = [u64(row[_ID]) for row in rows]
         jobs = [(key, pack(row)) for key, row in zip(keys, rows, strict=True)]
         tally: dict[bytes, int] = {}  # count deltas by key
-        where = Counter((row[_OWNER_FIELD], row[_STATE]) for row in rows)
+        where = Counter((row[_OWNER], row[_STATE]) for row in rows)
         for (owner, state), n in where.items():
-            for count_key in (_STATE_KEYS[state], _owner_prefix(owner, state)):
-                tally[count_key] = tally.get(count_key, 0) + n
+            count_key = _STATE_KEYS[state]
+            tally[count_key] = tally.get(count_key, 0) + n
+            deltas = self._owned.setdefault(owner, {})
+            deltas[state] = deltas.get(state, 0) + n
         for row in rows:
+            if row[_STATE] in _HOLDING:
+                held = self._owned.setdefault(row[_OWNER], {})
+                held[""] = held.get("", 0) + _mcpus(row[_CPUS])
             for group_id in set(row[_GROUPS]) if row[_GROUPS] else ():
                 count_key = _group_key(group_id, row[_STATE])
                 tally[count_key] = tally.get(count_key, 0) + 1
         prefix = {state: state.encode() + b"\0" for state in _STATES}
         states = [(prefix[row[_STATE]] + key, b"") for key, row in zip(keys, rows, strict=True)]
         states += [
-            (_owner_prefix(row[_OWNER_FIELD], row[_STATE]) + key, b"")
+            (_owner_prefix(row[_OWNER], row[_STATE]) + key, b"")
             for key, row in zip(keys, rows, strict=True)
         ]
-        eligible = [
-            (
-                _eligible_key(row[_PRIORITY], row[_ID]),
-                pack([row[_CPUS], row[_MEMORY], row[_GPUS], row[_TAGS]]),
-            )
-            for row in rows
-            if row[_STATE] == _AVAILABLE and not row[_PENDING]
-        ]
+        queues: dict[tuple[Any, ...], bytes] = {}  # (owner, cpus, memory, gpus, tags...)
+        eligible = []
+        for row in rows:
+            if row[_STATE] != _AVAILABLE or row[_PENDING]:
+                continue
+            request = [row[_CPUS], row[_MEMORY], row[_GPUS], row[_TAGS]]
+            shape = (row[_OWNER], *request[:3], *request[3])
+            queue = queues.get(shape)
+            if queue is None:
+                queue = queues[shape] = self._queue(row[_OWNER], request)
+            eligible.append((queue + _rank(row[_PRIORITY], row[_ID]), pack(request)))
+        eligible.sort()  # putmulti into a B-tree is cheapest in key order
         members = [(_PAIR.pack(g, row[_ID]), b"") for row in rows for g in set(row[_GROUPS])]
         txn, db, counts = self._txn, self._db, self._counts
         cursor = txn.cursor(db.jobs)
@@ -765,7 +917,6 @@ class WriteTx(ReadTx):
             raise StoreError("put_new_jobs: a job id is already taken or out of order")
         if eligible:
             txn.cursor(db.eligible).putmulti(eligible)
-            self._batch.clock.grown += 1
         txn.cursor(db.by_state).putmulti(states)
         if members:
             txn.cursor(db.members).putmulti(members)
@@ -808,16 +959,110 @@ class WriteTx(ReadTx):
             self._txn.delete(key, db=self._db.claimers)
 
     @_writes
-    def put_submit_key(self, owner: str, key: str, value: Any) -> None:
-        self._txn.put(
-            _text_key(f"{owner}\0{key}"), self._batch.pack(value), db=self._db.submit_keys
-        )
+    def put_submit_key(self, owner: str, key: str, value: Any, time: float) -> None:
+        """Remember a submission's result under its key, made at `time` (for retention)."""
+        name = _text_key(f"{owner}\0{key}")
+        self._txn.put(name, self._batch.pack(value), db=self._db.submit_keys)
+        self._txn.put(_TIME.pack(max(0.0, time)) + name, b"", db=self._db.submit_times)
+
+    # ---- deleting, for retention -----------------------------------------------------------
+
+    def _delete_prefix(self, db: Any, prefix: bytes) -> int:
+        cursor = self._txn.cursor(db)
+        deleted = 0
+        found = cursor.set_range(prefix)
+        # delete() moves on to the next entry; past the last one the key reads empty.
+        while found and cursor.key().startswith(prefix):
+            found = cursor.delete()
+            deleted += 1
+        return deleted
+
+    def _keep_number(self, counter: str, key: bytes) -> None:
+        """Before deleting `key` from a numbering table: if it is the last, keep its number."""
+        cursor = self._txn.cursor(getattr(self._db, _TABLE_IDS[counter]))
+        if cursor.last() and cursor.key() == key:
+            kept = self._txn.get(_FLOORS[counter], db=self._db.ids)
+            if kept is None or kept < key:
+                self._txn.put(_FLOORS[counter], key, db=self._db.ids)
+
+    @_writes
+    def delete_job(self, job_id: int) -> Job | None:
+        """Delete a job and everything kept about it: its attempts, its entries in every job
+        index and count, and the dependency edges to and from it; returns what it was. The one
+        place a job is deleted: whatever put_job indexes, this undoes."""
+        key = _U64.pack(job_id)
+        txn, db = self._txn, self._db
+        raw = txn.get(key, db=db.jobs)
+        if raw is None:
+            return None
+        job = Job.unpack(_unpack(raw))
+        self._keep_number("job", key)
+        txn.delete(key, db=db.jobs)
+        if job.eligible:
+            request = [job.cpus, job.memory, job.gpus, job.tags]
+            txn.delete(
+                self._queue(job.owner, request) + _rank(job.priority, job.id), db=db.eligible
+            )
+        self._restate(job_id, job.owner, (job.state, job.groups), None)
+        self._own(job.owner, (job.state, job.cpus), (None, 0.0))
+        for group_id in set(job.groups):
+            txn.delete(_PAIR.pack(group_id, job_id), db=db.members)
+        self._delete_prefix(db.attempts, key)
+        self._delete_prefix(db.edges, _TARGETS["job"] + key)  # its dependents'
+        for _, target, target_id in job.depends_on:  # its own
+            txn.delete(_TARGETS[target] + _PAIR.pack(target_id, job_id), db=db.edges)
+        return job
+
+    @_writes
+    def delete_group(self, group_id: int) -> None:
+        """Delete a group: its record, its name (unless a newer group took it), the edges of
+        jobs that depend on it and any member entries left."""
+        key = _U64.pack(group_id)
+        txn, db = self._txn, self._db
+        raw = txn.get(key, db=db.groups)
+        if raw is None:
+            return
+        name = _text_key(_unpack(raw)[1])
+        if txn.get(name, db=db.group_names) == key:
+            txn.delete(name, db=db.group_names)
+        txn.delete(key, db=db.groups)
+        self._delete_prefix(db.edges, _TARGETS["group"] + key)
+        self._delete_prefix(db.members, key)
+
+    @_writes
+    def delete_events_through(self, seq: int) -> int:
+        """Delete every event up to and including `seq`; returns how many."""
+        cursor = self._txn.cursor(self._db.events)
+        last = _U64.pack(seq)
+        if cursor.last() and cursor.key() <= last:
+            self._keep_number("event", cursor.key())
+        deleted = 0
+        found = cursor.first()
+        while found and b"" < cursor.key() <= last:
+            found = cursor.delete()
+            deleted += 1
+        return deleted
+
+    @_writes
+    def expire_submit_keys(self, before: float, limit: int) -> int:
+        """Forget up to `limit` submit keys made before `before`; returns how many."""
+        cursor = self._txn.cursor(self._db.submit_times)
+        deleted = 0
+        found = cursor.first()
+        while found and deleted < limit:
+            stamp = cursor.key()
+            if not stamp or _TIME.unpack_from(stamp)[0] >= before:
+                break
+            self._txn.delete(stamp[_TIME.size :], db=self._db.submit_keys)
+            found = cursor.delete()
+            deleted += 1
+        return deleted
 
     @_writes
     def append_event(
         self, time: float, job: int, frm: str | None, to: str, reason: str | None
     ) -> int:
-        seq = self._last_key(self._db.events) + 1
+        seq = self._top("event") + 1
         row = [seq, time, job, frm, to, reason]  # Event.pack() order
         self._txn.put(_U64.pack(seq), self._batch.pack(row), append=True, db=self._db.events)
         return seq
@@ -826,7 +1071,7 @@ class WriteTx(ReadTx):
     def append_events(self, rows: list[tuple[float, int, str | None, str, str | None]]) -> int:
         """Several events, numbered from the returned seq."""
         cursor = self._txn.cursor(self._db.events)
-        first = (_U64.unpack(cursor.key())[0] if cursor.last() else 0) + 1
+        first = self._top("event") + 1
         pack = self._batch.pack
         items = [(_U64.pack(seq), pack([seq, *row])) for seq, row in enumerate(rows, first)]
         cursor.putmulti(items, append=True)
@@ -835,6 +1080,33 @@ class WriteTx(ReadTx):
     @_writes
     def put_meta(self, key: str, value: Any) -> None:
         self._txn.put(_text_key(key), self._batch.pack(value), db=self._db.meta)
+
+    @_writes
+    def put_user(self, user: User) -> None:
+        self._txn.put(_text_key(user.name), self._batch.pack(user.pack()), db=self._db.users)
+
+
+def _to_format_2(tx: WriteTx) -> None:
+    """Eligible entries keyed by owner and shape first; owners numbered and their jobs counted,
+    owner entries and group counts added, in one pass over every job (a million jobs take a
+    few seconds, once); submit keys dated now, so retention keeps them a full period."""
+    now = _TIME.pack(time.time())
+    for name, _ in tx._scan(tx._db.submit_keys, b""):
+        tx._txn.put(now + name, b"", db=tx._db.submit_times)
+    tx._txn.drop(tx._db.eligible, delete=False)
+    counts = tx._counts
+    for key, raw in tx._scan(tx._db.jobs, b""):
+        job = Job.unpack(_unpack(raw))
+        tx._own(job.owner, (None, 0.0), (job.state, job.cpus))
+        tx._txn.put(_owner_prefix(job.owner, job.state) + key, b"", db=tx._db.by_state)
+        for group_id in set(job.groups):
+            count_key = _group_key(group_id, job.state)
+            counts[count_key] = counts.get(count_key, 0) + 1
+        if job.eligible:
+            request = [job.cpus, job.memory, job.gpus, job.tags]
+            key = tx._queue(job.owner, request) + _rank(job.priority, job.id)
+            tx._txn.put(key, tx._batch.pack(request), db=tx._db.eligible)
+    tx.put_meta("format", FORMAT)
 
 
 class Store:
@@ -861,31 +1133,31 @@ class Store:
             sync=sync,
             metasync=sync,
         )
+        with self._env.begin() as txn:
+            fresh = txn.get(b"jobs") is None  # the main DB names every table
         self._db = _Dbs(self._env)
         self._writing = False
         self._readers = 0  # open read views: the map must not move under them
-        self._clock = _Clock()
-        self._upgrade()
+        if fresh:
+            self.write_batch(lambda tx: tx.put_meta("format", FORMAT))
+        else:
+            self._upgrade()
 
     def _upgrade(self) -> None:
-        """Convert a store from before the per-state counts moved into `by_state` and job and
-        event numbers into their tables' last keys, and from before `by_state` held the owner
-        entries and owner and group counts (module docstring)."""
+        """Convert a store written by an older broker to this layout (module docstring)."""
         with self._env.begin(write=True) as txn:
             if txn.get(b"counts") is not None:  # the main DB names every table
+                # Per-state counts in a table of their own, job and event numbers in `ids`.
                 counts = self._env.open_db(b"counts", txn=txn)
                 for key, value in txn.cursor(counts):
                     txn.put(key, value, db=self._db.by_state)
                 txn.drop(counts, delete=True)
                 for counter in _TABLE_IDS:
                     txn.delete(counter.encode(), db=self._db.ids)
-
-        def reindex(tx: WriteTx) -> None:
-            if (tx.get_meta("format") or 1) < FORMAT:
-                tx._index_owners_and_groups()
-                tx.put_meta("format", FORMAT)
-
-        self.write_batch(reindex)
+        with self.read() as view:
+            version = view.get_meta("format") or 1
+        if version < FORMAT:
+            self.write_batch(_to_format_2)
 
     @property
     def map_size(self) -> int:
@@ -908,9 +1180,8 @@ class Store:
         if self._writing:
             raise StoreError("a write transaction is already open")  # LMDB would deadlock
         txn = self._begin(write=True)
-        batch = _Batch(self._env, self._clock)
+        batch = _Batch(self._env)
         self._writing = True
-        committed = False
         try:
             try:
                 tx = WriteTx(txn, self._db, batch)
@@ -918,7 +1189,6 @@ class Store:
                 if batch.failure is None:
                     tx._flush()
                     tx._commit()
-                    committed = True
                     return
             except lmdb.Error as exc:  # from commit, or a getter in a failed transaction
                 error = batch.note(exc)
@@ -930,8 +1200,6 @@ class Store:
         finally:
             txn.abort()  # a no-op once committed
             self._writing = False
-            if not committed:
-                self._clock.grown += 1  # the undo may put back eligible entries
         self._grow(batch.failure)  # out of room: whatever the body raised, this is the cause
 
     def _grow(self, failure: str | None) -> None:
@@ -966,7 +1234,7 @@ class Store:
         txn = self._begin(write=False)
         self._readers += 1
         try:
-            yield ReadTx(txn, self._db, _Batch(self._env, self._clock))
+            yield ReadTx(txn, self._db, _Batch(self._env))
         finally:
             self._readers -= 1
             txn.abort()

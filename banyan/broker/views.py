@@ -7,13 +7,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from banyan.broker.records import Attempt, Group, Job, JobState, Tx, Worker, WorkerState
+from banyan.broker.matching import decayed, factors
+from banyan.broker.records import Attempt, Group, Job, JobState, Tx, User, Worker, WorkerState
 
 S = JobState
 
 
-def waiting_reason(job: Job, workers: list[Worker]) -> str | None:
-    """Why a job is not running, in words (SPEC §3, §5); None when it is past waiting."""
+def waiting_reason(job: Job, workers: list[Worker], limit: str | None = None) -> str | None:
+    """Why a job is not running, in words (SPEC §3, §5); None when it is past waiting.
+
+    `limit` is its owner's `held_back`. "queued" only while a worker that takes jobs has room
+    for it now: it goes at the next claim. A job no such worker can fit says what it waits for
+    instead.
+    """
     st = job.st
     if st == S.INACTIVE:
         return "held"
@@ -29,11 +35,26 @@ def waiting_reason(job: Job, workers: list[Worker]) -> str | None:
     never = unrunnable(job, live)
     if never:
         return never
-    if not any(w.state == WorkerState.ACTIVE.value for w in live):
-        return "every worker is draining"
-    if any(w.fits(job.cpus, job.memory, job.gpus, job.tags) for w in live):
+    if limit:
+        return limit
+    request = (job.cpus, job.memory, job.gpus, job.tags)
+    takers = [w for w in live if w.state == WorkerState.ACTIVE.value and w.could_ever_fit(*request)]
+    if not takers:
+        return "every worker that could run it is draining"
+    if any(w.fits(*request) for w in takers):
         return "queued"
     return "waiting for free resources"
+
+
+def held_back(tx: Tx, owner: str) -> str | None:
+    """Why every eligible job of `owner` waits, whatever the workers: a per-user limit."""
+    user = tx.get_user(owner)
+    if user is None or user.max_running is None:
+        return None
+    running = tx.tally(owner).running
+    if running < user.max_running:
+        return None
+    return f"{owner} is at max_running ({running} of {user.max_running} running)"
 
 
 def unrunnable(job: Job, live: list[Worker]) -> str | None:
@@ -55,7 +76,17 @@ def unrunnable(job: Job, live: list[Worker]) -> str | None:
     return f"{lead} {job.cpus:g} cpus, {job.memory} MiB, {job.gpus} gpus and tags together"
 
 
-def job_info(tx: Tx, job: Job, workers: list[Worker], detail: bool = False) -> dict[str, Any]:
+def job_info(
+    tx: Tx,
+    job: Job,
+    workers: list[Worker],
+    detail: bool = False,
+    limits: dict[str, str | None] | None = None,
+) -> dict[str, Any]:
+    """`limits` caches `held_back` by owner across the rows of one reply."""
+    limits = {} if limits is None else limits
+    if job.eligible and job.owner not in limits:
+        limits[job.owner] = held_back(tx, job.owner)
     info: dict[str, Any] = {
         "id": job.id,
         "name": job.name or job.command,
@@ -81,7 +112,7 @@ def job_info(tx: Tx, job: Job, workers: list[Worker], detail: bool = False) -> d
         "started": job.started,
         "ended": job.ended,
         "cancel_reason": job.cancel_reason,
-        "reason": waiting_reason(job, workers),
+        "reason": waiting_reason(job, workers, limits.get(job.owner)),
         "pending_dependencies": job.pending,
     }
     if detail:
@@ -163,3 +194,30 @@ def worker_info(worker: Worker, last_seen: float | None = None) -> dict[str, Any
         "completed": worker.completed,
         "last_seen": last_seen if last_seen is not None else worker.last_seen,
     }
+
+
+def users_info(tx: Tx, now: float, half_life: float) -> list[dict[str, Any]]:
+    """Every user with settings or jobs: shares, limits, what it holds and waits for, its
+    decayed usage and its fair-share factor among all of them."""
+    users = {u.name: u for u in tx.users()}
+    names = sorted(set(users) | {t.owner for t in tx.tallies()})
+    factor = factors({name: users.get(name) for name in names}, now, half_life)
+    rows = []
+    for name in names:
+        user = users.get(name) or User(name)
+        tally = tx.tally(name)
+        rows.append(
+            {
+                "name": name,
+                "shares": user.shares,
+                "max_running": user.max_running,
+                "max_queued": user.max_queued,
+                "running": tally.running,
+                "cpus": tally.cpus,
+                "queued": tally.queued,
+                "jobs": tally.counts,
+                "usage": decayed(user, now, half_life),
+                "fair_share": factor[name],
+            }
+        )
+    return rows

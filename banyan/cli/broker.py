@@ -10,6 +10,10 @@ Options:
   --state-dir DIR      LMDB state directory (default: $BANYAN_HOME/state).
   --heartbeat S        Heartbeat interval in seconds [default: 1.0].
   --liveness N         Missed heartbeats before a worker is lost [default: 5].
+  --retention T        Keep ended jobs, their attempts and events this long (2h, 30d),
+                       then purge them; `none` keeps them forever [default: 30d].
+  --usage-half-life T  Fair share: a user's past usage counts half after T (1h30m, 7d)
+                       [default: 7d].
   --insecure           No CurveZMQ keys: every peer is trusted (loudly warned about off
                        loopback).
   --log-level LEVEL    debug, info, warning or error [default: info].
@@ -28,6 +32,7 @@ from docopt import DocoptExit, docopt
 from banyan.broker.server import Broker, BrokerConfig
 from banyan.broker.state import Config
 from banyan.cli import EXIT_OK, EXIT_USAGE, daemon_logging
+from banyan.cli.output import UsageError, positive_duration
 from banyan.config import home
 
 
@@ -39,11 +44,18 @@ def main(argv: list[str] | None = None) -> int:
             bind=args["--bind"],
             client_port=int(args["--client-port"]),
             worker_port=int(args["--worker-port"]),
-            core=Config(heartbeat=float(args["--heartbeat"]), liveness=int(args["--liveness"])),
+            core=Config(
+                heartbeat=float(args["--heartbeat"]),
+                liveness=int(args["--liveness"]),
+                half_life=positive_duration(args["--usage-half-life"], "--usage-half-life"),
+                retention=None
+                if args["--retention"].lower() == "none"
+                else positive_duration(args["--retention"], "--retention"),
+            ),
             secure=not args["--insecure"],
         )
     except (DocoptExit, ValueError) as e:
-        print(e, file=sys.stderr)
+        print(f"banyan-broker: {e}" if isinstance(e, UsageError) else e, file=sys.stderr)
         return EXIT_USAGE
     daemon_logging(args["--log-level"])
     log = logging.getLogger("banyan.broker")

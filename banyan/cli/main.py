@@ -22,6 +22,7 @@ Commands:
   cancel     cancel jobs or groups
   modify     change, hold or release a job
   workers    the worker machines; drain and resume them
+  users      users' shares, limits and usage; set them (admins)
   stats      counts, throughput, waits, run times, success
   keygen     make and authorize keys for users and machines
   broker     run the broker
@@ -31,7 +32,7 @@ Commands:
 """
 
 COMMANDS: tuple[str, ...] = ("submit", "status", "logs", "cancel", "modify", "workers")
-COMMANDS += ("stats", "keygen", "broker", "worker")
+COMMANDS += ("users", "stats", "keygen", "broker", "worker")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -176,6 +176,14 @@ def parse_duration(text: str, option: str) -> float:
     raise UsageError(f"{option}: expected seconds, 1h30m, 90s or HH:MM:SS, got {text!r}")
 
 
+def positive_duration(text: str, option: str) -> float:
+    """parse_duration, refusing 0."""
+    seconds = parse_duration(text, option)
+    if seconds <= 0:
+        raise UsageError(f"{option}: must be more than 0, got {text!r}")
+    return seconds
+
+
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?")
 _MIB_PER = {"k": 1 / 1024, "": 1, "m": 1, "g": 1024, "t": 1024**2, "p": 1024**3}
 

@@ -9,11 +9,13 @@ from banyan.cli import EXIT_OK
 from banyan.cli.output import (
     CONNECT_OPTIONS,
     Args,
+    ago,
     connect,
     duration,
     percent,
     print_json,
     run,
+    size,
     table,
 )
 
@@ -25,7 +27,8 @@ Usage:
   banyan-stats [options]
 
 Rates, percentiles and the success rate cover the recent event history (the last
-20,000 state changes); counts by state cover every job.
+20,000 state changes); counts by state cover every job the broker keeps (ended jobs are
+purged after its --retention). The store line shows the size of the broker's store.
 
 Options:
 """
@@ -73,6 +76,9 @@ def render(s: dict[str, Any]) -> str:
     out += [table(["TIMES", *QUANTILES, "JOBS"], rows), ""]
     out.append(f"success       {_success(s)}")
     out.append(f"workers       {_workers(s.get('workers') or {})}")
+    if s.get("store"):
+        out.append(f"store         {_store(s['store'])}")
+        out.append(f"history       {_history(s['store'])}")
     return "\n".join(out)
 
 
@@ -87,6 +93,30 @@ def _success(s: dict[str, Any]) -> str:
         return "no job has ended recently"
     detail = ", ".join(f"{n} {k}" for k, n in outcomes.items())
     return f"{percent(s.get('success_rate'))} of {ended} ended jobs ({detail})"
+
+
+def _store(st: dict[str, Any]) -> str:
+    return (
+        f"{size(st.get('file'))} on disk: {size(st.get('used'))} in use, "
+        f"{size(st.get('free'))} freed for reuse; {st.get('jobs', 0)} jobs"
+    )
+
+
+def _span(seconds: float) -> str:
+    """A retention as it was likely given: `30d`, `12h`, else `1h30m`-like."""
+    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= length and seconds % length == 0:
+            return f"{seconds / length:g}{unit}"
+    return duration(seconds)
+
+
+def _history(st: dict[str, Any]) -> str:
+    keep = st.get("retention")
+    kept = f"ended jobs kept {_span(keep)}" if keep else "ended jobs kept forever"
+    oldest = st.get("oldest_job")
+    if not oldest:
+        return f"no jobs; {kept}"
+    return f"oldest job {oldest['id']}, submitted {ago(oldest.get('submitted'))}; {kept}"
 
 
 def _workers(w: dict[str, Any]) -> str:

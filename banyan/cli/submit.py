@@ -51,7 +51,8 @@ Options:
   --memory SIZE         Memory to reserve: MiB, or a size such as 512M or 4G (default: none).
   --gpus N              GPUs to reserve (default: 0).
   --tag T               A label the worker must carry; repeat for more.
-  --priority P          Higher runs first; equal priorities run oldest first (default: 0).
+  --priority P          Among your own jobs, higher runs first; equal priorities run oldest
+                        first (default: 0). Between users, fair share decides.
   --attempts N          Runs allowed in total: failures are retried (default: 1).
   -t --time-limit T     Wall-clock limit per attempt: seconds, 90s, 1h30m or HH:MM:SS.
   --cancel-grace T      Time from SIGTERM to SIGKILL when cancelled (default: 10s).
@@ -71,7 +72,8 @@ Options:
                         replaced by the index, which is also in $BANYAN_ARRAY_INDEX.
   -f --file JOBS.json   A whole workflow: jobs, groups and dependencies (docs/workflow.md).
                         Options given here apply to every job that does not set its own.
-  --submit-key KEY      Make the submission idempotent: repeating it returns the first ids.
+  --submit-key KEY      Make the submission idempotent: repeating it returns the first ids
+                        (while the broker keeps the key: its --retention, 30 days).
   -w --wait             Wait until every job has ended; exit 0 only if all succeeded.
 """
     + CONNECT_OPTIONS

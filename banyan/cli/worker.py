@@ -11,6 +11,10 @@ Options:
   --gpus N              GPUs to offer (default: CUDA_VISIBLE_DEVICES or nvidia-smi).
   --tag T               A label jobs can ask for; repeat for more.
   --spool DIR           Where job output goes (default: $BANYAN_HOME/spool/NAME).
+  --spool-retention T   Delete a job's output in the spool this long after it last
+                        changed (2d, 12h) [default: 7d].
+  --spool-min-free SIZE  When the spool's disk has less free, delete the oldest output
+                        of ended jobs first (512M, 10G) [default: 1G].
   --log-level LEVEL     debug, info, warning or error [default: info].
   -h --help             Show this help.
 """
@@ -26,10 +30,12 @@ from docopt import DocoptExit, docopt
 
 from banyan import defaults
 from banyan.cli import EXIT_USAGE, daemon_logging
+from banyan.cli.output import UsageError, parse_memory, positive_duration
 from banyan.config import address, home
 from banyan.keys import peer
 from banyan.worker import resources
 from banyan.worker.daemon import WorkerConfig, WorkerDaemon
+from banyan.worker.spool import SpoolPolicy
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,9 +57,13 @@ def main(argv: list[str] | None = None) -> int:
             gpus=list(capacity.gpus),
             tags=tuple(args["--tag"]),
             curve=peer(home(), "worker"),
+            spool_policy=SpoolPolicy(
+                retention=positive_duration(args["--spool-retention"], "--spool-retention"),
+                min_free=parse_memory(args["--spool-min-free"], "--spool-min-free") << 20,
+            ),
         )
     except (DocoptExit, ValueError) as e:
-        print(e, file=sys.stderr)
+        print(f"banyan-worker: {e}" if isinstance(e, UsageError) else e, file=sys.stderr)
         return EXIT_USAGE
     daemon_logging(args["--log-level"])
     logging.getLogger("banyan.worker").info(

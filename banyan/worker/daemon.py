@@ -26,6 +26,7 @@ from banyan import defaults, protocol
 from banyan.keys import Curve
 from banyan.worker import cgroups, watchdog
 from banyan.worker.runner import Finished, Launch, Runner
+from banyan.worker.spool import Spool, SpoolPolicy
 
 log = logging.getLogger("banyan.worker")
 
@@ -44,6 +45,7 @@ class WorkerConfig:
     heartbeat: float = defaults.HEARTBEAT_INTERVAL
     liveness: int = defaults.LIVENESS
     curve: Curve | None = None  # this machine's worker key and the broker's public key
+    spool_policy: SpoolPolicy = field(default_factory=SpoolPolicy)
 
 
 @dataclass
@@ -74,6 +76,7 @@ class WorkerDaemon:
         self.ctx = ctx or zmq.Context.instance()
         config.spool.mkdir(parents=True, exist_ok=True)
         self.runner = Runner(config.spool, config.gpus, cgroups=True)
+        self.spool = Spool(self.runner.spool, config.spool_policy)
         # Jobs live in sessions of their own: if this process dies, the watchdog kills them.
         cgroup = self.runner.cgroups.base if self.runner.cgroups else None
         moved = self.runner.move_time
@@ -167,6 +170,8 @@ class WorkerDaemon:
         if self._unreported:
             first = min(t for _, t in self._unreported.values())
             due = min(due, first + defaults.STARTED_REPORT_DELAY)
+        if self.spool.urgent:
+            due = now  # making room on a full disk: keep at it
         return min(defaults.PROGRESS_INTERVAL, max(0.0, due - now))
 
     def step(self, timeout: float = 0.0) -> None:
@@ -191,6 +196,8 @@ class WorkerDaemon:
         self._report(now)
         self._maybe_claim()
         self._timers(now)
+        busy = {job for job, _ in self.runner.running()} | {job for job, _ in self.link.unacked}
+        self.spool.step(now, time.time(), busy, defaults.SPOOL_SLICE)
 
     def _obey_signals(self, now: float) -> None:
         if self.stop_requested == 1 and not self.draining:
