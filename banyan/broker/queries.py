@@ -12,9 +12,9 @@ from typing import Any
 
 from banyan import defaults
 from banyan.broker import stats, views
-from banyan.broker.records import JobState, Tx
+from banyan.broker.records import Job, JobState, Tx
 from banyan.broker.state import Actor, Core
-from banyan.errors import BadRequest, NotFound
+from banyan.errors import BadRequest, BanyanError, Forbidden, NotFound
 
 ACTIVE = (
     JobState.INACTIVE.value,
@@ -47,7 +47,9 @@ def handle(
     if kind == "ping":
         return {"version": defaults.PROTOCOL_VERSION, "time": time.time()}
     if kind == "submit":
-        return core.submit(actor, body["jobs"], body["groups"], body.get("submit_key"))
+        return core.submit(
+            actor, body["jobs"], body["groups"], body.get("submit_key"), body.get("environment")
+        )
     if kind == "cancel":
         return core.cancel(actor, body["jobs"], body["groups"], body.get("reason"))
     if kind == "modify":
@@ -56,7 +58,7 @@ def handle(
     if kind == "close_group":
         return {"group": views.group_info(tx, core.close_group(actor, body["group"]))}
     if kind == "status":
-        return status(tx, body)
+        return _hide_others_output(status(tx, body), actor)
     if kind == "wait":
         return wait(tx, body)
     if kind == "workers":
@@ -115,6 +117,26 @@ def status(tx: Tx, body: dict[str, Any]) -> dict[str, Any]:
             break
         out.append(views.job_info(tx, job, live, detail=bool(body.get("detail"))))
     return {"jobs": out, "groups": groups, "truncated": truncated}
+
+
+def may_read_output(actor: Actor, job: Job | None, job_id: int) -> BanyanError | None:
+    """Why `actor` may not read job `job_id`'s output, or None: its owner and admins may."""
+    if job is None:
+        return NotFound(f"no job {job_id}")
+    if not actor.may_touch(job.owner):
+        return Forbidden(
+            f"job {job.id} belongs to {job.owner}; only they or an admin may read its output"
+        )
+    return None
+
+
+def _hide_others_output(reply: dict[str, Any], actor: Actor) -> dict[str, Any]:
+    """Everyone sees every job, but a job's output only its owner and admins (SPEC §6)."""
+    for info in reply["jobs"]:
+        if "output_tail" in info and not actor.may_touch(info["owner"]):
+            info["output_tail"] = {"stdout": "", "stderr": ""}
+            info["output_hidden"] = True
+    return reply
 
 
 def _merged(tx: Tx, states: Iterable[str]) -> list[int]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from banyan import defaults
+from banyan.broker import owners
 from banyan.broker.graph import DepGraph
 from banyan.broker.records import (
     NEW_JOB_FIELDS,
@@ -61,6 +62,7 @@ EDITABLE: dict[str, frozenset[JobState]] = {
         "cancel_grace",
         "output",
         "depends_on",
+        "umask",
     )
 }
 EDITABLE["priority"] = frozenset({S.INACTIVE, S.AVAILABLE})
@@ -81,9 +83,14 @@ class Actor:
 
     name: str
     role: str = ADMIN
+    account: str | None = None  # the Unix account the key is bound to; None: `name`
 
     def may_touch(self, owner: str) -> bool:
         return self.role == ADMIN or self.name == owner
+
+    @property
+    def runs_as(self) -> str:
+        return self.account or self.name
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,10 +161,13 @@ class Core:
         jobs: list[dict[str, Any]],
         groups: list[dict[str, Any]],
         submit_key: str | None = None,
+        environment: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """Create jobs, groups and edges atomically; returns `{jobs: [ids], groups: {name: id}}`.
 
         Resubmitting with the same `submit_key` returns the first result and creates nothing.
+        Every job runs as the actor's Unix account, with `environment` (the submitter's
+        exported variables) under the account's own.
         """
         if submit_key:
             prior = self.tx.get_submit_key(actor.name, submit_key)
@@ -166,12 +176,12 @@ class Core:
         if not jobs and not groups:
             raise BadRequest("nothing to submit: no jobs and no groups")
         if len(jobs) < GC_PAUSE_JOBS or not gc.isenabled():
-            return self._submit(actor, jobs, groups, submit_key)
+            return self._submit(actor, jobs, groups, submit_key, environment)
         # Each job makes a handful of lists; for a big submission that sets off the cyclic GC
         # again and again, to find nothing (rows hold no cycles), a third of the time.
         gc.disable()
         try:
-            return self._submit(actor, jobs, groups, submit_key)
+            return self._submit(actor, jobs, groups, submit_key, environment)
         finally:
             gc.enable()
 
@@ -181,6 +191,7 @@ class Core:
         jobs: list[dict[str, Any]],
         groups: list[dict[str, Any]],
         submit_key: str | None,
+        environment: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         by_name, joined = self._open_groups(actor, jobs, groups)
         first = self.tx.next_job_id() if jobs else 0
@@ -202,10 +213,11 @@ class Core:
         born_doomed: list[tuple[int, str]] = []
         rows: list[list[Any]] = []
         owner, now = actor.name, self.now
+        tail = owners.new_job_tail(self.tx, actor.runs_as, environment) if jobs else ()
         for job_id, spec in zip(ids, jobs, strict=True):
             deps = new[job_id]
             if not deps and not spec.get("groups"):  # most jobs of a big submission
-                rows.append(_new_row(job_id, owner, now, spec, _NONE, _NONE, 0))
+                rows.append(_new_row(job_id, owner, now, spec, _NONE, _NONE, 0, tail))
                 continue
             pending = 0
             doom = None
@@ -218,7 +230,7 @@ class Core:
                     doom = verdict
             groups_of = [by_name[name].id for name in spec.get("groups", ())]
             depends_on = [d.pack() for d in deps]
-            rows.append(_new_row(job_id, owner, now, spec, depends_on, groups_of, pending))
+            rows.append(_new_row(job_id, owner, now, spec, depends_on, groups_of, pending, tail))
             if doom is not None:
                 born_doomed.append((job_id, doom))
         self.tx.put_new_jobs(rows)
@@ -547,14 +559,17 @@ class Core:
         capacity: tuple[float, int, int],
         tags: list[str],
         running: list[tuple[int, int]],
+        runs: owners.Runs = owners.ANY_OWNER,
     ) -> Worker:
-        """A worker (re)connects and lists the attempts it holds (SPEC §5)."""
+        """A worker (re)connects and lists the attempts it holds (SPEC §5), and whose jobs it
+        runs (SPEC §6)."""
         worker = self.tx.get_worker(name)
         cpus, memory, gpus = capacity
         if worker is None:
             worker = Worker(name, host, cpus, memory, gpus, list(tags), registered=self.now)
         worker.host, worker.cpus, worker.memory, worker.gpus = host, cpus, memory, gpus
         worker.tags = list(tags)
+        worker.only_account, worker.refused = runs.only_account, dict(runs.refused)
         worker.registered = worker.last_seen = self.now
         worker.wants = 0
         if worker.state == WorkerState.LOST.value:
@@ -651,7 +666,8 @@ class Core:
             batch = [self._assign(worker, job_id) for job_id in chosen]
             if batch:
                 self.tx.put_worker(worker)
-                self.effects.append(Effect(worker.name, "assign", {"jobs": batch}))
+                for body in owners.assignments(self.tx, batch):
+                    self.effects.append(Effect(worker.name, "assign", body))
                 assigned += len(batch)
         return assigned
 
@@ -666,7 +682,8 @@ class Core:
         # worker gains room: skip it. With a million queued jobs it reads 4,096 of them.
         limit = self.config.claim_scan_limit
         room = (free_cpus, free_mem, free_gpus)
-        key = (tuple(worker.tags), limit)
+        runs = owners.filter_for(worker, self.tx)
+        key = (tuple(worker.tags), limit, owners.signature(worker))
         memo = self.tx.empty_scan(worker.name)
         if memo is not None and memo[3:] == key and all(map(operator.le, room, memo[:3])):
             return []
@@ -681,6 +698,8 @@ class Core:
             if cpus > free_cpus + 1e-9 or memory > free_mem or gpus > free_gpus:
                 continue
             if tags and not all(t in worker.tags for t in tags):
+                continue
+            if runs is not None and not runs(job_id):
                 continue
             chosen.append(job_id)
             free_cpus -= cpus
@@ -717,6 +736,9 @@ class Core:
             "time_limit": job.time_limit,
             "cancel_grace": job.cancel_grace,
             "output": job.output,
+            "account": job.runs_as,
+            "environ": job.environ,
+            "umask": job.umask,
         }
 
     # ---- reports about attempts -------------------------------------------------------------
@@ -746,6 +768,35 @@ class Core:
         if held is not None:
             held[1].started = max(held[1].claimed, self.now - age)
             self.tx.put_attempt(held[1])
+
+    def hand_back(self, name: str, job_id: int, token: int, reason: str) -> None:
+        """The worker cannot run the attempt's Unix account, and never started it (SPEC §6):
+        the job is queued again as if it had not been claimed, spending no attempt, and the
+        worker is offered none of that account's jobs until it registers again."""
+        held = self._held(name, job_id, token)
+        if held is None:
+            return
+        job, attempt = held
+        worker = self._worker(name)
+        self._release(worker, job)
+        owners.refuse(worker, job.runs_as, reason)
+        if worker.state == WorkerState.ACTIVE.value:
+            worker.wants += 1  # the slot it was given is free for another job
+        self._settle_drain(worker)
+        self.tx.put_worker(worker)
+        self.wake = True
+        attempt.ended, attempt.outcome, attempt.reason = self.now, Outcome.RETURNED.value, reason
+        self.tx.put_attempt(attempt)
+        # The next claim reuses this attempt's number (and record): it never ran.
+        job.attempts -= 1
+        job.token = job.worker = None
+        if job.attempts == 0:
+            job.started = None
+        if job.st == S.PENDING_CANCELLATION:
+            self._move(job, S.CANCELLED, job.cancel_reason)
+            self._ended(job)
+        else:
+            self._move(job, S.AVAILABLE, reason)
 
     def progress(
         self,
@@ -933,6 +984,7 @@ _ROW_FIELDS = (
     *("depends_on", "groups", "pending"),
 )
 assert NEW_JOB_FIELDS == _ROW_FIELDS, "_new_row no longer matches Job's fields"
+_UMASK = Job.names().index("umask")
 
 
 def _new_row(
@@ -943,11 +995,13 @@ def _new_row(
     depends_on: list[list[Any]],
     groups: list[int],
     pending: int,
+    tail: tuple[Any, ...] = NEW_JOB_TAIL,
 ) -> list[Any]:
-    """`Job(...).pack()` for a new job from its JobSpec, defaults filled in. The row is packed
-    at once and never changed, so it may share the spec's env and tags."""
+    """`Job(...).pack()` for a new job from its JobSpec, defaults filled in, with `tail` for
+    the fields after `pending` (owners.new_job_tail). The row is packed at once and never
+    changed, so it may share the spec's env and tags."""
     get = spec.get
-    return [
+    row = [
         job_id,
         get("name") or "",
         spec["command"],
@@ -968,8 +1022,12 @@ def _new_row(
         depends_on,
         groups,
         pending,
-        *NEW_JOB_TAIL,
+        *tail,
     ]
+    umask = get("umask")
+    if umask is not None:
+        row[_UMASK] = umask
+    return row
 
 
 def _outcome(reported: str, exit_code: int | None, signal: int | None) -> Outcome:

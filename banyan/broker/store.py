@@ -20,6 +20,7 @@ Keys (integers big-endian, so LMDB's byte order is numeric order):
     by_state     state NUL id:u64                          -> empty
                  state                                     -> jobs in that state:u64
     members      group:u64 job:u64                         -> empty
+    environments content key (hex)                         -> env map (a submitter's export)
 
 `eligible` holds exactly the jobs that are available with no pending dependency, best first
 (priority descending, then id ascending), and carries each job's Request so a claim can test
@@ -30,6 +31,9 @@ per-state counts sit in `by_state` (a bare state sorts before its `state NUL` en
 job ids and event seqs are one past the last key of `jobs` and `events` (neither is ever
 deleted) rather than counters in `ids`. A single-job submit so touches jobs, eligible,
 by_state and events. Stores from before this layout are converted on open (`_upgrade`).
+
+The environment folder and its files are made for the broker's account alone (0700, 0600):
+they hold every job's command and the environments users exported.
 
 Text keys past 400 bytes are cut and suffixed with their SHA-256, because LMDB keys stop at 511
 bytes and names may be 256 characters of 4-byte UTF-8.
@@ -51,6 +55,7 @@ import msgpack
 
 from banyan.broker.records import Attempt, Event, Group, Job, JobState, Request, Worker
 from banyan.defaults import INITIAL_MAP_SIZE, MAX_MAP_SIZE
+from banyan.keys import private_dir
 
 __all__ = ["MapGrown", "ReadOnly", "ReadTx", "Store", "StoreError", "StoreFull", "WriteTx"]
 
@@ -75,6 +80,7 @@ _TABLE_IDS = {"job": "jobs", "event": "events"}
 # without building a Job.
 _F = {name: i for i, name in enumerate(Job.names())}
 _ID, _STATE, _PENDING, _PRIORITY = _F["id"], _F["state"], _F["pending"], _F["priority"]
+_OWNER, _ACCOUNT = _F["owner"], _F["account"]
 _CPUS, _MEMORY, _GPUS, _TAGS, _GROUPS = (
     _F["cpus"],
     _F["memory"],
@@ -207,6 +213,7 @@ class _Dbs:
     eligible: Any
     by_state: Any
     members: Any
+    environments: Any
 
     def __init__(self, env: lmdb.Environment) -> None:
         for name in self.__annotations__:
@@ -316,6 +323,18 @@ class ReadTx:
         raw = self._txn.get(_text_key(key), db=self._db.meta)
         return None if raw is None else _unpack(raw)
 
+    def get_environment(self, key: str) -> dict[str, str] | None:
+        raw = self._txn.get(key.encode(), db=self._db.environments)
+        return None if raw is None else dict(_unpack(raw))
+
+    def job_account(self, job_id: int) -> str | None:
+        raw = self._txn.get(_U64.pack(job_id), db=self._db.jobs)
+        if raw is None:
+            return None
+        row = _unpack(raw)
+        # A row from before accounts were recorded is shorter: its owner's name is the account.
+        return (row[_ACCOUNT] if len(row) > _ACCOUNT else None) or row[_OWNER]  # type: ignore[no-any-return]
+
     def _last_key(self, db: Any) -> int:
         cursor = self._txn.cursor(db)
         return int(_U64.unpack(cursor.key())[0]) if cursor.last() else 0
@@ -377,6 +396,9 @@ class ReadTx:
 
     def put_meta(self, key: str, value: Any) -> None:
         raise ReadOnly("put_meta on a read view")
+
+    def put_environment(self, key: str, env: dict[str, str]) -> None:
+        raise ReadOnly("put_environment on a read view")
 
     def append_events(self, rows: list[tuple[float, int, str | None, str, str | None]]) -> int:
         raise ReadOnly("append_events on a read view")
@@ -626,6 +648,14 @@ class WriteTx(ReadTx):
     def put_meta(self, key: str, value: Any) -> None:
         self._txn.put(_text_key(key), self._batch.pack(value), db=self._db.meta)
 
+    @_writes
+    def put_environment(self, key: str, env: dict[str, str]) -> None:
+        """Store an environment under its content key, once: a submitter's many submissions
+        from one shell share it, and writing it again would only dirty the tree."""
+        db = self._db.environments
+        if self._txn.get(key.encode(), db=db) is None:
+            self._txn.put(key.encode(), self._batch.pack(env), db=db)
+
 
 class Store:
     """One LMDB environment holding the broker's state.
@@ -641,9 +671,11 @@ class Store:
         max_map_size: int = MAX_MAP_SIZE,
     ) -> None:
         self.max_map_size = max_map_size
+        private_dir(Path(path), tighten=True)
         # No writemap: LMDB refuses nested (child) transactions with it.
         self._env = lmdb.open(
             str(path),
+            mode=0o600,
             map_size=min(map_size, max_map_size),
             subdir=True,
             max_dbs=len(_Dbs.__annotations__) + 2,  # + the old `counts`, for _upgrade

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from banyan.broker import owners
 from banyan.broker.records import Attempt, Group, Job, JobState, Tx, Worker, WorkerState
 
 S = JobState
@@ -26,6 +27,10 @@ def waiting_reason(job: Job, workers: list[Worker]) -> str | None:
     live = [w for w in workers if w.state != WorkerState.LOST.value]
     if not live:
         return "no workers connected"
+    refused = owners.nobody_runs(job, live)
+    if refused:
+        return refused
+    live = [w for w in live if owners.runs(w, job.runs_as)]
     never = unrunnable(job, live)
     if never:
         return never
@@ -70,6 +75,7 @@ def job_info(tx: Tx, job: Job, workers: list[Worker], detail: bool = False) -> d
         "progress": job.progress,
         "progress_message": job.progress_message,
         "owner": job.owner,
+        "account": job.runs_as,
         "depends_on": [{"kind": k, target: tid} for k, target, tid in job.depends_on],
         "groups": [_group_name(tx, gid) for gid in job.groups],
         "priority": job.priority,
@@ -99,6 +105,8 @@ def job_info(tx: Tx, job: Job, workers: list[Worker], detail: bool = False) -> d
             time_limit=job.time_limit,
             cancel_grace=job.cancel_grace,
             output=job.output,
+            umask=job.umask,
+            exported_environment=job.environ is not None,
         )
     return info
 
@@ -165,5 +173,7 @@ def worker_info(worker: Worker, last_seen: float | None = None) -> dict[str, Any
         "tags": worker.tags,
         "running": sorted(worker.running),
         "completed": worker.completed,
+        "only_account": worker.only_account,
+        "refused_accounts": dict(worker.refused),
         "last_seen": last_seen if last_seen is not None else worker.last_seen,
     }
