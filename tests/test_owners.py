@@ -306,6 +306,17 @@ def test_the_submitters_environment_is_exported_as_asked(
     assert submit_cli.main(["--broker", port, "--export", "NOT_SET_HERE", "--", "true"]) == 2
 
 
+def test_a_big_exported_environment_reaches_a_job_of_another_account(
+    cluster: Cluster, users: Users, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster.start_worker("w1")
+    c = client_for(cluster, users.alice.name)
+    for i in range(5):  # 300 KB in all: past a Unix socket's default buffer
+        monkeypatch.setenv(f"BIG{i}", "x" * 60_000)
+    (j,) = c.submit('echo "${#BIG0}${BIG4:+ and 4} $(id -un)"').jobs
+    assert output(finished(cluster, j)) == [f"60000 and 4 {users.alice.name}"]
+
+
 def test_a_job_for_an_account_missing_on_the_worker_is_explained_not_run(
     cluster: Cluster, users: Users
 ) -> None:

@@ -51,6 +51,11 @@ _CLONE_PARENT = 0x00008000
 _CLONE_INTO_CGROUP = 0x200000000
 _REFUSED = (errno.ENOSYS, errno.EPERM, errno.EINVAL, errno.E2BIG, errno.EOPNOTSUPP)
 _ANSWER_WITHIN = 5.0  # seconds; a helper slower than this is broken, not busy
+# A request is one datagram, and an exported environment may be 512 KiB (MAX_ENVIRONMENT_BYTES):
+# the socket buffers must hold it. Root may pass the system's limit (SO_SNDBUFFORCE and
+# SO_RCVBUFFORCE, which Python does not name); anyone else gets what net.core.*mem_max allows.
+_BUFFER = 4 * 1024 * 1024
+_FORCE = {socket.SO_SNDBUF: 32, socket.SO_RCVBUF: 33}
 _OUTPUT = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
 _FAILED = 127  # the child's exit status when it could not exec
 # How long the helper waits to hear that a child exec'd before answering with its pid anyway
@@ -69,12 +74,16 @@ class Identity:
 
 
 class ChildFailed(OSError):
-    """The child could not become the job (e.g. its owner may not write an output path). It
-    has exited with status 127; `pid` is the worker's child to reap."""
+    """The child could not become the job (e.g. its owner may not write an output path): it
+    has exited with status 127, and `pid` is the worker's child to reap. Or no child was made,
+    for a reason of this job's alone (pid 0)."""
 
     def __init__(self, pid: int, message: str) -> None:
         super().__init__(errno.EPERM, message)
-        self.pid = pid
+        self.pid = pid  # 0: no child was made
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 class _CloneArgs(ctypes.Structure):
@@ -134,10 +143,18 @@ class Launcher:
                 fds.append(os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
             try:
                 socket.send_fds(sock, [data], fds)
+            except OSError as e:
+                if e.errno != errno.EMSGSIZE:
+                    raise
+                # Nothing was sent: this job alone is too big to start, the helper is fine.
+                too_big = f"its environment and command are too big ({len(data)} bytes)"
+                raise ChildFailed(0, too_big) from None
             finally:
                 if cgroup is not None:
                     os.close(fds[-1])
             reply = sock.recv(1 << 16)
+        except ChildFailed:
+            raise
         except OSError as e:
             self._give_up(f"the launcher failed ({e})")
             return None
@@ -157,6 +174,11 @@ class Launcher:
 
     def _start(self) -> socket.socket:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for sock, option in ((ours, socket.SO_SNDBUF), (theirs, socket.SO_RCVBUF)):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, _FORCE[option], _BUFFER)
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, option, _BUFFER)
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "banyan.worker.launcher", str(theirs.fileno())],
@@ -245,14 +267,22 @@ def _serve(sock: socket.socket) -> None:
         except (ValueError, TypeError):  # not a request the worker wrote
             answer: list[object] = [-errno.EINVAL, ""]
         else:
-            status_r, status_w = os.pipe()  # close-on-exec: EOF means the exec happened
+            # Only a child that opens its owner's files may fail in a way the worker must hear
+            # of before it goes on (a missing directory, a path the owner may not write): the
+            # helper waits for its exec then. Otherwise it answers at once, and a child that
+            # fails says why on its stderr, the job's own file.
+            wait = outputs is not None
+            status_r, status_w = os.pipe() if wait else (-1, stdio[2])
             pid, join = cloner.clone(group)
             if pid == 0:
+                if wait:
+                    os.close(status_r)
+                _child(argv, env, (ident, limits), outputs, umask, stdio, (group, join), status_w)
+            answer = [pid, ""]
+            if wait:
+                os.close(status_w)
+                answer[1] = _exec_failure(status_r) if pid > 0 else ""
                 os.close(status_r)
-                _child(argv, env, ident, limits, outputs, umask, stdio, group, join, status_w)
-            os.close(status_w)
-            answer = [pid, _exec_failure(status_r) if pid > 0 else ""]
-            os.close(status_r)
         for fd in fds:
             os.close(fd)
         sock.send(msgpack.packb(answer, use_bin_type=True))
@@ -269,17 +299,17 @@ def _exec_failure(fd: int) -> str:
 def _child(
     argv: list[str],
     env: list[str],
-    ident: list[Any] | None,
-    limits: list[list[int]],
+    who: tuple[list[Any] | None, list[list[int]]],
     outputs: list[str] | None,
     umask: int,
     stdio: list[int],
-    group: int | None,
-    join: bool,
+    cgroup: tuple[int | None, bool],
     status: int,
 ) -> None:
     """In the new process (this helper is single-threaded, so plain Python is safe here).
     Anything that fails is written to `status` and the child exits 127."""
+    ident, limits = who
+    group, join = cgroup
     step = "start"
     try:
         os.setsid()
@@ -314,6 +344,8 @@ def _child(
         os.execve(argv[0], argv, dict(pair.split("=", 1) for pair in env))
     except BaseException as e:
         text = f"could not {step}: {e.strerror if isinstance(e, OSError) else e}"
+        if outputs is None:  # to the job's stderr file
+            text = f"banyan: {text}\n"
         try:
             os.write(status, text.encode("utf-8", "replace")[:4096])
         finally:

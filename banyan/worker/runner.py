@@ -302,7 +302,8 @@ class Runner:
             cgroup = self.cgroups.create(launch.job, launch.token) if self.cgroups else None
             pid = self._spawn(launch, account, cwd, env, (out, err), cgroup)
         except ChildFailed as e:
-            self._reap_pids[e.pid] = None
+            if e.pid > 0:
+                self._reap_pids[e.pid] = None
             failure = f"banyan: job {launch.job} attempt {launch.attempt} could not start: {e}\n"
             _append(err, failure, account.uid)
         except (OSError, ValueError) as e:
