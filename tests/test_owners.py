@@ -31,6 +31,7 @@ from banyan import keys
 from banyan.cli import submit as submit_cli
 from banyan.client import Client, JobInfo
 from banyan.errors import Forbidden
+from banyan.worker import accounts
 from tests.cluster import Cluster, scaled, wait_for
 
 REPO = Path(banyan.__file__).resolve().parents[1]
@@ -58,6 +59,7 @@ class Users:
     bob: User
     group: str  # a supplementary group of alice's
     missing: str  # an account name no machine here has
+    nofile: int  # alice's soft limit on open files, from limits.d
 
 
 def _run(*argv: str) -> None:
@@ -79,6 +81,7 @@ def users() -> Iterator[Users]:
     group, names = f"bnyg{tag}", (f"bnya{tag}", f"bnyb{tag}")
     made: list[str] = []
     grouped = False
+    limits = Path(accounts.LIMITS[1]).parent / f"90-banyan-test-{tag}.conf"
     try:
         _run("groupadd", group)
         grouped = True
@@ -87,13 +90,17 @@ def users() -> Iterator[Users]:
         _run("useradd", "-m", "-s", "/bin/sh", names[1])
         made.append(names[1])
         a, b = (pwd.getpwnam(n) for n in names)
+        limits.parent.mkdir(parents=True, exist_ok=True)
+        limits.write_text(f"{a.pw_name} soft nofile 777\n")
         yield Users(
             User(a.pw_name, a.pw_uid, a.pw_gid, a.pw_dir),
             User(b.pw_name, b.pw_uid, b.pw_gid, b.pw_dir),
             group,
             f"bnyz{tag}",
+            777,
         )
     finally:
+        limits.unlink(missing_ok=True)
         for name in made:
             with contextlib.suppress(KeyError):
                 _kill_processes_of(pwd.getpwnam(name).pw_uid)
@@ -154,6 +161,7 @@ def test_a_job_runs_as_its_owner_in_a_terminals_world(cluster: Cluster, users: U
     script = (
         "id -un; id -gn; id -Gn; echo \"$HOME|$USER|$LOGNAME|$SHELL\"; pwd; stat -c '%U %a' .; "
         "umask; echo made > made.txt; stat -c '%U %a' made.txt; readlink /proc/self/fd/0; "
+        "ulimit -Sn; ls /proc/$$/fd | tr '\\n' ' '; echo; "
         "exec grep -E '^Sig(Ign|Blk)' /proc/self/status"
     )
     (j,) = c.submit(script, export="NONE").jobs
@@ -170,6 +178,8 @@ def test_a_job_runs_as_its_owner_in_a_terminals_world(cluster: Cluster, users: U
         "0022",
         f"{alice.name} 644",
         "/dev/null",
+        str(users.nofile),  # from limits.d, as a login would set it
+        "0 1 2 ",  # none of the worker's or its helper's descriptors
         "SigBlk:\t0000000000000000",
         "SigIgn:\t0000000000000000",
     ]

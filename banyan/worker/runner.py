@@ -244,6 +244,7 @@ class Runner:
         # own directories in it: searchable, not listable.
         make_spool(self.spool, 0o711 if self.me.uid == 0 else 0o700)
         self.visible_gpus = list(visible_gpus)
+        spawn.close_inherited()
         self.subreaper = procs.become_subreaper()
         self._nonce = f"{os.getpid()}-{secrets.token_hex(4)}"
         # A cgroup per job where the kernel allows: the one hiding place the others miss

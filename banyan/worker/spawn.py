@@ -7,6 +7,10 @@ built with the C library's sigaddset, and glibc's refuses its two internal signa
 33), which its posix_spawn then leaves ignored in the child (SigIgn 0000000180000000). So the
 set is filled here byte by byte and handed to glibc's own posix_spawn through ctypes. Where
 that C library interface is missing, `os.posix_spawn` resets every signal it can.
+
+Nor may a job inherit a descriptor of the worker's: whatever the worker's own parent left open
+without close-on-exec is marked so once (`close_inherited`), and the child closes every
+descriptor past stderr where the C library can (glibc 2.34's closefrom file action).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ class _Libc:
         ]
         self.add_dup2 = libc.posix_spawn_file_actions_adddup2
         self.add_dup2.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        self.add_closefrom = getattr(libc, "posix_spawn_file_actions_addclosefrom_np", None)
         self.every_signal = (ctypes.c_ubyte * _SIGSET_BYTES)(*([0xFF] * _SIGSET_BYTES))
         self.no_signal = (ctypes.c_ubyte * _SIGSET_BYTES)()
 
@@ -102,6 +107,8 @@ def spawn(argv: list[str], env: dict[str, str], stdout: int, stderr: int) -> int
         libc.add_open(actions, 0, os.devnull.encode(), os.O_RDONLY, 0)
         libc.add_dup2(actions, stdout, 1)
         libc.add_dup2(actions, stderr, 2)
+        if libc.add_closefrom is not None:
+            libc.add_closefrom(actions, 3)
         error = libc.spawn(ctypes.byref(pid), args[0], actions, attr, c_argv, c_envp)
     finally:
         libc.actions_destroy(actions)
@@ -109,3 +116,18 @@ def spawn(argv: list[str], env: dict[str, str], stdout: int, stderr: int) -> int
     if error:
         raise OSError(error, f"{argv[0]}: {os.strerror(error)}")
     return pid.value
+
+
+def close_inherited() -> None:
+    """Mark every descriptor past stderr close-on-exec: those this process inherited open (a
+    log pipe of whatever started the worker) would otherwise reach every job."""
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return
+    for fd in fds:
+        if fd > 2:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:
+                continue  # the listing's own descriptor, closed by now
