@@ -24,11 +24,15 @@ def r(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
     # What a worker's own environment holds must never reach a job.
     monkeypatch.setenv("BANYAN_HOME", "/the/workers/home")
     monkeypatch.setenv("WORKER_ONLY", "secret")
+    # Nor what its parent left open without close-on-exec.
+    inherited = os.open(os.devnull, os.O_RDONLY)
+    os.set_inheritable(inherited, True)
     harness = Harness(tmp_path / "spool", [])
     yield harness
     harness.runner.shutdown_all(time.monotonic())
     harness.polling_until(lambda: not harness.runner.running(), timeout=15)
     harness.runner.launcher.close()
+    os.close(inherited)
 
 
 def lines(data: bytes) -> list[str]:
