@@ -495,12 +495,11 @@ class Broker:
         b = msg.body
         job = tx.get_job(b["job"])
         refusal = queries.may_read_output(actor, job, b["job"])
-        if refusal is not None:
+        if job is None or refusal is not None:
+            error = refusal or NotFound(f"no job {b['job']}")
             self.refused += 1
-            reply = _error(refusal.code, refusal.message, msg.req)
-            turn.replies.append(("client", identity, reply))
+            turn.replies.append(("client", identity, _error(error.code, error.message, msg.req)))
             return
-        assert job is not None
         attempts = tx.attempts_of(job.id)
         last = attempts[-1] if attempts else None
         tail = (last.stdout_tail if b["stream"] == "stdout" else last.stderr_tail) if last else ""
@@ -539,8 +538,10 @@ class Broker:
     def _log_chunk(self, body: dict[str, Any], worker: str) -> None:
         """A worker's answer to a fetch: taken only from the worker that was asked."""
         fetch = self.fetches.get(body["request"])
-        if fetch is None or fetch.worker != worker:
-            self._drop(f"log_chunk for request {body['request']} from worker {worker}")
+        if fetch is None:
+            return  # answered already: the fallback went when the worker was too slow
+        if fetch.worker != worker:
+            self._drop(f"worker {worker} answered request {body['request']}, not its own")
             return
         del self.fetches[body["request"]]
         if body["error"]:
