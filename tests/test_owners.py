@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import json
 import os
 import pwd
 import secrets
@@ -28,6 +29,7 @@ import pytest
 
 import banyan
 from banyan import keys
+from banyan.cli import status as status_cli
 from banyan.cli import submit as submit_cli
 from banyan.client import Client, JobInfo
 from banyan.errors import Forbidden
@@ -328,7 +330,7 @@ def test_a_big_exported_environment_reaches_a_job_of_another_account(
 
 
 def test_a_job_for_an_account_missing_on_the_worker_is_explained_not_run(
-    cluster: Cluster, users: Users
+    cluster: Cluster, users: Users, capsys: pytest.CaptureFixture[str]
 ) -> None:
     cluster.start_worker("w1")
     ghost = client_for(cluster, "ghost-key", users.missing)
@@ -342,6 +344,10 @@ def test_a_job_for_an_account_missing_on_the_worker_is_explained_not_run(
     (w1,) = cluster.client().workers()
     assert w1.state == "idle"
     assert not ran.exists()
+    argv = ["--broker", f"127.0.0.1:{cluster.client_port}", "--json"]
+    assert status_cli.main(argv) == 0  # banyan-status's REASON, as scripts read it
+    (row,) = json.loads(capsys.readouterr().out)["jobs"]
+    assert (row["id"], row["reason"]) == (j, why)
 
 
 def test_root_jobs_wait_for_a_worker_allowed_to_run_them(cluster: Cluster, users: Users) -> None:

@@ -54,9 +54,15 @@ def test_each_job_records_the_account_its_owner_is_bound_to(h: Harness) -> None:
         assert job_info(tx, h.job(c), [])["account"] == "cwong"
 
 
-def test_a_job_from_before_accounts_runs_as_its_owners_name() -> None:
-    old = Job(1, "", "true", "dave", 0.0)
-    assert old.account is None and old.runs_as == "dave"
+def test_a_job_stored_before_accounts_runs_as_its_owners_name(h: Harness) -> None:
+    row = Job(1, "", "true", "dave", 0.0).pack()
+    old = row[: Job.names().index("account")]  # as an older broker wrote it
+    with h.store.write() as tx:
+        tx.put_new_jobs([old])
+    assert h.job(1).account is None and h.job(1).runs_as == "dave"
+    register(h, "w", owners.Runs(only_account="dave"))  # matching reads the stored row
+    (a,) = h.claim("w")
+    assert (a["job"], a["account"]) == (1, "dave")
 
 
 def test_a_worker_bound_to_one_account_is_never_offered_others(h: Harness) -> None:
