@@ -29,6 +29,7 @@ worker's identity.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -133,8 +134,7 @@ class Launcher:
             return None
         ident = None if identity is None else [identity.uid, identity.gid, list(identity.groups)]
         limits = [] if identity is None else [list(x) for x in identity.limits]
-        envs = [f"{k}={v}" for k, v in env.items()]
-        request = [argv, envs, ident, limits, list(outputs) if outputs else None, umask]
+        request = [argv, env, ident, limits, list(outputs) if outputs else None, umask]
         data = msgpack.packb([*request, cgroup is not None], use_bin_type=True)
         try:
             sock = self._sock or self._start()
@@ -219,8 +219,8 @@ class _Cloner:
 
     def __init__(self) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
-        self._syscall = libc.syscall
-        self._syscall.restype = ctypes.c_long
+        self.syscall = libc.syscall
+        self.syscall.restype = ctypes.c_long
         self.classic = False
 
     def clone(self, group: int | None) -> tuple[int, bool]:
@@ -231,7 +231,7 @@ class _Cloner:
             flags = _CLONE_PARENT | (_CLONE_INTO_CGROUP if group is not None else 0)
             args = _CloneArgs(flags=flags, cgroup=group if group is not None else 0)
             size = ctypes.c_size_t(ctypes.sizeof(args))
-            pid = self._syscall(_SYS_CLONE3, ctypes.byref(args), size)
+            pid = self.syscall(_SYS_CLONE3, ctypes.byref(args), size)
             if pid >= 0 or ctypes.get_errno() not in _REFUSED:
                 return (pid if pid >= 0 else -ctypes.get_errno()), False
             self.classic = True
@@ -241,13 +241,14 @@ class _Cloner:
         # Every argument but the flags is 0, so their order (which differs by architecture)
         # does not matter: the child runs on a copy of this stack, like a fork.
         zero = ctypes.c_ulong(0)
-        pid = self._syscall(number, ctypes.c_ulong(_CLONE_PARENT), zero, zero, zero, zero)
+        pid = self.syscall(number, ctypes.c_ulong(_CLONE_PARENT), zero, zero, zero, zero)
         return (pid if pid >= 0 else -ctypes.get_errno()), group is not None
 
 
 def _serve(sock: socket.socket) -> None:
     """The helper's loop: one request, one clone, one answer, until the worker hangs up."""
     cloner = _Cloner()
+    defaults = _Defaults(cloner.syscall)
     while True:
         try:
             data, fds, _, _ = socket.recv_fds(sock, 1 << 24, 4)
@@ -277,7 +278,17 @@ def _serve(sock: socket.socket) -> None:
             if pid == 0:
                 if wait:
                     os.close(status_r)
-                _child(argv, env, (ident, limits), outputs, umask, stdio, (group, join), status_w)
+                _child(
+                    argv,
+                    env,
+                    (ident, limits),
+                    outputs,
+                    umask,
+                    stdio,
+                    (group, join),
+                    status_w,
+                    defaults,
+                )
             answer = [pid, ""]
             if wait:
                 os.close(status_w)
@@ -298,13 +309,14 @@ def _exec_failure(fd: int) -> str:
 
 def _child(
     argv: list[str],
-    env: list[str],
+    env: dict[str, str],
     who: tuple[list[Any] | None, list[list[int]]],
     outputs: list[str] | None,
     umask: int,
     stdio: list[int],
     cgroup: tuple[int | None, bool],
     status: int,
+    defaults: _Defaults,
 ) -> None:
     """In the new process (this helper is single-threaded, so plain Python is safe here).
     Anything that fails is written to `status` and the child exits 127."""
@@ -338,10 +350,9 @@ def _child(
         for fd, target in zip(stdio, (0, 1, 2), strict=True):
             os.dup2(fd, target)
         step = "reset its signals"
-        _default_signals()
-        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        defaults.apply()
         step = f"run {argv[0]}"
-        os.execve(argv[0], argv, dict(pair.split("=", 1) for pair in env))
+        os.execve(argv[0], argv, env)
     except BaseException as e:
         text = f"could not {step}: {e.strerror if isinstance(e, OSError) else e}"
         if outputs is None:  # to the job's stderr file
@@ -354,24 +365,43 @@ def _child(
         os._exit(_FAILED)
 
 
-def _default_signals() -> None:
-    """Every signal to its default disposition. The kernel's own call where this machine's
-    number for it is known: the C library refuses to touch its internal signals (32, 33), and
-    the job must not start with them ignored either."""
-    number = _SYS_RT_SIGACTION.get(platform.machine())
-    if number is None:
-        for sig in signal.valid_signals():
-            try:
-                signal.signal(sig, signal.SIG_DFL)
-            except (OSError, ValueError):
-                continue  # SIGKILL and SIGSTOP cannot be changed
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    # SIG_DFL is 0, and so is every other field: the layout of `struct sigaction`, which
-    # differs by architecture, does not matter as long as the buffer covers it.
-    default = ctypes.create_string_buffer(64)
-    for signum in range(1, signal.NSIG):
-        libc.syscall(number, signum, default, None, ctypes.c_size_t(8))  # not KILL, STOP
+class _Defaults:
+    """Default dispositions for every signal, and none blocked, in a child about to exec.
+
+    An exec resets the signals this helper catches by itself, but keeps the ones it ignores
+    (SIGINT here, SIGPIPE and SIGXFSZ as in every Python), so those are reset, found once from
+    /proc. With the kernel's own call where this machine's number for it is known: the C
+    library refuses to touch its internal signals (32, 33). Made before any clone, so a child
+    allocates nothing for it (each page it touches would be copied)."""
+
+    def __init__(self, syscall: Any) -> None:
+        self.syscall = syscall
+        self.number = _SYS_RT_SIGACTION.get(platform.machine())
+        # SIG_DFL is 0, and so is every other field: the layout of `struct sigaction`, which
+        # differs by architecture, does not matter as long as the buffer covers it.
+        self.action = ctypes.create_string_buffer(64)
+        self.size = ctypes.c_size_t(8)
+        self.ignored = _ignored()
+
+    def apply(self) -> None:
+        for signum in self.ignored:
+            if self.number is not None:
+                self.syscall(self.number, signum, self.action, None, self.size)
+            else:
+                with contextlib.suppress(OSError, ValueError):
+                    signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+
+
+def _ignored() -> tuple[int, ...]:
+    """The signals this process ignores (every one, if /proc cannot say)."""
+    try:
+        with open("/proc/self/status") as f:
+            line = next(x for x in f if x.startswith("SigIgn:"))
+        mask = int(line.split()[1], 16)
+    except (OSError, StopIteration, ValueError, IndexError):
+        return tuple(range(1, signal.NSIG))
+    return tuple(n for n in range(1, signal.NSIG) if mask >> (n - 1) & 1)
 
 
 def _open_output(path: str) -> int:
