@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import banyan
-from banyan import export
+from banyan import defaults, export, protocol
 from banyan.worker.progress import parse_progress
 
 SHELL = {
@@ -70,3 +70,29 @@ def test_progress_helper_is_a_no_op_outside_a_job(
     assert list(tmp_path.iterdir()) == []
     monkeypatch.setenv("BANYAN_PROGRESS_FILE", str(tmp_path / "no" / "such" / "dir"))
     banyan.progress(10)  # a failed write never breaks the job
+
+
+def submit_with(environment: object) -> protocol.Message:
+    body = {"jobs": [{"command": "true"}], "environment": environment}
+    return protocol.decode(protocol.pack("submit", body, 1), protocol.CLIENT_REQUESTS)
+
+
+def test_an_exported_environment_is_checked_each_time_it_changes() -> None:
+    good = {"PATH": "/usr/bin", "LANG": "C"}
+    assert submit_with(good).body["environment"] == good
+    assert submit_with(dict(good)).body["environment"] == good  # the same again: passes
+    for bad, rule in (
+        ({**good, "A=B": "x"}, "must not contain '='"),
+        ({**good, "LANG": "C\0"}, "must not contain NUL"),
+        ({**good, "LANG": 7}, "must be a str"),
+    ):
+        with pytest.raises(protocol.ProtocolError, match=rule):
+            submit_with(bad)
+    assert submit_with(None).body["environment"] is None
+
+
+def test_an_exported_environment_is_bounded_as_a_whole() -> None:
+    per = 60_000  # each variable within its own limit, together past the request's
+    big = {f"V{i}": "x" * per for i in range(defaults.MAX_ENVIRONMENT_BYTES // per + 1)}
+    with pytest.raises(protocol.ProtocolError, match="export fewer variables"):
+        submit_with(big)
