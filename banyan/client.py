@@ -23,6 +23,7 @@ from typing import Any
 import zmq
 
 from banyan import defaults, protocol
+from banyan import export as _export
 from banyan.config import address, home
 from banyan.errors import BanyanError, from_wire
 from banyan.keys import Curve, peer
@@ -162,6 +163,7 @@ JOB_FIELDS = (
     "depends_on",
     "groups",
     "hold",
+    "umask",
 )
 
 
@@ -248,21 +250,34 @@ class Client:
         groups: list[dict[str, Any]] | None = None,
         submit_key: str | None = None,
         array: str | None = None,
+        export: str | Sequence[str] | None = "ALL",
         **fields: Any,
     ) -> Submitted:
         """One job (`command` plus JobSpec fields), or a whole workflow (`jobs`, `groups`).
 
         With `array` (`1-100`, `0-99:2`, `3,5,8-9`) the one job is a template: the broker
         makes one job per index, `{}` in its command, name and output replaced by the index,
-        which is also in $BANYAN_ARRAY_INDEX."""
+        which is also in $BANYAN_ARRAY_INDEX.
+
+        Like `sbatch`, every job gets this process's environment (`export="ALL"`), less the
+        daemons' variables; `"NONE"` (or None) gives the account's clean login environment,
+        `"VAR,VAR=value"` only those (banyan/export.py). It travels once per request and
+        counts against its size (MAX_ENVIRONMENT_BYTES)."""
         if command is not None:
             unknown = set(fields) - set(JOB_FIELDS)
             if unknown:
                 raise TypeError(f"unknown job field(s): {', '.join(sorted(unknown))}")
             jobs = [{"command": command, **fields}, *(jobs or [])]
-        body = {"jobs": jobs or [], "groups": groups or [], "submit_key": submit_key}
+        body: dict[str, Any] = {
+            "jobs": jobs or [],
+            "groups": groups or [],
+            "submit_key": submit_key,
+        }
         if array is not None:
             body["array"] = array
+        environment = _export.capture(export)
+        if environment is not None:
+            body["environment"] = environment
         reply = self.request("submit", body)
         return Submitted(list(reply["jobs"]), dict(reply["groups"]))
 

@@ -56,6 +56,13 @@ MAX_COMMAND_BYTES = 64 * 1024
 MAX_NAME = 256
 MAX_PATH = 4096
 MAX_ENV_ENTRIES = 1000
+# A submitter's exported environment (`--export`, default ALL) travels once per request and is
+# stored once per distinct content. Linux passes at most 128 KiB per variable and about 2 MiB
+# of arguments and environment together; a quarter of that is far more than any real shell has.
+MAX_ENVIRONMENT_BYTES = 512 * 1024
+# Accounts one worker may say it cannot run (missing there, or root): a worker refusing more
+# is misconfigured, and the broker keeps its record small.
+MAX_REFUSED_ACCOUNTS = 1024
 MAX_TAGS = 64
 MAX_DEPS_PER_JOB = 1000
 MAX_CLAIM = 1024
@@ -108,3 +115,9 @@ SPOOL_SLICE = 0.005  # seconds of spool upkeep per turn of the worker's loop
 LOG_CHUNK_MAX = 1024 * 1024  # protocol: log_chunk data ≤ 1 MiB
 # nvidia-smi can hang on a wedged driver; the worker must still start.
 GPU_PROBE_TIMEOUT = 5.0
+# A job's umask unless it asks for another: files its owner alone may change, anyone may read.
+UMASK = 0o022
+# How long a worker trusts what it looked up about a Unix account (passwd, groups, limits):
+# each lookup reads /etc files, and accounts change rarely. A refused account is looked up again
+# this often, and the worker registers again once it exists.
+ACCOUNT_CACHE = 60.0

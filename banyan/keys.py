@@ -10,12 +10,22 @@
 
 On one machine nothing needs setting up: the broker's first start makes its own pair, an admin
 key for the local user (as `client`) and a worker key (as `worker`), and authorizes both.
+
+A user or admin key is bound to the Unix account its jobs run as: `unix_user = NAME` in the
+certificate's `metadata` section, which the authorized copy carries. A key without one (made
+before keys were bound) is bound to the account named like the key.
+
+`$BANYAN_HOME` and `keys/` are made 0700 and every secret 0600: a job or a user that can read
+a secret key can act as its owner.
 """
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
+import pwd
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +35,26 @@ import zmq.auth
 
 ROLES = ("user", "admin", "worker")
 LOCAL_WORKER = "local-worker"
+ACCOUNT_FIELD = "unix_user"
+# What `useradd` and directory services accept, without the characters that would break the
+# certificate line or the broker's `role:account:name` user id (`:`), paths or shells.
+_ACCOUNT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,255}\$?")
+
+
+class KeyExposed(Exception):
+    """A secret key that other accounts can read: a daemon refuses to start with it."""
+
+
+def valid_account(name: str) -> bool:
+    return _ACCOUNT.fullmatch(name) is not None
+
+
+def own_account() -> str:
+    """The Unix account this process runs as (by its uid, not by $USER)."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
 
 
 @dataclass(frozen=True)
@@ -45,29 +75,67 @@ def keys_dir(home: Path) -> Path:
     return home / "keys"
 
 
-def _make_pair(directory: Path, name: str) -> tuple[Path, Path]:
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+def private_dir(path: Path, tighten: bool = False) -> Path:
+    """Make `path`, and each missing parent, a directory only its owner may enter (0700).
+    With `tighten`, an existing one is made so too (for Banyan's own `keys/` and state, never
+    for a directory someone chose, such as $BANYAN_HOME)."""
+    missing = [d for d in (path, *path.parents) if not d.exists()]
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            d.mkdir(mode=0o700)
+            os.chmod(d, 0o700)  # mkdir's mode passes through the umask
+    if tighten and not missing and os.stat(path).st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def check_private(path: Path) -> None:
+    """Raise KeyExposed if the secret key at `path` is readable by anyone but its owner."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if mode & 0o077:
+        raise KeyExposed(
+            f"{path} is readable by other users (mode {mode & 0o777:o}); anyone who can read "
+            f"it can act with this key. Fix it with: chmod 600 {path}"
+        )
+
+
+def _make_pair(directory: Path, name: str, account: str | None = None) -> tuple[Path, Path]:
+    private_dir(directory, tighten=True)
     public, secret = zmq.auth.create_certificates(directory, name)
     os.chmod(secret, 0o600)
+    if account:
+        # In both halves: the public one is what the broker reads (authorized/), the secret
+        # one shows its holder which account it stands for.
+        for path in (public, secret):
+            text = Path(path).read_text()
+            Path(path).write_text(
+                text.replace("metadata\n", f"metadata\n    {ACCOUNT_FIELD} = {account}\n", 1)
+            )
     return Path(public), Path(secret)
 
 
 def _authorize(home: Path, role: str, name: str, public: Path) -> Path:
     target = keys_dir(home) / "authorized" / role / f"{name}.key"
-    target.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(target.parent, tighten=True)
     shutil.copyfile(public, target)
     return target
 
 
 def ensure_local(home: Path) -> tuple[bytes, bytes]:
-    """The broker's key pair, made with the local admin and worker keys on the first start."""
-    d = keys_dir(home)
+    """The broker's key pair, made with the local admin and worker keys on the first start.
+    The local admin key is bound to the account the broker runs as."""
+    d = private_dir(keys_dir(home), tighten=True)
     if not (d / "broker.key_secret").exists():
         _make_pair(d, "broker")
         if not (d / "client.key_secret").exists():
-            _authorize(home, "admin", _local_user(), _make_pair(d, "client")[0])
+            local = _make_pair(d, "client", own_account())[0]
+            _authorize(home, "admin", _local_user(), local)
         if not (d / "worker.key_secret").exists():
             _authorize(home, "worker", LOCAL_WORKER, _make_pair(d, "worker")[0])
+    check_private(d / "broker.key_secret")
     public, secret = zmq.auth.load_certificate(d / "broker.key_secret")
     assert secret is not None
     return public, secret
@@ -80,21 +148,49 @@ def _local_user() -> str:
         return "admin"
 
 
-def issue(home: Path, role: str, name: str) -> tuple[Path, Path, Path]:
+def issue(home: Path, role: str, name: str, account: str | None = None) -> tuple[Path, Path, Path]:
     """A new key pair for `name` in `role`, authorized at once; returns public, secret and
-    the authorized copy. Refuses to replace an existing name."""
+    the authorized copy. Refuses to replace an existing name. A user or admin key is bound to
+    the Unix `account` (default: `name`); a worker key to none."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
     if not name or "/" in name or name.startswith(".") or len(name) > 128:
         raise ValueError(f"{name!r} is not a usable key name")
+    if role == "worker":
+        if account is not None:
+            raise ValueError("a worker key runs no jobs of its own: it takes no Unix account")
+    else:
+        account = account or name
+        if not valid_account(account):
+            raise ValueError(
+                f"{account!r} is not a Unix account name; give the account with --unix-user"
+            )
     issued = keys_dir(home) / "issued"
     for r in ROLES:
         if (keys_dir(home) / "authorized" / r / f"{name}.key").exists():
             raise FileExistsError(f"a key named {name!r} already exists (role {r})")
     if (issued / f"{name}.key").exists():
         raise FileExistsError(f"a key named {name!r} already exists in {issued}")
-    public, secret = _make_pair(issued, name)
+    public, secret = _make_pair(issued, name, account)
     return public, secret, _authorize(home, role, name, public)
+
+
+def account_of(path: Path) -> str | None:
+    """The Unix account a certificate file binds (its `metadata` section), if any."""
+    section = ""
+    with open(path, "rb") as f:
+        for raw in f:
+            line = raw.decode("utf-8", "replace").strip()
+            if not line or line.startswith("#"):
+                continue
+            if "=" not in line:
+                section = line
+                continue
+            key, _, value = line.partition("=")
+            if section == "metadata" and key.strip() == ACCOUNT_FIELD:
+                account = value.strip().strip("'\"")
+                return account if valid_account(account) else None
+    return None
 
 
 def peer(home: Path, kind: str) -> Curve | None:
@@ -103,20 +199,46 @@ def peer(home: Path, kind: str) -> Curve | None:
     mine, server = d / f"{kind}.key_secret", d / "broker.key"
     if not mine.exists() or not server.exists():
         return None
+    if kind == "worker":
+        check_private(mine)
     public, secret = zmq.auth.load_certificate(mine)
     server_public, _ = zmq.auth.load_certificate(server)
     assert secret is not None
     return Curve(public, secret, server_public)
 
 
+@dataclass(frozen=True)
+class Identity:
+    """Who an authorized key is: its name, its role, and the Unix account its jobs run as
+    (None for worker keys)."""
+
+    name: str
+    role: str
+    account: str | None = None
+
+    @property
+    def user_id(self) -> str:
+        """The ZAP User-Id every later decision reads: `role:name`, and `/account` when the
+        account is not the name (a key name holds no `/`). See `parse_user_id`."""
+        if self.account is None or self.account == self.name:
+            return f"{self.role}:{self.name}"
+        return f"{self.role}:{self.name}/{self.account}"
+
+
+def parse_user_id(user: str) -> Identity:
+    role, _, rest = user.partition(":")
+    name, _, account = rest.partition("/")
+    return Identity(name, role, account or (None if role == "worker" else name))
+
+
 class Authorizer:
-    """Maps a peer's public key to (name, role), reloading when `authorized/` changes, so a
+    """Maps a peer's public key to its Identity, reloading when `authorized/` changes, so a
     deleted key is refused at its next connection without a restart."""
 
     def __init__(self, home: Path) -> None:
         self.root = keys_dir(home) / "authorized"
         self._stamp: tuple[float, ...] = ()
-        self._known: dict[bytes, tuple[str, str]] = {}
+        self._known: dict[bytes, Identity] = {}
 
     def _stamps(self) -> tuple[float, ...]:
         out = []
@@ -127,19 +249,20 @@ class Authorizer:
                 out.append(0.0)
         return tuple(out)
 
-    def lookup(self, public_z85: bytes) -> tuple[str, str] | None:
+    def lookup(self, public_z85: bytes) -> Identity | None:
         stamp = self._stamps()
         if stamp != self._stamp:
             self._stamp, self._known = stamp, self._load()
         return self._known.get(public_z85)
 
-    def _load(self) -> dict[bytes, tuple[str, str]]:
-        known: dict[bytes, tuple[str, str]] = {}
+    def _load(self) -> dict[bytes, Identity]:
+        known: dict[bytes, Identity] = {}
         for role in ROLES:
             for path in sorted((self.root / role).glob("*.key")):
                 try:
                     public, _ = zmq.auth.load_certificate(path)
+                    account = None if role == "worker" else account_of(path) or path.stem
                 except (OSError, ValueError):
                     continue
-                known[public] = (path.stem, role)
+                known[public] = Identity(path.stem, role, account)
         return known

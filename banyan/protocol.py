@@ -739,6 +739,33 @@ def _env(v: Any) -> Any:
 _ENV = _env
 
 
+# The last environment `_environment` passed. A client sends the same one with every submit,
+# and checking it whole again cost more than the rest of a small submit's decode.
+_passed: list[dict[str, str]] = [{}]
+
+
+def _environment(v: Any) -> Any:
+    """A submitter's exported environment: an env map, bounded in bytes as a whole too."""
+    last = _passed[0]
+    if type(v) is dict and v == last and last:  # equal str to str: the same, checked map
+        return last
+    env = _env(v)
+    size = sum(len(k) + len(x) + 2 for k, x in env.items())  # NAME=VALUE and its NUL
+    if size * 4 > defaults.MAX_ENVIRONMENT_BYTES:  # characters are 1-4 bytes: count exactly
+        size = sum(len(f"{k}={x}".encode("utf-8", "surrogatepass")) + 1 for k, x in env.items())
+    if size > defaults.MAX_ENVIRONMENT_BYTES:
+        raise _Bad(
+            f"is {size} bytes, over the {defaults.MAX_ENVIRONMENT_BYTES}-byte limit "
+            "(export fewer variables)"
+        )
+    _passed[0] = env
+    return env
+
+
+_ENVIRONMENT = _nullable(_environment)
+_UMASK = _nullable(_int(0, 0o777))
+
+
 def _dep_spec(local: bool) -> Check:
     """DepSpec: exactly one of job, group, local. `local` exists only inside a submission."""
     fields: Fields = {
@@ -778,6 +805,7 @@ _JOB_FIELDS: Final[Fields] = {
     "depends_on": (_list(_dep_spec(local=True), defaults.MAX_DEPS_PER_JOB), []),
     "groups": (_list(_NAME, defaults.MAX_TAGS), []),
     "hold": (_bool, False),
+    "umask": (_UMASK, None),
 }
 _JOB_SPEC = _record(_JOB_FIELDS, sparse=True)
 _GROUP_SPEC = _record({"name": (_NAME, _REQUIRED), "open": (_bool, False)})
@@ -913,6 +941,7 @@ _CLIENT_REQUEST_SCHEMAS: Final[dict[str, Check]] = {
             "groups": (_list(_GROUP_SPEC, defaults.MAX_GROUPS_PER_SUBMIT), []),
             "submit_key": (_nullable(_NAME), None),
             "array": (_nullable(_str(1, defaults.MAX_NAME)), None),
+            "environment": (_ENVIRONMENT, None),
         },
         _submit_post,
     ),
@@ -1085,6 +1114,8 @@ _WORKER_TO_BROKER_SCHEMAS: Final[dict[str, Check]] = {
             "tags": (_TAGS, []),
             "running": (_list(_row("[job, token]", _ID, _ID), _BIG), []),
             "pid": (_INDEX, _REQUIRED),
+            "only_account": (_nullable(_NAME), None),
+            "refused": (_map(_NAME, _REASON, defaults.MAX_REFUSED_ACCOUNTS), {}),
         }
     ),
     # `running` is required: an empty heartbeat would claim the worker runs nothing.
@@ -1101,6 +1132,8 @@ _WORKER_TO_BROKER_SCHEMAS: Final[dict[str, Check]] = {
     # seconds since the job started, as the worker reports it a little later (durations, not
     # times, so the two clocks need not agree).
     "started": _record({**_JOB_TOKEN, "pid": (_INDEX, _REQUIRED), "age": (_DURATION, 0.0)}),
+    # An assigned job this worker cannot run as its account, and did not start.
+    "hand_back": _record({**_JOB_TOKEN, "reason": (_REASON, _REQUIRED)}),
     "progress": _record(
         {
             **_JOB_TOKEN,
@@ -1145,6 +1178,9 @@ _ASSIGNMENT = _record(
         "time_limit": (_TIME_LIMIT, None),
         "cancel_grace": (_CANCEL_GRACE, float(defaults.CANCEL_GRACE)),
         "output": (_OUTPUT, None),
+        "account": (_NAME, _REQUIRED),
+        "environ": (_nullable(_str(1, 64)), None),
+        "umask": (_UMASK, None),
     }
 )
 
@@ -1155,7 +1191,12 @@ _BROKER_TO_WORKER_SCHEMAS: Final[dict[str, Check]] = {
             "liveness": (_int(1, MAX_LIVENESS), _REQUIRED),
         }
     ),
-    "assign": _record({"jobs": (_list(_ASSIGNMENT, defaults.MAX_CLAIM, lo=1), _REQUIRED)}),
+    "assign": _record(
+        {
+            "jobs": (_list(_ASSIGNMENT, defaults.MAX_CLAIM, lo=1), _REQUIRED),
+            "environments": (_map(_str(1, 64), _environment, defaults.MAX_CLAIM), {}),
+        }
+    ),
     # The broker writes this reason, sometimes from a dependency's; only the frame bounds it.
     "cancel": _record({**_JOB_TOKEN, "reason": (_str(0, _BIG), "")}),
     "kill_stale": _record(_JOB_TOKEN),

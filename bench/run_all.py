@@ -26,6 +26,7 @@ HERE = Path(__file__).parent
 BENCHES = (
     "throughput",
     "latency",
+    "start_cost",
     "overhead",
     "submit_rate",
     "broker_cpu",

@@ -24,6 +24,7 @@ from banyan.worker.cgroups import Cgroups
 
 TIME_FACTOR = float(os.environ.get("BANYAN_TIME_FACTOR", "1"))
 HEARTBEAT = 0.2  # fast heartbeats keep liveness tests short: a 1 s window
+ALLOW_ROOT = ("--allow-root-jobs",) if os.geteuid() == 0 else ()
 LIVENESS = 5
 T = TypeVar("T")
 
@@ -127,9 +128,11 @@ class Cluster:
         gpus: int = 0,
         tags: tuple[str, ...] = (),
         wait: bool = True,
-        args: tuple[str, ...] = (),
+        extra: tuple[str, ...] = ALLOW_ROOT,
     ) -> subprocess.Popen[bytes]:
-        argv = [
+        """A worker; `extra` options go last. By default it runs root's jobs where the tests
+        run as root: the cluster's own admin key is bound to the account running the tests."""
+        args = [
             "banyan.cli.worker",
             "--broker",
             f"{self.worker_hosts.get(name, '127.0.0.1')}:{self.worker_port}",
@@ -147,8 +150,8 @@ class Cluster:
             "debug",
         ]
         for t in tags:
-            argv += ["--tag", t]
-        proc = self._spawn(name, [*argv, *args])
+            args += ["--tag", t]
+        proc = self._spawn(name, [*args, *extra])
         if wait:
             self.wait_worker(name)
         return proc

@@ -18,6 +18,7 @@ REPORT_KEYS = {"bench", "quick", "repeat", "params", "figures", "runs", "notes",
 EXPECTED = {
     "throughput": "W1 throughput",
     "latency": "W2 submit→finish p99",
+    "start_cost": "start, spawn: worker CPU per job",
     "overhead": "W3 overhead over ideal",
     "submit_rate": "submits/s, sync x4",
     "broker_cpu": "broker CPU per submit, pipelined",

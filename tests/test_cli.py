@@ -603,3 +603,16 @@ def test_keygen(cli: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     doc = cli("keygen", "--json", "worker", "node7", broker=False).json()
     assert doc["role"] == "worker" and "keys/worker.key_secret" in doc["install"]
     assert cli("keygen", "user", "../x", broker=False).code == 2
+
+
+def test_keygen_binds_a_unix_account(
+    cli: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BANYAN_HOME", str(tmp_path / "home"))
+    r = cli("keygen", "user", "alice", broker=False)
+    assert "its jobs run as the Unix account alice" in r.out
+    doc = cli("keygen", "--json", "--unix-user", "asmith", "admin", "alice-2", broker=False).json()
+    assert doc["unix_user"] == "asmith"
+    assert cli("keygen", "--json", "worker", "node7", broker=False).json()["unix_user"] is None
+    bad = cli("keygen", "user", "Alice Smith", broker=False)
+    assert bad.code == 2 and "--unix-user" in bad.err

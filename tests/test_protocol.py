@@ -118,10 +118,12 @@ EXAMPLES: dict[str, dict[str, dict[str, Any]]] = {
                     ],
                     "groups": ["nightly"],
                     "hold": True,
+                    "umask": 0o077,
                 },
             ],
             "groups": [{"name": "nightly", "open": True}, {"name": "other"}],
             "submit_key": "a1b2c3",
+            "environment": {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
         },
         "cancel": {
             "jobs": [1, 2],
@@ -191,10 +193,13 @@ EXAMPLES: dict[str, dict[str, dict[str, Any]]] = {
             "tags": ["gpu"],
             "running": [[4, 17]],
             "pid": 4242,
+            "only_account": None,
+            "refused": {"root": "worker w1 does not run jobs as root"},
         },
         "heartbeat": {"running": [[4, 17, 99.5, 1 << 20], [5, 18, None, None]]},
         "claim": {"max": 4},
         "started": {"job": 4, "token": 17, "pid": 5151},
+        "hand_back": {"job": 4, "token": 17, "reason": "account bob does not exist on worker w1"},
         "progress": {
             "job": 4,
             "token": 17,
@@ -236,8 +241,12 @@ EXAMPLES: dict[str, dict[str, dict[str, Any]]] = {
                     "time_limit": 60.0,
                     "cancel_grace": 10.0,
                     "output": None,
+                    "account": "alice",
+                    "environ": "0f" * 16,
+                    "umask": None,
                 }
-            ]
+            ],
+            "environments": {"0f" * 16: {"PATH": "/usr/bin:/bin"}},
         },
         "cancel": {"job": 4, "token": 17, "reason": "cancelled by alice"},
         "kill_stale": {"job": 4, "token": 16},
@@ -338,11 +347,13 @@ def test_submit_defaults_filled_and_numbers_widened() -> None:
                 "depends_on": [],
                 "groups": [],
                 "hold": False,
+                "umask": None,
             }
         ],
         "groups": [],
         "submit_key": None,
         "array": None,
+        "environment": None,
     }
     job = msg.body["jobs"][0]
     assert type(job["cpus"]) is float

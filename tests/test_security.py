@@ -21,6 +21,7 @@ def home_for(cluster: Cluster, role: str, name: str, kind: str = "client") -> Pa
     home = cluster.root / f"home-{name}"
     (home / "keys").mkdir(parents=True)
     shutil.copyfile(secret, home / "keys" / f"{kind}.key_secret")
+    (home / "keys" / f"{kind}.key_secret").chmod(0o600)  # as the instructions say
     shutil.copyfile(cluster.home / "keys" / "broker.key", home / "keys" / "broker.key")
     return home
 

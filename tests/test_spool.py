@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from banyan.worker.spool import Spool, SpoolPolicy
-from tests.cluster import Cluster, wait_for
+from tests.cluster import ALLOW_ROOT, Cluster, wait_for
 
 DAY = 86400.0
 NOW = 1_700_000_000.0
@@ -97,7 +97,7 @@ def test_a_worker_deletes_a_jobs_output_after_its_retention(tmp_path: Path):
     c = Cluster(tmp_path)
     try:
         c.start_broker()
-        c.start_worker("w1", args=("--spool-retention", "1s"))
+        c.start_worker("w1", extra=(*ALLOW_ROOT, "--spool-retention", "1s"))
         client = c.client()
         (job,) = client.submit("echo kept by the broker").jobs
         assert client.wait([job], timeout=20).jobs[0].succeeded

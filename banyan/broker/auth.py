@@ -2,7 +2,8 @@
 
 It runs inside the broker's poll loop (a ROUTER on the context's ZAP endpoint), so there is no
 thread. The client socket admits user and admin keys, the worker socket worker keys only. The
-answer's User-Id, `role:name`, is what every later decision uses (never message content).
+answer's User-Id, `role:name` (with `/account` when a key's Unix account is not its name), is
+what every later decision uses (never message content).
 """
 
 from __future__ import annotations
@@ -53,9 +54,9 @@ class ZapHandler:
             self.refused += 1
             return answer(b"400", b"CURVE required")
         who = self.authorizer.lookup(z85.encode(credentials[0]))
-        if who is None or who[1] not in ADMITS[domain]:
+        if who is None or who.role not in ADMITS[domain]:
             self.refused += 1
-            what = "unknown key" if who is None else f"a {who[1]} key"
+            what = "unknown key" if who is None else f"a {who.role} key"
             log.warning(
                 "refused %s on the %s socket from %s",
                 what,
@@ -63,8 +64,7 @@ class ZapHandler:
                 address.decode(errors="replace"),
             )
             return answer(b"400", b"not authorized")
-        name, role = who
-        return answer(b"200", b"OK", f"{role}:{name}".encode())
+        return answer(b"200", b"OK", who.user_id.encode())
 
     def close(self) -> None:
         self.sock.close(linger=0)

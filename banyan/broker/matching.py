@@ -22,10 +22,8 @@ from dataclasses import dataclass, field
 from banyan.broker.records import Head, Request, Tally, User
 
 Room = tuple[float, int, int]  # free cpus, memory MiB, gpus
-# Whose jobs a worker may take (an owner filter); None takes everyone's.
-Accepts = Callable[[str], bool] | None
-# Jobs passed over for now (the targets of a long operation, bulk.py); None passes none.
-Held = Callable[[int], bool] | None
+# A test of job ids; None passes every job.
+Skip = Callable[[int], bool] | None
 # The entry behind a given one in its queue.
 Behind = Callable[[Head], Head | None]
 # A queue's head now (with None), or the entry behind the given one (Tx.queue_head).
@@ -83,12 +81,15 @@ class Account:
         oldest = min(h.job for h in self.heads.values())
         return (self.cpus / self.weight, -self.weight, oldest)
 
-    def best(self, room: Room, tags: Collection[str], held: Held, behind: Behind) -> Head | None:
-        """Its best head that fits: highest priority, then oldest. Held entries are passed
-        over, at most HELD_WALK of them per queue."""
+    def best(
+        self, room: Room, tags: Collection[str], refused: Skip, held: Skip, behind: Behind
+    ) -> Head | None:
+        """Its best head that fits: highest priority, then oldest. A `refused` head (one
+        owner's queue: the same account) closes its queue; `held` entries are passed over, at
+        most HELD_WALK of them per queue."""
         best: Head | None = None
         for head in self.heads.values():
-            if not fits(head.request, room, tags):
+            if not fits(head.request, room, tags) or (refused is not None and refused(head.job)):
                 continue
             candidate: Head | None = head
             if held is not None:
@@ -144,9 +145,11 @@ class Board:
         return cls(heads, accounts, reload)
 
     def pick(
-        self, room: Room, tags: Collection[str], accepts: Accepts = None, held: Held = None
+        self, room: Room, tags: Collection[str], refused: Skip = None, held: Skip = None
     ) -> Head | None:
-        """The job to assign next to a worker with `room` and `tags`, if any fits."""
+        """The job to assign next to a worker with `room` and `tags`, if any fits: not one
+        of those `refused` (of accounts the worker does not run) or `held` (the targets of a
+        long operation, bulk.py)."""
         for taken in self._taken:
             after = self._reload(taken.queue, None)
             heads = self.accounts[taken.owner].heads
@@ -159,9 +162,7 @@ class Board:
         for account in sorted(waiting, key=Account.order):
             if account.max_running is not None and account.running >= account.max_running:
                 continue
-            if accepts is not None and not accepts(account.owner):
-                continue
-            head = account.best(room, tags, held, self._behind)
+            head = account.best(room, tags, refused, held, self._behind)
             if head is not None:
                 return head
         return None

@@ -11,10 +11,10 @@ from typing import Any
 
 from banyan import defaults
 from banyan.broker import history, retention, stats, views
-from banyan.broker.records import Tx
+from banyan.broker.records import Job, Tx
 from banyan.broker.selectors import TERMINAL
 from banyan.broker.state import Actor, Core
-from banyan.errors import BadRequest, NotFound
+from banyan.errors import BadRequest, BanyanError, Forbidden, NotFound
 
 REPLY = {
     "ping": "pong",
@@ -40,14 +40,21 @@ def handle(
         return {"version": defaults.PROTOCOL_VERSION, "time": time.time()}
     if kind == "submit":
         array = body.get("array") is not None
-        return core.submit(actor, body["jobs"], body["groups"], body.get("submit_key"), array)
+        return core.submit(
+            actor,
+            body["jobs"],
+            body["groups"],
+            body.get("submit_key"),
+            array=array,
+            environment=body.get("environment"),
+        )
     if kind == "modify":
         job = core.modify(actor, body["job"], body["set"], body["hold"], body["release"])
         return {"job": views.job_info(tx, job, list(tx.workers()))}
     if kind == "close_group":
         return {"group": views.group_info(tx, core.close_group(actor, body["group"]))}
     if kind == "status":
-        return status(tx, body)
+        return _hide_others_output(status(tx, body), actor)
     if kind == "wait":
         return wait(tx, body)
     if kind == "workers":
@@ -92,6 +99,26 @@ def status(tx: Tx, body: dict[str, Any]) -> dict[str, Any]:
             continue
         out.append(views.job_info(tx, job, live, bool(body.get("detail")), limits))
     return {"jobs": out, "groups": [], "truncated": len(body["jobs"]) > limit}
+
+
+def may_read_output(actor: Actor, job: Job | None, job_id: int) -> BanyanError | None:
+    """Why `actor` may not read job `job_id`'s output, or None: its owner and admins may."""
+    if job is None:
+        return NotFound(f"no job {job_id}")
+    if not actor.may_touch(job.owner):
+        return Forbidden(
+            f"job {job.id} belongs to {job.owner}; only they or an admin may read its output"
+        )
+    return None
+
+
+def _hide_others_output(reply: dict[str, Any], actor: Actor) -> dict[str, Any]:
+    """Everyone sees every job, but a job's output only its owner and admins (SPEC §6)."""
+    for info in reply["jobs"]:
+        if "output_tail" in info and not actor.may_touch(info["owner"]):
+            info["output_tail"] = {"stdout": "", "stderr": ""}
+            info["output_hidden"] = True
+    return reply
 
 
 def wait(tx: Tx, body: dict[str, Any]) -> dict[str, Any]:

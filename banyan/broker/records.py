@@ -38,6 +38,7 @@ class Outcome(str, enum.Enum):
     TIMEOUT = "timeout"
     LOST = "lost"
     CANCELLED = "cancelled"  # an attempt ended by a cancel; never a job's final outcome
+    RETURNED = "returned"  # handed back unstarted (its account cannot run there); never final
 
 
 class DepKind(str, enum.Enum):
@@ -146,10 +147,17 @@ class Job(Record):
     progress: float | None = None
     progress_message: str | None = None
     doomed: bool = False  # known never to succeed; `after` dependents already cancelled
+    account: str | None = None  # the Unix account it runs as; None (older jobs): the owner's name
+    environ: str | None = None  # key of the submitter's exported environment (`environments`)
+    umask: int | None = None  # None: 022
 
     @property
     def st(self) -> JobState:
         return JobState(self.state)
+
+    @property
+    def runs_as(self) -> str:
+        return self.account or self.owner
 
     def deps(self) -> list[Dep]:
         return [Dep(*row) for row in self.depends_on]
@@ -253,6 +261,10 @@ class Worker(Record):
     last_seen: float = 0.0
     completed: int = 0
     wants: int = 0  # outstanding claim: how many more jobs it asked for
+    # Whose jobs it runs (banyan/broker/owners.py): only this account's, when set (a worker
+    # not started as root), and never these accounts' (account -> why), as it said.
+    only_account: str | None = None
+    refused: dict[str, str] = field(default_factory=dict)
 
     def fits(self, cpus: float, memory: int, gpus: int, tags: list[str]) -> bool:
         return (
@@ -361,3 +373,7 @@ class Tx(Protocol):
     def delete_events_through(self, seq: int) -> int: ...
     def expire_submit_keys(self, before: float, limit: int) -> int: ...
     def store_info(self) -> dict[str, int]: ...
+    # Submitters' exported environments, by content key, shared by the jobs that name them.
+    def get_environment(self, key: str) -> dict[str, str] | None: ...
+    def put_environment(self, key: str, env: dict[str, str]) -> None: ...
+    def job_account(self, job_id: int) -> str | None: ...  # Job.runs_as, read cheaply

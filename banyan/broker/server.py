@@ -23,14 +23,14 @@ from typing import Any, cast
 import zmq
 
 from banyan import defaults, protocol
-from banyan.broker import longops, queries, retention
+from banyan.broker import longops, owners, queries, retention
 from banyan.broker.auth import ZapHandler
 from banyan.broker.records import WorkerState
 from banyan.broker.state import Actor, Config, Core, Effect, Logged
 from banyan.broker.store import ReadTx, Store, StoreFull, WriteTx
 from banyan.config import home
 from banyan.errors import BanyanError, NoSpace, NotFound
-from banyan.keys import Authorizer, ensure_local
+from banyan.keys import Authorizer, ensure_local, own_account, parse_user_id
 
 log = logging.getLogger("banyan.broker")
 
@@ -108,6 +108,7 @@ class Turn:
     submits: list[tuple[bytes, protocol.Message]] = field(default_factory=list)
     submitter: Actor | None = None
     ops: longops.Staged = field(default_factory=longops.Staged)  # long operations
+    environment: dict[str, str] | None = None  # the merged submits' exported environment
 
     def merge(self, other: Turn) -> None:
         self.replies += other.replies
@@ -146,8 +147,9 @@ class Broker:
         # A context of its own: the ZAP endpoint is per context, and tests run several brokers.
         self.ctx = ctx or zmq.Context()
         self.store = Store(config.state_dir, sync=config.sync)
-        # Without keys every peer is the local administrator (loopback or --insecure only).
-        self.actor = actor or Actor("local", "admin")
+        # Without keys every peer is the local administrator (loopback or --insecure only),
+        # and its jobs run as the broker's own account.
+        self.actor = actor or Actor("local", "admin", own_account())
         self._actors: dict[str, Actor] = {}
         self.poller = zmq.Poller()
         self.zap: ZapHandler | None = None
@@ -437,8 +439,8 @@ class Broker:
         if actor is None:
             if len(self._actors) >= 4096:  # keys come and go; keep the cache small
                 self._actors.clear()
-            role, _, name = user.partition(":")
-            actor = self._actors[user] = Actor(name, role)
+            who = parse_user_id(user)
+            actor = self._actors[user] = Actor(who.name, who.role, who.account)
         return actor
 
     def _decode(
@@ -475,9 +477,11 @@ class Broker:
                 turn.replies.append(("client", identity, _error(e.code, e.message, msg.req)))
             return False
         if _mergeable(msg):
-            wake = self._run_submits(tx, now, turn) if turn.submitter is not actor else False
+            environment = msg.body["environment"]
+            alike = turn.submitter is actor and turn.environment == environment
+            wake = self._run_submits(tx, now, turn) if not alike else False
             turn.submits.append((identity, msg))
-            turn.submitter = actor
+            turn.submitter, turn.environment = actor, environment
             return wake
         wake = self._run_submits(tx, now, turn)
         return self._request(tx, identity, msg, actor, now, turn) or wake
@@ -489,6 +493,7 @@ class Broker:
         only that one is."""
         batch, actor = turn.submits, turn.submitter
         turn.submits, turn.submitter = [], None
+        environment, turn.environment = turn.environment, None
         if actor is None:
             return False  # nothing waiting
         if len(batch) > 1:
@@ -497,7 +502,7 @@ class Broker:
                 with tx.child() as child:
                     core = Core(child, now, self.config.core)
                     jobs = [job for _, msg in batch for job in msg.body["jobs"]]
-                    ids = core.submit(actor, jobs, [])["jobs"]
+                    ids = core.submit(actor, jobs, [], None, environment=environment)["jobs"]
             except StoreFull:
                 raise
             except Exception:  # refused or worse: below, each request gets its own answer
@@ -529,7 +534,7 @@ class Broker:
         turn: Turn,
     ) -> bool:
         if msg.type == "logs":
-            self._logs(tx, identity, msg, now, turn)
+            self._logs(tx, identity, msg, actor, turn)
             return False
         if msg.type in longops.STARTS:
             return self._long_start(tx, identity, msg, actor, now, turn)
@@ -613,16 +618,17 @@ class Broker:
         return lambda child: Core(child, now, self.config.core)
 
     def _logs(
-        self, tx: WriteTx, identity: bytes, msg: protocol.Message, now: float, turn: Turn
+        self, tx: WriteTx, identity: bytes, msg: protocol.Message, actor: Actor, turn: Turn
     ) -> None:
         """A running job's output comes from its worker; an ended one's is the stored tail,
-        or the whole file while its worker still has it."""
+        or the whole file while its worker still has it. Only its owner and admins read it."""
         b = msg.body
         job = tx.get_job(b["job"])
-        if job is None:
-            turn.replies.append(
-                ("client", identity, _error("not_found", f"no job {b['job']}", msg.req))
-            )
+        refusal = queries.may_read_output(actor, job, b["job"])
+        if job is None or refusal is not None:
+            error = refusal or NotFound(f"no job {b['job']}")
+            self.refused += 1
+            turn.replies.append(("client", identity, _error(error.code, error.message, msg.req)))
             return
         attempts = tx.attempts_of(job.id)
         last = attempts[-1] if attempts else None
@@ -659,10 +665,15 @@ class Broker:
                     self.client, fetch.identity, protocol.encode("logs", fetch.fallback, fetch.req)
                 )
 
-    def _log_chunk(self, body: dict[str, Any]) -> None:
-        fetch = self.fetches.pop(body["request"], None)
+    def _log_chunk(self, body: dict[str, Any], worker: str) -> None:
+        """A worker's answer to a fetch: taken only from the worker that was asked."""
+        fetch = self.fetches.get(body["request"])
         if fetch is None:
+            return  # answered already: the fallback went when the worker was too slow
+        if fetch.worker != worker:
+            self._drop(f"worker {worker} answered request {body['request']}, not its own")
             return
+        del self.fetches[body["request"]]
         if body["error"]:
             reply = fetch.fallback
         else:
@@ -722,14 +733,16 @@ class Broker:
                 tx,
                 now,
                 turn,
-                lambda c: c.register(name, body["host"], capacity, body["tags"], running),
+                lambda c: c.register(
+                    name, body["host"], capacity, body["tags"], running, _runs(body)
+                ),
             )
-        if msg.type == "log_chunk":
-            self._log_chunk(body)  # read-only: answered at once, nothing to commit
-            return False
         name = self.names.get(identity)
         if name is None or self.sessions.get(name, Session(None, 0)).identity != identity:
             turn.replies.append(("worker", identity, protocol.encode("reregister", {})))
+            return False
+        if msg.type == "log_chunk":
+            self._log_chunk(body, name)  # read-only: answered at once, nothing to commit
             return False
         try:
             return self._in_child(tx, now, turn, lambda c: _worker_report(c, name, msg))
@@ -895,6 +908,10 @@ def _mergeable(msg: protocol.Message) -> bool:
     )
 
 
+def _runs(register: dict[str, Any]) -> owners.Runs:
+    return owners.Runs(register["only_account"], register["refused"])
+
+
 def _losing(name: str, why: str) -> Callable[[Core], None]:
     return lambda core: core.worker_lost(name, why)
 
@@ -907,6 +924,8 @@ def _worker_report(core: Core, name: str, msg: protocol.Message) -> None:
         core.claim(name, b["max"])
     elif msg.type == "started":
         core.started(name, b["job"], b["token"], b["age"])
+    elif msg.type == "hand_back":
+        core.hand_back(name, b["job"], b["token"], b["reason"])
     elif msg.type == "progress":
         core.progress(
             name, b["job"], b["token"], b["percent"], b["message"], (b["cpu_percent"], b["rss"])

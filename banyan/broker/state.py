@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from banyan import defaults
+from banyan.broker import owners
 from banyan.broker.graph import DepGraph
 from banyan.broker.matching import Board, decayed
 from banyan.broker.records import (
@@ -65,6 +66,7 @@ EDITABLE: dict[str, frozenset[JobState]] = {
         "cancel_grace",
         "output",
         "depends_on",
+        "umask",
     )
 }
 EDITABLE["priority"] = frozenset({S.INACTIVE, S.AVAILABLE})
@@ -88,9 +90,14 @@ class Actor:
 
     name: str
     role: str = ADMIN
+    account: str | None = None  # the Unix account the key is bound to; None: `name`
 
     def may_touch(self, owner: str) -> bool:
         return self.role == ADMIN or self.name == owner
+
+    @property
+    def runs_as(self) -> str:
+        return self.account or self.name
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,13 +185,17 @@ class Core:
         jobs: list[dict[str, Any]],
         groups: list[dict[str, Any]],
         submit_key: str | None = None,
+        *,
         array: bool = False,
+        environment: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """Create jobs, groups and edges atomically; returns `{jobs: [ids], groups: {name: id}}`.
 
         Resubmitting with the same `submit_key` returns the first result and creates nothing.
         The jobs of an `array` also make a group of their own, `array-FIRST` (FIRST being the
-        first job's id), sealed: one handle for the whole array.
+        first job's id), sealed: one handle for the whole array. Every job runs as the actor's
+        Unix account, with `environment` (the submitter's exported variables) under the
+        account's own.
         """
         if submit_key:
             prior = self.tx.get_submit_key(actor.name, submit_key)
@@ -193,12 +204,12 @@ class Core:
         if not jobs and not groups:
             raise BadRequest("nothing to submit: no jobs and no groups")
         if len(jobs) < GC_PAUSE_JOBS or not gc.isenabled():
-            return self._submit(actor, jobs, groups, submit_key, array)
+            return self._submit(actor, jobs, groups, submit_key, array, environment)
         # Each job makes a handful of lists; for a big submission that sets off the cyclic GC
         # again and again, to find nothing (rows hold no cycles), a third of the time.
         gc.disable()
         try:
-            return self._submit(actor, jobs, groups, submit_key, array)
+            return self._submit(actor, jobs, groups, submit_key, array, environment)
         finally:
             gc.enable()
 
@@ -209,6 +220,7 @@ class Core:
         groups: list[dict[str, Any]],
         submit_key: str | None,
         array: bool = False,
+        environment: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         if jobs:
             self._check_queued(actor.name, len(jobs))
@@ -237,10 +249,11 @@ class Core:
         rows: list[list[Any]] = []
         owner, now = actor.name, self.now
         mine = [] if own is None else [own.id]
+        tail = owners.new_job_tail(self.tx, actor.runs_as, environment) if jobs else ()
         for job_id, spec in zip(ids, jobs, strict=True):
             deps = new[job_id]
             if not deps and not spec.get("groups") and not mine:  # most jobs of a big one
-                rows.append(_new_row(job_id, owner, now, spec, _NONE, _NONE, 0))
+                rows.append(_new_row(job_id, owner, now, spec, _NONE, _NONE, 0, tail))
                 continue
             pending = 0
             doom = None
@@ -253,7 +266,7 @@ class Core:
                     doom = verdict
             groups_of = [by_name[name].id for name in spec.get("groups", ())] + mine
             depends_on = [d.pack() for d in deps]
-            rows.append(_new_row(job_id, owner, now, spec, depends_on, groups_of, pending))
+            rows.append(_new_row(job_id, owner, now, spec, depends_on, groups_of, pending, tail))
             if doom is not None:
                 born_doomed.append((job_id, doom))
         self.tx.put_new_jobs(rows)
@@ -596,14 +609,17 @@ class Core:
         capacity: tuple[float, int, int],
         tags: list[str],
         running: list[tuple[int, int]],
+        runs: owners.Runs = owners.ANY_OWNER,
     ) -> Worker:
-        """A worker (re)connects and lists the attempts it holds (SPEC §5)."""
+        """A worker (re)connects and lists the attempts it holds (SPEC §5), and whose jobs it
+        runs (SPEC §6)."""
         worker = self.tx.get_worker(name)
         cpus, memory, gpus = capacity
         if worker is None:
             worker = Worker(name, host, cpus, memory, gpus, list(tags), registered=self.now)
         worker.host, worker.cpus, worker.memory, worker.gpus = host, cpus, memory, gpus
         worker.tags = list(tags)
+        worker.only_account, worker.refused = runs.only_account, dict(runs.refused)
         worker.registered = worker.last_seen = self.now
         worker.wants = 0
         if worker.state == WorkerState.LOST.value:
@@ -704,19 +720,20 @@ class Core:
             batch = self._fill(worker, board)
             if batch:
                 self.tx.put_worker(worker)
-                self.effects.append(Effect(worker.name, "assign", {"jobs": batch}))
+                for body in owners.assignments(self.tx, batch):
+                    self.effects.append(Effect(worker.name, "assign", body))
                 assigned += len(batch)
         return assigned
 
     def _board(self) -> Board:
         heads = self.tx.queue_heads()
-        owners = {h.owner for h in heads}
-        users = {name: self.tx.get_user(name) for name in owners}
+        names = {h.owner for h in heads}
+        users = {name: self.tx.get_user(name) for name in names}
         # What an owner holds matters only against other owners, or to its own limit.
         tallies = {
             name: self.tx.tally(name)
             for name, user in users.items()
-            if len(owners) > 1 or (user is not None and user.max_running is not None)
+            if len(names) > 1 or (user is not None and user.max_running is not None)
         }
         return Board.build(
             heads, users, tallies, self.now, self.config.half_life, self.tx.queue_head
@@ -724,8 +741,10 @@ class Core:
 
     def _fill(self, worker: Worker, board: Board) -> list[dict[str, Any]]:
         """Assign `worker` the best fitting jobs, one at a time, while it wants more and has
-        room; returns the assignments. (Whose jobs a worker may run would go to `pick` as its
-        `accepts`.)"""
+        room; returns the assignments. Passed over: jobs of accounts the worker does not run,
+        and the targets of a long operation."""
+        runs = owners.filter_for(worker, self.tx)
+        refused = None if runs is None else (lambda job_id: not runs(job_id))
         batch: list[dict[str, Any]] = []
         while worker.wants > 0:
             room = (
@@ -735,7 +754,7 @@ class Core:
             )
             if room[0] < MIN_CPUS:
                 break
-            head = board.pick(room, worker.tags, held=self.held)
+            head = board.pick(room, worker.tags, refused, self.held)
             if head is None:
                 break
             batch.append(self._assign(worker, head.job))
@@ -769,6 +788,9 @@ class Core:
             "time_limit": job.time_limit,
             "cancel_grace": job.cancel_grace,
             "output": job.output,
+            "account": job.runs_as,
+            "environ": job.environ,
+            "umask": job.umask,
         }
 
     # ---- reports about attempts -------------------------------------------------------------
@@ -798,6 +820,35 @@ class Core:
         if held is not None:
             held[1].started = max(held[1].claimed, self.now - age)
             self.tx.put_attempt(held[1])
+
+    def hand_back(self, name: str, job_id: int, token: int, reason: str) -> None:
+        """The worker cannot run the attempt's Unix account, and never started it (SPEC §6):
+        the job is queued again as if it had not been claimed, spending no attempt, and the
+        worker is offered none of that account's jobs until it registers again."""
+        held = self._held(name, job_id, token)
+        if held is None:
+            return
+        job, attempt = held
+        worker = self._worker(name)
+        self._release(worker, job)
+        owners.refuse(worker, job.runs_as, reason)
+        if worker.state == WorkerState.ACTIVE.value:
+            worker.wants += 1  # the slot it was given is free for another job
+        self._settle_drain(worker)
+        self.tx.put_worker(worker)
+        self.wake = True
+        attempt.ended, attempt.outcome, attempt.reason = self.now, Outcome.RETURNED.value, reason
+        self.tx.put_attempt(attempt)
+        # The next claim reuses this attempt's number (and record): it never ran.
+        job.attempts -= 1
+        job.token = job.worker = None
+        if job.attempts == 0:
+            job.started = None
+        if job.st == S.PENDING_CANCELLATION:
+            self._move(job, S.CANCELLED, job.cancel_reason)
+            self._ended(job)
+        else:
+            self._move(job, S.AVAILABLE, reason)
 
     def progress(
         self,
@@ -1024,6 +1075,7 @@ _ROW_FIELDS = (
     *("depends_on", "groups", "pending"),
 )
 assert NEW_JOB_FIELDS == _ROW_FIELDS, "_new_row no longer matches Job's fields"
+_UMASK = Job.names().index("umask")
 
 
 def _new_row(
@@ -1034,11 +1086,13 @@ def _new_row(
     depends_on: list[list[Any]],
     groups: list[int],
     pending: int,
+    tail: tuple[Any, ...] = NEW_JOB_TAIL,
 ) -> list[Any]:
-    """`Job(...).pack()` for a new job from its JobSpec, defaults filled in. The row is packed
-    at once and never changed, so it may share the spec's env and tags."""
+    """`Job(...).pack()` for a new job from its JobSpec, defaults filled in, with `tail` for
+    the fields after `pending` (owners.new_job_tail). The row is packed at once and never
+    changed, so it may share the spec's env and tags."""
     get = spec.get
-    return [
+    row = [
         job_id,
         get("name") or "",
         spec["command"],
@@ -1059,8 +1113,12 @@ def _new_row(
         depends_on,
         groups,
         pending,
-        *NEW_JOB_TAIL,
+        *tail,
     ]
+    umask = get("umask")
+    if umask is not None:
+        row[_UMASK] = umask
+    return row
 
 
 def _outcome(reported: str, exit_code: int | None, signal: int | None) -> Outcome:

@@ -28,6 +28,7 @@ Keys (integers big-endian, so LMDB's byte order is numeric order):
     owner_names  owner:u32                                 -> name
     shapes       packed [cpus, memory, gpus, sorted tags]  -> shape:u32
     users        name                                      -> User row
+    environments content key (hex)                         -> env map (a submitter's export)
 
 `eligible` holds exactly the jobs that are available with no pending dependency, in queues:
 one per owner and shape (the same cpus, memory, gpus and tags), each best first (priority
@@ -53,6 +54,9 @@ it leaves that number in `ids` (under "purged job" or "purged event"), so number
 reused. A single-job submit so touches jobs, eligible, by_state, owners and events. Stores
 from before a layout are converted on open (`_upgrade`); `meta` holds the layout's number
 under "format" (`FORMAT`).
+
+The environment folder and its files are made for the broker's account alone (0700, 0600):
+they hold every job's command and the environments users exported.
 
 Text keys past 400 bytes are cut and suffixed with their SHA-256, because LMDB keys stop at 511
 bytes and names may be 256 characters of 4-byte UTF-8.
@@ -88,6 +92,7 @@ from banyan.broker.records import (
     Worker,
 )
 from banyan.defaults import INITIAL_MAP_SIZE, MAX_MAP_SIZE
+from banyan.keys import private_dir
 
 __all__ = ["MapGrown", "ReadOnly", "ReadTx", "Store", "StoreError", "StoreFull", "WriteTx"]
 
@@ -121,7 +126,7 @@ _TIME = struct.Struct(">d")  # a time >= 0: its bytes sort as it does
 # without building a Job.
 _F = {name: i for i, name in enumerate(Job.names())}
 _ID, _STATE, _PENDING, _PRIORITY = _F["id"], _F["state"], _F["pending"], _F["priority"]
-_OWNER, _SUBMITTED = _F["owner"], _F["submitted"]
+_OWNER, _SUBMITTED, _ACCOUNT = _F["owner"], _F["submitted"], _F["account"]
 _CPUS, _MEMORY, _GPUS, _TAGS, _GROUPS = (
     _F["cpus"],
     _F["memory"],
@@ -268,6 +273,7 @@ class _Dbs:
     shapes: Any
     users: Any
     submit_times: Any
+    environments: Any
 
     def __init__(self, env: lmdb.Environment) -> None:
         for name in self.__annotations__:
@@ -520,6 +526,18 @@ class ReadTx:
         raw = self._txn.get(_text_key(key), db=self._db.meta)
         return None if raw is None else _unpack(raw)
 
+    def get_environment(self, key: str) -> dict[str, str] | None:
+        raw = self._txn.get(key.encode(), db=self._db.environments)
+        return None if raw is None else dict(_unpack(raw))
+
+    def job_account(self, job_id: int) -> str | None:
+        raw = self._txn.get(_U64.pack(job_id), db=self._db.jobs)
+        if raw is None:
+            return None
+        row = _unpack(raw)
+        # A row from before accounts were recorded is shorter: its owner's name is the account.
+        return (row[_ACCOUNT] if len(row) > _ACCOUNT else None) or row[_OWNER]  # type: ignore[no-any-return]
+
     def _last_key(self, db: Any) -> int:
         cursor = self._txn.cursor(db)
         return int(_U64.unpack(cursor.key())[0]) if cursor.last() else 0
@@ -614,6 +632,9 @@ class ReadTx:
 
     def put_meta(self, key: str, value: Any) -> None:
         raise ReadOnly("put_meta on a read view")
+
+    def put_environment(self, key: str, env: dict[str, str]) -> None:
+        raise ReadOnly("put_environment on a read view")
 
     def append_events(self, rows: list[tuple[float, int, str | None, str, str | None]]) -> int:
         raise ReadOnly("append_events on a read view")
@@ -1085,6 +1106,14 @@ class WriteTx(ReadTx):
     def put_user(self, user: User) -> None:
         self._txn.put(_text_key(user.name), self._batch.pack(user.pack()), db=self._db.users)
 
+    @_writes
+    def put_environment(self, key: str, env: dict[str, str]) -> None:
+        """Store an environment under its content key, once: a submitter's many submissions
+        from one shell share it, and writing it again would only dirty the tree."""
+        db = self._db.environments
+        if self._txn.get(key.encode(), db=db) is None:
+            self._txn.put(key.encode(), self._batch.pack(env), db=db)
+
 
 def _to_format_2(tx: WriteTx) -> None:
     """Eligible entries keyed by owner and shape first; owners numbered and their jobs counted,
@@ -1104,8 +1133,8 @@ def _to_format_2(tx: WriteTx) -> None:
             counts[count_key] = counts.get(count_key, 0) + 1
         if job.eligible:
             request = [job.cpus, job.memory, job.gpus, job.tags]
-            key = tx._queue(job.owner, request) + _rank(job.priority, job.id)
-            tx._txn.put(key, tx._batch.pack(request), db=tx._db.eligible)
+            entry = tx._queue(job.owner, request) + _rank(job.priority, job.id)
+            tx._txn.put(entry, tx._batch.pack(request), db=tx._db.eligible)
     tx.put_meta("format", FORMAT)
 
 
@@ -1123,9 +1152,11 @@ class Store:
         max_map_size: int = MAX_MAP_SIZE,
     ) -> None:
         self.max_map_size = max_map_size
+        private_dir(Path(path), tighten=True)
         # No writemap: LMDB refuses nested (child) transactions with it.
         self._env = lmdb.open(
             str(path),
+            mode=0o600,
             map_size=min(map_size, max_map_size),
             subdir=True,
             max_dbs=len(_Dbs.__annotations__) + 2,  # + the old `counts`, for _upgrade

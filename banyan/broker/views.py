@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from banyan.broker import owners
 from banyan.broker.matching import decayed, factors
 from banyan.broker.records import Attempt, Group, Job, JobState, Tx, User, Worker, WorkerState
 
@@ -32,6 +33,10 @@ def waiting_reason(job: Job, workers: list[Worker], limit: str | None = None) ->
     live = [w for w in workers if w.state != WorkerState.LOST.value]
     if not live:
         return "no workers connected"
+    refused = owners.nobody_runs(job, live)
+    if refused:
+        return refused
+    live = [w for w in live if owners.runs(w, job.runs_as)]
     never = unrunnable(job, live)
     if never:
         return never
@@ -101,6 +106,7 @@ def job_info(
         "progress": job.progress,
         "progress_message": job.progress_message,
         "owner": job.owner,
+        "account": job.runs_as,
         "depends_on": [{"kind": k, target: tid} for k, target, tid in job.depends_on],
         "groups": [_group_name(tx, gid) for gid in job.groups],
         "priority": job.priority,
@@ -130,6 +136,8 @@ def job_info(
             time_limit=job.time_limit,
             cancel_grace=job.cancel_grace,
             output=job.output,
+            umask=job.umask,
+            exported_environment=job.environ is not None,
         )
     return info
 
@@ -192,6 +200,8 @@ def worker_info(worker: Worker, last_seen: float | None = None) -> dict[str, Any
         "tags": worker.tags,
         "running": sorted(worker.running),
         "completed": worker.completed,
+        "only_account": worker.only_account,
+        "refused_accounts": dict(worker.refused),
         "last_seen": last_seen if last_seen is not None else worker.last_seen,
     }
 

@@ -34,6 +34,7 @@ from banyan.broker.state import Config
 from banyan.cli import EXIT_OK, EXIT_USAGE, daemon_logging
 from banyan.cli.output import UsageError, positive_duration
 from banyan.config import home
+from banyan.keys import KeyExposed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     elif not config.secure:
         log.info("keys are off (--insecure): every local peer acts as the administrator")
-    broker = Broker(config)
+    try:
+        broker = Broker(config)
+    except KeyExposed as e:
+        log.error("%s", e)
+        return EXIT_USAGE
 
     def stop(*_: Any) -> None:
         # Only a flag: the loop finishes its turn, commits and closes (SPEC: signals set flags).

@@ -27,7 +27,11 @@ authorized there at once (under $BANYAN_HOME/keys/authorized/ROLE/), and the out
 which two files to copy to the person's or the worker's machine. NAME is the identity the
 broker records as a job's owner. To revoke a key, delete its authorized file.
 
+A user or admin key is bound to the Unix account its jobs run as on the workers: NAME, or
+the account --unix-user gives. The binding is the `unix_user` line of the authorized file.
+
 Options:
+  --unix-user ACCOUNT   The Unix account this user's or admin's jobs run as (default: NAME).
   --json                Print the files made and where they go, as JSON.
   -h --help             Show this help.
 """
@@ -42,7 +46,7 @@ def keygen(args: Args) -> int:
     name: str = args["NAME"]
     root = home()
     try:
-        public, secret, authorized = keys.issue(root, role, name)
+        public, secret, authorized = keys.issue(root, role, name, args["--unix-user"])
     except FileExistsError as e:
         print(f"{TOOL}: {e}; pick another name, or delete the old files first", file=sys.stderr)
         return EXIT_REFUSED
@@ -58,6 +62,7 @@ def keygen(args: Args) -> int:
             {
                 "role": role,
                 "name": name,
+                "unix_user": keys.account_of(authorized),
                 "public": str(public),
                 "secret": str(secret),
                 "authorized": str(authorized),
@@ -67,6 +72,13 @@ def keygen(args: Args) -> int:
         return EXIT_OK
     print(instructions(role, name, public, secret, authorized, broker, install))
     return EXIT_OK
+
+
+def bound(role: str, authorized: Path) -> str:
+    """How the output names the key's Unix account."""
+    if role == "worker":
+        return ""
+    return f" (its jobs run as the Unix account {keys.account_of(authorized)})"
 
 
 def instructions(
@@ -81,7 +93,7 @@ def instructions(
     where = "the worker machine" if role == "worker" else f"{name}'s machine"
     width = max(len(src) for src in install.values())
     lines = [
-        f"made a {role} key for {name}",
+        f"made a {role} key for {name}{bound(role, authorized)}",
         f"  public      {public}",
         f"  secret      {secret}  (mode 600: keep it private)",
         f"  authorized  {authorized}",

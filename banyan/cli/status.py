@@ -294,7 +294,7 @@ def detail(r: dict[str, Any], color: bool) -> str:
     if r["state"] == "terminated":
         facts.append(("result", ending(r)))
     facts += [
-        ("owner", r.get("owner") or "-"),
+        ("owner", _owner(r)),
         ("submitted", _submitted(r, now)),
         ("needs", needs(r)),
         ("priority", str(r.get("priority", 0))),
@@ -314,6 +314,8 @@ def detail(r: dict[str, Any], color: bool) -> str:
     facts += [(k, str(r[k])) for k in ("cwd", "output") if r.get(k)]
     if r.get("env"):
         facts.append(("env", " ".join(f"{k}={v}" for k, v in r["env"].items())))
+    if r.get("output_hidden"):
+        facts.append(("output tail", "only its owner and admins may read it"))
     title = f"job {r['id']}  {clip(r.get('name') or '', 60)}"
     lines = [title] + [f"  {k:<11} {v}" for k, v in facts]
     history = r.get("history") or []
@@ -405,3 +407,10 @@ def _indent(text: str) -> str:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _owner(r: dict[str, Any]) -> str:
+    """The owner, and the Unix account its jobs run as when that is another name."""
+    owner = r.get("owner") or "-"
+    account = r.get("account")
+    return f"{owner} (runs as {account})" if account and account != owner else owner

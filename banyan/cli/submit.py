@@ -12,7 +12,7 @@ import threading
 from collections import Counter
 from typing import Any
 
-from banyan import arrays, defaults
+from banyan import arrays, defaults, export
 from banyan.cli import EXIT_OK, EXIT_REFUSED
 from banyan.cli.output import (
     CONNECT_OPTIONS,
@@ -64,7 +64,11 @@ Options:
   --open                Create the group open, so later submissions may join it.
   --hold                Submit held: nothing runs until `banyan-modify ID --release`.
   --cwd DIR             Working directory on the worker (default: the current one).
+  --export SPEC         Which of this shell's variables the jobs get, as sbatch: ALL, NONE
+                        (the account's clean login environment), VAR,VAR=value (only these)
+                        or ALL,VAR=value [default: ALL].
   --env K=V             An extra environment variable; a bare K passes this shell's value.
+  --umask MODE          The jobs' umask, in octal (default: 022).
   -o --output TEMPLATE  Where output goes on the worker; {job}, {attempt}, {stream} expand.
   --each FILE           One job per non-empty line of FILE (- reads stdin): {} in the
                         command is replaced by the line, else the line is appended quoted.
@@ -90,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def submit(args: Args) -> int:
     jobs, groups, array = build(args)
+    spec = args.get("--export") or export.ALL
+    try:
+        export.capture(spec)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     count = arrays.count(array) if array else len(jobs)
     with connect(args) as client:
         # Where the event log ends before the jobs exist: the live display follows from here.
@@ -97,7 +106,7 @@ def submit(args: Args) -> int:
         # The broker checks and stores every job before it answers: give a big one time.
         patience, client.timeout = client.timeout, client.timeout + count * SECONDS_PER_JOB
         result = client.submit(
-            jobs=jobs, groups=groups, submit_key=args["--submit-key"], array=array
+            jobs=jobs, groups=groups, submit_key=args["--submit-key"], array=array, export=spec
         )
         client.timeout = patience
         if args["--json"]:
@@ -179,10 +188,22 @@ def job_fields(args: Args) -> dict[str, Any]:
         f["env"] = environment(args["--env"])
     if args.get("--cwd") is not None:
         f["cwd"] = os.path.abspath(args["--cwd"])
+    if args.get("--umask") is not None:
+        f["umask"] = umask(args["--umask"])
     deps = dependencies(args)
     if deps:
         f["depends_on"] = deps
     return f
+
+
+def umask(text: str) -> int:
+    try:
+        value = int(text, 8)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 0o777:
+        raise UsageError(f"--umask: expected an octal mode such as 077, got {text!r}")
+    return value
 
 
 def environment(items: list[str]) -> dict[str, str]:

@@ -2,7 +2,8 @@
 
 It registers, heartbeats, keeps one claim outstanding while it is not draining, runs what it
 is assigned, and reports progress and results. Results stay in `unacked` until the broker
-acknowledges them, across reconnects and broker restarts (SPEC §5).
+acknowledges them, across reconnects and broker restarts (SPEC §5). A job it cannot run as its
+owner's account it hands back unstarted (accounts.py).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import zmq
 
 from banyan import defaults, protocol
 from banyan.keys import Curve
-from banyan.worker import cgroups, watchdog
+from banyan.worker import accounts, cgroups, watchdog
 from banyan.worker.runner import Finished, Launch, Runner
 from banyan.worker.spool import Spool, SpoolPolicy
 
@@ -46,6 +47,8 @@ class WorkerConfig:
     liveness: int = defaults.LIVENESS
     curve: Curve | None = None  # this machine's worker key and the broker's public key
     spool_policy: SpoolPolicy = field(default_factory=SpoolPolicy)
+    run_any_owner: bool = False  # not root: run everyone's jobs as this account
+    allow_root_jobs: bool = False  # root: run root's jobs as root
 
 
 @dataclass
@@ -74,7 +77,7 @@ class WorkerDaemon:
         self.config = config
         self.clock = clock
         self.ctx = ctx or zmq.Context.instance()
-        config.spool.mkdir(parents=True, exist_ok=True)
+        self.policy = accounts.Policy(config.name, config.run_any_owner, config.allow_root_jobs)
         self.runner = Runner(config.spool, config.gpus, cgroups=True)
         self.spool = Spool(self.runner.spool, config.spool_policy)
         # Jobs live in sessions of their own: if this process dies, the watchdog kills them.
@@ -127,6 +130,8 @@ class WorkerDaemon:
                 "tags": list(self.config.tags),
                 "running": [list(k) for k in self._held()],
                 "pid": os.getpid(),
+                "only_account": self.policy.only_account,
+                "refused": dict(self.policy.refused),
             },
         )
 
@@ -224,7 +229,7 @@ class WorkerDaemon:
         elif msg.type == "assign":
             self.link.claim_left -= len(b["jobs"])
             for a in b["jobs"]:
-                self._start(a, now)
+                self._start(a, b["environments"], now)
         elif msg.type == "cancel":
             self.runner.cancel(b["job"], b["token"], now, b.get("reason", ""))
         elif msg.type == "kill_stale":
@@ -265,7 +270,16 @@ class WorkerDaemon:
             )
         self._send("log_chunk", reply)
 
-    def _start(self, a: dict[str, Any], now: float) -> None:
+    def _start(self, a: dict[str, Any], environments: dict[str, Any], now: float) -> None:
+        account = self.policy.resolve(a["account"], now)
+        if isinstance(account, str):
+            log.info("job %d handed back: %s", a["job"], account)
+            self._send("hand_back", {"job": a["job"], "token": a["token"], "reason": account})
+            self.link.claim_left += 1
+            return
+        environment = environments.get(a["environ"]) if a["environ"] else None
+        if a["environ"] and environment is None:
+            log.warning("job %d came without its exported environment", a["job"])
         launch = Launch(
             job=a["job"],
             token=a["token"],
@@ -277,6 +291,9 @@ class WorkerDaemon:
             time_limit=a["time_limit"],
             cancel_grace=float(a["cancel_grace"]),
             output=a["output"],
+            account=account,
+            environment=environment,
+            umask=a["umask"],
         )
         running = self.runner.start(launch, now)
         self._unreported[(launch.job, launch.token)] = (running.pid or 0, running.started)
@@ -338,6 +355,10 @@ class WorkerDaemon:
             log.warning("broker silent for %.1f s; reconnecting", now - link.last_heard)
             link.next_connect = now + link.backoff
             link.backoff = min(link.backoff * 2, defaults.RECONNECT_MAX)
+            self._connect(now)
+            return
+        if self.policy.recheck(now):
+            log.info("an account it refused exists now: registering again")
             self._connect(now)
             return
         if now >= link.next_heartbeat:

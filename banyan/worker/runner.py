@@ -15,6 +15,15 @@ names the job's group and session, cannot be handed to another process while we 
 
 The Runner owns this process's children that live outside the worker's own session: it may
 reap their zombies. Children started in the worker's session are never touched.
+
+A job runs as the account its Launch names (accounts.py decides which): where that is not this
+process's own, the launcher starts it as that account. It starts with default signal
+dispositions, an empty signal mask, stdin from /dev/null and umask 022 (unless the job asks),
+in its owner's login environment plus what the submitter exported (banyan/export.py), and
+never with the worker's own variables. Its spool files are its owner's alone (0600, in a 0700
+directory the worker makes for it), and the worker opens an owner's output files only after
+checking that they are still the owner's, so a job cannot make a root worker read or write a
+file it could not.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import re
 import secrets
 import shlex
 import signal
+import stat
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -33,11 +43,12 @@ from typing import Literal
 
 import psutil
 
-from banyan import defaults
+from banyan import defaults, export
 from banyan.errors import BadRequest, NotFound
-from banyan.worker import cgroups, procs
+from banyan.worker import accounts, cgroups, procs, spawn
+from banyan.worker.accounts import Account
 from banyan.worker.cgroups import Cgroups, move_time
-from banyan.worker.launcher import Launcher
+from banyan.worker.launcher import ChildFailed, Launcher
 from banyan.worker.procs import MARKER_VAR
 from banyan.worker.progress import ProgressReport, ProgressWatch
 
@@ -70,6 +81,9 @@ class Launch:
     time_limit: float | None
     cancel_grace: float
     output: str | None
+    account: Account | None = None  # whom it runs as; None: this process's own account
+    environment: dict[str, str] | None = None  # what the submitter exported
+    umask: int | None = None  # None: defaults.UMASK
 
 
 @dataclass(frozen=True)
@@ -83,6 +97,7 @@ class RunningJob:
     stderr_path: str
     progress_path: str
     marker: str  # the value of BANYAN_MARKER in the job's environment
+    uid: int = -1  # whose its output files must be for the worker to read or append to them
 
 
 @dataclass(frozen=True)
@@ -123,9 +138,21 @@ def output_paths(
     return out, out + ".err"
 
 
-def _read_tail(path: str, size: int) -> bytes:
+def _open_owned(path: str, flags: int, uid: int) -> int:
+    """Open an existing output file of a job run by `uid`, refusing anything else that may
+    have taken its path since (a link to another user's file, a FIFO, a device): a root
+    worker must not read or write what the job's owner could not."""
+    fd = os.open(path, flags | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+    st = os.fstat(fd)
+    if path != os.devnull and (not stat.S_ISREG(st.st_mode) or (uid >= 0 and st.st_uid != uid)):
+        os.close(fd)
+        raise PermissionError(f"{path} is no longer the job's own output file")
+    return fd
+
+
+def _read_tail(path: str, size: int, uid: int = -1) -> bytes:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = _open_owned(path, os.O_RDONLY, uid)
     except OSError:
         return b""
     try:
@@ -137,9 +164,37 @@ def _read_tail(path: str, size: int) -> bytes:
         os.close(fd)
 
 
-def _append(path: str, text: str) -> None:
-    with contextlib.suppress(OSError), open(path, "ab") as f:
-        f.write(text.encode("utf-8", "replace"))
+def _append(path: str, text: str, uid: int = -1) -> None:
+    """Add a line of the worker's to a job's stderr; made if missing only where the job runs
+    as the worker itself."""
+    create = os.O_CREAT if uid in (-1, os.geteuid()) else 0
+    with contextlib.suppress(OSError):
+        fd = _open_owned(path, os.O_WRONLY | os.O_APPEND | create, uid)
+        try:
+            os.write(fd, text.encode("utf-8", "replace"))
+        finally:
+            os.close(fd)
+
+
+def _owned_file(path: str, account: Account) -> int:
+    """Create (or truncate) a spool file for a job of another account: the worker's own
+    directory holds it, and the job's owner alone may read it (0600)."""
+    fd = os.open(path, _WRITE | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchown(fd, account.uid, account.gid)
+        os.fchmod(fd, 0o600)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_output(path: str, mode: int) -> int:
+    """Open an output file the worker itself may write. Non-blocking while opening, so a FIFO
+    without a reader fails at once instead of stopping the worker."""
+    fd = os.open(path, _WRITE | os.O_NONBLOCK, mode)
+    os.set_blocking(fd, True)
+    return fd
 
 
 @dataclass(eq=False)
@@ -184,10 +239,13 @@ class Runner:
         self, spool_dir: str | os.PathLike[str], visible_gpus: list[str], cgroups: bool = False
     ) -> None:
         self.spool = os.path.abspath(spool_dir)
-        os.makedirs(self.spool, exist_ok=True)
+        self.me = accounts.own()
+        # The worker's alone, but where it starts jobs as other accounts they must reach their
+        # own directories in it: searchable, not listable.
+        make_spool(self.spool, 0o711 if self.me.uid == 0 else 0o700)
         self.visible_gpus = list(visible_gpus)
+        spawn.close_inherited()
         self.subreaper = procs.become_subreaper()
-        self._base_env = dict(os.environ)
         self._nonce = f"{os.getpid()}-{secrets.token_hex(4)}"
         # A cgroup per job where the kernel allows: the one hiding place the others miss
         # (setsid, a double fork and a cleared environment together).
@@ -196,8 +254,9 @@ class Runner:
         # Where moving a process into a cgroup is slow, jobs are cloned straight into theirs;
         # where it is cheap the shell's own move costs less than asking the launcher.
         self.move_time = move_time(self.cgroups.base) if self.cgroups else None
-        slow = self.move_time is not None and self.move_time > SLOW_MOVE
-        self.launcher = Launcher(enabled=slow)
+        self.clone_into_cgroups = self.move_time is not None and self.move_time > SLOW_MOVE
+        # The launcher also starts every job of another account, which only root can.
+        self.launcher = Launcher(enabled=self.clone_into_cgroups or self.me.uid == 0)
         self._me = os.getpid()
         self._my_sid = os.getsid(0)
         self._jobs: dict[Key, _Attempt] = {}
@@ -206,7 +265,7 @@ class Runner:
         # (None: from the next poll) so that what we killed does not linger as zombies.
         self._reap_groups: dict[int, float | None] = {}
         self._reap_pids: dict[int, float | None] = {}
-        self._logs: OrderedDict[Key, tuple[str, str]] = OrderedDict()
+        self._logs: OrderedDict[Key, tuple[str, str, int]] = OrderedDict()
         self._sweep_at: float | None = None
         self._last_sweep = -math.inf
 
@@ -225,23 +284,32 @@ class Runner:
         cwd = os.path.abspath(launch.cwd) if launch.cwd else stem
         out, err = output_paths(launch.output, self.spool, cwd, launch.job, launch.attempt)
         marker = f"{self._nonce}:{launch.job}:{launch.token}"
+        account = launch.account or self.me
         pid: int | None = None
         failure: str | None = None
         cgroup: str | None = None
         try:
             if not launch.cwd:
-                # The job gets a directory of its own. It is left in place like the output
-                # files (rmdir costs up to a ms on some filesystems); spool retention removes it.
+                # The job gets a directory of its own, its owner's alone. It is left in place
+                # like the output files (rmdir costs up to a ms on some filesystems); spool
+                # retention removes it.
                 with contextlib.suppress(FileExistsError):
-                    os.mkdir(stem)
-            if not os.path.isdir(cwd):
+                    os.mkdir(stem, 0o700)
+                    if account.uid != self.me.uid:
+                        os.chown(stem, account.uid, account.gid)
+            elif account.uid == self.me.uid and not os.path.isdir(cwd):
                 raise NotADirectoryError(f"working directory {cwd!r} does not exist")
-            env = self._environment(launch, stem + ".progress", marker)
+            env = self._environment(launch, account, stem + ".progress", marker)
             cgroup = self.cgroups.create(launch.job, launch.token) if self.cgroups else None
-            pid = self._spawn(launch.command, cwd, env, out, err, cgroup)
+            pid = self._spawn(launch, account, cwd, env, (out, err), cgroup)
+        except ChildFailed as e:
+            if e.pid > 0:
+                self._reap_pids[e.pid] = None
+            failure = f"banyan: job {launch.job} attempt {launch.attempt} could not start: {e}\n"
+            _append(err, failure, account.uid)
         except (OSError, ValueError) as e:
             failure = f"banyan: job {launch.job} attempt {launch.attempt} could not start: {e}\n"
-            _append(err, failure)
+            _append(err, failure, account.uid)
         info = RunningJob(
             job=launch.job,
             token=launch.token,
@@ -252,6 +320,7 @@ class Runner:
             stderr_path=err,
             progress_path=stem + ".progress",
             marker=marker,
+            uid=account.uid,
         )
         a = _Attempt(info, launch, failure=failure, cgroup=cgroup)
         if pid is not None:
@@ -262,8 +331,16 @@ class Runner:
         self._by_marker[marker] = a
         return info
 
-    def _environment(self, launch: Launch, progress: str, marker: str) -> dict[str, str]:
-        env = dict(self._base_env)
+    def _environment(
+        self, launch: Launch, account: Account, progress: str, marker: str
+    ) -> dict[str, str]:
+        """The account's login environment, what the submitter exported (never the daemons'
+        variables), the account's own HOME, USER, LOGNAME and SHELL, the job's --env, and
+        the worker's variables for the job (banyan/export.py)."""
+        env = account.login_environment()
+        if launch.environment:
+            env.update(export.exported(launch.environment))
+            env.update(account.variables())
         env.update(launch.env)
         env["BANYAN_JOB_ID"] = str(launch.job)
         env["BANYAN_ATTEMPT"] = str(launch.attempt)
@@ -274,21 +351,36 @@ class Runner:
         return env
 
     def _spawn(
-        self, command: str, cwd: str, env: dict[str, str], out: str, err: str, cgroup: str | None
+        self,
+        launch: Launch,
+        account: Account,
+        cwd: str,
+        env: dict[str, str],
+        outputs: tuple[str, str],
+        cgroup: str | None,
     ) -> int:
-        # Neither start has a chdir action, so the shell changes directory itself; on the same
-        # line as the command, so the user's line numbers in error messages stay right.
-        script = f"cd -- {shlex.quote(cwd)} || exit {SPAWN_FAILED}; {command}"
+        # Neither start has a chdir action, so the shell changes directory itself (as the
+        # job's owner); on the same line as the command, so the user's line numbers in error
+        # messages stay right.
+        umask = defaults.UMASK if launch.umask is None else launch.umask
+        script = (
+            f"umask {umask:04o}; cd -- {shlex.quote(cwd)} || exit {SPAWN_FAILED}; {launch.command}"
+        )
+        if account.uid != self.me.uid:
+            return self._spawn_as(account, script, env, outputs, cgroup, umask, launch.output)
+        out, err = outputs
+        # Spool files are the owner's alone; a file the job names takes the usual mode.
+        mode = 0o600 if launch.output is None else 0o666
         with contextlib.ExitStack() as fds:
-            out_fd = os.open(out, _WRITE, 0o644)
+            out_fd = _open_output(out, mode)
             fds.callback(os.close, out_fd)
-            err_fd = os.dup(out_fd) if err == out else os.open(err, _WRITE, 0o644)
+            err_fd = os.dup(out_fd) if err == out else _open_output(err, mode)
             fds.callback(os.close, err_fd)
-            if cgroup and not self.launcher.broken:
+            if cgroup and self.clone_into_cgroups and not self.launcher.broken:
                 null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
                 fds.callback(os.close, null)
                 argv = ["/bin/sh", "-c", script]
-                pid = self.launcher.spawn(argv, env, (null, out_fd, err_fd), cgroup)
+                pid = self.launcher.spawn(argv, env, (null, out_fd, err_fd), cgroup, umask=umask)
                 if pid is not None:
                     return pid
                 # The launcher failed mid-request: whatever it may have started for this
@@ -296,13 +388,41 @@ class Runner:
                 cgroups.kill(cgroup)
             if cgroup:  # no launcher here: the shell moves itself in first
                 script = cgroups.join_script(cgroup) + script
-            actions = [
-                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_DUP2, out_fd, 1),
-                (os.POSIX_SPAWN_DUP2, err_fd, 2),
-            ]
-            argv = ["/bin/sh", "-c", script]
-            return os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
+            return spawn.spawn(["/bin/sh", "-c", script], env, out_fd, err_fd)
+
+    def _spawn_as(
+        self,
+        account: Account,
+        script: str,
+        env: dict[str, str],
+        outputs: tuple[str, str],
+        cgroup: str | None,
+        umask: int,
+        template: str | None,
+    ) -> int:
+        """Start a job as another account, through the launcher (only root gets here). Its
+        spool files are made here for it; files it names, it opens itself as its owner."""
+        argv = ["/bin/sh", "-c", script]
+        with contextlib.ExitStack() as fds:
+            null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            fds.callback(os.close, null)
+            stdio: tuple[int, ...] = (null,)
+            if template is None:
+                out, err = outputs
+                out_fd = _owned_file(out, account)
+                fds.callback(os.close, out_fd)
+                err_fd = _owned_file(err, account)
+                fds.callback(os.close, err_fd)
+                stdio = (null, out_fd, err_fd)
+            # Its progress file too: the spool is the worker's, so the job could not make it.
+            os.close(_owned_file(env["BANYAN_PROGRESS_FILE"], account))
+            paths = outputs if template is not None else None
+            pid = self.launcher.spawn(argv, env, stdio, cgroup, account.identity(), paths, umask)
+        if pid is None:
+            if cgroup:
+                cgroups.kill(cgroup)  # none of what it may have started may run twice
+            raise OSError("this worker cannot start jobs as other accounts: its launcher failed")
+        return pid
 
     def _gpu_name(self, index: int) -> str:
         return self.visible_gpus[index] if 0 <= index < len(self.visible_gpus) else str(index)
@@ -492,15 +612,15 @@ class Runner:
 
     def _finish(self, a: _Attempt, now: float) -> Finished:
         info = self._forget(a)
-        self._logs[a.key] = (info.stdout_path, info.stderr_path)
+        self._logs[a.key] = (info.stdout_path, info.stderr_path, info.uid)
         while len(self._logs) > defaults.FINISHED_LOGS_KEPT:
             self._logs.popitem(last=False)
         if a.outcome == "cancelled":
-            _append(info.stderr_path, f"banyan: job {info.job} cancelled: {a.reason}\n")
+            _append(info.stderr_path, f"banyan: job {info.job} cancelled: {a.reason}\n", info.uid)
         elif a.outcome == "timeout":
-            _append(info.stderr_path, f"banyan: job {info.job} killed: {a.reason}\n")
+            _append(info.stderr_path, f"banyan: job {info.job} killed: {a.reason}\n", info.uid)
         exit_code, sig = a.exit or (None, None)
-        stderr_tail = _read_tail(info.stderr_path, defaults.OUTPUT_TAIL_BYTES)
+        stderr_tail = _read_tail(info.stderr_path, defaults.OUTPUT_TAIL_BYTES, info.uid)
         if a.failure is not None:
             exit_code = SPAWN_FAILED
             stderr_tail = stderr_tail or a.failure.encode()[-defaults.OUTPUT_TAIL_BYTES :]
@@ -510,7 +630,7 @@ class Runner:
             outcome=a.outcome,
             exit_code=exit_code,
             signal=sig,
-            stdout_tail=_read_tail(info.stdout_path, defaults.OUTPUT_TAIL_BYTES),
+            stdout_tail=_read_tail(info.stdout_path, defaults.OUTPUT_TAIL_BYTES, info.uid),
             stderr_tail=stderr_tail,
             started=info.started,
             ended=now,
@@ -616,12 +736,13 @@ class Runner:
         if stream not in ("stdout", "stderr"):
             raise BadRequest(f"stream must be stdout or stderr, not {stream!r}")
         a = self._jobs.get((job, token))
-        paths = (a.info.stdout_path, a.info.stderr_path) if a else self._logs.get((job, token))
-        if paths is None:
+        known = (a.info.stdout_path, a.info.stderr_path, a.info.uid) if a else None
+        known = known or self._logs.get((job, token))
+        if known is None:
             raise NotFound(f"this worker has no output of job {job} (token {token})")
-        path = paths[0] if stream == "stdout" else paths[1]
+        path = known[0] if stream == "stdout" else known[1]
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = _open_owned(path, os.O_RDONLY, known[2])
         except OSError as e:
             raise NotFound(f"{stream} of job {job} is gone: {e.strerror}") from None
         try:
@@ -631,3 +752,13 @@ class Runner:
             return (os.pread(fd, limit, start) if start < size and limit else b""), size
         finally:
             os.close(fd)
+
+
+def make_spool(path: str, mode: int) -> None:
+    """Make the spool directory with `mode`; one that exists is left as the operator made it
+    (a spool may be a shared mount), but jobs' files in it are their owners' alone anyway."""
+    try:
+        os.makedirs(path, mode)
+    except FileExistsError:
+        return
+    os.chmod(path, mode)  # makedirs applies the process's umask too
