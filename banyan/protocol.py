@@ -72,6 +72,7 @@ ERROR_CODES: Final = frozenset(
         "forbidden",
         "no_space",
         "unavailable",
+        "wrong_port",
         "internal",
     }
 )
@@ -914,6 +915,7 @@ _CLIENT_REQUEST_SCHEMAS: Final[dict[str, Check]] = {
     ),
     "workers": _record({}),
     "drain": _record({"worker": (_NAME, _REQUIRED), "resume": (_bool, False)}),
+    "forget": _record({"worker": (_NAME, _REQUIRED)}),
     "stats": _record({}),
     "events": _record(
         {
@@ -1004,8 +1006,16 @@ _WORKER_TO_BROKER_SCHEMAS: Final[dict[str, Check]] = {
             "tags": (_TAGS, []),
             "running": (_list(_row("[job, token]", _ID, _ID), _BIG), []),
             "pid": (_INDEX, _REQUIRED),
+            # One per worker process: a new connection of the same process may take over its
+            # name's session; another process may not while that session is alive.
+            "instance": (_str(0, 64), ""),
+            "draining": (_bool, False),  # it is stopping (its own SIGTERM): assign nothing
         }
     ),
+    # The worker's first SIGTERM or SIGINT (named in `reason`): claim nothing more for it.
+    "draining": _record({"reason": (_str(0, 64), "")}),
+    # It has nothing left to run or report and exits: shown as `stopped`, not `lost`.
+    "stopping": _record({}),
     # `running` is required: an empty heartbeat would claim the worker runs nothing.
     "heartbeat": _record(
         {

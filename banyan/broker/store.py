@@ -367,6 +367,9 @@ class ReadTx:
     def put_worker(self, worker: Worker) -> None:
         raise ReadOnly("put_worker on a read view")
 
+    def delete_worker(self, name: str) -> None:
+        raise ReadOnly("delete_worker on a read view")
+
     def put_submit_key(self, owner: str, key: str, value: Any) -> None:
         raise ReadOnly("put_submit_key on a read view")
 
@@ -596,6 +599,13 @@ class WriteTx(ReadTx):
             self._txn.put(key, worker.name.encode(), db=self._db.claimers)
         elif worker.wants <= 0 and claiming:
             self._txn.delete(key, db=self._db.claimers)
+
+    @_writes
+    def delete_worker(self, name: str) -> None:
+        key = _text_key(name)
+        self._txn.delete(key, db=self._db.workers)
+        self._txn.delete(key, db=self._db.claimers)
+        self._batch.clock.notes.pop(name, None)
 
     @_writes
     def put_submit_key(self, owner: str, key: str, value: Any) -> None:

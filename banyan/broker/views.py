@@ -23,7 +23,7 @@ def waiting_reason(job: Job, workers: list[Worker]) -> str | None:
         return None
     if job.pending:
         return f"waiting for {job.pending} dependenc{'y' if job.pending == 1 else 'ies'}"
-    live = [w for w in workers if w.state != WorkerState.LOST.value]
+    live = [w for w in workers if not w.gone]
     if not live:
         return "no workers connected"
     never = unrunnable(job, live)
