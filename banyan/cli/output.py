@@ -1,9 +1,11 @@
 """What every Banyan tool shares: one way to run, to fail, and to show things to a person.
 
-Errors: a refused request prints `tool: message` on stderr and exits 1; bad arguments exit 2
-(SPEC §8). Units: durations as `3m12s`, ages as `4s ago`, sizes in KiB/MiB/GiB. Tables are
-aligned; colour appears only on a terminal and never with NO_COLOR. A live display rewrites
-one line in place on a terminal and prints plain lines into a pipe, only when something changed.
+Errors: a refused request prints `tool: message` on stderr and exits 1; bad arguments exit 2;
+a broker that cannot be reached, or refuses this machine's key, exits 3 (SPEC §8). With
+`--json` the error is one JSON document on stderr instead, `{"error": CODE, "message": TEXT}`.
+Units: durations as `3m12s`, ages as `4s ago`, sizes in KiB/MiB/GiB. Tables are aligned;
+colour appears only on a terminal and never with NO_COLOR. A live display rewrites one line in
+place on a terminal and prints plain lines into a pipe, only when something changed.
 """
 
 from __future__ import annotations
@@ -18,13 +20,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-import zmq
-from docopt import DocoptExit, docopt
-
 from banyan import defaults
-from banyan.cli import EXIT_OK, EXIT_REFUSED, EXIT_USAGE
+from banyan.cli import EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE
+from banyan.cli.usage import UsageError, flag_words, parse
 from banyan.client import Client
-from banyan.errors import BanyanError
+from banyan.errors import BanyanError, BrokerUnavailable
 from banyan.protocol import ProtocolError
 
 Args = dict[str, Any]
@@ -42,8 +42,7 @@ CONNECT_OPTIONS = f"""\
 INTERRUPTED = 130  # the shell's code for "stopped by Ctrl-C"
 
 
-class UsageError(ValueError):
-    """A bad argument value: exit 2, like a docopt usage error."""
+__all__ = ["UsageError"]  # raised by every tool for a bad value; defined with the parser
 
 
 def run(
@@ -54,24 +53,24 @@ def run(
     options_first: bool = False,
 ) -> int:
     """Parse `argv` with docopt and run `body`, mapping every failure to its exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    # Known before parsing, so that even a usage error comes as JSON when it was asked for.
+    words = argv[: argv.index("--")] if "--" in argv else argv
+    as_json = "--json" in words
     try:
         try:
-            args = docopt(usage, argv=argv, options_first=options_first)
-        except DocoptExit as e:
-            print(e, file=sys.stderr)
-            return EXIT_USAGE
+            args = parse(usage, argv, options_first)
         except SystemExit:  # --help was printed
             return EXIT_OK
-        return body(dict(args))
+        return body(args)
     except UsageError as e:
-        print(f"{tool}: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return fail(tool, "usage", str(e), EXIT_USAGE, as_json, e.hint)
+    except BrokerUnavailable as e:
+        return fail(tool, e.code, e.message, EXIT_UNAVAILABLE, as_json)
     except BanyanError as e:
-        print(f"{tool}: {e}", file=sys.stderr)
-        return EXIT_REFUSED
-    except ProtocolError as e:  # refused before sending, with the broker's own rule
-        print(f"{tool}: {e.reason}", file=sys.stderr)
-        return EXIT_REFUSED
+        return fail(tool, e.code, e.message, EXIT_REFUSED, as_json)
+    except ProtocolError as e:  # a value the broker's rules refuse, found before sending
+        return fail(tool, "usage", flag_words(e.reason), EXIT_USAGE, as_json)
     except KeyboardInterrupt:
         return INTERRUPTED
     except BrokenPipeError:
@@ -81,13 +80,23 @@ def run(
         return EXIT_OK
 
 
+def fail(tool: str, code: str, message: str, status: int, as_json: bool, hint: str = "") -> int:
+    """Report an error on stderr: `tool: message` (and the usage, for a usage error), or with
+    `--json` one document `{"error": CODE, "message": TEXT}`. Returns the exit status."""
+    if as_json:
+        print(json.dumps({"error": code, "message": message}), file=sys.stderr)
+    else:
+        print(f"{tool}: {message}" + (f"\n{hint}" if hint else ""), file=sys.stderr)
+    return status
+
+
 def connect(args: Args) -> Client:
     """A client for `--broker` with `--timeout`; a malformed address is a usage error."""
     timeout = number(args["--timeout"], "--timeout", minimum=0.001)
     try:
         return Client(args["--broker"], timeout=timeout)
-    except (ValueError, zmq.ZMQError) as e:
-        raise UsageError(f"--broker: {e}") from None
+    except ValueError as e:  # the address, as --broker or $BANYAN_BROKER gave it
+        raise UsageError(str(e)) from None
 
 
 # ---- reading values ---------------------------------------------------------------------------
