@@ -148,7 +148,7 @@ def group_info(tx: Tx, group: Group) -> dict[str, Any]:
 
 
 def worker_info(worker: Worker, last_seen: float | None = None) -> dict[str, Any]:
-    """`state` is idle or busy for an active worker, else draining, drained or lost."""
+    """`state` is idle or busy for an active worker, else draining, drained, stopped or lost."""
     state = worker.state
     if state == WorkerState.ACTIVE.value:
         state = "busy" if worker.running else "idle"
