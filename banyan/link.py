@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,10 +38,11 @@ _EVENTS = (
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
     | zmq.EVENT_CONNECT_RETRIED
 )
-# A dropped CURVE handshake happens when a broker dies mid-handshake, and once or twice before
-# ZeroMQ tells a keyless broker (a mechanism mismatch); four in a row, the broker cannot read
-# this machine's HELLO: keys/broker.key is not its key.
-_DROPS_MEANING_WRONG_KEY = 4
+# A CURVE handshake the broker drops this many times in a row (with no other word) means a
+# broker that cannot read this machine's HELLO (keys/broker.key is not its key) or one that
+# has no keys at all, which may close before saying so. A keyless probe tells the two apart.
+_DROPS = 2
+PROBE_WAIT = 0.5  # seconds the probe may take; it needs a round trip or two
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,9 @@ class Watch:
             return None  # a broker that was there and went away: retried quietly
         if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and self.creds.curve is not None:
             self.drops += 1
-            if self.drops >= _DROPS_MEANING_WRONG_KEY:
+            if self.drops >= _DROPS:
+                if keyless(self.sock.context, self.endpoint):
+                    return self._protocol(zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH)
                 return KeyRefused(
                     f"the broker at {self.endpoint} dropped the key handshake: "
                     f"{self.creds.server} is not its public key (copy keys/broker.key again "
@@ -187,3 +191,29 @@ class Watch:
         with contextlib.suppress(zmq.ZMQError):
             self.sock.disable_monitor()
         self.monitor.close(linger=0)
+
+
+def keyless(ctx: zmq.Context[Any], endpoint: str) -> bool:
+    """Whether the broker at `endpoint` completes a handshake without keys. Only connects:
+    nothing is sent."""
+    probe: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
+    probe.setsockopt(zmq.LINGER, 0)
+    monitor: zmq.Socket[Any] = probe.get_monitor_socket(_EVENTS)
+    try:
+        probe.connect(endpoint)
+        deadline = time.monotonic() + PROBE_WAIT
+        for _ in range(100):
+            left = deadline - time.monotonic()
+            if left <= 0 or not monitor.poll(max(1, int(left * 1000))):
+                return False
+            event = int(recv_monitor_message(monitor)["event"])
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                return True
+            if event & (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                return False
+        return False
+    finally:
+        with contextlib.suppress(zmq.ZMQError):
+            probe.disable_monitor()
+        monitor.close(linger=0)
+        probe.close(linger=0)

@@ -297,6 +297,8 @@ class WorkerDaemon:
             self.link.registered = self.link.ever_registered = True
             self.link.trouble, self.link.told = None, ("", -math.inf)
             self.heartbeat, self.liveness = float(b["heartbeat"]), int(b["liveness"])
+            if self.stop_requested:  # a signal that came while `register` was on its way
+                self._send("draining", {"reason": self.signals[0]})
             for payload, _ in self.link.unacked.values():
                 self.sock.send(payload, zmq.NOBLOCK)  # type: ignore[union-attr]
         elif msg.type == "assign":
