@@ -6,6 +6,7 @@ the wrong port, and forgetting workers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import zmq.auth
 
@@ -142,6 +144,19 @@ class Operator:
                 except subprocess.TimeoutExpired:
                     _kill_tree(proc.pid)
                     proc.wait(timeout=scaled(5))
+        reap_orphans({p.pid for p in self.procs.values()})
+
+
+def reap_orphans(known: set[int]) -> None:
+    """Wait for, and reap, the daemons' helpers (a worker's watchdog and launcher) that came to
+    this process when their daemon ended: a worker's runner made in-process by another test
+    leaves pytest a child subreaper, and a zombie left here would fail later tests' checks."""
+    orphans = [p for p in psutil.Process().children() if p.pid not in known]
+    _, alive = psutil.wait_procs(orphans, timeout=scaled(10))
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(alive, timeout=scaled(5))
 
 
 @pytest.fixture
