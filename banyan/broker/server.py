@@ -296,7 +296,7 @@ class Broker:
             self._end_session(name)
             log.log(level, "%s", line)
         self.backlog = turn.deferred
-        self._send(turn, now)
+        self._send(turn)
 
     def _one_by_one(
         self, inbox: list[Inbound], lost: list[str], due: list[Waiter], now: float
@@ -744,7 +744,7 @@ class Broker:
 
     # ---- after the commit -------------------------------------------------------------------
 
-    def _send(self, turn: Turn, now: float) -> None:
+    def _send(self, turn: Turn) -> None:
         for kind, identity, payload in turn.replies:
             _send(self.client if kind == "client" else self.worker, identity, payload)
         for effect in turn.effects:
