@@ -6,14 +6,17 @@
         print(c.wait([job]).jobs[0].outcome)
 
 Every call is one request on a DEALER socket to the broker's client port. Refusals raise the
-typed errors of `banyan.errors` with the broker's message; a broker that does not answer
-within `timeout` raises `BrokerUnavailable`, never a hang.
+typed errors of `banyan.errors` with the broker's message. A broker that cannot be reached
+raises `BrokerUnavailable` at once when the address is wrong or nothing listens there, and
+after `timeout` when it does not answer; a refused or missing key raises `KeyRefused` (a
+`BrokerUnavailable`) as soon as the handshake fails. Never a hang.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,15 +28,13 @@ import zmq
 from banyan import defaults, protocol
 from banyan import export as _export
 from banyan.config import address, home
-from banyan.errors import BanyanError, from_wire
-from banyan.keys import Curve, peer
+from banyan.errors import BrokerUnavailable, from_wire
+from banyan.link import Credentials, Watch, credentials
 
 # Requests that wait behind a long operation in the broker (its longops.PARKED) or are one.
 PATIENT = frozenset({"status", "wait", "cancel", "modify", "modify_many", "close_group", "stats"})
 
-
-class BrokerUnavailable(BanyanError):
-    code = "unavailable"
+__all__ = ["BrokerUnavailable", "Client"]
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,9 @@ class WorkerInfo:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__})
 
 
+# Requests that change nothing, so asking twice is harmless.
+READS = frozenset({"ping", "status", "workers", "stats", "events", "logs"})
+
 JOB_FIELDS = (
     "name",
     "cwd",
@@ -180,19 +184,29 @@ class Client:
         self.timeout = timeout
         self.ctx = ctx or zmq.Context.instance()
         self._reqs = itertools.count(1)
-        self.curve: Curve | None = None
-        self.sock: zmq.Socket[Any] = self._socket()
+        self.sock, self.watch = self._socket()
 
-    def _socket(self) -> zmq.Socket[Any]:
-        sock: zmq.Socket[Any] = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
+    def _socket(self) -> tuple[zmq.Socket[Any], Watch]:
         # This machine's client key and the broker's public key, when keys are set up. Read
         # at every (re)connect: a broker starting for the first time makes them.
-        self.curve = peer(self.home, "client")
-        if self.curve is not None:
-            self.curve.apply(sock)
-        sock.connect(self.endpoint)
-        return sock
+        creds: Credentials = credentials(self.home, "client")
+        sock: zmq.Socket[Any] = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        if creds.curve is not None:
+            creds.curve.apply(sock)
+        watch = Watch(sock, self.endpoint, creds)
+        try:
+            sock.connect(self.endpoint)
+        except zmq.ZMQError as e:
+            watch.close()
+            sock.close(linger=0)
+            raise BrokerUnavailable(f"cannot connect to {self.endpoint}: {e}") from None
+        return sock, watch
+
+    def _reset(self) -> None:
+        """A fresh connection: nothing queued on the old one can be mistaken for a reply."""
+        self.close()
+        self.sock, self.watch = self._socket()
 
     def __enter__(self) -> Client:
         return self
@@ -201,32 +215,57 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        self.watch.close()
         self.sock.close(linger=0)
 
     # ---- transport --------------------------------------------------------------------------
 
+    def _send(self, kind: str, body: dict[str, Any], flags: int = 0) -> int:
+        req = next(self._reqs)
+        self.sock.send(protocol.encode(kind, body, req, allowed=protocol.CLIENT_REQUESTS), flags)
+        return req
+
+    def _next(self, wait: float) -> protocol.Message | None:
+        """The next reply within `wait` s, or None. A connection problem the socket's monitor
+        reports (a refused key, nothing listening) raises at once, on a fresh socket."""
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.watch.monitor, zmq.POLLIN)
+        ready = dict(poller.poll(max(1, math.ceil(wait * 1000))))
+        if self.watch.monitor in ready:
+            trouble = self.watch.read()
+            if trouble is not None:
+                self._reset()
+                raise trouble
+        if self.sock in ready:
+            return protocol.decode(self.sock.recv(), protocol.CLIENT_REPLIES)
+        return None
+
     def request(self, kind: str, body: dict[str, Any], timeout: float | None = None) -> Any:
         """Send one request and return the reply body; `timeout=None` uses the client's.
 
-        A request the broker may hold back behind a long operation (PATIENT) is waited for
-        as long as the broker answers pings meanwhile."""
+        A read is asked again when the connection is made anew (the broker restarted while
+        it was on its way); a change is not, as the broker may have made it already. A request
+        the broker may hold back behind a long operation (PATIENT) is waited for as long as
+        the broker answers pings meanwhile."""
         if kind in PATIENT and timeout is None:
             return self._patiently(kind, body)
-        req = next(self._reqs)
-        self.sock.send(protocol.encode(kind, body, req))
+        req = self._send(kind, body)
+        on = max(1, self.watch.handshakes)
         limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not self.sock.poll(int(left * 1000) + 1, zmq.POLLIN):
+            msg = self._next(left) if left > 0 else None
+            if self.watch.handshakes > on and kind in READS:
+                req, on = self._send(kind, body), self.watch.handshakes
+            if msg is None and time.monotonic() >= deadline:
                 # The request may still be queued in the socket: start afresh so a late
                 # reply cannot be mistaken for the next request's.
-                self.sock.close(linger=0)
-                self.sock = self._socket()
+                self._reset()
                 raise self._no_answer(limit)
-            msg = protocol.decode(self.sock.recv(), protocol.CLIENT_REPLIES)
-            if msg.req != req:
-                continue  # a reply to an abandoned request
+            if msg is None or msg.req != req:
+                continue  # nothing yet, or a reply to an abandoned request
             if msg.type == "error":
                 raise from_wire(msg.body["code"], msg.body["message"])
             return msg.body
@@ -406,34 +445,51 @@ class Client:
         """Block until the jobs end (or `timeout` s pass); the broker answers when they do.
 
         While it waits, the client pings the broker every `self.timeout` seconds, so a broker
-        that dies meanwhile gives `BrokerUnavailable` instead of a hang.
+        that dies meanwhile gives `BrokerUnavailable` instead of a hang. The broker keeps a
+        wait for the connection it came on, so when the connection is made anew (the broker
+        restarted, even after a kill -9), the wait is asked again for the time that is left.
         """
-        body = {"jobs": list(jobs), "groups": list(groups), "timeout": timeout}
+        body = {"jobs": list(jobs), "groups": list(groups)}
         reply = self._patiently("wait", body, timeout)
         return Waited([JobInfo.of(j) for j in reply["jobs"]], reply["timed_out"])
 
     def _patiently(self, kind: str, body: dict[str, Any], limit: float | None = None) -> Any:
-        """Send a request whose answer may take long, and wait for it (at most `limit` s
-        plus the client's timeout, if given) while pings show the broker is alive."""
-        req = next(self._reqs)
-        self.sock.send(protocol.encode(kind, body, req))
-        end = None if limit is None else time.monotonic() + limit + self.timeout
+        """Send a request whose answer may take long (a wait, or a request that waits behind
+        a long operation in the broker), and wait for it (at most `limit` s plus the client's
+        timeout, if given) while pings show the broker is alive. When the connection is made
+        anew (the broker restarted), a wait or a read is asked again, a wait for the time
+        that is left; a change is not, as the broker may have made it already."""
+        end = None if limit is None else time.monotonic() + limit
+
+        def ask() -> tuple[int, int]:
+            sent = body
+            if kind == "wait":
+                sent = {
+                    **body,
+                    "timeout": None if end is None else max(0.0, end - time.monotonic()),
+                }
+            # Sent before any handshake, it travels on the first connection.
+            return self._send(kind, sent), max(1, self.watch.handshakes)
+
+        req, on = ask()
         ping_req, ping_sent = 0, 0.0
         while True:
             now = time.monotonic()
-            if (ping_req and now - ping_sent > self.timeout) or (end is not None and now > end):
-                self.sock.close(linger=0)
-                self.sock = self._socket()
-                raise self._no_answer(self.timeout)
-            if not self.sock.poll(int(self.timeout * 1000 / 2), zmq.POLLIN):
+            late = end is not None and now > end + self.timeout
+            if (ping_req and now - ping_sent > self.timeout) or late:
+                self._reset()
+                raise BrokerUnavailable(f"the broker at {self.endpoint} stopped answering")
+            msg = self._next(self.timeout / 2)
+            if self.watch.handshakes > on and (kind == "wait" or kind in READS):
+                req, on = ask()
+                ping_req = 0
+            if msg is None:
                 if not ping_req:
-                    ping_req, ping_sent = next(self._reqs), now
-                    # Not blocking: with no broker connected (say, the key was refused) a
-                    # DEALER's send waits for one; an unsent ping is just never answered.
+                    # Not blocking: with no broker connected a DEALER's send may wait for one;
+                    # an unsent ping is just never answered.
                     with contextlib.suppress(zmq.Again):
-                        self.sock.send(protocol.encode("ping", {}, ping_req), zmq.NOBLOCK)
+                        ping_req, ping_sent = self._send("ping", {}, zmq.NOBLOCK), now
                 continue
-            msg = protocol.decode(self.sock.recv(), protocol.CLIENT_REPLIES)
             if msg.req == ping_req:
                 ping_req = 0
             elif msg.req == req:
@@ -446,6 +502,11 @@ class Client:
 
     def drain(self, worker: str, resume: bool = False) -> list[WorkerInfo]:
         reply = self.request("drain", {"worker": worker, "resume": resume})
+        return [WorkerInfo.of(w) for w in reply["workers"]]
+
+    def forget(self, worker: str) -> list[WorkerInfo]:
+        """Remove a lost or stopped worker from the list (admins only)."""
+        reply = self.request("forget", {"worker": worker})
         return [WorkerInfo.of(w) for w in reply["workers"]]
 
     def stats(self) -> dict[str, Any]:

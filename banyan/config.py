@@ -15,14 +15,52 @@ def home(explicit: str | os.PathLike[str] | None = None) -> Path:
     return Path(os.environ.get("BANYAN_HOME") or Path.home() / ".banyan")
 
 
-def address(text: str | None, default_port: int) -> str:
-    """`HOST[:PORT]` (or `$BANYAN_BROKER`, or loopback) as a ZeroMQ tcp endpoint."""
-    text = text or os.environ.get("BANYAN_BROKER") or defaults.BROKER_HOST
-    if text.startswith("tcp://"):
-        text = text[len("tcp://") :]
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or (host.endswith(":") and not host.startswith("[")):
-        host, port = text, str(default_port)
-    if not host:
-        raise ValueError(f"broker address {text!r} has no host")
-    return f"tcp://{host}:{int(port)}"
+def address(text: str | None, default_port: int = defaults.CLIENT_PORT) -> str:
+    """A tool's broker as a ZeroMQ tcp endpoint: `--broker HOST[:PORT]` (`text`), else
+    `$BANYAN_BROKER`, else loopback; the port defaults to `default_port`."""
+    source = "--broker" if text else "BANYAN_BROKER"
+    host, port = split(text or os.environ.get("BANYAN_BROKER") or defaults.BROKER_HOST, source)
+    return f"tcp://{host}:{port or default_port}"
+
+
+def worker_address(text: str | None) -> str:
+    """A worker's broker. `--broker HOST[:PORT]` names the worker port itself. Otherwise the
+    host comes from `$BANYAN_BROKER`, whose port, if it has one, is the *client* port (tools and
+    workers share the variable) and is not used here; the port is `$BANYAN_WORKER_PORT`, else
+    the default worker port."""
+    if text:
+        host, port = split(text, "--broker")
+        return f"tcp://{host}:{port or defaults.WORKER_PORT}"
+    host, _ = split(os.environ.get("BANYAN_BROKER") or defaults.BROKER_HOST, "BANYAN_BROKER")
+    given = os.environ.get("BANYAN_WORKER_PORT")
+    port = _port(given, "BANYAN_WORKER_PORT", given) if given else defaults.WORKER_PORT
+    return f"tcp://{host}:{port}"
+
+
+def split(text: str, source: str) -> tuple[str, int | None]:
+    """`HOST`, `HOST:PORT`, `[IPV6]:PORT` or `tcp://` any of those; a clear ValueError naming
+    `source` otherwise."""
+    rest = text.strip().removeprefix("tcp://")
+    if rest.startswith("["):  # [v6] or [v6]:port
+        host, sep, tail = rest.partition("]")
+        host += sep
+        port = tail.removeprefix(":") if tail.startswith(":") else None
+        if tail and port is None:
+            raise ValueError(f"{source}: {text!r} is not HOST[:PORT]")
+    elif rest.count(":") == 1:
+        host, port = rest.split(":")
+    else:  # a name, an IPv4 address, or a bare IPv6 address
+        host, port = rest, None
+    if not host or any(c.isspace() or c in "/@?#" for c in host) or host == "[]":
+        raise ValueError(f"{source}: {text!r} is not HOST[:PORT]")
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return host, (_port(port, source, text) if port is not None else None)
+
+
+def _port(port: str, source: str, text: str) -> int:
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(
+            f"{source}: {text!r} is not HOST[:PORT]; the port must be a number from 1 to 65535"
+        )
+    return int(port)

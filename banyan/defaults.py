@@ -95,6 +95,10 @@ RESULT_RESEND = 2.0
 # Reconnect backoff after the broker goes quiet.
 RECONNECT_MIN = 0.2
 RECONNECT_MAX = 5.0
+# A connection problem that persists (a refused key) is logged again this often, not per retry.
+TROUBLE_LOG_INTERVAL = 60.0
+# A stopping worker's last message (`stopping`) may take this long to leave before it exits.
+STOP_LINGER = 1.0
 
 # Client: how long a request may wait for the broker before BrokerUnavailable.
 CLIENT_TIMEOUT = 10.0

@@ -43,12 +43,30 @@ class NoSpace(BanyanError):
     code = "no_space"
 
 
-class Unavailable(BanyanError):
+class BrokerUnavailable(BanyanError):
+    """The broker cannot be reached, or stopped answering: nothing was refused, nothing may
+    have happened. The tools exit 3 on it (SPEC §8)."""
+
     code = "unavailable"
 
 
+class KeyRefused(BrokerUnavailable):
+    """The broker refused this machine's key at the handshake, or the key it needs is missing:
+    no request got through. Fixed with keys (docs/operations.md), not by trying again."""
+
+    code = "key_refused"
+
+
+class WrongPort(BrokerUnavailable):
+    """What answers at this address is the broker's other socket (client port for a worker,
+    worker port for a tool)."""
+
+    code = "wrong_port"
+
+
 BY_CODE: dict[str, type[BanyanError]] = {
-    cls.code: cls for cls in (BadRequest, NotFound, Conflict, Forbidden, NoSpace, Unavailable)
+    cls.code: cls
+    for cls in (BadRequest, NotFound, Conflict, Forbidden, NoSpace, BrokerUnavailable, WrongPort)
 }
 
 

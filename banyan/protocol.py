@@ -74,6 +74,7 @@ ERROR_CODES: Final = frozenset(
         "forbidden",
         "no_space",
         "unavailable",
+        "wrong_port",
         "internal",
     }
 )
@@ -997,6 +998,7 @@ _CLIENT_REQUEST_SCHEMAS: Final[dict[str, Check]] = {
     ),
     "workers": _record({}),
     "drain": _record({"worker": (_NAME, _REQUIRED), "resume": (_bool, False)}),
+    "forget": _record({"worker": (_NAME, _REQUIRED)}),
     "stats": _record({}),
     "users": _record({}),
     "set_user": _record(
@@ -1116,8 +1118,16 @@ _WORKER_TO_BROKER_SCHEMAS: Final[dict[str, Check]] = {
             "pid": (_INDEX, _REQUIRED),
             "only_account": (_nullable(_NAME), None),
             "refused": (_map(_NAME, _REASON, defaults.MAX_REFUSED_ACCOUNTS), {}),
+            # One per worker process: a new connection of the same process may take over its
+            # name's session; another process may not while that session is alive.
+            "instance": (_str(0, 64), ""),
+            "draining": (_bool, False),  # it is stopping (its own SIGTERM): assign nothing
         }
     ),
+    # The worker's first SIGTERM or SIGINT (named in `reason`): claim nothing more for it.
+    "draining": _record({"reason": (_str(0, 64), "")}),
+    # It has nothing left to run or report and exits: shown as `stopped`, not `lost`.
+    "stopping": _record({}),
     # `running` is required: an empty heartbeat would claim the worker runs nothing.
     "heartbeat": _record(
         {

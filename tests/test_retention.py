@@ -161,7 +161,7 @@ def test_a_purge_goes_in_slices_and_each_leaves_the_store_consistent(h):
 
 
 def test_the_broker_purges_in_the_background_a_slice_per_turn(tmp_path: Path):
-    """Through the server, on its own injected clock: a purge of thousands of old jobs goes in
+    """Through the server, on its own injected clocks: a purge of thousands of old jobs goes in
     slices across turns, and a request sent meanwhile is answered at the next turn."""
     h = Harness(tmp_path / "state")
     h.add_worker("w", cpus=5000)
@@ -185,7 +185,7 @@ def test_the_broker_purges_in_the_background_a_slice_per_turn(tmp_path: Path):
         sync=False,
         secure=False,
     )
-    broker = Broker(config, clock=lambda: clock[0])
+    broker = Broker(config, clock=lambda: clock[0], wall=lambda: clock[0])
     client = broker.ctx.socket(zmq.DEALER)
     client.setsockopt(zmq.LINGER, 0)
     client.connect(f"tcp://127.0.0.1:{broker.client_port}")

@@ -63,7 +63,9 @@ class ZapHandler:
                 domain.decode(),
                 address.decode(errors="replace"),
             )
-            return answer(b"400", b"not authorized")
+            # A key known for the other socket is answered 500, not 400, so that a peer that
+            # knocked at the wrong port (a worker at the client port) can say so (banyan.link).
+            return answer(b"400" if who is None else b"500", b"not authorized")
         return answer(b"200", b"OK", who.user_id.encode())
 
     def close(self) -> None:

@@ -29,7 +29,7 @@ from banyan import protocol
 from banyan.broker import bulk
 from banyan.broker.state import Actor, Core
 from banyan.broker.store import WriteTx
-from banyan.errors import BanyanError, Unavailable
+from banyan.errors import BanyanError, BrokerUnavailable
 
 log = logging.getLogger("banyan.broker")
 
@@ -122,7 +122,7 @@ class LongOps:
 
     def park(self, inbound: Inbound, staged: Staged) -> None:
         if len(self.parked) + len(staged.parked) >= MAX_PARKED:
-            raise Unavailable("the broker is busy with a long operation; try again shortly")
+            raise BrokerUnavailable("the broker is busy with a long operation; try again shortly")
         staged.parked.append(inbound)
 
     def admit(

@@ -25,6 +25,7 @@ REPLY = {
     "wait": "waited",
     "workers": "workers",
     "drain": "workers",
+    "forget": "workers",
     "stats": "stats",
     "events": "events",
     "users": "users",
@@ -61,6 +62,9 @@ def handle(
         return {"workers": workers(tx, last_seen)}
     if kind == "drain":
         core.drain(actor, body["worker"], body["resume"])
+        return {"workers": workers(tx, last_seen)}
+    if kind == "forget":
+        core.forget(actor, body["worker"])
         return {"workers": workers(tx, last_seen)}
     if kind == "stats":
         return stats.summary(tx, core.now, core.config.retention)

@@ -51,7 +51,13 @@ class WorkerState(str, enum.Enum):
     ACTIVE = "active"  # shown as idle or busy
     DRAINING = "draining"
     DRAINED = "drained"
-    LOST = "lost"
+    LOST = "lost"  # silent past the liveness window
+    STOPPED = "stopped"  # exited cleanly after draining
+
+    @property
+    def gone(self) -> bool:
+        """Not connected: nothing runs there and nothing is expected from it."""
+        return self in (WorkerState.LOST, WorkerState.STOPPED)
 
 
 R = TypeVar("R", bound="Record")
@@ -265,6 +271,11 @@ class Worker(Record):
     # not started as root), and never these accounts' (account -> why), as it said.
     only_account: str | None = None
     refused: dict[str, str] = field(default_factory=dict)
+    held: bool = False  # drained by an admin: it stays drained, across restarts, until resumed
+
+    @property
+    def gone(self) -> bool:
+        return WorkerState(self.state).gone
 
     def fits(self, cpus: float, memory: int, gpus: int, tags: list[str]) -> bool:
         return (
@@ -331,6 +342,7 @@ class Tx(Protocol):
     def groups(self) -> Iterator[Group]: ...
     def get_worker(self, name: str) -> Worker | None: ...
     def put_worker(self, worker: Worker) -> None: ...
+    def delete_worker(self, name: str) -> None: ...
     def workers(self) -> Iterator[Worker]: ...
     def claimers(self) -> list[str]: ...
     def get_submit_key(self, owner: str, key: str) -> Any: ...

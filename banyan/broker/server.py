@@ -5,6 +5,10 @@ sockets, applies every message to the state machine inside one LMDB write transa
 message in its own child transaction, so a refused one leaves nothing behind), commits once,
 and only then sends replies, assignments and cancels. Nothing is acknowledged before it is
 durable (SPEC §7).
+
+Two clocks: `clock`, monotonic, times every interval (liveness, heartbeats, wait and fetch
+deadlines), so a step of the wall clock expires nobody and silences nothing; `wall` dates what
+people read (records, events, "last seen").
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ import zmq
 from banyan import defaults, protocol
 from banyan.broker import longops, owners, queries, retention
 from banyan.broker.auth import ZapHandler
-from banyan.broker.records import WorkerState
 from banyan.broker.state import Actor, Config, Core, Effect, Logged
 from banyan.broker.store import ReadTx, Store, StoreFull, WriteTx
 from banyan.config import home
@@ -81,8 +84,11 @@ class Session:
     """A worker's live connection: volatile, rebuilt from re-registration after a restart."""
 
     identity: bytes | None
-    last_seen: float
+    last_seen: float  # on the monotonic clock
     key: str | None = None  # the authenticated worker key that registered this name
+    instance: str = ""  # the worker process's own id: its reconnections may take over
+    host: str = ""
+    pid: int = 0
 
 
 @dataclass(eq=False)
@@ -104,6 +110,8 @@ class Turn:
     waiters: list[Waiter] = field(default_factory=list)
     fetches: list[LogFetch] = field(default_factory=list)
     deferred: list[Inbound] = field(default_factory=list)  # client requests left for later
+    # Workers whose sessions end once this turn is durable (lost, stopped): log level, line.
+    gone: dict[str, tuple[int, str]] = field(default_factory=dict)
     # Small submits of one owner in a row, run as one (see Broker._run_submits).
     submits: list[tuple[bytes, protocol.Message]] = field(default_factory=list)
     submitter: Actor | None = None
@@ -117,6 +125,7 @@ class Turn:
         self.waiters += other.waiters
         self.fetches += other.fetches
         self.deferred += other.deferred
+        self.gone.update(other.gone)
 
 
 @dataclass
@@ -139,13 +148,19 @@ class Broker:
         self,
         config: BrokerConfig,
         ctx: zmq.Context[Any] | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
         actor: Actor | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.clock = clock
+        self.wall = wall
+        # The monotonic time of the turn being handled, for the intervals it starts.
+        self.mono = clock()
         # A context of its own: the ZAP endpoint is per context, and tests run several brokers.
         self.ctx = ctx or zmq.Context()
+        # A first start makes its state directory (and $BANYAN_HOME), private to this account.
+        Path(config.state_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
         self.store = Store(config.state_dir, sync=config.sync)
         # Without keys every peer is the local administrator (loopback or --insecure only),
         # and its jobs run as the broker's own account.
@@ -166,7 +181,7 @@ class Broker:
         self.poller.register(self.client, zmq.POLLIN)
         self.poller.register(self.worker, zmq.POLLIN)
         self.sessions: dict[str, Session] = {}
-        self.names: dict[bytes, str] = {}
+        self.names: dict[bytes, str] = {}  # routing id -> name, for live sessions only
         self.waiters: dict[int, list[Waiter]] = {}
         # Waits with a timeout, soonest first: a step looks only at those that are due, not at
         # every job anyone waits for (one `wait` on 100k jobs made each step cost 0.15 s).
@@ -181,7 +196,7 @@ class Broker:
         self.stopping = False
         self.next_heartbeat = 0.0
         self.next_expiry = 0.0
-        self.next_purge = 0.0  # on self.clock, like the events' times
+        self.next_purge = 0.0  # on the monotonic clock
         self._purged_at = 0.0  # when the last purge slice ended, on the monotonic clock
         self.purged = retention.Purged()  # this pass so far, for the log
         self._recover()
@@ -206,7 +221,7 @@ class Broker:
         return sock
 
     def _recover(self) -> None:
-        """After a start or restart, every worker that was not lost gets one liveness window
+        """After a start or restart, every worker that was connected gets one liveness window
         to re-register with the attempts it holds; claims from before are void."""
         now = self.clock()
 
@@ -216,7 +231,7 @@ class Broker:
                 if worker.wants:
                     worker.wants = 0
                     tx.put_worker(worker)
-                if worker.state != WorkerState.LOST.value:
+                if not worker.gone:
                     names.append(worker.name)
             return names
 
@@ -264,45 +279,47 @@ class Broker:
         inbox += self.backlog
         self.backlog = []
         pull = self.client in ready
-        now = self.clock()
+        mono = self.mono = self.clock()
         # An idle worker's heartbeat changes nothing but its liveness: it skips the transaction.
         inbox = [
             m
             for m in inbox
-            if not (m[0] == "worker" and m[1] and self._touch(m[1][0], now) and m[1][-1] == IDLE)
+            if not (m[0] == "worker" and m[1] and self._touch(m[1][0], mono) and m[1][-1] == IDLE)
         ]
-        lost = self._expired(now)
-        due = self._due_waiters(now)
+        lost = self._expired(mono)
+        due = self._due_waiters(mono)
         if inbox or lost or due or pull:
-            self._turn(inbox, lost, due, now, pull)
-        if self.longops.ready(now):
+            self._turn(inbox, lost, due, self.wall(), pull)
+        if self.longops.ready(mono):
             # A transaction of its own, after the messages' turn has answered them: a request
             # that came in meanwhile waits for one slice, not for a slice and a turn.
-            self._turn([], [], [], now, False, slices=True)
-        self._expire_fetches(now)
-        if now >= self.next_heartbeat:
-            self._heartbeat(now)
+            self._turn([], [], [], self.wall(), False, slices=True)
+        self._expire_fetches(mono)
+        if mono >= self.next_heartbeat:
+            self._heartbeat(mono)
             self._report_refusals()
-        if self.config.core.retention is not None and now >= self.next_purge:
-            self._purge(now, self.config.core.retention)
+        if self.config.core.retention is not None and mono >= self.next_purge:
+            self._purge(mono, self.config.core.retention)
 
-    def _purge(self, now: float, keep: float) -> None:
+    def _purge(self, mono: float, keep: float) -> None:
         """One slice of retention (retention.py): a transaction of its own, PURGE_SLICE long,
         or PURGE_SHARE of the time since the last slice while it is behind; the next one at
-        once while there is more, else once the oldest event kept comes of age."""
+        once while there is more, else once the oldest event kept comes of age. What is old
+        is judged on the wall clock (the records' times); when to look again, on `mono`."""
         start = time.monotonic()
         budget = defaults.PURGE_SLICE
         if self.purged.jobs or self.purged.events:  # this pass has gone on a while: behind
             share = defaults.PURGE_SHARE * (start - self._purged_at)
             budget = min(max(budget, share), defaults.PURGE_SLICE_MAX)
         stop = start + budget
+        wall = self.wall()
         try:
             done = self.store.write_batch(
-                lambda tx: retention.purge(tx, now - keep, lambda: time.monotonic() < stop)
+                lambda tx: retention.purge(tx, wall - keep, lambda: time.monotonic() < stop)
             )
         except StoreFull as e:
             log.warning("store full; purging old jobs again in a minute: %s", e)
-            self.next_purge = now + 60
+            self.next_purge = mono + 60
             return
         finally:
             self._purged_at = time.monotonic()
@@ -310,10 +327,10 @@ class Broker:
         total = self.purged
         total.add(done)
         if not done.done:
-            self.next_purge = now
+            self.next_purge = mono
             return
-        due = now + keep if done.oldest is None else done.oldest + keep
-        self.next_purge = min(max(due, now + defaults.PURGE_REST), now + keep)
+        due = keep if done.oldest is None else done.oldest + keep - wall
+        self.next_purge = mono + min(max(due, defaults.PURGE_REST), keep)
         if total.jobs or total.events:
             log.info(
                 "purged %d jobs, %d events, %d groups and %d submit keys older than %gs",
@@ -341,20 +358,21 @@ class Broker:
         except StoreFull as e:
             log.error("store full: %s; applying this turn's %d messages one by one", e, len(inbox))
             if slices:
-                self.longops.stall(now)
-            turn, lost = self._one_by_one(inbox, lost, due, now)
-        for name in lost:
-            self.sessions.pop(name, None)
+                self.longops.stall(self.mono)
+            turn = self._one_by_one(inbox, lost, due, now)
+        for name, (level, line) in turn.gone.items():
+            self._end_session(name)
+            log.log(level, "%s", line)
         self.backlog = self.longops.commit(turn.ops) + turn.deferred
-        self._send(turn, now)
+        self._send(turn)
 
     def _one_by_one(
         self, inbox: list[Inbound], lost: list[str], due: list[Waiter], now: float
-    ) -> tuple[Turn, list[str]]:
+    ) -> Turn:
         """A full store refuses only what needs room: each message, loss and the due waiters
-        get a transaction of their own, so reads are still answered. Returns the merged turn
-        and the losses that were recorded (the others are tried again next turn)."""
-        turn, recorded = Turn(), []
+        get a transaction of their own, so reads are still answered. Losses that could not be
+        recorded are tried again next turn."""
+        turn = Turn()
         parts: list[tuple[list[Inbound], list[str], list[Waiter]]] = [([], [], due)]
         parts += [([m], [], []) for m in inbox] + [([], [n], []) for n in lost]
         for msgs, names, waiters in parts:
@@ -366,10 +384,9 @@ class Broker:
             except StoreFull as e:
                 part = self._refuse_all(msgs, NoSpace(f"no space left in the broker's store: {e}"))
             else:
-                recorded += names
                 turn.ops = part.ops  # what the parts did to long operations adds up
             turn.merge(part)
-        return turn, recorded
+        return turn
 
     def _apply(
         self,
@@ -412,8 +429,14 @@ class Broker:
         if slices:
             wake = self._long_slice(tx, now, turn) or wake
         for name in lost:
+            # Expiry was decided before this turn's messages: a worker heard from since (it
+            # registered again, from a new connection) is not lost, and keeps its jobs.
+            if not self._silent(name):
+                continue
             why = f"worker {name} silent for {self._window():g} s"
-            wake = self._in_child(tx, now, turn, _losing(name, why)) or wake
+            moved: list[tuple[int, str]] = []
+            wake = self._in_child(tx, now, turn, _losing(name, why, moved)) or wake
+            turn.gone[name] = (logging.WARNING, f"{why}: lost{_jobs_went(moved)}")
         for waiter in due:
             turn.replies.append(("client", waiter.identity, self._waited(tx, waiter, True)))
         if wake:
@@ -457,10 +480,22 @@ class Broker:
             return identity, protocol.decode(payload, allowed)
         except protocol.ProtocolError as e:
             self.refused += 1
-            log.info("refused %s message: %s", kind, e.reason)
+            code, reason = e.code, e.reason
+            if e.type in _OTHER_DOOR[kind]:
+                code, reason = "wrong_port", self._wrong_port(kind)
+            log.info("refused %s message: %s", kind, reason)
             if e.req is not None:
-                turn.replies.append((kind, identity, _error(e.code, e.reason, e.req)))
+                turn.replies.append((kind, identity, _error(code, reason, e.req)))
             return None
+
+    def _wrong_port(self, kind: str) -> str:
+        """What a peer at the other socket is told (keyless brokers; with keys, the ZAP handler
+        refuses its key there)."""
+        if kind == "client":
+            mine, other, port = "client", "workers", self.worker_port
+        else:
+            mine, other, port = "worker", "tools", self.client_port
+        return f"this is the broker's {mine} port; {other} connect to its other port, {port}"
 
     def _client_message(
         self, tx: WriteTx, frames: list[bytes], user: str | None, now: float, turn: Turn
@@ -561,7 +596,7 @@ class Broker:
             pending = set(reply["pending"])
             if pending:
                 timeout = msg.body.get("timeout")
-                deadline = now + timeout if timeout is not None else None
+                deadline = self.mono + timeout if timeout is not None else None
                 turn.waiters.append(Waiter(identity, msg.req, pending, reply["all"], deadline))
                 return core.wake
             reply = {"jobs": reply["jobs"], "timed_out": False}
@@ -709,42 +744,24 @@ class Broker:
         if decoded is None:
             return False
         identity, msg = decoded
-        body = msg.body
         if msg.type == "register":
-            name = body["name"]
-            held = self.sessions.get(name)
-            if held is not None and held.identity not in (None, identity) and held.key != user:
-                self.refused += 1
-                why = f"worker name {name!r} is in use by another key"
-                turn.replies.append(("worker", identity, _error("forbidden", why, msg.req)))
-                return False
-            self.names[identity] = name
-            self.sessions[name] = Session(identity, now, user)
-            running = [(int(j), int(t)) for j, t in body["running"]]
-            capacity = (float(body["cpus"]), int(body["memory"]), int(body["gpus"]))
-            log.info(
-                "worker %s registered from %s (%g cpus, %d MiB, %d gpus, %d running)",
-                name,
-                body["host"],
-                *capacity,
-                len(running),
-            )
-            return self._in_child(
-                tx,
-                now,
-                turn,
-                lambda c: c.register(
-                    name, body["host"], capacity, body["tags"], running, _runs(body)
-                ),
-            )
+            return self._register(tx, identity, user, msg, now, turn)
         name = self.names.get(identity)
         if name is None or self.sessions.get(name, Session(None, 0)).identity != identity:
-            turn.replies.append(("worker", identity, protocol.encode("reregister", {})))
+            if msg.type != "stopping":  # one that is leaving needs no welcome
+                turn.replies.append(("worker", identity, protocol.encode("reregister", {})))
             return False
         if msg.type == "log_chunk":
-            self._log_chunk(body, name)  # read-only: answered at once, nothing to commit
+            self._log_chunk(msg.body, name)  # read-only: answered at once, nothing to commit
             return False
+        if msg.type == "draining":
+            log.info("worker %s drains (%s)", name, msg.body["reason"] or "asked to")
+        moved: list[tuple[int, str]] = []
         try:
+            if msg.type == "stopping":
+                wake = self._in_child(tx, now, turn, lambda c: moved.extend(c.stopped(name)))
+                turn.gone[name] = (logging.INFO, f"worker {name} stopped{_jobs_went(moved)}")
+                return wake
             return self._in_child(tx, now, turn, lambda c: _worker_report(c, name, msg))
         except NotFound:
             turn.replies.append(("worker", identity, protocol.encode("reregister", {})))
@@ -759,8 +776,89 @@ class Broker:
             log.exception("internal error on worker %s's %s", name, msg.type)
             return False
 
+    def _register(
+        self,
+        tx: WriteTx,
+        identity: bytes,
+        user: str | None,
+        msg: protocol.Message,
+        now: float,
+        turn: Turn,
+    ) -> bool:
+        """One live session per name (SPEC §5): a new connection of the same worker process
+        takes its session over; another process is refused while the session is alive, and
+        may have the name once it expired."""
+        body = msg.body
+        name, instance = body["name"], body.get("instance", "")
+        held = self._held_by_another(name, identity, instance, user)
+        if held is not None:
+            self.refused += 1
+            why = (
+                f"worker name {name!r} is in use by a live worker on {held.host or '?'} "
+                f"(pid {held.pid or '?'}); give this one another --name, or stop that one "
+                f"(a name is free {self._window():g} s after its worker stops answering)"
+            )
+            log.warning(
+                "refused a second worker named %s from %s (pid %s): the one on %s "
+                "(pid %s) is alive",
+                name,
+                body["host"],
+                body["pid"],
+                held.host,
+                held.pid,
+            )
+            turn.replies.append(("worker", identity, _error("conflict", why, msg.req)))
+            return False
+        self._end_session(name)
+        self.names[identity] = name
+        self.sessions[name] = Session(
+            identity, self.mono, user, instance, body["host"], int(body["pid"])
+        )
+        running = [(int(j), int(t)) for j, t in body["running"]]
+        capacity = (float(body["cpus"]), int(body["memory"]), int(body["gpus"]))
+        log.info(
+            "worker %s registered from %s (%g cpus, %d MiB, %d gpus, %d running)",
+            name,
+            body["host"],
+            *capacity,
+            len(running),
+        )
+        draining = bool(body.get("draining", False))
+        return self._in_child(
+            tx,
+            now,
+            turn,
+            lambda c: c.register(
+                name, body["host"], capacity, body["tags"], running, _runs(body), draining
+            ),
+        )
+
+    def _held_by_another(
+        self, name: str, identity: bytes, instance: str, user: str | None
+    ) -> Session | None:
+        """The live session of another worker process with this name, if there is one."""
+        held = self.sessions.get(name)
+        if held is None or held.identity in (None, identity) or self._silent(name):
+            return None
+        same = bool(instance) and instance == held.instance and user == held.key
+        return None if same else held
+
+    def _end_session(self, name: str) -> None:
+        """Forget a worker's session and its routing id (the table does not grow with
+        reconnections)."""
+        session = self.sessions.pop(name, None)
+        if session is not None and self.names.get(session.identity or b"") == name:
+            del self.names[session.identity or b""]
+
+    def _silent(self, name: str) -> bool:
+        """No session, or none heard from within the liveness window."""
+        session = self.sessions.get(name)
+        return session is None or session.last_seen < self.mono - self._window()
+
     def _last_seen(self) -> dict[str, float]:
-        return {name: s.last_seen for name, s in self.sessions.items()}
+        """When each connected worker was last heard from, in wall-clock time for people."""
+        offset = self.wall() - self.clock()
+        return {name: s.last_seen + offset for name, s in self.sessions.items()}
 
     def _touch(self, identity: bytes, now: float) -> bool:
         """Mark a worker's session alive; False if `identity` has no session."""
@@ -792,7 +890,7 @@ class Broker:
 
     # ---- after the commit -------------------------------------------------------------------
 
-    def _send(self, turn: Turn, now: float) -> None:
+    def _send(self, turn: Turn) -> None:
         for kind, identity, payload in turn.replies:
             _send(self.client if kind == "client" else self.worker, identity, payload)
         for effect in turn.effects:
@@ -809,7 +907,7 @@ class Broker:
                 continue
             request, self.next_fetch = self.next_fetch, self.next_fetch + 1
             fetch.body["request"] = request
-            fetch.deadline = now + LOG_FETCH_TIMEOUT
+            fetch.deadline = self.mono + LOG_FETCH_TIMEOUT
             self.fetches[request] = fetch
             _send(self.worker, session.identity, protocol.encode("fetch_log", fetch.body))
         for waiter in turn.waiters:
@@ -894,6 +992,14 @@ class Broker:
         log.info("stopped; %d messages refused in this run", self.refusals())
 
 
+# Messages only a peer at the wrong socket sends first: a worker's `register` at the client
+# port, a tool's requests at the worker port.
+_OTHER_DOOR = {
+    "client": frozenset({"register"}),
+    "worker": protocol.CLIENT_REQUESTS - protocol.WORKER_TO_BROKER,
+}
+
+
 def _mergeable(msg: protocol.Message) -> bool:
     """A submit that may run as part of a bigger one: a few jobs, no groups or submit key,
     and no dependency on a job of its own (`local` counts from the request's first job)."""
@@ -912,14 +1018,29 @@ def _runs(register: dict[str, Any]) -> owners.Runs:
     return owners.Runs(register["only_account"], register["refused"])
 
 
-def _losing(name: str, why: str) -> Callable[[Core], None]:
-    return lambda core: core.worker_lost(name, why)
+def _losing(name: str, why: str, moved: list[tuple[int, str]]) -> Callable[[Core], None]:
+    return lambda core: moved.extend(core.worker_lost(name, why))
+
+
+def _jobs_went(moved: list[tuple[int, str]]) -> str:
+    """`; jobs 4, 7 requeued; job 9 ended lost`: where a gone worker's jobs went."""
+    if not moved:
+        return ""
+    words = {"available": "requeued", "terminated": "ended lost", "cancelled": "cancelled"}
+    by: dict[str, list[str]] = {}
+    for job, state in moved:
+        by.setdefault(words.get(state, state), []).append(str(job))
+    return "".join(
+        f"; job{'s' if len(ids) > 1 else ''} {', '.join(ids)} {what}" for what, ids in by.items()
+    )
 
 
 def _worker_report(core: Core, name: str, msg: protocol.Message) -> None:
     b = msg.body
     if msg.type == "heartbeat":
         core.heartbeat(name, [(int(r[0]), int(r[1]), r[2], r[3]) for r in b["running"]])
+    elif msg.type == "draining":
+        core.draining(name)
     elif msg.type == "claim":
         core.claim(name, b["max"])
     elif msg.type == "started":

@@ -10,6 +10,8 @@ written, and the server's child transaction makes even a half-done handler leave
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -191,16 +193,22 @@ class Core:
     ) -> dict[str, Any]:
         """Create jobs, groups and edges atomically; returns `{jobs: [ids], groups: {name: id}}`.
 
-        Resubmitting with the same `submit_key` returns the first result and creates nothing.
-        The jobs of an `array` also make a group of their own, `array-FIRST` (FIRST being the
-        first job's id), sealed: one handle for the whole array. Every job runs as the actor's
-        Unix account, with `environment` (the submitter's exported variables) under the
-        account's own.
+        Resubmitting with the same `submit_key` returns the first result and creates nothing;
+        the same key with a different submission is refused. The jobs of an `array` also make
+        a group of their own, `array-FIRST` (FIRST being the first job's id), sealed: one
+        handle for the whole array. Every job runs as the actor's Unix account, with
+        `environment` (the submitter's exported variables) under the account's own.
         """
         if submit_key:
             prior = self.tx.get_submit_key(actor.name, submit_key)
             if prior is not None:
-                return dict(prior)
+                # Keys stored before digests were kept have none: they match anything.
+                if prior.get("digest", _digest(jobs, groups)) != _digest(jobs, groups):
+                    raise Conflict(
+                        f"submit key {submit_key!r} was first used for a different submission "
+                        f"(jobs {_span(prior['jobs'])}); use a new key for a new submission"
+                    )
+                return {"jobs": prior["jobs"], "groups": prior["groups"]}
         if not jobs and not groups:
             raise BadRequest("nothing to submit: no jobs and no groups")
         if len(jobs) < GC_PAUSE_JOBS or not gc.isenabled():
@@ -275,7 +283,8 @@ class Core:
             self._cancel(self._load(job_id), reason)
         result = {"jobs": ids, "groups": {name: g.id for name, g in by_name.items()}}
         if submit_key:
-            self.tx.put_submit_key(actor.name, submit_key, result, self.now)
+            digest = _digest(jobs, groups)
+            self.tx.put_submit_key(actor.name, submit_key, {**result, "digest": digest}, self.now)
         return result
 
     def _log_submitted(self, rows: list[list[Any]]) -> None:
@@ -610,9 +619,11 @@ class Core:
         tags: list[str],
         running: list[tuple[int, int]],
         runs: owners.Runs = owners.ANY_OWNER,
+        draining: bool = False,
     ) -> Worker:
         """A worker (re)connects and lists the attempts it holds (SPEC §5), and whose jobs it
-        runs (SPEC §6)."""
+        runs (SPEC §6). One that is stopping (`draining`), or that an admin drained, comes
+        back draining."""
         worker = self.tx.get_worker(name)
         cpus, memory, gpus = capacity
         if worker is None:
@@ -622,7 +633,10 @@ class Core:
         worker.only_account, worker.refused = runs.only_account, dict(runs.refused)
         worker.registered = worker.last_seen = self.now
         worker.wants = 0
-        if worker.state == WorkerState.LOST.value:
+        if draining or worker.held:
+            if worker.state != WorkerState.DRAINED.value:
+                worker.state = WorkerState.DRAINING.value
+        else:
             worker.state = WorkerState.ACTIVE.value
         listed = dict(running)
         for job_id, token in list(worker.running.items()):
@@ -905,11 +919,14 @@ class Core:
         self.tx.put_worker(worker)
         self.effects.append(ack)
         if outcome == "cancelled" and job.st == S.RUNNING:
-            # Nobody asked: the worker stopped it (a cold shutdown). Not the job's fault.
+            # Nobody asked: the worker stopped it (its second SIGTERM). Neither the job's fault
+            # nor a lost machine's: it is requeued spending nothing, and as the worker drains,
+            # it runs elsewhere.
             attempt.outcome = Outcome.CANCELLED.value
             attempt.reason = f"worker {name} stopped it"
             self.tx.put_attempt(attempt)
-            self._requeue_or_lose(job, attempt.reason)
+            job.token = job.worker = None
+            self._move(job, S.AVAILABLE, f"{attempt.reason}; requeued")
             return
         if outcome == "cancelled":
             attempt.outcome = Outcome.CANCELLED.value
@@ -969,14 +986,16 @@ class Core:
             worker.state = WorkerState.DRAINED.value
 
     def drain(self, actor: Actor, name: str, resume: bool) -> Worker:
+        """An admin's drain holds the worker drained, across its restarts, until a resume."""
         if actor.role != ADMIN:
             raise Forbidden("draining and resuming workers is for admins")
         worker = self._worker(name)
+        worker.held = not resume
         if resume:
             if worker.state in (WorkerState.DRAINING.value, WorkerState.DRAINED.value):
                 worker.state = WorkerState.ACTIVE.value
-        elif worker.state == WorkerState.LOST.value:
-            raise Conflict(f"worker {name!r} is lost; nothing to drain")
+        elif worker.gone:
+            raise Conflict(f"worker {name!r} is {worker.state}; nothing to drain")
         else:
             worker.state = WorkerState.DRAINING.value
             worker.wants = 0
@@ -1013,26 +1032,64 @@ class Core:
                 f"({queued} now, and this submission adds {adding})"
             )
 
+    def draining(self, name: str) -> Worker:
+        """The worker drains itself (its first SIGTERM): its claim is withdrawn at once."""
+        worker = self._worker(name)
+        if worker.state == WorkerState.ACTIVE.value:
+            worker.state = WorkerState.DRAINING.value
+        worker.wants = 0
+        self._settle_drain(worker)
+        self.tx.put_worker(worker)
+        return worker
+
+    def stopped(self, name: str) -> list[tuple[int, str]]:
+        """The worker exits cleanly. It holds nothing by then; anything it still held goes
+        back to the queue as from a lost worker. Returns those jobs and their new states."""
+        worker = self._worker(name)
+        why = f"worker {name} stopped"
+        moved = [self._lose_attempt(worker, j, t, why) for j, t in list(worker.running.items())]
+        worker.state = WorkerState.STOPPED.value
+        worker.wants = 0
+        worker.last_seen = self.now
+        self._recount(worker)
+        self.tx.put_worker(worker)
+        return [m for m in moved if m is not None]
+
+    def forget(self, actor: Actor, name: str) -> None:
+        """Remove a lost or stopped worker from the list; a connected one is refused."""
+        if actor.role != ADMIN:
+            raise Forbidden("forgetting workers is for admins")
+        worker = self._worker(name)
+        if not worker.gone:
+            raise Conflict(
+                f"worker {name!r} is {worker.state}; only a lost or stopped worker can be "
+                "forgotten (stop it first)"
+            )
+        self.tx.delete_worker(name)
+
     # ---- lost workers -----------------------------------------------------------------------
 
-    def worker_lost(self, name: str, reason: str) -> None:
-        """Silent past the liveness window: requeue its jobs without spending retries (SPEC §5)."""
+    def worker_lost(self, name: str, reason: str) -> list[tuple[int, str]]:
+        """Silent past the liveness window: requeue its jobs without spending retries (SPEC §5).
+        Returns its jobs and the state each went to."""
         worker = self.tx.get_worker(name)
-        if worker is None or worker.state == WorkerState.LOST.value:
-            return
-        for job_id, token in list(worker.running.items()):
-            self._lose_attempt(worker, job_id, token, reason)
+        if worker is None or worker.gone:
+            return []
+        moved = [self._lose_attempt(worker, j, t, reason) for j, t in list(worker.running.items())]
         worker.state = WorkerState.LOST.value
         worker.wants = 0
         worker.last_seen = self.now
         self._recount(worker)
         self.tx.put_worker(worker)
+        return [m for m in moved if m is not None]
 
-    def _lose_attempt(self, worker: Worker, job_id: int, token: int, reason: str) -> None:
+    def _lose_attempt(
+        self, worker: Worker, job_id: int, token: int, reason: str
+    ) -> tuple[int, str] | None:
         job = self.tx.get_job(job_id)
         worker.running.pop(job_id, None)
         if job is None or job.token != token:
-            return
+            return None
         attempt = self.tx.get_attempt(job_id, job.attempts)
         if attempt is not None:
             attempt.ended, attempt.outcome, attempt.reason = self.now, Outcome.LOST.value, reason
@@ -1044,6 +1101,7 @@ class Core:
             self._ended(job)
         elif job.st == S.RUNNING:
             self._requeue_or_lose(job, reason)
+        return job.id, job.state
 
     def _requeue_or_lose(self, job: Job, reason: str) -> None:
         job.token = None
@@ -1119,6 +1177,17 @@ def _new_row(
     if umask is not None:
         row[_UMASK] = umask
     return row
+
+
+def _digest(jobs: list[dict[str, Any]], groups: list[dict[str, Any]]) -> str:
+    """What a submission asks for, in a few bytes: equal for the same jobs and groups however
+    their maps were ordered."""
+    text = json.dumps([jobs, groups], sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def _span(ids: list[int]) -> str:
+    return "none" if not ids else str(ids[0]) if len(ids) == 1 else f"{ids[0]}-{ids[-1]}"
 
 
 def _outcome(reported: str, exit_code: int | None, signal: int | None) -> Outcome:

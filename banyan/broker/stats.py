@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from banyan.broker.records import Tx, WorkerState
+from banyan.broker.records import Tx
 
 WINDOW_EVENTS = 20_000  # the recent history the rates and percentiles are drawn from
 MINUTES = 10
@@ -44,7 +44,7 @@ def summary(tx: Tx, now: float, retention: float | None = None) -> dict[str, Any
             if job.ended is not None:
                 runs.append(job.ended - job.started)
     ended = sum(outcomes.values())
-    live = [w for w in tx.workers() if w.state != WorkerState.LOST.value]
+    live = [w for w in tx.workers() if not w.gone]
     total_cpus = sum(w.cpus for w in live)
     return {
         "counts": tx.state_counts(),

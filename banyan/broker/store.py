@@ -610,6 +610,9 @@ class ReadTx:
     def put_worker(self, worker: Worker) -> None:
         raise ReadOnly("put_worker on a read view")
 
+    def delete_worker(self, name: str) -> None:
+        raise ReadOnly("delete_worker on a read view")
+
     def put_submit_key(self, owner: str, key: str, value: Any, time: float) -> None:
         raise ReadOnly("put_submit_key on a read view")
 
@@ -978,6 +981,12 @@ class WriteTx(ReadTx):
             self._txn.put(key, worker.name.encode(), db=self._db.claimers)
         elif worker.wants <= 0 and claiming:
             self._txn.delete(key, db=self._db.claimers)
+
+    @_writes
+    def delete_worker(self, name: str) -> None:
+        key = _text_key(name)
+        self._txn.delete(key, db=self._db.workers)
+        self._txn.delete(key, db=self._db.claimers)
 
     @_writes
     def put_submit_key(self, owner: str, key: str, value: Any, time: float) -> None:

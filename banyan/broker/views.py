@@ -30,7 +30,7 @@ def waiting_reason(job: Job, workers: list[Worker], limit: str | None = None) ->
         return None
     if job.pending:
         return f"waiting for {job.pending} dependenc{'y' if job.pending == 1 else 'ies'}"
-    live = [w for w in workers if w.state != WorkerState.LOST.value]
+    live = [w for w in workers if not w.gone]
     if not live:
         return "no workers connected"
     refused = owners.nobody_runs(job, live)
@@ -183,7 +183,7 @@ def group_info(tx: Tx, group: Group) -> dict[str, Any]:
 
 
 def worker_info(worker: Worker, last_seen: float | None = None) -> dict[str, Any]:
-    """`state` is idle or busy for an active worker, else draining, drained or lost."""
+    """`state` is idle or busy for an active worker, else draining, drained, stopped or lost."""
     state = worker.state
     if state == WorkerState.ACTIVE.value:
         state = "busy" if worker.running else "idle"

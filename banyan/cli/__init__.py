@@ -7,6 +7,7 @@ import sys
 EXIT_OK = 0
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3  # the broker cannot be reached, or refuses this machine's key
 
 
 def daemon_logging(level: str) -> None:

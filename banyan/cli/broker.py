@@ -27,27 +27,33 @@ import signal
 import sys
 from typing import Any
 
-from docopt import DocoptExit, docopt
+import zmq
 
 from banyan.broker.server import Broker, BrokerConfig
 from banyan.broker.state import Config
-from banyan.cli import EXIT_OK, EXIT_USAGE, daemon_logging
-from banyan.cli.output import UsageError, positive_duration
+from banyan.cli import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, daemon_logging
+from banyan.cli.output import number, positive_duration
+from banyan.cli.usage import UsageError, parse
 from banyan.config import home
 from banyan.keys import KeyExposed
+
+TOOL = "banyan-broker"
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = docopt(__doc__, argv=argv)
+        try:
+            args = parse(__doc__ or "", argv)
+        except SystemExit:  # --help was printed
+            return EXIT_OK
         config = BrokerConfig(
             state_dir=args["--state-dir"] or str(home() / "state"),
             bind=args["--bind"],
-            client_port=int(args["--client-port"]),
-            worker_port=int(args["--worker-port"]),
+            client_port=number(args["--client-port"], "--client-port", integer=True),
+            worker_port=number(args["--worker-port"], "--worker-port", integer=True),
             core=Config(
-                heartbeat=float(args["--heartbeat"]),
-                liveness=int(args["--liveness"]),
+                heartbeat=number(args["--heartbeat"], "--heartbeat", positive=True),
+                liveness=number(args["--liveness"], "--liveness", minimum=1, integer=True),
                 half_life=positive_duration(args["--usage-half-life"], "--usage-half-life"),
                 retention=None
                 if args["--retention"].lower() == "none"
@@ -55,8 +61,12 @@ def main(argv: list[str] | None = None) -> int:
             ),
             secure=not args["--insecure"],
         )
-    except (DocoptExit, ValueError) as e:
-        print(f"banyan-broker: {e}" if isinstance(e, UsageError) else e, file=sys.stderr)
+        if max(config.client_port, config.worker_port) > 65535:
+            raise UsageError("--client-port, --worker-port: a port is at most 65535")
+        if config.client_port and config.client_port == config.worker_port:
+            raise UsageError("--client-port and --worker-port must differ")
+    except UsageError as e:
+        print(f"{TOOL}: {e}" + (f"\n{e.hint}" if e.hint else ""), file=sys.stderr)
         return EXIT_USAGE
     daemon_logging(args["--log-level"])
     log = logging.getLogger("banyan.broker")
@@ -73,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyExposed as e:
         log.error("%s", e)
         return EXIT_USAGE
+    except zmq.ZMQError as e:  # most often: another broker already listens there
+        log.error("cannot listen on %s (ports %d, %d): %s", config.bind, *_ports(config), e)
+        return EXIT_REFUSED
+    except OSError as e:  # the state directory or keys cannot be made or read
+        log.error("cannot start: %s", e)
+        return EXIT_REFUSED
 
     def stop(*_: Any) -> None:
         # Only a flag: the loop finishes its turn, commits and closes (SPEC: signals set flags).
@@ -82,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, stop)
     broker.run()
     return EXIT_OK
+
+
+def _ports(config: BrokerConfig) -> tuple[int, int]:
+    return config.client_port, config.worker_port
 
 
 def _loopback(host: str) -> bool:

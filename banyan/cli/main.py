@@ -5,9 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-from docopt import DocoptExit, docopt
-
 from banyan.cli import EXIT_OK, EXIT_USAGE
+from banyan.cli.usage import UsageError, parse
 
 USAGE = """banyan: run shell commands on a cluster of machines.
 
@@ -42,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         # `banyan cancel $(seq 80 100080)` is 100,000 of them.
         return dispatch(argv[0], argv[1:])
     try:
-        args = docopt(USAGE, argv=argv, options_first=True)
-    except DocoptExit as e:
-        print(e, file=sys.stderr)
+        args = parse(USAGE, argv, options_first=True)
+    except UsageError as e:
+        print(f"banyan: {e}" + (f"\n{e.hint}" if e.hint else ""), file=sys.stderr)
         return EXIT_USAGE
     except SystemExit:  # --help was printed
         return EXIT_OK

@@ -1,9 +1,11 @@
 """What every Banyan tool shares: one way to run, to fail, and to show things to a person.
 
-Errors: a refused request prints `tool: message` on stderr and exits 1; bad arguments exit 2
-(SPEC §8). Units: durations as `3m12s`, ages as `4s ago`, sizes in KiB/MiB/GiB. Tables are
-aligned; colour appears only on a terminal and never with NO_COLOR. A live display rewrites
-one line in place on a terminal and prints plain lines into a pipe, only when something changed.
+Errors: a refused request prints `tool: message` on stderr and exits 1; bad arguments exit 2;
+a broker that cannot be reached, or refuses this machine's key, exits 3 (SPEC §8). With
+`--json` the error is one JSON document on stderr instead, `{"error": CODE, "message": TEXT}`.
+Units: durations as `3m12s`, ages as `4s ago`, sizes in KiB/MiB/GiB. Tables are aligned;
+colour appears only on a terminal and never with NO_COLOR. A live display rewrites one line in
+place on a terminal and prints plain lines into a pipe, only when something changed.
 """
 
 from __future__ import annotations
@@ -18,14 +20,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-import zmq
-from docopt import DocoptExit, docopt
-from docopt import parse_options as docopt_options
-
 from banyan import defaults
-from banyan.cli import EXIT_OK, EXIT_REFUSED, EXIT_USAGE
+from banyan.cli import EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE
+from banyan.cli.usage import UsageError, flag_words, parse
 from banyan.client import Client
-from banyan.errors import BanyanError
+from banyan.errors import BanyanError, BrokerUnavailable
 from banyan.protocol import ProtocolError
 
 Args = dict[str, Any]
@@ -43,8 +42,7 @@ CONNECT_OPTIONS = f"""\
 INTERRUPTED = 130  # the shell's code for "stopped by Ctrl-C"
 
 
-class UsageError(ValueError):
-    """A bad argument value: exit 2, like a docopt usage error."""
+__all__ = ["UsageError"]  # raised by every tool for a bad value; defined with the parser
 
 
 def run(
@@ -56,34 +54,26 @@ def run(
     many: str | None = None,
 ) -> int:
     """Parse `argv` with docopt and run `body`, mapping every failure to its exit code.
-
-    `many` names a repeated positional argument (`TARGET...`) that may be given thousands of
-    times: its words are set aside before docopt, whose matching is quadratic in the number of
-    words (`banyan-cancel $(seq 80 100080)` spent 45 s in it), and docopt sees only the first.
-    """
+    `many` names a repeated positional argument that may be given thousands of times
+    (usage.parse)."""
+    argv = sys.argv[1:] if argv is None else argv
+    # Known before parsing, so that even a usage error comes as JSON when it was asked for.
+    words = argv[: argv.index("--")] if "--" in argv else argv
+    as_json = "--json" in words
     try:
         try:
-            words: list[str] = []
-            if many is not None:
-                argv, words = split_words(usage, sys.argv[1:] if argv is None else argv)
-            args = docopt(usage, argv=argv, options_first=options_first)
-            if many is not None:
-                args[many] = words
-        except DocoptExit as e:
-            print(e, file=sys.stderr)
-            return EXIT_USAGE
+            args = parse(usage, argv, options_first, many)
         except SystemExit:  # --help was printed
             return EXIT_OK
-        return body(dict(args))
+        return body(args)
     except UsageError as e:
-        print(f"{tool}: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return fail(tool, "usage", str(e), EXIT_USAGE, as_json, e.hint)
+    except BrokerUnavailable as e:
+        return fail(tool, e.code, e.message, EXIT_UNAVAILABLE, as_json)
     except BanyanError as e:
-        print(f"{tool}: {e}", file=sys.stderr)
-        return EXIT_REFUSED
-    except ProtocolError as e:  # refused before sending, with the broker's own rule
-        print(f"{tool}: {e.reason}", file=sys.stderr)
-        return EXIT_REFUSED
+        return fail(tool, e.code, e.message, EXIT_REFUSED, as_json)
+    except ProtocolError as e:  # a value the broker's rules refuse, found before sending
+        return fail(tool, "usage", flag_words(e.reason), EXIT_USAGE, as_json)
     except KeyboardInterrupt:
         return INTERRUPTED
     except BrokenPipeError:
@@ -93,41 +83,14 @@ def run(
         return EXIT_OK
 
 
-def split_words(usage: str, argv: list[str]) -> tuple[list[str], list[str]]:
-    """`argv` as docopt would read it with the positional words set aside: the options (with
-    their values) plus `--` and the first word, and every positional word. An option that
-    takes a value takes the next word, as in docopt, also when abbreviated."""
-    options = docopt_options(usage[usage.find("Options:") :])
-    takes = {o.longer: o.argcount for o in options if o.longer}
-    takes |= {o.short: o.argcount for o in options if o.short}
-    flags: list[str] = []
-    words: list[str] = []
-    i = 0
-    while i < len(argv):
-        word = argv[i]
-        i += 1
-        if word == "--":
-            words += argv[i:]
-            break
-        if not word.startswith("-") or word == "-":
-            words.append(word)
-            continue
-        flags.append(word)
-        if word.startswith("--"):
-            name = word if word in takes else _abbreviated(word, takes)
-            wants = "=" not in word and takes.get(name, 0) > 0
-        else:  # -x VALUE, or -xVALUE with the value attached
-            wants = len(word) == 2 and takes.get(word, 0) > 0
-        if wants and i < len(argv):
-            flags.append(argv[i])
-            i += 1
-    return ([*flags, "--", words[0]] if words else flags), words
-
-
-def _abbreviated(word: str, takes: dict[str, int]) -> str:
-    """The one long option `word` abbreviates, else `word` itself (docopt then complains)."""
-    matches = [name for name in takes if name.startswith(word)]
-    return matches[0] if len(matches) == 1 else word
+def fail(tool: str, code: str, message: str, status: int, as_json: bool, hint: str = "") -> int:
+    """Report an error on stderr: `tool: message` (and the usage, for a usage error), or with
+    `--json` one document `{"error": CODE, "message": TEXT}`. Returns the exit status."""
+    if as_json:
+        print(json.dumps({"error": code, "message": message}), file=sys.stderr)
+    else:
+        print(f"{tool}: {message}" + (f"\n{hint}" if hint else ""), file=sys.stderr)
+    return status
 
 
 def connect(args: Args) -> Client:
@@ -135,8 +98,8 @@ def connect(args: Args) -> Client:
     timeout = number(args["--timeout"], "--timeout", minimum=0.001)
     try:
         return Client(args["--broker"], timeout=timeout)
-    except (ValueError, zmq.ZMQError) as e:
-        raise UsageError(f"--broker: {e}") from None
+    except ValueError as e:  # the address, as --broker or $BANYAN_BROKER gave it
+        raise UsageError(str(e)) from None
 
 
 # ---- reading values ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@ fast. `--wait` then blocks on the broker's `wait` and shows the jobs' progress m
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -28,8 +29,11 @@ from banyan.cli.output import (
     print_json,
     run,
 )
+from banyan.cli.usage import flag_words
 from banyan.cli.workflow import DEP_KINDS, load_workflow, read_text
 from banyan.client import Client, JobInfo, Waited
+from banyan.errors import BanyanError, BrokerUnavailable
+from banyan.protocol import ProtocolError
 
 TOOL = "banyan-submit"
 USAGE = (
@@ -105,9 +109,12 @@ def submit(args: Args) -> int:
         head = client.events_head() if args["--wait"] else 0
         # The broker checks and stores every job before it answers: give a big one time.
         patience, client.timeout = client.timeout, client.timeout + count * SECONDS_PER_JOB
-        result = client.submit(
-            jobs=jobs, groups=groups, submit_key=args["--submit-key"], array=array, export=spec
-        )
+        try:
+            result = client.submit(
+                jobs=jobs, groups=groups, submit_key=args["--submit-key"], array=array, export=spec
+            )
+        except (ProtocolError, BanyanError) as e:
+            raise _in_words(e, args["--file"]) from None
         client.timeout = patience
         if args["--json"]:
             print_json({"jobs": result.jobs, "groups": result.groups})
@@ -119,6 +126,19 @@ def submit(args: Args) -> int:
         known = None if args["--submit-key"] else ("inactive" if args["--hold"] else "available")
         ok = wait(client, result.jobs, head, known, display=not args["--json"])
         return EXIT_OK if ok else EXIT_REFUSED
+
+
+def _in_words(e: ProtocolError | BanyanError, path: str | None) -> Exception:
+    """A refusal about request fields in the words of what set them: the options, or the
+    workflow file (whose own names and indices the request keeps). A value refused before
+    sending is a usage error."""
+    if isinstance(e, BrokerUnavailable):
+        return e
+    text = e.reason if isinstance(e, ProtocolError) else e.message
+    text = f"--file: {path}: {text}" if path else flag_words(text)
+    if isinstance(e, ProtocolError):
+        return UsageError(text)
+    return type(e)(text, e.code)
 
 
 def build(args: Args) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str | None]:
@@ -297,7 +317,10 @@ def wait(client: Client, ids: list[int], head: int, known: str | None, display: 
     board = Board(ids, head, known, client)
     try:
         while True:
-            board.refresh()
+            # The display may miss a frame while the broker restarts; the wait carries on,
+            # and it alone decides.
+            with contextlib.suppress(BrokerUnavailable):
+                board.refresh()
             line.show(board.line(), major=board.counts())
             if done.wait(REFRESH):
                 break

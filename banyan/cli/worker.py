@@ -3,11 +3,20 @@
 Usage:
   banyan-worker [options] [--tag T]...
 
+The broker's worker port comes from --broker HOST[:PORT]; else the host is $BANYAN_BROKER's
+(whose port, if it names one, is the client port the tools use) and the port
+$BANYAN_WORKER_PORT, else 7412.
+
+The first SIGTERM or SIGINT drains the worker: running jobs finish, nothing new starts, then it
+exits 0 and the broker shows it stopped. A second one cancels the running jobs, which the broker
+requeues on other workers. Exit 1: another live worker has this name. Exit 3: the broker
+refused this worker's key, or --broker is not its worker port.
+
 Options:
-  --broker HOST[:PORT]  The broker's worker socket (default: $BANYAN_BROKER, port 7412).
-  --name NAME           Worker name (default: this host's name).
+  --broker HOST[:PORT]  The broker's worker socket (see above).
+  --name NAME           Worker name, one live worker each (default: this host's name).
   --cpus N              CPUs to offer (default: all logical CPUs).
-  --memory MB           Memory in MiB to offer (default: all physical memory).
+  --memory SIZE         Memory to offer: MiB, or a size such as 64G (default: all physical).
   --gpus N              GPUs to offer (default: CUDA_VISIBLE_DEVICES or nvidia-smi).
   --tag T               A label jobs can ask for; repeat for more.
   --spool DIR           Where job output goes (default: /var/spool/banyan/NAME as root,
@@ -35,50 +44,37 @@ import socket
 import sys
 from pathlib import Path
 
-from docopt import DocoptExit, docopt
-
-from banyan import defaults
-from banyan.cli import EXIT_USAGE, daemon_logging
-from banyan.cli.output import UsageError, parse_memory, positive_duration
-from banyan.config import address, home
-from banyan.keys import KeyExposed, peer
+from banyan.cli import EXIT_UNAVAILABLE, EXIT_USAGE, daemon_logging
+from banyan.cli.output import Args, number, parse_memory, positive_duration
+from banyan.cli.usage import UsageError, parse
+from banyan.config import home, worker_address
+from banyan.errors import KeyRefused
+from banyan.keys import KeyExposed
+from banyan.link import credentials
 from banyan.worker import resources
 from banyan.worker.daemon import WorkerConfig, WorkerDaemon
 from banyan.worker.spool import SpoolPolicy
 
+TOOL = "banyan-worker"
+LEVELS = ("debug", "info", "warning", "error")
+
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = docopt(__doc__, argv=argv)
-        name = args["--name"] or socket.gethostname()
-        capacity = resources.override(
-            resources.detect(),
-            cpus=float(args["--cpus"]) if args["--cpus"] else None,
-            memory=int(args["--memory"]) if args["--memory"] else None,
-            gpus=int(args["--gpus"]) if args["--gpus"] else None,
-        )
-        config = WorkerConfig(
-            broker=address(args["--broker"], defaults.WORKER_PORT),
-            name=name,
-            spool=Path(args["--spool"] or default_spool(name)),
-            cpus=capacity.cpus,
-            memory=capacity.memory_mib,
-            gpus=list(capacity.gpus),
-            tags=tuple(args["--tag"]),
-            curve=peer(home(), "worker"),
-            spool_policy=SpoolPolicy(
-                retention=positive_duration(args["--spool-retention"], "--spool-retention"),
-                min_free=parse_memory(args["--spool-min-free"], "--spool-min-free") << 20,
-            ),
-            run_any_owner=bool(args["--run-any-owner"]),
-            allow_root_jobs=bool(args["--allow-root-jobs"]),
-        )
-    except (DocoptExit, ValueError) as e:
-        print(f"banyan-worker: {e}" if isinstance(e, UsageError) else e, file=sys.stderr)
+        try:
+            args = parse(__doc__ or "", argv)
+        except SystemExit:  # --help was printed
+            return 0
+        config = worker_config(args)
+    except UsageError as e:
+        print(f"{TOOL}: {e}" + (f"\n{e.hint}" if e.hint else ""), file=sys.stderr)
         return EXIT_USAGE
     except KeyExposed as e:
-        print(f"banyan-worker: {e}", file=sys.stderr)
+        print(f"{TOOL}: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyRefused as e:  # a key file is missing: found before connecting
+        print(f"{TOOL}: {e}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     daemon_logging(args["--log-level"])
     logging.getLogger("banyan.worker").info(
         "worker %s: %g cpus, %d MiB, %d gpus, tags %s -> %s",
@@ -90,6 +86,41 @@ def main(argv: list[str] | None = None) -> int:
         config.broker,
     )
     return WorkerDaemon(config).run()
+
+
+def worker_config(args: Args) -> WorkerConfig:
+    """The worker's configuration from its options; a bad value is a UsageError."""
+    if args["--log-level"].lower() not in LEVELS:
+        raise UsageError(f"--log-level: one of {', '.join(LEVELS)}, got {args['--log-level']!r}")
+    name = args["--name"] or socket.gethostname()
+    try:
+        broker = worker_address(args["--broker"])
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    capacity = resources.override(
+        resources.detect(),
+        cpus=number(args["--cpus"], "--cpus", positive=True) if args["--cpus"] else None,
+        memory=parse_memory(args["--memory"], "--memory") if args["--memory"] else None,
+        gpus=number(args["--gpus"], "--gpus", integer=True) if args["--gpus"] else None,
+    )
+    where = home()
+    return WorkerConfig(
+        broker=broker,
+        name=name,
+        spool=Path(args["--spool"] or default_spool(name)),
+        cpus=capacity.cpus,
+        memory=capacity.memory_mib,
+        gpus=list(capacity.gpus),
+        tags=tuple(args["--tag"]),
+        curve=credentials(where, "worker").curve,
+        home=where,
+        spool_policy=SpoolPolicy(
+            retention=positive_duration(args["--spool-retention"], "--spool-retention"),
+            min_free=parse_memory(args["--spool-min-free"], "--spool-min-free") << 20,
+        ),
+        run_any_owner=bool(args["--run-any-owner"]),
+        allow_root_jobs=bool(args["--allow-root-jobs"]),
+    )
 
 
 def default_spool(name: str) -> Path:

@@ -27,14 +27,18 @@ USAGE = (
     """banyan-workers: list the workers, or drain or resume one.
 
 Usage:
-  banyan-workers [options] [--drain NAME | --resume NAME]
+  banyan-workers [options] [--drain NAME | --resume NAME | --forget NAME]
 
-A draining worker finishes what it runs and claims nothing new; then it shows as drained.
-Resuming lets it claim again. Both need an admin key.
+States: idle, busy (running jobs), draining (finishing its jobs, taking no new ones), drained
+(idle and taking none), stopped (exited cleanly), lost (silent past the liveness window; its
+jobs were requeued). A draining worker finishes what it runs and claims nothing new; then it
+shows as drained, and stays drained, across its restarts, until resumed. Forgetting removes a
+lost or stopped worker from the list. All three need an admin key.
 
 Options:
   --drain NAME          Drain worker NAME.
   --resume NAME         Let worker NAME claim jobs again.
+  --forget NAME         Remove lost or stopped worker NAME from the list.
 """
     + CONNECT_OPTIONS
 )
@@ -52,6 +56,7 @@ HEADERS = (
     "TAGS",
 )
 COLORS = {"idle": "green", "busy": "cyan", "draining": "yellow", "drained": "dim", "lost": "red"}
+COLORS["stopped"] = "dim"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,9 +66,17 @@ def main(argv: list[str] | None = None) -> int:
 def workers(args: Args) -> int:
     name = args["--drain"] or args["--resume"]
     with connect(args) as client:
-        found = client.drain(name, resume=bool(args["--resume"])) if name else client.workers()
+        if args["--forget"]:
+            found = client.forget(args["--forget"])
+        elif name:
+            found = client.drain(name, resume=bool(args["--resume"]))
+        else:
+            found = client.workers()
     if args["--json"]:
         print_json({"workers": [dataclasses.asdict(w) for w in found]})
+        return EXIT_OK
+    if args["--forget"]:
+        print(f"{args['--forget']}: forgotten")
         return EXIT_OK
     if name:
         w = next((w for w in found if w.name == name), None)
@@ -84,7 +97,7 @@ def render(found: list[WorkerInfo], color: bool) -> str:
         return "no workers have registered (start one with banyan-worker)"
     now = time.time()
     out = table(HEADERS, [row(w, now) for w in found], color)
-    live = [w for w in found if w.state != "lost"]
+    live = [w for w in found if w.state not in ("lost", "stopped")]
     states: dict[str, int] = {}
     for w in found:
         states[w.state] = states.get(w.state, 0) + 1

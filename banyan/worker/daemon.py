@@ -4,11 +4,22 @@ It registers, heartbeats, keeps one claim outstanding while it is not draining, 
 is assigned, and reports progress and results. Results stay in `unacked` until the broker
 acknowledges them, across reconnects and broker restarts (SPEC §5). A job it cannot run as its
 owner's account it hands back unstarted (accounts.py).
+
+Stopping: the first SIGTERM or SIGINT drains (the broker is told at once and assigns nothing
+more); the worker exits 0 when its jobs have ended and their results are acknowledged, telling
+the broker it stops. A second signal cancels the jobs, which the broker requeues elsewhere.
+
+Connection problems the socket's monitor reports (banyan.link) are logged as what they are. At
+the first start a refused key or a wrong port ends the worker with exit 3, as it does for the
+tools: it is a mistake in its setup, and nothing runs yet. Once registered, the worker keeps
+trying with backoff instead: its jobs go on running, and a key can be authorized again on the
+broker without touching the worker. A name another live worker holds ends it with exit 1.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -24,7 +35,10 @@ from typing import Any
 import zmq
 
 from banyan import defaults, protocol
+from banyan.config import home
+from banyan.errors import BrokerUnavailable, KeyRefused, WrongPort
 from banyan.keys import Curve
+from banyan.link import Credentials, Watch
 from banyan.worker import accounts, cgroups, watchdog
 from banyan.worker.runner import Finished, Launch, Runner
 from banyan.worker.spool import Spool, SpoolPolicy
@@ -49,6 +63,7 @@ class WorkerConfig:
     spool_policy: SpoolPolicy = field(default_factory=SpoolPolicy)
     run_any_owner: bool = False  # not root: run everyone's jobs as this account
     allow_root_jobs: bool = False  # root: run root's jobs as root
+    home: Path | None = None  # where that key lives ($BANYAN_HOME), named in messages
 
 
 @dataclass
@@ -65,6 +80,10 @@ class Link:
     next_connect: float = 0.0
     backoff: float = defaults.RECONNECT_MIN
     unacked: dict[Key, tuple[bytes, float]] = field(default_factory=dict)  # result, last sent
+    register_req: int = 0  # the req of the last `register`, which a refusal echoes
+    ever_registered: bool = False
+    trouble: BrokerUnavailable | None = None  # what the monitor last said went wrong
+    told: tuple[str, float] = ("", -math.inf)  # the trouble last logged, and when
 
 
 class WorkerDaemon:
@@ -94,8 +113,16 @@ class WorkerDaemon:
         self.watchdog, self._lifeline = watchdog.start(self.runner.nonce, cgroup)
         self.link = Link()
         self.sock: zmq.Socket[Any] | None = None
+        self.watch: Watch | None = None
+        self.creds = Credentials("worker", config.home or home(), config.curve)
+        self.instance = os.urandom(8).hex()  # this process, to the broker (one per name)
+        self._reqs = itertools.count(1)
         self.draining = False  # by the broker (admin) or by our own first SIGTERM
         self.stop_requested = 0  # count of SIGTERM/SIGINT received
+        self.signals: list[str] = []  # their names, in order
+        self.announced = False  # the broker was told this worker drains for a signal
+        self.cold = False  # the second signal: running jobs are being cancelled
+        self.exit_code = 0
         self.heartbeat = config.heartbeat
         self.liveness = config.liveness
         # Started jobs whose `started` report is not due yet: key -> (pid, start time).
@@ -108,17 +135,18 @@ class WorkerDaemon:
     # ---- connection -------------------------------------------------------------------------
 
     def _connect(self, now: float) -> None:
-        if self.sock is not None:
-            self.sock.close(linger=0)
+        self._disconnect()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, defaults.MAX_MESSAGE_BYTES)
         if self.config.curve is not None:
             self.config.curve.apply(self.sock)
+        self.watch = Watch(self.sock, self.config.broker, self.creds)
         self.sock.connect(self.config.broker)
         self.link.registered = False
         self.link.claim_left = 0
         self.link.last_heard = now
+        self.link.register_req = next(self._reqs)
         self._send(
             "register",
             {
@@ -132,17 +160,29 @@ class WorkerDaemon:
                 "pid": os.getpid(),
                 "only_account": self.policy.only_account,
                 "refused": dict(self.policy.refused),
+                "instance": self.instance,
+                "draining": self.stop_requested > 0,
             },
+            self.link.register_req,
         )
+
+    def _disconnect(self, linger: float = 0.0) -> None:
+        if self.watch is not None:
+            self.watch.close()
+            self.watch = None
+        if self.sock is not None:
+            self.sock.close(linger=int(linger * 1000))
+            self.sock = None
 
     def _held(self) -> list[Key]:
         """Attempts this worker answers for: running ones, and ended ones not yet acked."""
         return sorted(set(self.runner.running()) | set(self.link.unacked))
 
-    def _send(self, kind: str, body: dict[str, Any]) -> None:
+    def _send(self, kind: str, body: dict[str, Any], req: int = 0) -> None:
         assert self.sock is not None
         try:
-            self.sock.send(protocol.encode(kind, body), zmq.NOBLOCK)
+            frame = protocol.encode(kind, body, req, allowed=protocol.WORKER_TO_BROKER)
+            self.sock.send(frame, zmq.NOBLOCK)
         except zmq.Again:
             log.debug("send queue full; %s dropped (it will be repeated)", kind)
 
@@ -156,17 +196,29 @@ class WorkerDaemon:
         try:
             while not self.finished():
                 self.step(timeout=self._timeout())
+            if self.exit_code == 0 and self.link.registered:
+                self._send("stopping", {})
         finally:
             signal.set_wakeup_fd(previous)
             self.close()
-        return 0
+        return self.exit_code
 
-    def _on_stop(self, *_: Any) -> None:
+    def _on_stop(self, signum: int, _frame: Any = None) -> None:
         # Handlers only set flags; the loop does the work (a warm stop, then a cold one).
+        self.signals.append(signal.Signals(signum).name)
         self.stop_requested += 1
 
     def finished(self) -> bool:
-        return self.stop_requested > 0 and not self.runner.running() and not self.link.unacked
+        if self.runner.running():
+            return False
+        return bool(self.exit_code) or (self.stop_requested > 0 and not self.link.unacked)
+
+    def give_up(self, code: int, why: str) -> None:
+        """End the worker with exit `code`, cancelling whatever it runs (its broker has given
+        those jobs to others, or never gave it any)."""
+        log.error("%s", why)
+        self.exit_code = code
+        self.cold = True
 
     def _timeout(self) -> float:
         """Sleep until the next heartbeat, or the runner's next kill or time limit."""
@@ -180,9 +232,10 @@ class WorkerDaemon:
         return min(defaults.PROGRESS_INTERVAL, max(0.0, due - now))
 
     def step(self, timeout: float = 0.0) -> None:
-        assert self.sock is not None
+        assert self.sock is not None and self.watch is not None
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.watch.monitor, zmq.POLLIN)
         poller.register(self._wakeup_r.fileno(), zmq.POLLIN)
         # Rounded up: a deadline 0.3 ms away must not become a busy loop of 0 ms polls.
         ready = dict(poller.poll(math.ceil(timeout * 1000)))
@@ -191,6 +244,8 @@ class WorkerDaemon:
                 self._wakeup_r.recv(4096)
         now = self.clock()
         self._obey_signals(now)
+        if self.watch.monitor in ready:
+            self._trouble(self.watch.read(), now)
         if self.sock in ready:
             for _ in range(1000):
                 try:
@@ -205,12 +260,41 @@ class WorkerDaemon:
         self.spool.step(now, time.time(), busy, defaults.SPOOL_SLICE)
 
     def _obey_signals(self, now: float) -> None:
-        if self.stop_requested == 1 and not self.draining:
-            log.info("SIGTERM: draining; finishing %d running jobs", len(self.runner.running()))
-            self.draining = True
-        elif self.stop_requested >= 2 and self.runner.running():
-            log.info("second SIGTERM: cancelling %d running jobs", len(self.runner.running()))
-            self.runner.shutdown_all(now)
+        running = len(self.runner.running())
+        if self.stop_requested and not self.announced:
+            self.announced = self.draining = True
+            self.link.claim_left = 0
+            log.info(
+                "%s: draining; finishing %d running jobs, claiming nothing new (a second "
+                "signal cancels them, to run elsewhere)",
+                self.signals[0],
+                running,
+            )
+            if self.link.registered:  # else `register` says so
+                self._send("draining", {"reason": self.signals[0]})
+        if self.stop_requested >= 2 and not self.cold:
+            self.cold = True
+            log.info(
+                "%s again: cancelling %d running jobs; the broker requeues them on other workers",
+                self.signals[1],
+                running,
+            )
+        if self.cold and running:
+            self.runner.shutdown_all(now)  # those already being stopped are left alone
+
+    def _trouble(self, trouble: BrokerUnavailable | None, now: float) -> None:
+        """A connection problem: the end at the first start, else logged (and retried)."""
+        if trouble is None:
+            return
+        self.link.trouble = trouble
+        definite = isinstance(trouble, (KeyRefused, WrongPort))
+        if definite and not self.link.ever_registered and not self._held():
+            self.give_up(3, f"cannot register with the broker: {trouble}")
+            return
+        told, when = self.link.told
+        if str(trouble) != told or now - when >= defaults.TROUBLE_LOG_INTERVAL:
+            log.error("cannot reach the broker: %s", trouble)
+            self.link.told = (str(trouble), now)
 
     def _on_message(self, frame: bytes, now: float) -> None:
         try:
@@ -222,8 +306,11 @@ class WorkerDaemon:
         self.link.backoff = defaults.RECONNECT_MIN
         b = msg.body
         if msg.type == "registered":
-            self.link.registered = True
+            self.link.registered = self.link.ever_registered = True
+            self.link.trouble, self.link.told = None, ("", -math.inf)
             self.heartbeat, self.liveness = float(b["heartbeat"]), int(b["liveness"])
+            if self.stop_requested:  # a signal that came while `register` was on its way
+                self._send("draining", {"reason": self.signals[0]})
             for payload, _ in self.link.unacked.values():
                 self.sock.send(payload, zmq.NOBLOCK)  # type: ignore[union-attr]
         elif msg.type == "assign":
@@ -243,15 +330,28 @@ class WorkerDaemon:
         elif msg.type == "drain":
             self.draining = not b["resume"] or self.stop_requested > 0
             self.link.claim_left = 0  # the broker dropped the claim; resuming needs a new one
+            if b["resume"] and self.stop_requested:  # resumed while stopping: still stopping
+                self._send("draining", {"reason": self.signals[0]})
         elif msg.type == "reregister":
             self._connect(now)
         elif msg.type == "fetch_log":
             self._send_log(b)
+        elif msg.type == "error" and msg.req and msg.req == self.link.register_req:
+            self._refused(b["code"], b["message"])
         elif msg.type == "error":
             log.warning("broker refused a message: %s", b["message"])
             # It may have been our claim (e.g. the broker's disk is full): claim again at the
             # next heartbeat, or an idle worker would wait for an assignment forever.
             self.link.reclaim = True
+
+    def _refused(self, code: str, message: str) -> None:
+        """The broker refused this worker's `register`."""
+        if code == "conflict":  # the name is another live worker's (SPEC §5: refuse and exit)
+            self.give_up(1, f"the broker refused this worker: {message}")
+        elif code == "wrong_port":
+            self._trouble(WrongPort(f"{self.config.broker}: {message}"), self.clock())
+        else:  # e.g. its store is full: try again after the usual silence
+            log.error("the broker refused to register this worker: %s", message)
 
     def _send_log(self, b: dict[str, Any]) -> None:
         reply: dict[str, Any] = {"request": b["request"], "offset": b["offset"]}
@@ -352,7 +452,8 @@ class WorkerDaemon:
     def _timers(self, now: float) -> None:
         link = self.link
         if now - link.last_heard > self.heartbeat * self.liveness and now >= link.next_connect:
-            log.warning("broker silent for %.1f s; reconnecting", now - link.last_heard)
+            if link.trouble is None:
+                log.warning("broker silent for %.1f s; reconnecting", now - link.last_heard)
             link.next_connect = now + link.backoff
             link.backoff = min(link.backoff * 2, defaults.RECONNECT_MAX)
             self._connect(now)
@@ -379,8 +480,7 @@ class WorkerDaemon:
             self.sock.send(payload, zmq.NOBLOCK)
 
     def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close(linger=0)
+        self._disconnect(linger=defaults.STOP_LINGER)  # a last `stopping` gets time to leave
         self._wakeup_r.close()
         self._wakeup_w.close()
         self.runner.launcher.close()

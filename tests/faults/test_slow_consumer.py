@@ -50,9 +50,11 @@ def test_slow_consumer(fleet: Cluster, summary: Summary) -> None:
     n = int(size(100_000, 20_000))
     crowd = int(size(1000, 200))
     log = JobLog(fleet.root / "jobs.log")
-    # A socket per idle client, in this process and in the broker (which inherits the limit).
+    # A connection per idle client, in this process and in the broker (which inherits the
+    # limit). Here a Client is three ZeroMQ sockets (its DEALER and the two ends of its
+    # monitor), each with a descriptor, besides its TCP connection.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4 * crowd + 1024)), hard))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 5 * crowd + 1024)), hard))
     broker = fleet.start_broker()
     fleet.start_worker("w1", cpus=2)
     fleet.start_worker("w2", cpus=2)
@@ -60,7 +62,7 @@ def test_slow_consumer(fleet: Cluster, summary: Summary) -> None:
     held = c.submit(jobs=[{"command": log.command(), "hold": True} for _ in range(WAITED)]).jobs
     base = anon_bytes(broker.pid)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    ctx.set(zmq.MAX_SOCKETS, crowd + 64)
+    ctx.set(zmq.MAX_SOCKETS, 3 * crowd + 64)
     try:
         crowded, peak, pings, acked = flood(fleet, c, ctx, log, held, n, crowd)
     finally:

@@ -1,0 +1,442 @@
+"""Banyan as an operator runs it: the installed programs, from a bare BANYAN_HOME, as real
+processes (docs/operations.md). First start, both stop signals, duplicate names, a broker
+killed under a waiting client, each key problem with its message and its time, a worker at
+the wrong port, and forgetting workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import zmq.auth
+
+from banyan.client import Client
+from tests.cluster import _kill_tree, free_port, scaled, wait_for
+
+BIN = Path(sys.executable).parent  # where `pip install` put the programs
+HEARTBEAT, LIVENESS = 0.2, 5  # a one-second liveness window keeps these tests short
+WINDOW = HEARTBEAT * LIVENESS
+FAST = 1.5  # seconds within which a connection problem must be reported
+
+
+@dataclass
+class Ran:
+    code: int
+    out: str
+    err: str
+    seconds: float
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+class Operator:
+    """One machine's worth of Banyan: a BANYAN_HOME that does not exist yet, the broker and
+    workers as the installed programs, and the tools run as a person would."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.home = root / "home"
+        self.client_port, self.worker_port = free_port(), free_port()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("BANYAN_")}
+        self.env.update(BANYAN_HOME=str(self.home), PYTHONUNBUFFERED="1")
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.clients: list[Client] = []
+
+    def program(self, name: str) -> str:
+        path = BIN / name
+        assert path.exists(), f"{name} is not installed next to {sys.executable}"
+        return str(path)
+
+    def spawn(self, key: str, argv: list[str], env: dict[str, str] | None = None) -> Any:
+        log = open(self.root / f"{key}.log", "ab")  # noqa: SIM115 - owned by the process
+        proc = subprocess.Popen(
+            [self.program(argv[0]), *argv[1:]],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**self.env, **(env or {})},
+        )
+        log.close()
+        self.procs[key] = proc
+        return proc
+
+    def log(self, key: str) -> str:
+        return (self.root / f"{key}.log").read_text(errors="replace")
+
+    def start_broker(
+        self, key: str = "broker", *extra: str, ports: tuple[int, int] = (0, 0)
+    ) -> Any:
+        client, worker = ports if ports != (0, 0) else (self.client_port, self.worker_port)
+        argv = ["banyan-broker", "--client-port", str(client), "--worker-port", str(worker)]
+        argv += ["--heartbeat", str(HEARTBEAT), "--liveness", str(LIVENESS), *extra]
+        proc = self.spawn(key, argv)
+        wait_for(lambda: self._answers(client) or proc.poll() is not None, 20, what="the broker")
+        assert proc.poll() is None, f"the broker exited {proc.returncode}:\n{self.log(key)}"
+        return proc
+
+    def _answers(self, port: int) -> bool:
+        try:
+            with Client(f"127.0.0.1:{port}", self.home, timeout=scaled(0.5)) as c:
+                c.ping()
+            return True
+        except Exception:
+            return False
+
+    def start_worker(self, name: str | None, *extra: str, key: str = "", wait: bool = True) -> Any:
+        argv = ["banyan-worker", "--broker", f"127.0.0.1:{self.worker_port}", "--cpus", "2"]
+        argv += ["--memory", "1G", "--log-level", "debug", *extra]
+        if name is not None:
+            argv += ["--name", name]
+        proc = self.spawn(key or name or "worker", argv)
+        if wait and name is not None:
+            wait_for(lambda: self.states().get(name) in ("idle", "busy"), 20, what=name)
+        return proc
+
+    def client(self) -> Client:
+        c = Client(f"127.0.0.1:{self.client_port}", self.home, timeout=scaled(5))
+        self.clients.append(c)
+        return c
+
+    def states(self) -> dict[str, str]:
+        return {w.name: w.state for w in self.client().workers()}
+
+    def run(self, tool: str, *args: str, env: dict[str, str] | None = None) -> Ran:
+        """A tool as a person runs it, with this site's broker unless `env` says otherwise."""
+        base = {"BANYAN_BROKER": f"127.0.0.1:{self.client_port}"}
+        started = time.monotonic()
+        done = subprocess.run(
+            [self.program(f"banyan-{tool}"), *args],
+            capture_output=True,
+            text=True,
+            env={**self.env, **base, **(env or {})},
+            timeout=scaled(60),
+        )
+        return Ran(done.returncode, done.stdout, done.stderr, time.monotonic() - started)
+
+    def stop(self) -> None:
+        """Workers first, while their broker can still take their last reports; two signals
+        (different ones, which the kernel cannot merge), so they cancel what they run."""
+        for c in self.clients:
+            c.close()
+        brokers = [p for key, p in self.procs.items() if key.startswith(("broker", "plain"))]
+        others = [p for p in self.procs.values() if p not in brokers]
+        for group in (others, brokers):
+            for proc in group:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                    proc.send_signal(signal.SIGINT)
+            for proc in group:
+                try:
+                    proc.wait(timeout=scaled(10))
+                except subprocess.TimeoutExpired:
+                    _kill_tree(proc.pid)
+                    proc.wait(timeout=scaled(5))
+        reap_orphans({p.pid for p in self.procs.values()})
+
+
+def reap_orphans(known: set[int]) -> None:
+    """Wait for, and reap, the daemons' helpers (a worker's watchdog and launcher) that came to
+    this process when their daemon ended: a worker's runner made in-process by another test
+    leaves pytest a child subreaper, and a zombie left here would fail later tests' checks."""
+    orphans = [p for p in psutil.Process().children() if p.pid not in known]
+    _, alive = psutil.wait_procs(orphans, timeout=scaled(10))
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(alive, timeout=scaled(5))
+
+
+@pytest.fixture
+def op(tmp_path: Path) -> Iterator[Operator]:
+    o = Operator(tmp_path)
+    try:
+        yield o
+    finally:
+        o.stop()
+
+
+def job_row(op: Operator, job: int) -> dict[str, Any]:
+    return dict(op.client().job(job).raw)
+
+
+# ---- first start ------------------------------------------------------------------------------
+
+
+def test_first_start_on_a_bare_home(op: Operator) -> None:
+    assert not op.home.exists()
+    op.start_broker()
+    assert (op.home / "state").stat().st_mode & 0o777 == 0o700
+    op.start_worker("w1")
+    ran = op.run("submit", "--wait", "--", "echo hello from a fresh machine")
+    assert ran.code == 0, ran.err
+    (job,) = [int(x) for x in ran.out.split()]
+    assert op.run("logs", str(job)).out == "hello from a fresh machine\n"
+
+
+# ---- stopping a worker ------------------------------------------------------------------------
+
+
+def test_sigterm_drains_and_a_second_signal_requeues_elsewhere(op: Operator) -> None:
+    op.start_broker()
+    a = op.start_worker("a")
+    c = op.client()
+    (first,) = c.submit("sleep 60", name="long").jobs
+    wait_for(lambda: job_row(op, first)["state"] == "running", 20, what="the long job")
+    a.send_signal(signal.SIGTERM)
+    # The broker withdraws a's claim at once: a job submitted now waits for another worker.
+    wait_for(lambda: op.states()["a"] == "draining", 2, what="a to show draining")
+    (second,) = c.submit("echo second").jobs
+    op.start_worker("b")
+    assert c.wait([second], timeout=scaled(20)).jobs[0].succeeded
+    assert job_row(op, second)["worker"] == "b"
+    # The second signal cancels a's job; it runs again on b, spending no attempt.
+    a.send_signal(signal.SIGINT)
+    wait_for(lambda: job_row(op, first)["worker"] == "b", 20, what="the long job on b")
+    assert a.wait(timeout=scaled(10)) == 0
+    assert op.states()["a"] == "stopped"
+    history = job_row(op, first)["history"]
+    assert [h["worker"] for h in history] == ["a", "b"]
+    assert history[0]["outcome"] == "cancelled"
+    assert job_row(op, first)["state"] == "running"
+    log = op.log("a")
+    assert "SIGTERM: draining" in log and "SIGINT again: cancelling 1 running jobs" in log
+    c.cancel([first])
+
+
+def test_drain_by_an_admin_then_stop_and_forget(op: Operator) -> None:
+    op.start_broker()
+    a = op.start_worker("a")
+    op.start_worker("b")
+    ran = op.run("workers", "--drain", "a")
+    assert ran.code == 0 and ran.out.startswith("a: drained"), ran
+    (job,) = op.client().submit("true").jobs
+    assert op.client().wait([job], timeout=scaled(20)).jobs[0].succeeded
+    assert job_row(op, job)["worker"] == "b"
+    a.send_signal(signal.SIGTERM)
+    assert a.wait(timeout=scaled(10)) == 0
+    listed = op.run("workers")
+    assert listed.code == 0 and "stopped" in listed.out.split("\n")[1], listed.out
+    refused = op.run("workers", "--forget", "b")
+    assert refused.code == 1 and "only a lost or stopped worker" in refused.err
+    assert op.run("workers", "--forget", "a").code == 0
+    assert set(op.states()) == {"b"}
+    # An admin's drain outlives the worker: started again, it is still drained.
+    op.run("workers", "--drain", "b")
+    op.procs["b"].send_signal(signal.SIGTERM)
+    assert op.procs["b"].wait(timeout=scaled(10)) == 0
+    op.start_worker("b", key="b2", wait=False)
+    wait_for(lambda: op.states().get("b") == "drained", 20, what="b back, drained")
+
+
+def test_the_broker_says_when_a_worker_is_lost_and_where_its_jobs_went(op: Operator) -> None:
+    op.start_broker()
+    a = op.start_worker("a")
+    (job,) = op.client().submit("sleep 60").jobs
+    wait_for(lambda: job_row(op, job)["state"] == "running", 20, what="the job")
+    a.send_signal(signal.SIGKILL)
+    a.wait(timeout=scaled(10))
+    wait_for(lambda: "worker a silent" in op.log("broker"), 20, what="the broker's log line")
+    line = next(x for x in op.log("broker").splitlines() if "worker a silent" in x)
+    assert f"lost; job {job} requeued" in line
+
+
+# ---- identity ---------------------------------------------------------------------------------
+
+
+def test_a_second_worker_with_a_live_name_is_refused(op: Operator) -> None:
+    op.start_broker()
+    first = op.start_worker(None, key="one")  # both take this host's name
+    wait_for(lambda: len(op.states()) == 1, 20, what="the first worker")
+    (name,) = op.states()
+    second = op.start_worker(None, key="two", wait=False)
+    assert second.wait(timeout=scaled(10)) == 1
+    assert f"worker name {name!r} is in use by a live worker" in op.log("two")
+    (job,) = op.client().submit("true").jobs
+    assert op.client().wait([job], timeout=scaled(20)).jobs[0].succeeded
+    assert op.log("broker").count(f"worker {name} registered") == 1
+    # A crashed worker's name is free once its session has expired.
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=scaled(10))
+    started = time.monotonic()
+    wait_for(lambda: op.states()[name] == "lost", 20, what="the crash to be noticed")
+    op.start_worker(name, key="three")
+    assert time.monotonic() - started < scaled(10)
+
+
+# ---- a wait across a broker restart -----------------------------------------------------------
+
+
+def test_a_wait_survives_a_broker_kill9(op: Operator) -> None:
+    op.start_broker()
+    op.start_worker("w1")
+    go = op.root / "go"
+    waiting = op.spawn(
+        "waiting",
+        ["banyan-submit", "--wait", "--", f"while [ ! -e {go} ]; do sleep 0.05; done"],
+        env={"BANYAN_BROKER": f"127.0.0.1:{op.client_port}"},
+    )
+    wait_for(lambda: op.log("waiting").split("\n")[0].isdigit(), 20, what="the job id")
+    job = int(op.log("waiting").split("\n")[0])
+    wait_for(lambda: job_row(op, job)["state"] == "running", 20, what="the job to run")
+    op.procs["broker"].send_signal(signal.SIGKILL)
+    op.procs["broker"].wait(timeout=scaled(10))
+    op.start_broker("broker2")
+    go.touch()
+    assert waiting.wait(timeout=scaled(30)) == 0, op.log("waiting")
+    assert "1 job ended, all succeeded" in op.log("waiting")
+
+
+# ---- keys -------------------------------------------------------------------------------------
+
+
+def machine(op: Operator, name: str, files: dict[str, Path | None]) -> Path:
+    """Another machine's BANYAN_HOME with the given files in keys/ (None: a made-up key)."""
+    home = op.root / f"home-{name}"
+    (home / "keys").mkdir(parents=True)
+    for target, source in files.items():
+        if source is None:
+            zmq.auth.create_certificates(home / "keys", "made-up")
+            source = home / "keys" / "made-up.key_secret"
+        shutil.copyfile(source, home / "keys" / target)
+    return home
+
+
+def keygen(op: Operator, role: str, name: str) -> Path:
+    ran = op.run("keygen", "--json", role, name)
+    assert ran.code == 0, ran.err
+    return Path(ran.json()["secret"])
+
+
+def test_each_key_problem_is_named_within_a_second(op: Operator) -> None:
+    op.start_broker()
+    keys = op.home / "keys"
+    alice = keygen(op, "user", "alice")
+    node = keygen(op, "worker", "node7")
+    cases: list[tuple[str, Path, str]] = [
+        ("no keys at all", machine(op, "bare", {}), "requires a key and this machine has none"),
+        (
+            "no client key",
+            machine(op, "half", {"broker.key": keys / "broker.key"}),
+            "client.key_secret is missing",
+        ),
+        (
+            "a wrong broker.key",
+            machine(op, "wrong", {"client.key_secret": alice, "broker.key": None}),
+            "broker.key is not its public key",
+        ),
+        (
+            "a worker key used as a client key",
+            machine(op, "mixed", {"client.key_secret": node, "broker.key": keys / "broker.key"}),
+            "knows this key, but not on this port",
+        ),
+    ]
+    revoked = machine(
+        op, "revoked", {"client.key_secret": alice, "broker.key": keys / "broker.key"}
+    )
+    assert op.run("status", env={"BANYAN_HOME": str(revoked)}).code == 0
+    (keys / "authorized" / "user" / "alice.key").unlink()
+    cases.append(("a revoked key", revoked, "refused this key"))
+    for what, home, words in cases:
+        ran = op.run("status", "--timeout", "10", env={"BANYAN_HOME": str(home)})
+        assert ran.code == 3, (what, ran)
+        assert words in ran.err and ran.err.count("\n") == 1, (what, ran.err)
+        assert ran.seconds < scaled(FAST) + 0.5, (what, ran.seconds)  # + the tool's start-up
+    missing = op.run("status", env={"BANYAN_HOME": str(cases[0][1])})
+    assert "banyan-keygen user NAME" in missing.err
+    as_json = op.run("status", "--json", env={"BANYAN_HOME": str(revoked)})
+    assert as_json.code == 3 and json.loads(as_json.err)["error"] == "key_refused"
+    # Half a set of keys is found before connecting: even with no broker there.
+    nowhere = {"BANYAN_HOME": str(cases[1][1]), "BANYAN_BROKER": f"127.0.0.1:{free_port()}"}
+    assert "client.key_secret is missing" in op.run("status", env=nowhere).err
+
+
+def test_a_keyed_tool_and_a_keyless_broker(op: Operator) -> None:
+    ports = (free_port(), free_port())
+    plain = str(op.root / "plain-state")
+    op.start_broker("plain", "--insecure", "--state-dir", plain, ports=ports)
+    ran = op.run("status", env={"BANYAN_BROKER": f"127.0.0.1:{ports[0]}"})  # before keys exist
+    assert ran.code == 0, ran.err
+    op.start_broker()  # makes this home's keys
+    ran = op.run("status", "--timeout", "10", env={"BANYAN_BROKER": f"127.0.0.1:{ports[0]}"})
+    assert ran.code == 3 and "runs without keys (--insecure)" in ran.err, ran
+    assert ran.seconds < scaled(FAST) + 0.5
+
+
+def test_no_broker_at_the_address(op: Operator) -> None:
+    for where, words in (
+        (f"127.0.0.1:{free_port()}", "nothing is listening at tcp://127.0.0.1:"),
+        ("no-such-host.invalid", "cannot find the broker's host 'no-such-host.invalid'"),
+    ):
+        ran = op.run("status", "--timeout", "10", env={"BANYAN_BROKER": where})
+        assert ran.code == 3 and words in ran.err, ran
+        assert ran.seconds < scaled(FAST) + 0.5
+
+
+def test_a_worker_with_a_refused_key_says_so_and_exits_3(op: Operator) -> None:
+    op.start_broker()
+    stranger = machine(
+        op, "stranger", {"worker.key_secret": None, "broker.key": op.home / "keys" / "broker.key"}
+    )
+    proc = op.spawn(
+        "stranger",
+        ["banyan-worker", "--broker", f"127.0.0.1:{op.worker_port}", "--name", "s"],
+        env={"BANYAN_HOME": str(stranger)},
+    )
+    assert proc.wait(timeout=scaled(10)) == 3
+    assert "the broker at tcp://127.0.0.1:" in op.log("stranger")
+    assert "refused this worker's key" in op.log("stranger")
+    assert "broker silent" not in op.log("stranger")
+
+
+# ---- ports ------------------------------------------------------------------------------------
+
+
+def test_banyan_broker_names_the_client_port_for_tools_and_workers(op: Operator) -> None:
+    op.start_broker()
+    shared = {
+        "BANYAN_BROKER": f"127.0.0.1:{op.client_port}",
+        "BANYAN_WORKER_PORT": str(op.worker_port),
+    }
+    op.spawn("w1", ["banyan-worker", "--name", "w1", "--cpus", "1"], env=shared)
+    wait_for(lambda: op.states().get("w1") == "idle", 20, what="w1 with BANYAN_BROKER")
+    assert op.run("submit", "--wait", "true", env=shared).code == 0
+    # A worker pointed at the tools' port is told so and stops at once.
+    wrong = op.spawn(
+        "wrong", ["banyan-worker", "--name", "w2", "--broker", f"127.0.0.1:{op.client_port}"]
+    )
+    assert wrong.wait(timeout=scaled(10)) == 3
+    assert "this is its client port" in op.log("wrong")
+    # A malformed address is a usage error, for tools and workers alike.
+    bad = {"BANYAN_BROKER": "127.0.0.1:abc"}
+    ran = op.run("status", env=bad)
+    assert ran.code == 2 and "BANYAN_BROKER: '127.0.0.1:abc' is not HOST[:PORT]" in ran.err
+    worker = subprocess.run(
+        [op.program("banyan-worker")],
+        env={**op.env, **bad},
+        capture_output=True,
+        text=True,
+        timeout=scaled(30),
+    )
+    assert worker.returncode == 2 and "is not HOST[:PORT]" in worker.stderr
+
+
+def test_a_worker_at_the_client_port_of_a_keyless_broker(op: Operator) -> None:
+    op.start_broker("broker", "--insecure")
+    wrong = op.spawn(
+        "wrong", ["banyan-worker", "--name", "w2", "--broker", f"127.0.0.1:{op.client_port}"]
+    )
+    assert wrong.wait(timeout=scaled(10)) == 3
+    assert "this is the broker's client port; workers connect to its other port" in op.log("wrong")

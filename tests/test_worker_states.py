@@ -1,0 +1,101 @@
+"""A worker's life as the state machine keeps it (SPEC §5): draining by its own signal or an
+admin, a cold stop, a clean stop, loss, forgetting. Pure: no sockets."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from banyan.broker.records import WorkerState
+from banyan.errors import Conflict, Forbidden
+from tests.statekit import ALICE, ROOT, Harness, spec
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Iterator[Harness]:
+    harness = Harness(tmp_path / "store")
+    yield harness
+    harness.store.close()
+
+
+def test_its_own_drain_withdraws_the_claim_at_once(h: Harness) -> None:
+    h.add_worker("w")
+    h.do(lambda c: c.claim("w", 8))  # a standing claim, nothing to run yet
+    h.do(lambda c: c.draining("w"))
+    assert h.worker("w").state == WorkerState.DRAINED.value  # it runs nothing
+    h.submit(spec())
+    assert h.take("assign") == []
+
+
+def test_a_cold_stop_requeues_elsewhere_spending_nothing(h: Harness) -> None:
+    h.add_worker("a")
+    h.add_worker("b")
+    (job,) = h.submit(spec(max_attempts=1))
+    (a,) = h.claim("a")
+    h.do(lambda c: c.draining("a"))
+    assert h.worker("a").state == WorkerState.DRAINING.value
+    h.finish("a", a, exit_code=None, outcome="cancelled")
+    moved = h.job(job)
+    assert moved.state == "available" and moved.failures == 0 and moved.requeues == 0
+    assert h.claim("a") == []  # never handed back to the stopping worker
+    (again,) = h.claim("b")
+    assert again["job"] == job and again["attempt"] == 2
+
+
+def test_a_clean_stop_shows_stopped_and_nothing_is_expected_from_it(h: Harness) -> None:
+    h.add_worker("w")
+    h.do(lambda c: c.draining("w"))
+    assert h.do(lambda c: c.stopped("w")) == []
+    assert h.worker("w").state == WorkerState.STOPPED.value
+    h.do(lambda c: c.worker_lost("w", "silent"))  # a stopped worker is not lost later
+    assert h.worker("w").state == WorkerState.STOPPED.value
+    with pytest.raises(Conflict):
+        h.do(lambda c: c.drain(ROOT, "w", False))
+
+
+def test_a_stopping_worker_that_reconnects_stays_draining(h: Harness) -> None:
+    h.add_worker("w")
+    h.do(lambda c: c.register("w", "host", (2, 1024, 0), [], [], draining=True))
+    assert h.worker("w").state == WorkerState.DRAINED.value
+    h.do(lambda c: c.stopped("w"))
+    h.add_worker("w")  # started again
+    assert h.worker("w").state == WorkerState.ACTIVE.value
+
+
+def test_an_admins_drain_holds_across_restarts_until_resumed(h: Harness) -> None:
+    h.add_worker("w")
+    h.do(lambda c: c.drain(ROOT, "w", False))
+    h.do(lambda c: c.stopped("w"))
+    h.add_worker("w")
+    assert h.worker("w").state == WorkerState.DRAINED.value
+    h.do(lambda c: c.worker_lost("w", "silent"))
+    h.add_worker("w")
+    assert h.worker("w").state == WorkerState.DRAINED.value
+    h.do(lambda c: c.drain(ROOT, "w", True))
+    assert h.worker("w").state == WorkerState.ACTIVE.value
+    h.do(lambda c: c.stopped("w"))
+    h.add_worker("w")
+    assert h.worker("w").state == WorkerState.ACTIVE.value
+
+
+def test_a_lost_worker_says_where_its_jobs_went(h: Harness) -> None:
+    h.add_worker("w")
+    first, second = h.submit(spec(), spec())
+    h.claim("w", 2)
+    h.do(lambda c: c.cancel(ROOT, [second], [], None))
+    moved = h.do(lambda c: c.worker_lost("w", "silent"))
+    assert sorted(moved) == [(first, "available"), (second, "cancelled")]
+
+
+def test_only_a_gone_worker_may_be_forgotten_and_only_by_an_admin(h: Harness) -> None:
+    h.add_worker("w")
+    with pytest.raises(Conflict, match="only a lost or stopped worker"):
+        h.do(lambda c: c.forget(ROOT, "w"))
+    h.do(lambda c: c.worker_lost("w", "silent"))
+    with pytest.raises(Forbidden):
+        h.do(lambda c: c.forget(ALICE, "w"))
+    h.do(lambda c: c.forget(ROOT, "w"))
+    with h.store.read() as tx:
+        assert tx.get_worker("w") is None and list(tx.workers()) == []
