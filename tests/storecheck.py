@@ -46,4 +46,10 @@ def assert_consistent(store: Store) -> dict[int, Job]:
         for job in jobs.values():
             for group_id in job.groups:
                 assert group_id in groups and job.id in members[group_id]
+        # An exported environment is kept exactly while jobs name it, and counts them.
+        named = Counter(j.environ for j in jobs.values() if j.environ is not None)
+        for key, raw in tables["environments"]:
+            uses, _ = msgpack.unpackb(raw)
+            assert named.pop(key.decode(), 0) == uses, f"environment {key!r} counts {uses}"
+        assert not named, f"jobs name environments not stored: {named}"
     return jobs

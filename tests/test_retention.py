@@ -119,6 +119,30 @@ def test_a_group_stays_while_it_has_members_or_is_open(h):
     assert_consistent(h.store)
 
 
+def test_an_exported_environment_goes_with_the_last_job_that_names_it(h):
+    env = {"PATH": "/usr/bin", "PROJECT": "x"}
+
+    def submit(n: int) -> list[int]:
+        jobs = [spec() for _ in range(n)]
+        return list(h.do(lambda c: c.submit(ALICE, jobs, [], None, environment=env))["jobs"])
+
+    old = submit(2)
+    run(h, *old)
+    h.now += KEEP + DAY
+    (young,) = submit(1)
+    assert_consistent(h.store)  # three jobs name it
+    purge_all(h)
+    with h.store.read() as tx:
+        assert tx.get_environment(h.job(young).environ or "") == env
+    assert_consistent(h.store)  # one does
+    run(h, young)
+    h.now += KEEP + DAY
+    purge_all(h)
+    with h.store.read() as tx:
+        assert tx.first_job() is None
+    assert_consistent(h.store)  # none does: it is gone
+
+
 def test_numbers_are_never_reused_when_everything_is_purged(h):
     ids = h.submit(spec(), spec())
     run(h, *ids)

@@ -102,14 +102,16 @@ def environment_key(env: dict[str, str]) -> str:
 _last_key: tuple[dict[str, str] | None, str] = (None, "")
 
 
-def new_job_tail(tx: Tx, account: str, environment: dict[str, str] | None) -> tuple[Any, ...]:
-    """The fields after `pending` of a submission's new job rows: its account and
+def new_job_tail(
+    tx: Tx, account: str, environment: dict[str, str] | None, jobs: int
+) -> tuple[Any, ...]:
+    """The fields after `pending` of a submission's `jobs` new job rows: its account and
     environment, the environment stored on the way."""
     tail = list(NEW_JOB_TAIL)
     tail[_ACCOUNT] = account
     if environment:
         key = environment_key(environment)
-        tx.put_environment(key, environment)
+        tx.put_environment(key, environment, jobs)
         tail[_ENVIRON] = key
     return tuple(tail)
 

@@ -257,7 +257,7 @@ class Core:
         rows: list[list[Any]] = []
         owner, now = actor.name, self.now
         mine = [] if own is None else [own.id]
-        tail = owners.new_job_tail(self.tx, actor.runs_as, environment) if jobs else ()
+        tail = owners.new_job_tail(self.tx, actor.runs_as, environment, len(jobs)) if jobs else ()
         for job_id, spec in zip(ids, jobs, strict=True):
             deps = new[job_id]
             if not deps and not spec.get("groups") and not mine:  # most jobs of a big one

@@ -28,7 +28,7 @@ Keys (integers big-endian, so LMDB's byte order is numeric order):
     owner_names  owner:u32                                 -> name
     shapes       packed [cpus, memory, gpus, sorted tags]  -> shape:u32
     users        name                                      -> User row
-    environments content key (hex)                         -> env map (a submitter's export)
+    environments content key (hex)                         -> [jobs naming it, env map] (an export)
 
 `eligible` holds exactly the jobs that are available with no pending dependency, in queues:
 one per owner and shape (the same cpus, memory, gpus and tags), each best first (priority
@@ -115,7 +115,7 @@ _TARGETS = {"job": b"j", "group": b"g"}
 _AVAILABLE = JobState.AVAILABLE.value
 _HOLDING = frozenset(s.value for s in HOLDING)
 _STATES = tuple(s.value for s in JobState)
-_DUMPED = ("jobs", "groups", "attempts", "edges")
+_DUMPED = ("jobs", "groups", "attempts", "edges", "environments")
 # Numbered by their own table's last key, not by a counter in `ids`: one B-tree fewer per
 # commit. A purge that deletes a table's last key leaves its number in `ids` (_FLOORS).
 _TABLE_IDS = {"job": "jobs", "event": "events"}
@@ -528,7 +528,7 @@ class ReadTx:
 
     def get_environment(self, key: str) -> dict[str, str] | None:
         raw = self._txn.get(key.encode(), db=self._db.environments)
-        return None if raw is None else dict(_unpack(raw))
+        return None if raw is None else dict(_unpack(raw)[1])
 
     def job_account(self, job_id: int) -> str | None:
         raw = self._txn.get(_U64.pack(job_id), db=self._db.jobs)
@@ -636,7 +636,7 @@ class ReadTx:
     def put_meta(self, key: str, value: Any) -> None:
         raise ReadOnly("put_meta on a read view")
 
-    def put_environment(self, key: str, env: dict[str, str]) -> None:
+    def put_environment(self, key: str, env: dict[str, str], jobs: int) -> None:
         raise ReadOnly("put_environment on a read view")
 
     def append_events(self, rows: list[tuple[float, int, str | None, str, str | None]]) -> int:
@@ -1037,6 +1037,8 @@ class WriteTx(ReadTx):
         self._own(job.owner, (job.state, job.cpus), (None, 0.0))
         for group_id in set(job.groups):
             txn.delete(_PAIR.pack(group_id, job_id), db=db.members)
+        if job.environ is not None:
+            self._let_go_environment(job.environ)
         self._delete_prefix(db.attempts, key)
         self._delete_prefix(db.edges, _TARGETS["job"] + key)  # its dependents'
         for _, target, target_id in job.depends_on:  # its own
@@ -1116,12 +1118,26 @@ class WriteTx(ReadTx):
         self._txn.put(_text_key(user.name), self._batch.pack(user.pack()), db=self._db.users)
 
     @_writes
-    def put_environment(self, key: str, env: dict[str, str]) -> None:
-        """Store an environment under its content key, once: a submitter's many submissions
-        from one shell share it, and writing it again would only dirty the tree."""
+    def put_environment(self, key: str, env: dict[str, str], jobs: int) -> None:
+        """Store an environment under its content key, once, for `jobs` more jobs: a
+        submitter's many submissions from one shell share it. It is kept while a job names
+        it (delete_job lets go of it)."""
         db = self._db.environments
-        if self._txn.get(key.encode(), db=db) is None:
-            self._txn.put(key.encode(), self._batch.pack(env), db=db)
+        raw = self._txn.get(key.encode(), db=db)
+        uses = jobs if raw is None else _unpack(raw)[0] + jobs
+        self._txn.put(key.encode(), self._batch.pack([uses, env]), db=db)
+
+    def _let_go_environment(self, key: str) -> None:
+        """One job fewer names the environment `key`: the last one takes it along."""
+        db = self._db.environments
+        raw = self._txn.get(key.encode(), db=db)
+        if raw is None:
+            return
+        uses, env = _unpack(raw)
+        if uses <= 1:
+            self._txn.delete(key.encode(), db=db)
+        else:
+            self._txn.put(key.encode(), self._batch.pack([uses - 1, env]), db=db)
 
 
 def _to_format_2(tx: WriteTx) -> None:
