@@ -24,7 +24,7 @@ import pytest
 import zmq.auth
 
 from banyan.client import Client
-from tests.cluster import _kill_tree, free_port, scaled, wait_for
+from tests.cluster import ALLOW_ROOT, _kill_tree, free_port, scaled, wait_for
 
 BIN = Path(sys.executable).parent  # where `pip install` put the programs
 HEARTBEAT, LIVENESS = 0.2, 5  # a one-second liveness window keeps these tests short
@@ -62,6 +62,10 @@ class Operator:
         return str(path)
 
     def spawn(self, key: str, argv: list[str], env: dict[str, str] | None = None) -> Any:
+        """Start an installed program. A worker also runs root's jobs where the tests run as
+        root: the broker's own admin key, which the tools use, is bound to this account."""
+        if argv[0] == "banyan-worker":
+            argv = [*argv, *ALLOW_ROOT]
         log = open(self.root / f"{key}.log", "ab")  # noqa: SIM115 - owned by the process
         proc = subprocess.Popen(
             [self.program(argv[0]), *argv[1:]],
@@ -311,6 +315,8 @@ def machine(op: Operator, name: str, files: dict[str, Path | None]) -> Path:
             zmq.auth.create_certificates(home / "keys", "made-up")
             source = home / "keys" / "made-up.key_secret"
         shutil.copyfile(source, home / "keys" / target)
+        if target.endswith("_secret"):  # as the README says to install one
+            (home / "keys" / target).chmod(0o600)
     return home
 
 
