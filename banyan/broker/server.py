@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import zmq
 
@@ -36,6 +36,7 @@ from banyan.errors import BanyanError, NoSpace, NotFound
 from banyan.keys import Authorizer, ensure_local, own_account, parse_user_id
 
 log = logging.getLogger("banyan.broker")
+T = TypeVar("T")
 
 # Messages taken from one socket per turn: enough to batch commits, few enough that a flood
 # on one socket cannot starve heartbeats on the other.
@@ -573,23 +574,16 @@ class Broker:
             return False
         if msg.type in longops.STARTS:
             return self._long_start(tx, identity, msg, actor, now, turn)
-        core: Core | None = None
-        try:
+
+        def handle() -> tuple[Core, Any]:
             with tx.child() as child:
                 core = Core(child, now, self.config.core)
-                reply = queries.handle(core, actor, msg.type, msg.body, self._last_seen())
-        except BanyanError as e:
-            self.refused += 1
-            turn.replies.append(("client", identity, _error(e.code, e.message, msg.req)))
+                return core, queries.handle(core, actor, msg.type, msg.body, self._last_seen())
+
+        done = self._answering(identity, msg, turn, handle)
+        if done is None:
             return False
-        except StoreFull:
-            raise
-        except Exception:
-            log.exception("internal error on %s", msg.type)
-            turn.replies.append(
-                ("client", identity, _error("internal", "internal broker error", msg.req))
-            )
-            return False
+        core, reply = done
         turn.effects += core.effects
         turn.events += core.events
         if msg.type == "wait" and reply is not None:
@@ -617,12 +611,32 @@ class Broker:
         turn: Turn,
     ) -> bool:
         """Admit a cancel or modify_many and do its first slice; answered now if that was all."""
+        admit = self.longops.admit
+        done = self._answering(
+            identity,
+            msg,
+            turn,
+            lambda: admit(tx, self._core_at(now), actor, identity, msg, turn.ops),
+        )
+        if done is None:
+            return False
+        core, reply = done
+        turn.effects += core.effects
+        turn.events += core.events
+        if reply is not None:
+            turn.replies.append(("client", identity, reply))
+        return core.wake
+
+    def _answering(
+        self, identity: bytes, msg: protocol.Message, turn: Turn, fn: Callable[[], T]
+    ) -> T | None:
+        """`fn()`, or None after answering the client's refusal (or an internal error) for it.
+        A full store is the caller's to handle: the turn is run again or one by one."""
         try:
-            core, reply = self.longops.admit(tx, self._core_at(now), actor, identity, msg, turn.ops)
+            return fn()
         except BanyanError as e:
             self.refused += 1
             turn.replies.append(("client", identity, _error(e.code, e.message, msg.req)))
-            return False
         except StoreFull:
             raise
         except Exception:
@@ -630,12 +644,7 @@ class Broker:
             turn.replies.append(
                 ("client", identity, _error("internal", "internal broker error", msg.req))
             )
-            return False
-        turn.effects += core.effects
-        turn.events += core.events
-        if reply is not None:
-            turn.replies.append(("client", identity, reply))
-        return core.wake
+        return None
 
     def _long_slice(self, tx: WriteTx, now: float, turn: Turn) -> bool:
         """The running long operation's slice of this turn (none if it began this turn)."""

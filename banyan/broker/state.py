@@ -1045,15 +1045,7 @@ class Core:
     def stopped(self, name: str) -> list[tuple[int, str]]:
         """The worker exits cleanly. It holds nothing by then; anything it still held goes
         back to the queue as from a lost worker. Returns those jobs and their new states."""
-        worker = self._worker(name)
-        why = f"worker {name} stopped"
-        moved = [self._lose_attempt(worker, j, t, why) for j, t in list(worker.running.items())]
-        worker.state = WorkerState.STOPPED.value
-        worker.wants = 0
-        worker.last_seen = self.now
-        self._recount(worker)
-        self.tx.put_worker(worker)
-        return [m for m in moved if m is not None]
+        return self._gone(self._worker(name), WorkerState.STOPPED, f"worker {name} stopped")
 
     def forget(self, actor: Actor, name: str) -> None:
         """Remove a lost or stopped worker from the list; a connected one is refused."""
@@ -1075,8 +1067,12 @@ class Core:
         worker = self.tx.get_worker(name)
         if worker is None or worker.gone:
             return []
+        return self._gone(worker, WorkerState.LOST, reason)
+
+    def _gone(self, worker: Worker, state: WorkerState, reason: str) -> list[tuple[int, str]]:
+        """The worker is no longer there (`state`): what it held goes back to the queue."""
         moved = [self._lose_attempt(worker, j, t, reason) for j, t in list(worker.running.items())]
-        worker.state = WorkerState.LOST.value
+        worker.state = state.value
         worker.wants = 0
         worker.last_seen = self.now
         self._recount(worker)
