@@ -472,6 +472,25 @@ def test_dependency_on_already_failed_job_is_born_cancelled(h):
     assert h.job(c).eligible
 
 
+def test_a_group_member_that_outran_its_cancel_lets_the_group_succeed(h):
+    """The cancel reached a member that had already ended by itself in success (SPEC §3):
+    what was cancelled at request time stays cancelled, but the group has fully succeeded."""
+    h.add_worker("w", cpus=1)
+    m1, m2 = h.submit(spec(groups=["g"]), spec(groups=["g"]), groups=[{"name": "g"}])
+    (early,) = h.submit(spec(depends_on=[{"group": "g"}]))
+    (a,) = h.claim("w")
+    h.do(lambda c: c.cancel(ALICE, [m1], [], None))
+    assert h.state(m1) == "pending_cancellation" and h.state(early) == "cancelled"
+    h.finish("w", a, exit_code=0)
+    assert (h.state(m1), h.job(m1).outcome) == ("terminated", "success")
+    assert h.run_one("w") == m2
+    with h.store.read() as tx:
+        group = tx.group_by_name("g")
+    assert group is not None and (group.succeeded, group.total, group.doomed) == (2, 2, 0)
+    (late,) = h.submit(spec(depends_on=[{"group": "g"}]))
+    assert h.state(late) == "available" and h.job(late).eligible
+
+
 def test_group_barrier(h):
     h.add_worker("w", cpus=1)
     ids = h.submit(*[spec(groups=["sweep"]) for _ in range(3)], groups=[{"name": "sweep"}])

@@ -363,11 +363,24 @@ class Core:
                         why = f"group {group.name!r}: job {job.id} {reason}"
                         self._cancel(self._load(dep_id), why)
 
+    def _reprieve(self, job: Job) -> None:
+        """A job doomed by a cancel ended in success after all: it had ended by itself before
+        the cancel reached it (SPEC §3). What was cancelled at request time stays cancelled,
+        but its groups no longer count it as a member that will not succeed."""
+        job.doomed = False
+        self.tx.put_job(job)
+        for gid in job.groups:
+            group = self._group(gid)
+            group.doomed -= 1
+            self.tx.put_group(group)
+
     def _ended(self, job: Job) -> None:
         """`job` reached a terminal state: settle its dependents and its groups."""
         success = job.outcome == Outcome.SUCCESS.value
         if not success:
             self._doom(job, _failure_word(job))
+        elif job.doomed:
+            self._reprieve(job)
         for dep_id, kind in self._dependents("job", job.id):
             self._settle(dep_id, _ended_verdict(kind, success, f"dependency {job.id}"))
         for gid in job.groups:
