@@ -472,6 +472,24 @@ def test_dependency_on_already_failed_job_is_born_cancelled(h):
     assert h.job(c).eligible
 
 
+def test_a_dependency_that_can_never_be_met_cancels_alike_at_submit_and_at_modify(h):
+    """One rule (docs/workflow.md): the job is accepted and cancelled with the reason, as if
+    the dependency had failed after it was made."""
+    h.add_worker("w")
+    (a,) = h.submit(spec())
+    h.run_one("w", 1)
+    (born,) = h.submit(spec(depends_on=after(a)))
+    held, other = h.submit(spec(hold=True), spec(hold=True))
+    (child,) = h.submit(spec(depends_on=after(held)))
+    h.do(lambda c: c.modify(ALICE, held, {"depends_on": after(a)}))
+    for j in (born, held):
+        job = h.job(j)
+        assert (job.state, job.cancel_reason) == ("cancelled", f"dependency {a} did not succeed")
+    assert h.state(child) == "cancelled"  # and downstream with it, as ever
+    h.do(lambda c: c.modify(ALICE, other, {"depends_on": after(a, kind="after_any")}))
+    assert (h.state(other), h.job(other).pending) == ("inactive", 0)
+
+
 def test_a_group_member_that_outran_its_cancel_lets_the_group_succeed(h):
     """The cancel reached a member that had already ended by itself in success (SPEC §3):
     what was cancelled at request time stays cancelled, but the group has fully succeeded."""

@@ -515,9 +515,10 @@ class Core:
                     f"{name}: may only be changed while the job is {states} "
                     f"(job {job.id} is {job.state})"
                 )
+        doom = None
         for name, value in changes.items():
             if name == "depends_on":
-                self._replace_deps(job, value)
+                doom = self._replace_deps(job, value)
             else:
                 setattr(job, name, value)
         self.tx.put_job(job)
@@ -525,21 +526,26 @@ class Core:
             self._move(job, S.AVAILABLE, f"released by {actor.name}")
         elif release and job.st != S.AVAILABLE:
             raise Conflict(f"job {job.id} is {job.state}; only an inactive job can be released")
+        if doom is not None:  # as at submit: accepted, and cancelled with the reason
+            self._cancel(job, doom)
         return job
 
-    def _replace_deps(self, job: Job, specs: list[dict[str, Any]]) -> None:
+    def _replace_deps(self, job: Job, specs: list[dict[str, Any]]) -> str | None:
+        """Set the job's dependencies; returns why it can never run, if one can never be met."""
         deps = self._resolve_deps(0, {"depends_on": specs}, {}, [job.id])
         DepGraph(self.tx).check({job.id: deps}, {}, set(), existing=True)
         pending = 0
+        doom = None
         for dep in deps:
             verdict = self._verdict(dep, [])
             if verdict == WAIT:
                 pending += 1
                 self.tx.add_dependent(dep.target, dep.id, job.id, dep.kind)
-            elif verdict != MET:
-                raise Conflict(f"depends_on: {verdict}; this job could never run")
+            elif verdict != MET and doom is None:
+                doom = verdict
         job.depends_on = [d.pack() for d in deps]
         job.pending = pending
+        return doom
 
     def close_group(self, actor: Actor, ref: str | int) -> Group:
         group = self._group(ref)
