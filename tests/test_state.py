@@ -556,6 +556,21 @@ def test_cancel_group_cancels_members_and_downstream(h):
     assert h.state(m2) == h.state(red) == "cancelled"
 
 
+def test_cancelling_an_open_group_settles_its_dependents_once(h):
+    """Cancelling an open group closes it. A member ending in the cancel completes it, or the
+    closing does if every member had ended: either way its dependents count it done once."""
+    h.add_worker("w")
+    h.submit(spec(groups=["done"]), groups=[{"name": "done", "open": True}])
+    h.run_one("w")  # the only member of "done" ends; the group stays open
+    h.submit(spec(groups=["o"]), groups=[{"name": "o", "open": True}])
+    ids = h.submit(
+        spec(hold=True, depends_on=[{"kind": "after_any", "group": "o"}]),
+        spec(hold=True, depends_on=[{"kind": "after_any", "group": "done"}]),
+    )
+    h.do(lambda c: c.cancel(ALICE, [], ["o", "done"], None))
+    assert [h.job(j).pending for j in ids] == [0, 0]
+
+
 def test_open_group_completes_when_closed(h):
     h.add_worker("w", cpus=1)
     h.submit(spec(groups=["o"]), groups=[{"name": "o", "open": True}])

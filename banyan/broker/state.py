@@ -449,12 +449,15 @@ class Core:
         for group in groups:
             group.cancel_reason = why
             was_open, group.open = group.open, False
+            # Closing completes a group whose members have all ended; otherwise the last
+            # member to end below completes it, and its dependents must be settled only once.
+            over = group.ended == group.total
             self.tx.put_group(group)
             members = list(self.tx.group_members(group.id))
             for member in members:
                 job = self._load(member)
                 self._sort(out, job, self._cancel(job, f"group {group.name!r} {why}"))
-            if was_open:
+            if was_open and over:
                 self._group_complete(self._group(group.id))
         for job in jobs:
             self._sort(out, job, self._cancel(self._load(job.id), why))
