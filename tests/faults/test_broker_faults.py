@@ -15,11 +15,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from banyan.client import BrokerUnavailable, Client
 from banyan.errors import NoSpace
-from tests.cluster import Cluster, scaled, wait_for
+from tests.cluster import Cluster, cannot_run, scaled, wait_for
 from tests.faults.conftest import Summary
 from tests.faults.harness import JobLog, Row, audit, size
 
@@ -169,7 +167,7 @@ def small_disk(path: Path, megabytes: int, summary: Summary) -> Iterator[Path]:
     if error is not None:
         why = f"cannot mount a tmpfs: {error}"
         summary.add(Row("6 disk full", note=f"SKIPPED: {why}"))
-        pytest.skip(why)
+        cannot_run(why)
     try:
         yield path
     finally:
