@@ -179,6 +179,7 @@ def test_the_broker_as_deployed_commits_synchronously(
     def run(self: Broker) -> None:
         flags.append(self.store._env.flags())
         self.close()
+        self.ctx.term()  # its own context; the process would end here
 
     monkeypatch.setattr(Broker, "run", run)
     monkeypatch.setattr(broker_cli, "daemon_logging", lambda level: None)
