@@ -5,10 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from banyan.demo import ENDS
 from tests.cluster import scaled
 
 
+@pytest.mark.timeout(180)  # 15-25 s; the demo is given 120
 def test_demo_runs_the_whole_workflow() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "banyan.demo"],
