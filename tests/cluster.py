@@ -14,9 +14,10 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import psutil
+import pytest
 
 from banyan.broker.store import Store
 from banyan.client import Client
@@ -239,3 +240,29 @@ def have_cgroups() -> bool:
         return False
     probe.close()
     return True
+
+
+def in_ci() -> bool:
+    """Whether this run is CI's (CI set, as every CI service sets it): there every test must
+    run its real scenario, since a skip would hide a broken environment."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def cannot_run(why: str) -> NoReturn:
+    """This machine cannot run the test's real scenario: skip here, fail under CI. The one way
+    a test of this suite may skip."""
+    if in_ci():
+        pytest.fail(f"CI must run this test's real scenario, but {why}", pytrace=False)
+    pytest.skip(why)
+
+
+def shrunk(why: str) -> None:
+    """The test is about to run less than its real scenario: fail under CI, go on here."""
+    if in_ci():
+        pytest.fail(f"CI must run this test's whole scenario, but {why}", pytrace=False)
+
+
+def need_cgroups() -> None:
+    """A cgroup per job is what the test is about: without one, `cannot_run`."""
+    if not have_cgroups():
+        cannot_run("there is no writable cgroup2 hierarchy here (it needs cgroup v2 and root)")

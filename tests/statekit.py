@@ -26,17 +26,32 @@ class Harness:
         self.config = config or Config()
         self.effects: list[Effect] = []
 
-    def do(self, fn: Callable[[Core], T]) -> T:
+    def do(self, fn: Callable[[Core], T], wake: bool = False) -> T:
+        """`wake`: match afterwards whatever the Core said, as the server does after a result."""
         with self.store.write() as tx:
             with tx.child() as child:
                 core = Core(child, self.now, self.config)
                 result = fn(core)
             self.effects += core.effects
-            if core.wake:
+            if core.wake or wake:
                 matcher = Core(tx, self.now, self.config)
                 matcher.match()
                 self.effects += matcher.effects
         return result
+
+    def restart(self) -> None:
+        """The broker stops and starts again: it finds in its store exactly what it committed,
+        and, as its recovery does (server.Broker._recover), claims from before are void."""
+        before = self.store.dump()
+        self.store.close()
+        self.store = Store(self.path, sync=False)
+        assert self.store.dump() == before, "the store changed across a restart"
+        with self.store.write() as tx:
+            for worker in list(tx.workers()):
+                if worker.wants:
+                    worker.wants = 0
+                    tx.put_worker(worker)
+        self.effects = []  # a turn's messages are sent after its commit, or never
 
     def take(self, kind: str | None = None, worker: str | None = None) -> list[Effect]:
         """Remove and return the effects sent so far (of one type / to one worker)."""

@@ -87,6 +87,24 @@ def test_a_cancel_in_slices_ends_as_it_would_in_one_go(tmp_path: Path, per_step:
     assert sliced.state(ids[-1]) == sliced.state(ids[-2]) == "cancelled"
 
 
+@pytest.mark.parametrize("per_step", [1, 1000])
+def test_a_sliced_cancel_of_open_groups_settles_their_dependents_once(
+    h: Harness, per_step: int
+) -> None:
+    """A member ending in the cancel completes its group, or the sealing does if every member
+    had ended: either way the group's dependents count it done once."""
+    h.add_worker("w")
+    h.submit(spec(groups=["done"]), groups=[{"name": "done", "open": True}])
+    h.run_one("w")  # the only member of "done" ends; the group stays open
+    h.submit(spec(groups=["o"]), groups=[{"name": "o", "open": True}])
+    ids = h.submit(
+        spec(hold=True, depends_on=[{"kind": "after_any", "group": "o"}]),
+        spec(hold=True, depends_on=[{"kind": "after_any", "group": "done"}]),
+    )
+    run(h, ALICE, bulk.CANCEL, body(groups=["o", "done"]), per_step)
+    assert [h.job(j).pending for j in ids] == [0, 0]
+
+
 def test_a_refusal_while_checking_changes_nothing(h: Harness) -> None:
     ids = h.submit(*(spec(groups=["g"]) for _ in range(20)), groups=[{"name": "g"}])
     (bobs,) = h.submit(spec(), actor=BOB)

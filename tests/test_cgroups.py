@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from banyan.worker import cgroups
-from tests.cluster import have_cgroups, wait_for
+from tests.cluster import need_cgroups, wait_for
 
 
 @pytest.mark.parametrize(
@@ -43,8 +43,8 @@ def test_no_advice_without_cgroup2_or_the_features_file(
     assert cgroups.remount_hint(str(tmp_path / "missing")) is None
 
 
-@pytest.mark.skipif(not have_cgroups(), reason="no writable cgroup2 hierarchy here")
 def test_a_new_worker_removes_what_dead_workers_left() -> None:
+    need_cgroups()
     own = cgroups._hierarchy()
     assert own is not None
     gone = subprocess.Popen(["true"])

@@ -239,18 +239,24 @@ def test_broker_kill9_while_jobs_run(cluster: Cluster, tmp_path: Path) -> None:
 def test_stopped_worker_is_fenced(cluster: Cluster, tmp_path: Path) -> None:
     w1 = cluster.start_worker("w1")
     c = cluster.client()
-    (j,) = c.submit("sleep 1000.9 & sleep 3; echo done-$BANYAN_ATTEMPT", max_attempts=1).jobs
+    # The first attempt never ends by itself: only the fence can stop it.
+    script = 'if [ "$BANYAN_ATTEMPT" = 1 ]; then sleep 1000.9 & sleep 1000.9; fi; echo done-2'
+    (j,) = c.submit(script, max_attempts=1).jobs
     wait_for(
-        lambda: c.job(j).worker == "w1" and pids_with_marker("1000.9"), 10, what="the job on w1"
+        lambda: c.job(j).worker == "w1" and len(pids_with_marker("1000.9")) >= 2,
+        10,
+        what="the job on w1",
     )
     stale = pids_with_marker("1000.9")
     w1.send_signal(signal.SIGSTOP)
     cluster.start_worker("w2")
     wait_for(lambda: c.job(j).worker == "w2", WINDOW + 5, what="the job to move to w2")
+    assert ended(c, [j]) == {j: "terminated/success"}
+    assert all(psutil.pid_exists(p) for p in stale)  # still there while w1 sleeps
     w1.send_signal(signal.SIGCONT)
     # w1 wakes up believing it still holds the job: the broker fences it and it kills the group
     wait_for(lambda: not any(psutil.pid_exists(p) for p in stale), 10, what="stale group killed")
-    assert ended(c, [j]) == {j: "terminated/success"}
+    assert w1.poll() is None, "w1 died instead of being fenced"
     info = c.job(j)
     assert [a["worker"] for a in info.raw["history"]] == ["w1", "w2"]
     assert info.raw["history"][0]["outcome"] == "lost"

@@ -15,23 +15,30 @@ import pytest
 
 from banyan.errors import NotFound
 from banyan.worker import accounts
-from tests.cluster import scaled
+from tests.cluster import need_cgroups, scaled
 from tests.test_runner import Harness
 
 
-@pytest.fixture
-def r(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
+@pytest.fixture(params=[False, True], ids=["plain", "daemon"])
+def r(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Iterator[Harness]:
+    """A runner as unit tests make it, and as the daemon does (cgroups on)."""
+    if request.param:
+        need_cgroups()
     # What a worker's own environment holds must never reach a job.
     monkeypatch.setenv("BANYAN_HOME", "/the/workers/home")
     monkeypatch.setenv("WORKER_ONLY", "secret")
     # Nor what its parent left open without close-on-exec.
     inherited = os.open(os.devnull, os.O_RDONLY)
     os.set_inheritable(inherited, True)
-    harness = Harness(tmp_path / "spool", [])
+    harness = Harness(tmp_path / "spool", [], cgroups=request.param)
     yield harness
     harness.runner.shutdown_all(time.monotonic())
     harness.polling_until(lambda: not harness.runner.running(), timeout=15)
     harness.runner.launcher.close()
+    if harness.runner.cgroups is not None:
+        harness.runner.cgroups.close()
     os.close(inherited)
 
 

@@ -1,5 +1,6 @@
 """Jobs started straight into their cgroups by the launcher helper, and the fallback when it
-cannot (the shell then moves itself in). Needs a writable cgroup2 hierarchy; skipped without."""
+cannot (the shell then moves itself in). Needs a writable cgroup2 hierarchy: skipped without,
+failed without under CI."""
 
 from __future__ import annotations
 
@@ -15,9 +16,12 @@ import pytest
 from banyan.worker import cgroups, launcher
 from banyan.worker.launcher import Launcher
 from banyan.worker.runner import SLOW_MOVE, Finished, Launch, Runner
-from tests.cluster import have_cgroups, wait_for
+from tests.cluster import need_cgroups, wait_for
 
-pytestmark = pytest.mark.skipif(not have_cgroups(), reason="no writable cgroup2 hierarchy here")
+
+@pytest.fixture(autouse=True)
+def _cgroups() -> None:
+    need_cgroups()
 
 
 @pytest.fixture

@@ -34,17 +34,14 @@ from banyan.cli import submit as submit_cli
 from banyan.client import Client, JobInfo
 from banyan.errors import Forbidden
 from banyan.worker import accounts
-from tests.cluster import Cluster, scaled, wait_for
+from tests.cluster import Cluster, cannot_run, scaled, wait_for
 
 REPO = Path(banyan.__file__).resolve().parents[1]
 
 
 def need_root() -> None:
-    if os.geteuid() == 0:
-        return
-    if os.environ.get("CI"):
-        pytest.fail("these tests make Unix accounts and need root (CI runs as root)")
-    pytest.skip("these tests make Unix accounts and need root")
+    if os.geteuid() != 0:
+        cannot_run("these tests make Unix accounts and need root (CI runs as root)")
 
 
 @dataclass(frozen=True)

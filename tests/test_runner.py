@@ -20,6 +20,7 @@ from banyan.errors import BadRequest, NotFound
 from banyan.worker.procs import MARKER_VAR
 from banyan.worker.progress import parse_progress
 from banyan.worker.runner import Finished, Launch, Runner, RunningJob, output_paths
+from tests.cluster import need_cgroups
 
 
 def time_factor() -> float:
@@ -70,8 +71,8 @@ def marked(marker: str) -> list[int]:
 
 
 class Harness:
-    def __init__(self, spool: Path, gpus: list[str]) -> None:
-        self.runner = Runner(spool, gpus)
+    def __init__(self, spool: Path, gpus: list[str], cgroups: bool) -> None:
+        self.runner = Runner(spool, gpus, cgroups=cgroups)
         self.spool = spool
         self.markers: list[str] = []
         self.finished: dict[int, Finished] = {}
@@ -106,13 +107,27 @@ def living_children() -> set[int]:
     return {c.pid for c in psutil.Process().children(recursive=True) if alive(c.pid)}
 
 
-@pytest.fixture
-def h(tmp_path: Path) -> Iterator[Harness]:
+# Every test runs twice: plain, and as the worker daemon runs jobs (a cgroup per job, and the
+# launcher where moves into cgroups are slow).
+@pytest.fixture(params=[False, True], ids=["plain", "daemon"])
+def h(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Harness]:
+    if request.param:
+        need_cgroups()
     before = living_children()
-    harness = Harness(tmp_path / "spool", ["2", "3"])
-    yield harness
+    harness = Harness(tmp_path / "spool", ["2", "3"], cgroups=request.param)
+    try:
+        yield harness
+        _finish(harness, before)
+    finally:
+        harness.runner.launcher.close()
+        if harness.runner.cgroups is not None:
+            harness.runner.cgroups.close()
+
+
+def _finish(harness: Harness, before: set[int]) -> None:
     harness.runner.shutdown_all(time.monotonic())
     harness.polling_until(lambda: not harness.runner.running(), timeout=15)
+    harness.runner.launcher.close()  # the helper is the runner's own child, not a job's
     leftovers: set[int] = set()
     with contextlib.suppress(AssertionError):
         harness.polling_until(lambda: not any(marked(m) for m in harness.markers), timeout=3)

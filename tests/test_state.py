@@ -457,6 +457,43 @@ def test_dependency_on_already_failed_job_is_born_cancelled(h):
     assert h.job(c).eligible
 
 
+def test_a_dependency_that_can_never_be_met_cancels_alike_at_submit_and_at_modify(h):
+    """One rule (docs/workflow.md): the job is accepted and cancelled with the reason, as if
+    the dependency had failed after it was made."""
+    h.add_worker("w")
+    (a,) = h.submit(spec())
+    h.run_one("w", 1)
+    (born,) = h.submit(spec(depends_on=after(a)))
+    held, other = h.submit(spec(hold=True), spec(hold=True))
+    (child,) = h.submit(spec(depends_on=after(held)))
+    h.do(lambda c: c.modify(ALICE, held, {"depends_on": after(a)}))
+    for j in (born, held):
+        job = h.job(j)
+        assert (job.state, job.cancel_reason) == ("cancelled", f"dependency {a} did not succeed")
+    assert h.state(child) == "cancelled"  # and downstream with it, as ever
+    h.do(lambda c: c.modify(ALICE, other, {"depends_on": after(a, kind="after_any")}))
+    assert (h.state(other), h.job(other).pending) == ("inactive", 0)
+
+
+def test_a_group_member_that_outran_its_cancel_lets_the_group_succeed(h):
+    """The cancel reached a member that had already ended by itself in success (SPEC §3):
+    what was cancelled at request time stays cancelled, but the group has fully succeeded."""
+    h.add_worker("w", cpus=1)
+    m1, m2 = h.submit(spec(groups=["g"]), spec(groups=["g"]), groups=[{"name": "g"}])
+    (early,) = h.submit(spec(depends_on=[{"group": "g"}]))
+    (a,) = h.claim("w")
+    h.do(lambda c: c.cancel(ALICE, [m1], [], None))
+    assert h.state(m1) == "pending_cancellation" and h.state(early) == "cancelled"
+    h.finish("w", a, exit_code=0)
+    assert (h.state(m1), h.job(m1).outcome) == ("terminated", "success")
+    assert h.run_one("w") == m2
+    with h.store.read() as tx:
+        group = tx.group_by_name("g")
+    assert group is not None and (group.succeeded, group.total, group.doomed) == (2, 2, 0)
+    (late,) = h.submit(spec(depends_on=[{"group": "g"}]))
+    assert h.state(late) == "available" and h.job(late).eligible
+
+
 def test_group_barrier(h):
     h.add_worker("w", cpus=1)
     ids = h.submit(*[spec(groups=["sweep"]) for _ in range(3)], groups=[{"name": "sweep"}])
@@ -510,6 +547,21 @@ def test_cancel_lists_each_job_once(h):
     m1, m2 = h.submit(spec(groups=["g"]), spec(groups=["g"]), groups=[{"name": "g"}])
     out = h.do(lambda c: c.cancel(ALICE, [m2, m1, m2], ["g", "g"], None))
     assert out == {"cancelled": [m1, m2], "pending": [], "already": []}
+
+
+def test_cancelling_an_open_group_settles_its_dependents_once(h):
+    """Cancelling an open group closes it. A member ending in the cancel completes it, or the
+    closing does if every member had ended: either way its dependents count it done once."""
+    h.add_worker("w")
+    h.submit(spec(groups=["done"]), groups=[{"name": "done", "open": True}])
+    h.run_one("w")  # the only member of "done" ends; the group stays open
+    h.submit(spec(groups=["o"]), groups=[{"name": "o", "open": True}])
+    ids = h.submit(
+        spec(hold=True, depends_on=[{"kind": "after_any", "group": "o"}]),
+        spec(hold=True, depends_on=[{"kind": "after_any", "group": "done"}]),
+    )
+    h.do(lambda c: c.cancel(ALICE, [], ["o", "done"], None))
+    assert [h.job(j).pending for j in ids] == [0, 0]
 
 
 def test_open_group_completes_when_closed(h):

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.cluster import cannot_run
+
 CONTRIB = Path(__file__).resolve().parent.parent / "contrib"
 BIN = Path(__file__).resolve().parent.parent / "bin"
 
@@ -71,7 +73,7 @@ def test_the_broker_unit_keeps_its_state_in_its_home() -> None:
 def test_systemd_reads_the_unit_without_a_complaint(name: str, tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
-        pytest.skip("systemd-analyze is not installed")
+        cannot_run("systemd-analyze is not installed")
     # The programs as installed here, so that systemd can check that ExecStart exists.
     text = (
         (CONTRIB / name).read_text().replace("/usr/local/bin/", f"{Path(sys.executable).parent}/")

@@ -53,7 +53,7 @@ class Op:
     args: dict[str, Any]  # cancel: {reason}; modify: {set, hold, release}
     phase: int = 0  # the source being walked (see sources)
     cursor: int = 0  # where in it: an index into `jobs`, or the last job id done
-    opened: list[int] = field(default_factory=list)  # sealed groups that had been open
+    opened: list[int] = field(default_factory=list)  # open groups whose sealing completed them
     _named: frozenset[int] | None = field(default=None, repr=False, compare=False)
     _selector: Selector | None = field(default=None, repr=False, compare=False)
 
@@ -258,7 +258,9 @@ def _seal(core: Core, op: Op) -> None:
     for group_id in op.groups:
         group = core._group(group_id)
         group.cancel_reason = why
-        if group.open:
+        # Sealing completes an open group whose members have all ended (at the end of the
+        # operation); otherwise the last member to end completes it, once.
+        if group.open and group.ended == group.total:
             op.opened.append(group.id)
         group.open = False
         core.tx.put_group(group)
@@ -305,7 +307,7 @@ def _modify(core: Core, op: Op, job: Job, done: Done) -> None:
 
 
 def _finish(core: Core, op: Op) -> None:
-    """A group that was open when sealed may be complete only now: settle its dependents."""
+    """A group that sealing completed: settle its dependents, now that the operation ends."""
     for group_id in op.opened:
         core._group_complete(core._group(group_id))
     core.wake = True  # jobs held back from claims are free again

@@ -431,11 +431,24 @@ class Core:
                         why = f"group {group.name!r}: job {job.id} {reason}"
                         self._cancel(self._load(dep_id), why)
 
+    def _reprieve(self, job: Job) -> None:
+        """A job doomed by a cancel ended in success after all: it had ended by itself before
+        the cancel reached it (SPEC §3). What was cancelled at request time stays cancelled,
+        but its groups no longer count it as a member that will not succeed."""
+        job.doomed = False
+        self.tx.put_job(job)
+        for gid in job.groups:
+            group = self._group(gid)
+            group.doomed -= 1
+            self.tx.put_group(group)
+
     def _ended(self, job: Job) -> None:
         """`job` reached a terminal state: settle its dependents and its groups."""
         success = job.outcome == Outcome.SUCCESS.value
         if not success:
             self._doom(job, _failure_word(job))
+        elif job.doomed:
+            self._reprieve(job)
         for dep_id, kind in self._dependents("job", job.id):
             self._settle(dep_id, _ended_verdict(kind, success, f"dependency {job.id}"))
         for gid in job.groups:
@@ -507,13 +520,16 @@ class Core:
         for group in groups:
             group.cancel_reason = why
             was_open, group.open = group.open, False
+            # Closing completes a group whose members have all ended; otherwise the last
+            # member to end below completes it, and its dependents must be settled only once.
+            closing_completes = group.ended == group.total
             self.tx.put_group(group)
             members = list(self.tx.group_members(group.id))
             for member in members:
                 if member not in out.seen:
                     job = self._load(member)
                     out.add(job.id, self._cancel(job, f"group {group.name!r} {why}"))
-            if was_open:
+            if was_open and closing_completes:
                 self._group_complete(self._group(group.id))
         for job in jobs:
             if job.id not in out.seen:
@@ -573,9 +589,10 @@ class Core:
                     f"{name}: may only be changed while the job is {states} "
                     f"(job {job.id} is {job.state})"
                 )
+        doom = None
         for name, value in changes.items():
             if name == "depends_on":
-                self._replace_deps(job, value)
+                doom = self._replace_deps(job, value)
             else:
                 setattr(job, name, value)
         self.tx.put_job(job)
@@ -583,21 +600,26 @@ class Core:
             self._move(job, S.AVAILABLE, f"released by {actor.name}")
         elif release and job.st != S.AVAILABLE:
             raise Conflict(f"job {job.id} is {job.state}; only an inactive job can be released")
+        if doom is not None:  # as at submit: accepted, and cancelled with the reason
+            self._cancel(job, doom)
         return job
 
-    def _replace_deps(self, job: Job, specs: list[dict[str, Any]]) -> None:
+    def _replace_deps(self, job: Job, specs: list[dict[str, Any]]) -> str | None:
+        """Set the job's dependencies; returns why it can never run, if one can never be met."""
         deps = self._resolve_deps(0, {"depends_on": specs}, {}, [job.id])
         DepGraph(self.tx).check({job.id: deps}, {}, set(), existing=True)
         pending = 0
+        doom = None
         for dep in deps:
             verdict = self._verdict(dep, [])
             if verdict == WAIT:
                 pending += 1
                 self.tx.add_dependent(dep.target, dep.id, job.id, dep.kind)
-            elif verdict != MET:
-                raise Conflict(f"depends_on: {verdict}; this job could never run")
+            elif verdict != MET and doom is None:
+                doom = verdict
         job.depends_on = [d.pack() for d in deps]
         job.pending = pending
+        return doom
 
     def close_group(self, actor: Actor, ref: str | int) -> Group:
         group = self._group(ref)

@@ -19,7 +19,7 @@ import pytest
 
 from banyan.client import BrokerUnavailable, Client
 from banyan.errors import NoSpace
-from tests.cluster import Cluster, scaled, wait_for
+from tests.cluster import Cluster, cannot_run, scaled, wait_for
 from tests.faults.conftest import Summary
 from tests.faults.harness import JobLog, Row, audit, size
 
@@ -77,6 +77,7 @@ class Submitters:
         raise AssertionError(f"{key} never acknowledged")
 
 
+@pytest.mark.timeout(300)  # `make faults` size: 20-35 s idle; its audit may wait 300
 def test_broker_crash_loop(fleet: Cluster, summary: Summary) -> None:
     """1. kill -9 the broker at 10 random moments while submitters and two workers are busy;
     restart it each time. Nothing acknowledged is lost, duplicated or run twice."""
@@ -116,6 +117,7 @@ def test_broker_crash_loop(fleet: Cluster, summary: Summary) -> None:
     assert a.outcomes == {"success": n}
 
 
+@pytest.mark.timeout(300)  # `make faults` size: 20-35 s idle; its audit may wait 300
 def test_broker_away(fleet: Cluster, summary: Summary) -> None:
     """5. The broker stopped for 30 s (8 s in the reduced run), then restarted on the same
     state. Workers keep running their jobs, keep the results of those that end meanwhile,
@@ -169,7 +171,7 @@ def small_disk(path: Path, megabytes: int, summary: Summary) -> Iterator[Path]:
     if error is not None:
         why = f"cannot mount a tmpfs: {error}"
         summary.add(Row("6 disk full", note=f"SKIPPED: {why}"))
-        pytest.skip(why)
+        cannot_run(why)
     try:
         yield path
     finally:
@@ -179,6 +181,7 @@ def small_disk(path: Path, megabytes: int, summary: Summary) -> Iterator[Path]:
 FULL_FOR = 3.0  # > RESULT_RESEND: results are sent again into the full disk
 
 
+@pytest.mark.timeout(300)  # `make faults` size: 20-35 s idle; its audit may wait 300
 def test_disk_full(fleet: Cluster, summary: Summary) -> None:
     """6. The broker's state dir on a small tmpfs; submit until it is full. Submitters get a
     clear "no space" error, the broker stays up and keeps answering, what was acknowledged is

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.cluster import HEARTBEAT, LIVENESS, Cluster, wait_for
+from tests.cluster import HEARTBEAT, LIVENESS, Cluster, cannot_run, wait_for
 from tests.faults.conftest import Summary
 from tests.faults.harness import JobLog, Row, audit, gone_at, overlapping, runs_of, size
 from tests.faults.netns import NetnsUnavailable, Network
@@ -108,7 +108,7 @@ def network(fleet: Cluster, summary: Summary) -> Iterator[Network]:
         net.open()
     except NetnsUnavailable as e:
         summary.add(Row("3 partition (netns)", note=f"SKIPPED: no network namespaces here: {e}"))
-        pytest.skip(f"network namespaces unavailable: {e}")
+        cannot_run(f"network namespaces are unavailable here: {e}")
     try:
         fleet.host = net.broker_for_clients
         fleet.broker_args = ["--bind", "0.0.0.0"]

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 import zmq
 
 from banyan import protocol
@@ -44,6 +45,7 @@ def replies(sock: zmq.Socket[bytes], count: int, timeout: float) -> list[protoco
     return out
 
 
+@pytest.mark.timeout(300)  # `make faults` size: 30 s idle; its audit may wait 300
 def test_slow_consumer(fleet: Cluster, summary: Summary) -> None:
     """8. A flood of pipelined submissions while a crowd of idle clients hold waits."""
     t0 = time.monotonic()
@@ -134,4 +136,6 @@ def flood(
     for w in idle:
         (msg,) = replies(w.sock, 1, timeout=60)
         assert msg.type == "waited" and {j["state"] for j in msg.body["jobs"]} == {"terminated"}
+        w.close()
+    sock.close(linger=0)
     return crowded, peak, pings, acked
