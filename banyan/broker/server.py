@@ -160,6 +160,7 @@ class Broker:
         self.mono = clock()
         # A context of its own: the ZAP endpoint is per context, and tests run several brokers.
         self.ctx = ctx or zmq.Context()
+        self._own_ctx = ctx is None
         # A first start makes its state directory (and $BANYAN_HOME), private to this account.
         Path(config.state_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
         self.store = Store(config.state_dir, sync=config.sync)
@@ -998,6 +999,8 @@ class Broker:
         if self.zap is not None:
             self.zap.close()
         self.store.close()
+        if self._own_ctx:
+            self.ctx.destroy(linger=0)  # and any socket a caller made on it
         log.info("stopped; %d messages refused in this run", self.refusals())
 
 

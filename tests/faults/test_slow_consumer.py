@@ -114,7 +114,8 @@ def flood(
     c.ping()  # fair queuing: the crowd's waits are in once this is answered
     crowded = peak = anon_bytes(pid)
     # The flood: every submission sent before any reply is read.
-    sock = Client(address, fleet.home, ctx=ctx).sock
+    flooder = Client(address, fleet.home, ctx=ctx)
+    sock = flooder.sock
     sock.setsockopt(zmq.SNDTIMEO, int(scaled(60) * 1000))  # held back by TCP, never hung
     requests = n // PER_REQUEST
     pings = []
@@ -137,5 +138,5 @@ def flood(
         (msg,) = replies(w.sock, 1, timeout=60)
         assert msg.type == "waited" and {j["state"] for j in msg.body["jobs"]} == {"terminated"}
         w.close()
-    sock.close(linger=0)
+    flooder.close()
     return crowded, peak, pings, acked
