@@ -27,6 +27,7 @@ import os
 import pwd
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -231,6 +232,11 @@ def parse_user_id(user: str) -> Identity:
     return Identity(name, role, account or (None if role == "worker" else name))
 
 
+# How close to the last read a change of `authorized/` must be to be doubted (mtimes are
+# coarse: a few ms; a second is plenty).
+RACY_SECONDS = 1.0
+
+
 class Authorizer:
     """Maps a peer's public key to its Identity, reloading when `authorized/` changes, so a
     deleted key is refused at its next connection without a restart."""
@@ -238,6 +244,7 @@ class Authorizer:
     def __init__(self, home: Path) -> None:
         self.root = keys_dir(home) / "authorized"
         self._stamp: tuple[float, ...] = ()
+        self._loaded = 0.0  # when the keys were last read, on the wall clock as mtimes are
         self._known: dict[bytes, Identity] = {}
 
     def _stamps(self) -> tuple[float, ...]:
@@ -251,7 +258,11 @@ class Authorizer:
 
     def lookup(self, public_z85: bytes) -> Identity | None:
         stamp = self._stamps()
-        if stamp != self._stamp:
+        # A directory's mtime moves in the kernel's coarse ticks: a key added or deleted in the
+        # same tick as the last read leaves it unchanged. So while a change is that recent,
+        # read again (as git does for racily clean files).
+        if stamp != self._stamp or max(stamp, default=0.0) >= self._loaded - RACY_SECONDS:
+            self._loaded = time.time()
             self._stamp, self._known = stamp, self._load()
         return self._known.get(public_z85)
 

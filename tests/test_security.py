@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -169,3 +170,23 @@ def test_worker_cannot_report_on_another_workers_attempt(cluster: Cluster) -> No
     finally:
         honest.close()
         rogue.close()
+
+
+def test_a_key_added_or_revoked_within_one_tick_of_the_last_read_is_seen(tmp_path: Path) -> None:
+    """A directory's mtime moves in coarse ticks: a change in the same tick as the last read
+    leaves it as it was. The authorizer must still see the new key, and miss the revoked one."""
+    home = tmp_path / "home"
+    keys.ensure_local(home)
+    authorizer = keys.Authorizer(home)
+    users = keys.keys_dir(home) / "authorized" / "user"
+    _, _, first = keys.issue(home, "user", "alice", "root")
+    public_of = {p.stem: zmq.auth.load_certificate(p)[0] for p in users.glob("*.key")}
+    assert authorizer.lookup(public_of["alice"]) is not None  # read now
+    tick = users.stat().st_mtime_ns
+    _, _, second = keys.issue(home, "user", "bob", "root")
+    os.utime(users, ns=(tick, tick))  # as if in the same tick as the read
+    bob = zmq.auth.load_certificate(second)[0]
+    assert authorizer.lookup(bob) is not None
+    first.unlink()
+    os.utime(users, ns=(tick, tick))
+    assert authorizer.lookup(public_of["alice"]) is None
