@@ -99,3 +99,20 @@ def test_only_a_gone_worker_may_be_forgotten_and_only_by_an_admin(h: Harness) ->
     h.do(lambda c: c.forget(ROOT, "w"))
     with h.store.read() as tx:
         assert tx.get_worker("w") is None and list(tx.workers()) == []
+
+
+def test_a_cold_stopped_job_only_its_worker_can_run_waits_for_it_to_start_again(
+    h: Harness,
+) -> None:
+    """docs/operations.md, Stopping: the job is not barred from the worker that stopped it."""
+    h.add_worker("only", tags=["ssd"])
+    h.add_worker("other")
+    (job,) = h.submit(spec(tags=["ssd"], max_attempts=1))
+    (a,) = h.claim("only")
+    h.do(lambda c: c.draining("only"))
+    h.finish("only", a, exit_code=None, outcome="cancelled")
+    h.do(lambda c: c.stopped("only"))
+    assert h.claim("other") == [] and h.state(job) == "available"
+    h.add_worker("only", tags=["ssd"])  # started again
+    (again,) = h.claim("only")
+    assert again["job"] == job
