@@ -39,7 +39,7 @@ def waiting_reason(job: Job, workers: list[Worker], limit: str | None = None) ->
     live = [w for w in live if owners.runs(w, job.runs_as)]
     never = unrunnable(job, live)
     if never:
-        return never
+        return away(job, workers) or never
     if limit:
         return limit
     request = (job.cpus, job.memory, job.gpus, job.tags)
@@ -69,16 +69,58 @@ def unrunnable(job: Job, live: list[Worker]) -> str | None:
     lead = "no worker can ever run this: needs"
     most_cpus = max(w.cpus for w in live)
     if job.cpus > most_cpus:
-        return f"{lead} {job.cpus:g} cpus, largest worker has {most_cpus:g}"
+        return f"{lead} {_cpus(job.cpus)}, largest worker has {most_cpus:g}"
     most_mem = max(w.memory for w in live)
     if job.memory > most_mem:
         return f"{lead} {job.memory} MiB of memory, largest worker has {most_mem} MiB"
     most_gpus = max(w.gpus for w in live)
     if job.gpus > most_gpus:
-        return f"{lead} {job.gpus} gpus, largest worker has {most_gpus}"
+        return f"{lead} {_gpus(job.gpus)}, largest worker has {most_gpus}"
     if not any(all(t in w.tags for t in job.tags) for w in live):
+        if len(job.tags) == 1:
+            return f"{lead} tag {job.tags[0]}; no worker carries it"
         return f"{lead} tags {', '.join(job.tags)}; no worker carries them all"
-    return f"{lead} {job.cpus:g} cpus, {job.memory} MiB, {job.gpus} gpus and tags together"
+    parts = [_cpus(job.cpus)]
+    parts += [f"{job.memory} MiB"] if job.memory else []
+    parts += [_gpus(job.gpus)] if job.gpus else []
+    parts += [_tags(job.tags)] if job.tags else []
+    both = f"{', '.join(parts[:-1])} and {parts[-1]}"
+    return f"{lead} {both} together; no worker has all of them"
+
+
+# Workers named in a reason, at most: the rest are counted.
+NAMED = 3
+
+
+def away(job: Job, workers: list[Worker]) -> str | None:
+    """The job fits no connected worker, but would fit one that is lost or stopped: it runs
+    when that one comes back, so say which rather than "never" (an unreachable or restarting
+    machine is not a job too big for the cluster)."""
+    request = (job.cpus, job.memory, job.gpus, job.tags)
+    able = [
+        w for w in workers if w.gone and w.could_ever_fit(*request) and owners.runs(w, job.runs_as)
+    ]
+    if not able:
+        return None
+    names = ", ".join(w.name for w in able[:NAMED])
+    if len(able) > NAMED:
+        names += f" and {len(able) - NAMED} more"
+    states = sorted({w.state for w in able}, key=["stopped", "lost"].index)
+    if len(able) == 1:
+        return f"the only worker that could run it ({names}) is {states[0]}"
+    return f"the only workers that could run it ({names}) are {' or '.join(states)}"
+
+
+def _cpus(n: float) -> str:
+    return f"{n:g} cpu{'' if n == 1 else 's'}"
+
+
+def _gpus(n: int) -> str:
+    return f"{n} gpu{'' if n == 1 else 's'}"
+
+
+def _tags(tags: list[str]) -> str:
+    return f"tag{'' if len(tags) == 1 else 's'} {', '.join(tags)}"
 
 
 def job_info(
