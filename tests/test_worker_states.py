@@ -116,3 +116,28 @@ def test_a_cold_stopped_job_only_its_worker_can_run_waits_for_it_to_start_again(
     h.add_worker("only", tags=["ssd"])  # started again
     (again,) = h.claim("only")
     assert again["job"] == job
+
+
+def test_a_lost_worker_was_last_seen_when_last_heard_from_not_when_declared_lost(
+    h: Harness,
+) -> None:
+    h.add_worker("w")  # registered at 1000
+    h.now = 1009.0
+    h.do(lambda c: c.worker_lost("w", "silent", heard=1004.0))
+    assert h.worker("w").last_seen == 1004.0
+    # One the broker never heard from since it started keeps what its store says.
+    h.add_worker("v")
+    h.now = 1020.0
+    h.do(lambda c: c.worker_lost("v", "did not come back"))
+    assert h.worker("v").last_seen == 1009.0
+
+
+def test_the_broker_stores_when_it_last_heard_from_each_connected_worker(h: Harness) -> None:
+    h.add_worker("w")
+    h.add_worker("gone")
+    h.do(lambda c: c.worker_lost("gone", "silent", heard=1000.0))
+    h.do(lambda c: c.heard({"w": 1003.0, "gone": 1004.0, "unknown": 1005.0}))
+    assert h.worker("w").last_seen == 1003.0
+    assert h.worker("gone").last_seen == 1000.0  # it is not heard from once gone
+    h.do(lambda c: c.heard({"w": 1001.0}))  # a late save never moves it back
+    assert h.worker("w").last_seen == 1003.0

@@ -199,6 +199,7 @@ class Broker:
         self.next_heartbeat = 0.0
         self.next_expiry = 0.0
         self.next_purge = 0.0  # on the monotonic clock
+        self.next_save = self.clock() + self._window()  # of when workers were last heard from
         self._purged_at = 0.0  # when the last purge slice ended, on the monotonic clock
         self.purged = retention.Purged()  # this pass so far, for the log
         self._recover()
@@ -302,6 +303,21 @@ class Broker:
             self._report_refusals()
         if self.config.core.retention is not None and mono >= self.next_purge:
             self._purge(mono, self.config.core.retention)
+        if mono >= self.next_save:
+            self._save_seen()
+            self.next_save = mono + self._window()
+
+    def _save_seen(self) -> None:
+        """Store when each connected worker was last heard from: once a liveness window (so a
+        broker killed outright is at most that far behind) and at a stop. A restarted broker
+        shows these times for the workers it waits for, not its own start."""
+        seen = self._last_seen()
+        if not seen:
+            return
+        try:
+            self.store.write_batch(lambda tx: Core(tx, self.wall(), self.config.core).heard(seen))
+        except StoreFull as e:
+            log.debug("could not store when workers were last heard from: %s", e)
 
     def _purge(self, mono: float, keep: float) -> None:
         """One slice of retention (retention.py): a transaction of its own, PURGE_SLICE long,
@@ -435,9 +451,14 @@ class Broker:
             # registered again, from a new connection) is not lost, and keeps its jobs.
             if not self._silent(name):
                 continue
-            why = f"worker {name} silent for {self._window():g} s"
+            session = self.sessions.get(name)
+            heard = None  # never, by this broker: it waited for the worker since it started
+            why = f"worker {name} did not come back within {self._window():g} s of a restart"
+            if session is not None and session.identity is not None:
+                heard = now - (self.mono - session.last_seen)
+                why = f"worker {name} silent for {self._window():g} s"
             moved: list[tuple[int, str]] = []
-            wake = self._in_child(tx, now, turn, _losing(name, why, moved)) or wake
+            wake = self._in_child(tx, now, turn, _losing(name, why, heard, moved)) or wake
             turn.gone[name] = (logging.WARNING, f"{why}: lost{_jobs_went(moved)}")
         for waiter in due:
             turn.replies.append(("client", waiter.identity, self._waited(tx, waiter, True)))
@@ -866,9 +887,14 @@ class Broker:
         return session is None or session.last_seen < self.mono - self._window()
 
     def _last_seen(self) -> dict[str, float]:
-        """When each connected worker was last heard from, in wall-clock time for people."""
+        """When each connected worker was last heard from, in wall-clock time for people. The
+        workers a restarted broker waits for are not connected: it has not heard from them."""
         offset = self.wall() - self.clock()
-        return {name: s.last_seen + offset for name, s in self.sessions.items()}
+        return {
+            name: s.last_seen + offset
+            for name, s in self.sessions.items()
+            if s.identity is not None
+        }
 
     def _touch(self, identity: bytes, now: float) -> bool:
         """Mark a worker's session alive; False if `identity` has no session."""
@@ -994,6 +1020,7 @@ class Broker:
             self._reported = count
 
     def close(self) -> None:
+        self._save_seen()
         self.client.close(linger=0)
         self.worker.close(linger=0)
         if self.zap is not None:
@@ -1030,8 +1057,10 @@ def _runs(register: dict[str, Any]) -> owners.Runs:
     return owners.Runs(register["only_account"], register["refused"])
 
 
-def _losing(name: str, why: str, moved: list[tuple[int, str]]) -> Callable[[Core], None]:
-    return lambda core: moved.extend(core.worker_lost(name, why))
+def _losing(
+    name: str, why: str, heard: float | None, moved: list[tuple[int, str]]
+) -> Callable[[Core], None]:
+    return lambda core: moved.extend(core.worker_lost(name, why, heard))
 
 
 def _jobs_went(moved: list[tuple[int, str]]) -> str:

@@ -1067,7 +1067,9 @@ class Core:
     def stopped(self, name: str) -> list[tuple[int, str]]:
         """The worker exits cleanly. It holds nothing by then; anything it still held goes
         back to the queue as from a lost worker. Returns those jobs and their new states."""
-        return self._gone(self._worker(name), WorkerState.STOPPED, f"worker {name} stopped")
+        return self._gone(
+            self._worker(name), WorkerState.STOPPED, f"worker {name} stopped", self.now
+        )
 
     def forget(self, actor: Actor, name: str) -> None:
         """Remove a lost or stopped worker from the list; a connected one is refused."""
@@ -1083,20 +1085,36 @@ class Core:
 
     # ---- lost workers -----------------------------------------------------------------------
 
-    def worker_lost(self, name: str, reason: str) -> list[tuple[int, str]]:
+    def worker_lost(
+        self, name: str, reason: str, heard: float | None = None
+    ) -> list[tuple[int, str]]:
         """Silent past the liveness window: requeue its jobs without spending retries (SPEC §5).
-        Returns its jobs and the state each went to."""
+        `heard` is when the broker last heard from it; None when this broker never did (it
+        did not come back after a restart), which leaves the stored time. Returns its jobs and
+        the state each went to."""
         worker = self.tx.get_worker(name)
         if worker is None or worker.gone:
             return []
-        return self._gone(worker, WorkerState.LOST, reason)
+        return self._gone(worker, WorkerState.LOST, reason, heard)
 
-    def _gone(self, worker: Worker, state: WorkerState, reason: str) -> list[tuple[int, str]]:
+    def heard(self, seen: dict[str, float]) -> None:
+        """Store when each connected worker was last heard from (the server does this now and
+        then, and at its stop), so that after a restart the list still says when."""
+        for name, when in seen.items():
+            worker = self.tx.get_worker(name)
+            if worker is not None and not worker.gone and when > worker.last_seen:
+                worker.last_seen = when
+                self.tx.put_worker(worker)
+
+    def _gone(
+        self, worker: Worker, state: WorkerState, reason: str, heard: float | None
+    ) -> list[tuple[int, str]]:
         """The worker is no longer there (`state`): what it held goes back to the queue."""
         moved = [self._lose_attempt(worker, j, t, reason) for j, t in list(worker.running.items())]
         worker.state = state.value
         worker.wants = 0
-        worker.last_seen = self.now
+        if heard is not None:
+            worker.last_seen = max(worker.last_seen, heard)
         self._recount(worker)
         self.tx.put_worker(worker)
         return [m for m in moved if m is not None]

@@ -224,10 +224,21 @@ def group_info(tx: Tx, group: Group) -> dict[str, Any]:
     }
 
 
-def worker_info(worker: Worker, last_seen: float | None = None) -> dict[str, Any]:
-    """`state` is idle or busy for an active worker, else draining, drained, stopped or lost."""
+# The state shown for a worker that a restarted broker waits for: it has not heard from it yet.
+EXPECTED = "expected"
+
+
+def worker_info(
+    worker: Worker, last_seen: float | None = None, connected: bool = True
+) -> dict[str, Any]:
+    """`state` is idle or busy for an active worker, else draining, drained, stopped or lost;
+    `expected` for one not `connected` that is not gone either: the broker restarted and waits
+    for it to register again (for a liveness window, before it is lost). `last_seen` is when
+    the broker last heard from a connected one; else the stored time."""
     state = worker.state
-    if state == WorkerState.ACTIVE.value:
+    if not connected and not worker.gone:
+        state = EXPECTED
+    elif state == WorkerState.ACTIVE.value:
         state = "busy" if worker.running else "idle"
     return {
         "name": worker.name,

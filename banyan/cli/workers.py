@@ -31,8 +31,9 @@ Usage:
 
 States: idle, busy (running jobs), draining (finishing its jobs, taking no new ones), drained
 (idle and taking none), stopped (exited cleanly), lost (silent past the liveness window; its
-jobs were requeued). A draining worker finishes what it runs and claims nothing new; then it
-shows as drained, and stays drained, across its restarts, until resumed. Forgetting removes a
+jobs were requeued), expected (the broker restarted and waits for it to register again). A
+draining worker finishes what it runs and claims nothing new; then it shows as drained, and
+stays drained, across its restarts, until resumed. Forgetting removes a
 lost or stopped worker from the list. All three need an admin key.
 
 Options:
@@ -57,6 +58,7 @@ HEADERS = (
 )
 COLORS = {"idle": "green", "busy": "cyan", "draining": "yellow", "drained": "dim", "lost": "red"}
 COLORS["stopped"] = "dim"
+COLORS["expected"] = "yellow"
 
 
 def main(argv: list[str] | None = None) -> int:
