@@ -156,6 +156,9 @@ class Job(Record):
     account: str | None = None  # the Unix account it runs as; None (older jobs): the owner's name
     environ: str | None = None  # key of the submitter's exported environment (`environments`)
     umask: int | None = None  # None: 022
+    # Attempts put back without spending one of max_attempts: requeued after a lost or stopped
+    # worker, or after its worker's cold stop. attempts - unspent is what counted.
+    unspent: int = 0
 
     @property
     def st(self) -> JobState:

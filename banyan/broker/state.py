@@ -948,6 +948,7 @@ class Core:
             attempt.reason = f"worker {name} stopped it"
             self.tx.put_attempt(attempt)
             job.token = job.worker = None
+            job.unspent += 1
             self._move(job, S.AVAILABLE, f"{attempt.reason}; requeued")
             return
         if outcome == "cancelled":
@@ -1143,6 +1144,7 @@ class Core:
         job.token = None
         if job.requeues < self.config.max_lost_requeues:
             job.requeues += 1
+            job.unspent += 1
             job.worker = None
             self._move(
                 job,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
-from banyan.broker.records import Tx
+from banyan.broker.records import HOLDING, Outcome, Tx
 
 WINDOW_EVENTS = 20_000  # the recent history the rates and percentiles are drawn from
 MINUTES = 10
+_HOLDING = frozenset(s.value for s in HOLDING)
 
 
 def summary(tx: Tx, now: float, retention: float | None = None) -> dict[str, Any]:
@@ -17,6 +19,7 @@ def summary(tx: Tx, now: float, retention: float | None = None) -> dict[str, Any
         k: [0] * MINUTES for k in ("submitted", "started", "finished")
     }
     finished: dict[int, str] = {}
+    ran: set[int] = set()  # jobs an attempt of which ended in the window
     for e in events:
         age = int((now - e.time) // 60)
         kind = (
@@ -32,7 +35,10 @@ def summary(tx: Tx, now: float, retention: float | None = None) -> dict[str, Any
             per_minute[kind][age] += 1
         if e.to in ("terminated", "cancelled"):
             finished[e.job] = e.to
-    waits, runs, outcomes = [], [], {"success": 0, "failed": 0, "timeout": 0, "lost": 0}
+        if e.frm in _HOLDING:
+            ran.add(e.job)
+    waits: list[float] = []
+    outcomes = {"success": 0, "failed": 0, "timeout": 0, "lost": 0}
     for job_id in finished:
         job = tx.get_job(job_id)
         if job is None:
@@ -41,8 +47,8 @@ def summary(tx: Tx, now: float, retention: float | None = None) -> dict[str, Any
             outcomes[job.outcome] += 1
         if job.started is not None:
             waits.append(job.started - job.submitted)
-            if job.ended is not None:
-                runs.append(job.ended - job.started)
+    since = events[0].time if events else now
+    runs = [end - start for start, end in _runs(tx, ran, since)]
     ended = sum(outcomes.values())
     live = [w for w in tx.workers() if not w.gone]
     total_cpus = sum(w.cpus for w in live)
@@ -62,6 +68,16 @@ def summary(tx: Tx, now: float, retention: float | None = None) -> dict[str, Any
         "window_events": len(events),
         "store": store(tx, retention),
     }
+
+
+def _runs(tx: Tx, jobs: set[int], since: float) -> Iterator[tuple[float, float]]:
+    """(start, end) of each attempt of `jobs` that ran and ended at or after `since`: each run
+    counts on its own, a requeued or retried one too (a job's first start to its end is not
+    a run)."""
+    for job_id in sorted(jobs):
+        for a in tx.attempts_of(job_id):
+            if a.ended is not None and a.ended >= since and a.outcome != Outcome.RETURNED.value:
+                yield (a.started if a.started is not None else a.claimed), a.ended
 
 
 def store(tx: Tx, retention: float | None) -> dict[str, Any]:

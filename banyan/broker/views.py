@@ -9,7 +9,17 @@ from typing import Any
 
 from banyan.broker import owners
 from banyan.broker.matching import decayed, factors
-from banyan.broker.records import Attempt, Group, Job, JobState, Tx, User, Worker, WorkerState
+from banyan.broker.records import (
+    QUEUED,
+    Attempt,
+    Group,
+    Job,
+    JobState,
+    Tx,
+    User,
+    Worker,
+    WorkerState,
+)
 
 S = JobState
 
@@ -143,6 +153,7 @@ def job_info(
         "exit_code": job.exit_code,
         "signal": job.signal,
         "attempts": job.attempts,
+        "counted": job.attempts - job.unspent,
         "max_attempts": job.max_attempts,
         "worker": job.worker,
         "progress": job.progress,
@@ -163,8 +174,11 @@ def job_info(
         "reason": waiting_reason(job, workers, limits.get(job.owner)),
         "pending_dependencies": job.pending,
     }
+    history = tx.attempts_of(job.id) if detail else []
+    run = _run(tx, job, history)
+    info["attempt_started"] = None if run is None else run.started or run.claimed
+    info["attempt_ended"] = None if run is None else run.ended
     if detail:
-        history = tx.attempts_of(job.id)
         info["history"] = [attempt_info(a) for a in history]
         last = history[-1] if history else None
         info["output_tail"] = {
@@ -182,6 +196,17 @@ def job_info(
             exported_environment=job.environ is not None,
         )
     return info
+
+
+def _run(tx: Tx, job: Job, history: list[Attempt]) -> Attempt | None:
+    """The attempt a running job runs, or the one that ended an ended job; None while it waits.
+    (`started` dates the first attempt only. A record past `attempts` was handed back
+    unstarted; the next claim reuses its number.)"""
+    if not job.attempts or job.st in QUEUED:
+        return None
+    if history:
+        return history[job.attempts - 1]
+    return tx.get_attempt(job.id, job.attempts)
 
 
 def attempt_info(a: Attempt) -> dict[str, Any]:

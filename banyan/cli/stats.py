@@ -28,7 +28,9 @@ Usage:
 
 Rates, percentiles and the success rate cover the recent event history (the last
 20,000 state changes); counts by state cover every job the broker keeps (ended jobs are
-purged after its --retention). The store line shows the size of the broker's store.
+purged after its --retention). A queue wait is a job's time to its first start; a run time is
+one attempt's, a requeued or retried attempt counted on its own. The store line shows the size
+of the broker's store.
 
 Options:
 """
@@ -73,7 +75,8 @@ def render(s: dict[str, Any]) -> str:
         [name, *_quantiles(s.get(key) or {})]
         for name, key in (("queue wait", "queue_wait"), ("run time", "run_time"))
     ]
-    out += [table(["TIMES", *QUANTILES, "JOBS"], rows), ""]
+    # A queue wait is a job's (to its first start), a run time an attempt's.
+    out += [table(["TIMES", *QUANTILES, "COUNT"], rows), ""]
     out.append(f"success       {_success(s)}")
     out.append(f"workers       {_workers(s.get('workers') or {})}")
     if s.get("store"):
