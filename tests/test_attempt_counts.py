@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from banyan.broker import stats, views
+from banyan.cli.stats import render
 from banyan.cli.status import elapsed, row, state_line
-from tests.statekit import Harness, spec
+from tests.statekit import ROOT, Harness, spec
 
 
 @pytest.fixture
@@ -108,3 +109,49 @@ def test_stats_run_times_are_per_attempt(h: Harness) -> None:
         run_time = stats.summary(tx, h.now)["run_time"]
     # Two runs, of 100 s and 10 s; not one of 160 s from its first start to its end.
     assert (run_time["n"], run_time["max"]) == (2, 100.0)
+
+
+def test_stats_show_requeued_attempts_and_lost_and_stopped_workers(h: Harness) -> None:
+    for name in ("a", "b", "c", "d"):
+        h.add_worker(name)
+    lost_once, stopped_once, _failed = h.submit(spec(), spec(), spec(max_attempts=2))
+    assert [x["job"] for x in h.claim("a", 1)] == [lost_once]
+    h.do(lambda c: c.worker_lost("a", "silent"))  # requeued: lost_once
+    (b,) = h.claim("b")
+    assert b["job"] == lost_once
+    h.finish("b", b)
+    (c,) = h.claim("c")
+    assert c["job"] == stopped_once
+    h.do(lambda c_: c_.draining("c"))
+    h.finish("c", c, exit_code=None, outcome="cancelled")  # c's cold stop: requeued
+    h.do(lambda c_: c_.stopped("c"))
+    for _ in range(3):  # stopped_once once, failed twice (retried, then it ends failed)
+        (x,) = h.claim("d")
+        h.finish("d", x, exit_code=0 if x["job"] == stopped_once else 1)
+    with h.store.read() as tx:
+        s = stats.summary(tx, h.now)
+    assert s["attempts"] == {
+        "ended": 6,
+        "outcomes": {"success": 2, "failed": 2, "timeout": 0, "lost": 1, "cancelled": 1},
+        "requeued": 2,
+    }
+    assert s["outcomes"] == {"success": 2, "failed": 1, "timeout": 0, "lost": 0}
+    assert (s["workers"]["live"], s["workers"]["lost"], s["workers"]["stopped"]) == (2, 1, 1)
+    text = render(s)
+    assert (
+        "attempts      6 ended (2 success, 2 failed, 0 timeout, 1 lost, 1 cancelled); "
+        "2 requeued without spending an attempt"
+    ) in text
+    assert "workers       2 live, 1 lost, 1 stopped; 0/4 cpus in use (0% utilisation)" in text
+
+
+def test_a_lost_attempt_that_ended_its_job_was_not_requeued(h: Harness) -> None:
+    h.add_worker("w")
+    (job,) = h.submit(spec())
+    h.claim("w")
+    h.do(lambda c: c.cancel(ROOT, [job], [], None))  # pending: its worker is told
+    h.do(lambda c: c.worker_lost("w", "silent"))  # and lost before it answered
+    assert h.state(job) == "cancelled"
+    with h.store.read() as tx:
+        attempts = stats.summary(tx, h.now)["attempts"]
+    assert attempts["outcomes"]["lost"] == 1 and attempts["requeued"] == 0
