@@ -275,6 +275,10 @@ class Worker(Record):
     only_account: str | None = None
     refused: dict[str, str] = field(default_factory=dict)
     held: bool = False  # drained by an admin: it stays drained, across restarts, until resumed
+    # Where it last registered from, as the broker saw it: the peer's address (which tells
+    # cloned machines with one host name apart) and the worker key it authenticated with.
+    address: str = ""
+    key: str | None = None  # None: the broker runs without keys
 
     @property
     def gone(self) -> bool:

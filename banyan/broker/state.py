@@ -642,10 +642,12 @@ class Core:
         running: list[tuple[int, int]],
         runs: owners.Runs = owners.ANY_OWNER,
         draining: bool = False,
+        address: str = "",
+        key: str | None = None,
     ) -> Worker:
         """A worker (re)connects and lists the attempts it holds (SPEC §5), and whose jobs it
         runs (SPEC §6). One that is stopping (`draining`), or that an admin drained, comes
-        back draining."""
+        back draining. `address` and `key` say where from and with which worker key."""
         worker = self.tx.get_worker(name)
         cpus, memory, gpus = capacity
         if worker is None:
@@ -653,6 +655,7 @@ class Core:
         worker.host, worker.cpus, worker.memory, worker.gpus = host, cpus, memory, gpus
         worker.tags = list(tags)
         worker.only_account, worker.refused = runs.only_account, dict(runs.refused)
+        worker.address, worker.key = address, key
         worker.registered = worker.last_seen = self.now
         worker.wants = 0
         if draining or worker.held:

@@ -281,6 +281,8 @@ def worker_info(
         "only_account": worker.only_account,
         "refused_accounts": dict(worker.refused),
         "last_seen": last_seen if last_seen is not None else worker.last_seen,
+        "address": worker.address,
+        "key": worker.key,
     }
 
 
