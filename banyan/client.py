@@ -144,6 +144,7 @@ class WorkerInfo:
     last_seen: float
     address: str = ""  # where it registered from, as the broker saw it
     key: str | None = None  # the worker key it registered with; None without keys
+    held: bool = False  # drained by an admin: drained across its restarts until resumed
 
     @classmethod
     def of(cls, d: dict[str, Any]) -> WorkerInfo:

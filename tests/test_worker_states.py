@@ -51,8 +51,6 @@ def test_a_clean_stop_shows_stopped_and_nothing_is_expected_from_it(h: Harness) 
     assert h.worker("w").state == WorkerState.STOPPED.value
     h.do(lambda c: c.worker_lost("w", "silent"))  # a stopped worker is not lost later
     assert h.worker("w").state == WorkerState.STOPPED.value
-    with pytest.raises(Conflict):
-        h.do(lambda c: c.drain(ROOT, "w", False))
 
 
 def test_a_stopping_worker_that_reconnects_stays_draining(h: Harness) -> None:
@@ -141,3 +139,30 @@ def test_the_broker_stores_when_it_last_heard_from_each_connected_worker(h: Harn
     assert h.worker("gone").last_seen == 1000.0  # it is not heard from once gone
     h.do(lambda c: c.heard({"w": 1001.0}))  # a late save never moves it back
     assert h.worker("w").last_seen == 1003.0
+
+
+@pytest.mark.parametrize("gone", ["stopped", "lost"])
+def test_a_gone_worker_drained_by_an_admin_comes_back_drained(h: Harness, gone: str) -> None:
+    """docs/operations.md, Upgrading: it can be kept out of work before it is started again."""
+    h.add_worker("w")
+    h.do(lambda c: c.stopped("w") if gone == "stopped" else c.worker_lost("w", "silent"))
+    h.take()
+    drained = h.do(lambda c: c.drain(ROOT, "w", False))
+    assert drained.state == gone and drained.held
+    assert h.take("drain") == []  # nobody to tell: it is not connected
+    (job,) = h.submit(spec())
+    h.add_worker("w")
+    assert h.worker("w").state == WorkerState.DRAINED.value
+    assert h.claim("w") == [] and h.state(job) == "available"
+    h.do(lambda c: c.drain(ROOT, "w", True))
+    assert [a["job"] for a in h.claim("w")] == [job]
+
+
+def test_a_gone_worker_resumed_before_it_is_back_comes_back_taking_work(h: Harness) -> None:
+    h.add_worker("w")
+    h.do(lambda c: c.drain(ROOT, "w", False))
+    h.do(lambda c: c.worker_lost("w", "silent"))
+    h.do(lambda c: c.drain(ROOT, "w", True))
+    assert h.worker("w").state == WorkerState.LOST.value and not h.worker("w").held
+    h.add_worker("w")
+    assert h.worker("w").state == WorkerState.ACTIVE.value

@@ -1012,7 +1012,8 @@ class Core:
             worker.state = WorkerState.DRAINED.value
 
     def drain(self, actor: Actor, name: str, resume: bool) -> Worker:
-        """An admin's drain holds the worker drained, across its restarts, until a resume."""
+        """An admin's drain holds the worker drained, across its restarts, until a resume.
+        A lost or stopped worker stays so, and comes back drained when it registers again."""
         if actor.role != ADMIN:
             raise Forbidden("draining and resuming workers is for admins")
         worker = self._worker(name)
@@ -1020,14 +1021,13 @@ class Core:
         if resume:
             if worker.state in (WorkerState.DRAINING.value, WorkerState.DRAINED.value):
                 worker.state = WorkerState.ACTIVE.value
-        elif worker.gone:
-            raise Conflict(f"worker {name!r} is {worker.state}; nothing to drain")
-        else:
+        elif not worker.gone:
             worker.state = WorkerState.DRAINING.value
             worker.wants = 0
             self._settle_drain(worker)
         self.tx.put_worker(worker)
-        self.effects.append(Effect(name, "drain", {"resume": resume}))
+        if not worker.gone:
+            self.effects.append(Effect(name, "drain", {"resume": resume}))
         return worker
 
     # ---- users -------------------------------------------------------------------------------

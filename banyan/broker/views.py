@@ -283,6 +283,7 @@ def worker_info(
         "last_seen": last_seen if last_seen is not None else worker.last_seen,
         "address": worker.address,
         "key": worker.key,
+        "held": worker.held,
     }
 
 

@@ -39,7 +39,7 @@ from the list. All three need an admin key.
 Options:
   -l, --long            Also show where each worker registered from (ADDRESS, which tells
                         cloned machines with one host name apart) and the worker key it used.
-  --drain NAME          Drain worker NAME.
+  --drain NAME          Drain worker NAME (one stopped or lost comes back drained).
   --resume NAME         Let worker NAME claim jobs again.
   --forget NAME         Remove lost or stopped worker NAME from the list.
 """
@@ -91,6 +91,8 @@ def workers(args: Args) -> int:
 
 
 def _drain_note(w: WorkerInfo | None) -> str:
+    if w is not None and w.held and w.state in ("lost", "stopped", "expected"):
+        return "; it comes back drained when it registers again"
     if w is None or w.state != "draining":
         return ""
     return f" (finishing {plural(len(w.running), 'running job')}, then drained)"
