@@ -92,9 +92,9 @@ class Session:
     pid: int = 0
     address: str = ""  # the peer's address, as ZeroMQ saw the connection
 
-    def who(self, host: str | None = None, pid: int | None = None) -> str:
+    def who(self) -> str:
         """`HOST at ADDRESS (pid P, key K)`: for the log, where host names may repeat."""
-        return _who(self.host if host is None else host, self.address, self.pid, self.key)
+        return _who(self.host, self.address, self.pid, self.key)
 
 
 @dataclass(eq=False)
