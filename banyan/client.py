@@ -142,10 +142,14 @@ class WorkerInfo:
     running: list[int]
     completed: int
     last_seen: float
+    address: str = ""  # where it registered from, as the broker saw it
+    key: str | None = None  # the worker key it registered with; None without keys
+    held: bool = False  # drained by an admin: drained across its restarts until resumed
 
     @classmethod
     def of(cls, d: dict[str, Any]) -> WorkerInfo:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+        """From a WorkerInfo map; a field an older broker does not send keeps its default."""
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
 # Requests that change nothing, so asking twice is harmless.

@@ -225,6 +225,11 @@ def _check_retries(job: Job, attempts: list[Attempt], max_lost_requeues: int) ->
     failed = sum(a.outcome in ("failed", "timeout") for a in attempts)
     lost = sum(a.outcome == "lost" for a in attempts)
     assert job.failures <= job.max_attempts and job.requeues <= max_lost_requeues, job
+    # What banyan-status counts against max_attempts leaves out exactly the runs put back for
+    # nothing: the lost ones requeued, and those its worker's cold stop cancelled (only a cold
+    # stop gives a cancelled attempt a reason).
+    stopped = sum(a.outcome == "cancelled" and a.reason is not None for a in attempts)
+    assert job.unspent == job.requeues + stopped, (job, attempts)
     if not job.st.terminal:
         assert (job.failures, job.requeues) == (failed, lost), (job, attempts)
     elif job.st == S.TERMINATED and not job.cancel_requested:

@@ -214,7 +214,12 @@ def test_sigterm_drains_and_a_second_signal_requeues_elsewhere(op: Operator) -> 
     history = job_row(op, first)["history"]
     assert [h["worker"] for h in history] == ["a", "b"]
     assert history[0]["outcome"] == "cancelled"
-    assert job_row(op, first)["state"] == "running"
+    row = job_row(op, first)
+    assert row["state"] == "running"
+    # Two runs, one attempt spent: ATTEMPT reads 1/1 (docs/cli.md), not 2/1.
+    assert (row["attempts"], row["counted"], row["max_attempts"]) == (2, 1, 1)
+    shown = op.run("status")
+    assert shown.code == 0 and " running  1/1 " in shown.out, shown.out
     log = op.log("a")
     assert "SIGTERM: draining" in log and "SIGINT again: cancelling 1 running jobs" in log
     c.cancel([first])
@@ -243,6 +248,15 @@ def test_drain_by_an_admin_then_stop_and_forget(op: Operator) -> None:
     assert op.procs["b"].wait(timeout=scaled(10)) == 0
     op.start_worker("b", key="b2", wait=False)
     wait_for(lambda: op.states().get("b") == "drained", 20, what="b back, drained")
+    # One already stopped can be drained too, before it is started again (an upgrade).
+    assert op.run("workers", "--resume", "b").code == 0
+    op.procs["b2"].send_signal(signal.SIGTERM)
+    assert op.procs["b2"].wait(timeout=scaled(10)) == 0
+    ran = op.run("workers", "--drain", "b")
+    assert ran.code == 0, ran
+    assert ran.out.strip() == "b: stopped; it comes back drained when it registers again"
+    op.start_worker("b", key="b3", wait=False)
+    wait_for(lambda: op.states().get("b") == "drained", 20, what="b back, drained again")
 
 
 def test_the_broker_says_when_a_worker_is_lost_and_where_its_jobs_went(op: Operator) -> None:

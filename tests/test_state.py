@@ -126,7 +126,7 @@ def test_resources_cpus_memory_gpus_tags(h):
     workers = [w]
     assert "needs 8 cpus, largest worker has 4" in (waiting_reason(h.job(big), workers) or "")
     assert "2000 MiB" in (waiting_reason(h.job(mem), workers) or "")
-    assert "tags a100" in (waiting_reason(h.job(other), workers) or "")
+    assert "tag a100; no worker carries it" in (waiting_reason(h.job(other), workers) or "")
 
 
 def test_claim_fills_free_capacity_only(h):

@@ -99,6 +99,7 @@ class Cluster(RuleBasedStateMachine):
         self.workers = {n: SimWorker(n, cap, tags) for n, (cap, tags) in WORKERS.items()}
         self.groups: list[str] = []
         self.keys: dict[str, tuple[dict[str, Any], list[Any], list[Any]]] = {}
+        self.gone_seen: dict[str, float] = {}  # last_seen of each worker while it is gone
         for w in self.workers.values():
             self._register(w)
 
@@ -452,12 +453,27 @@ class Cluster(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def lose(self, data: st.DataObject) -> None:
-        """The broker hears nothing from it for the liveness window; its jobs run on."""
+        """The broker hears nothing from it for the liveness window; its jobs run on. It last
+        heard from it a while ago, or (after a restart) never."""
         name = data.draw(st.sampled_from(sorted(WORKERS)))
         self.h.now += 1.0
-        self.h.do(lambda c: c.worker_lost(name, f"worker {name} silent"))
+        heard = data.draw(st.sampled_from([None, self.h.now - 5.0, self.h.now - 0.5]))
+        self.h.do(lambda c: c.worker_lost(name, f"worker {name} silent", heard))
         self.workers[name].session = False
         self._deliver()
+
+    @rule(data=st.data())
+    def admin(self, data: st.DataObject) -> None:
+        """An admin drains or resumes a worker, whatever its state (a lost or stopped one
+        comes back drained); or the broker stores when it last heard from its workers."""
+        name = data.draw(st.sampled_from(sorted(WORKERS)))
+        what = data.draw(st.sampled_from(["drain", "resume", "heard"]))
+        if what == "heard":
+            seen = {n: self.h.now for n, w in self.workers.items() if w.session}
+            seen[name] = self.h.now  # a save may race with its loss: it must change nothing
+            self._request(lambda c: c.heard(seen), True, "heard")
+            return
+        self._request(lambda c: c.drain(ROOT, name, what == "resume"), True, what)
 
     @rule(data=st.data())
     def reconnect(self, data: st.DataObject) -> None:
@@ -501,6 +517,16 @@ class Cluster(RuleBasedStateMachine):
             for w in self.workers.values():
                 record = tx.get_worker(w.name)
                 assert record is not None
+                # An admin's drain holds: a worker that is there and held takes no work.
+                if record.held and not record.gone:
+                    assert record.state in ("draining", "drained"), record
+                # Once gone, when it was last heard from stays as it was.
+                if record.gone:
+                    seen = self.gone_seen.setdefault(w.name, record.last_seen)
+                    assert record.last_seen == seen, (record, seen)
+                else:  # and only its registration brings it back
+                    assert w.session or w.name not in self.gone_seen, f"{record} came back"
+                    self.gone_seen.pop(w.name, None)
                 if w.session:
                     # The broker's view of what a connected worker runs is the worker's own.
                     assert set(record.running.items()) <= set(w.procs), (w, record.running)
@@ -519,6 +545,9 @@ class Cluster(RuleBasedStateMachine):
         end by themselves: every job must end, and every result be acked (SPEC §7: a job is
         run if it is able to run)."""
         for w in self.workers.values():
+            self._request(
+                functools.partial(Core.drain, actor=ROOT, name=w.name, resume=True), True, "resume"
+            )
             self._register(w)
         for name in self.groups:
             close = functools.partial(Core.close_group, actor=ROOT, ref=name)

@@ -51,8 +51,6 @@ def test_a_clean_stop_shows_stopped_and_nothing_is_expected_from_it(h: Harness) 
     assert h.worker("w").state == WorkerState.STOPPED.value
     h.do(lambda c: c.worker_lost("w", "silent"))  # a stopped worker is not lost later
     assert h.worker("w").state == WorkerState.STOPPED.value
-    with pytest.raises(Conflict):
-        h.do(lambda c: c.drain(ROOT, "w", False))
 
 
 def test_a_stopping_worker_that_reconnects_stays_draining(h: Harness) -> None:
@@ -99,3 +97,72 @@ def test_only_a_gone_worker_may_be_forgotten_and_only_by_an_admin(h: Harness) ->
     h.do(lambda c: c.forget(ROOT, "w"))
     with h.store.read() as tx:
         assert tx.get_worker("w") is None and list(tx.workers()) == []
+
+
+def test_a_cold_stopped_job_only_its_worker_can_run_waits_for_it_to_start_again(
+    h: Harness,
+) -> None:
+    """docs/operations.md, Stopping: the job is not barred from the worker that stopped it."""
+    h.add_worker("only", tags=["ssd"])
+    h.add_worker("other")
+    (job,) = h.submit(spec(tags=["ssd"], max_attempts=1))
+    (a,) = h.claim("only")
+    h.do(lambda c: c.draining("only"))
+    h.finish("only", a, exit_code=None, outcome="cancelled")
+    h.do(lambda c: c.stopped("only"))
+    assert h.claim("other") == [] and h.state(job) == "available"
+    h.add_worker("only", tags=["ssd"])  # started again
+    (again,) = h.claim("only")
+    assert again["job"] == job
+
+
+def test_a_lost_worker_was_last_seen_when_last_heard_from_not_when_declared_lost(
+    h: Harness,
+) -> None:
+    h.add_worker("w")  # registered at 1000
+    h.now = 1009.0
+    h.do(lambda c: c.worker_lost("w", "silent", heard=1004.0))
+    assert h.worker("w").last_seen == 1004.0
+    # One the broker never heard from since it started keeps what its store says.
+    h.add_worker("v")
+    h.now = 1020.0
+    h.do(lambda c: c.worker_lost("v", "did not come back"))
+    assert h.worker("v").last_seen == 1009.0
+
+
+def test_the_broker_stores_when_it_last_heard_from_each_connected_worker(h: Harness) -> None:
+    h.add_worker("w")
+    h.add_worker("gone")
+    h.do(lambda c: c.worker_lost("gone", "silent", heard=1000.0))
+    h.do(lambda c: c.heard({"w": 1003.0, "gone": 1004.0, "unknown": 1005.0}))
+    assert h.worker("w").last_seen == 1003.0
+    assert h.worker("gone").last_seen == 1000.0  # it is not heard from once gone
+    h.do(lambda c: c.heard({"w": 1001.0}))  # a late save never moves it back
+    assert h.worker("w").last_seen == 1003.0
+
+
+@pytest.mark.parametrize("gone", ["stopped", "lost"])
+def test_a_gone_worker_drained_by_an_admin_comes_back_drained(h: Harness, gone: str) -> None:
+    """docs/operations.md, Upgrading: it can be kept out of work before it is started again."""
+    h.add_worker("w")
+    h.do(lambda c: c.stopped("w") if gone == "stopped" else c.worker_lost("w", "silent"))
+    h.take()
+    drained = h.do(lambda c: c.drain(ROOT, "w", False))
+    assert drained.state == gone and drained.held
+    assert h.take("drain") == []  # nobody to tell: it is not connected
+    (job,) = h.submit(spec())
+    h.add_worker("w")
+    assert h.worker("w").state == WorkerState.DRAINED.value
+    assert h.claim("w") == [] and h.state(job) == "available"
+    h.do(lambda c: c.drain(ROOT, "w", True))
+    assert [a["job"] for a in h.claim("w")] == [job]
+
+
+def test_a_gone_worker_resumed_before_it_is_back_comes_back_taking_work(h: Harness) -> None:
+    h.add_worker("w")
+    h.do(lambda c: c.drain(ROOT, "w", False))
+    h.do(lambda c: c.worker_lost("w", "silent"))
+    h.do(lambda c: c.drain(ROOT, "w", True))
+    assert h.worker("w").state == WorkerState.LOST.value and not h.worker("w").held
+    h.add_worker("w")
+    assert h.worker("w").state == WorkerState.ACTIVE.value

@@ -82,7 +82,8 @@ def handle(
 
 
 def workers(tx: Tx, last_seen: dict[str, float]) -> list[dict[str, Any]]:
-    return [views.worker_info(w, last_seen.get(w.name)) for w in tx.workers()]
+    """`last_seen` has the connected workers, with when each was last heard from."""
+    return [views.worker_info(w, last_seen.get(w.name), w.name in last_seen) for w in tx.workers()]
 
 
 def status(tx: Tx, body: dict[str, Any]) -> dict[str, Any]:

@@ -156,6 +156,9 @@ class Job(Record):
     account: str | None = None  # the Unix account it runs as; None (older jobs): the owner's name
     environ: str | None = None  # key of the submitter's exported environment (`environments`)
     umask: int | None = None  # None: 022
+    # Attempts put back without spending one of max_attempts: requeued after a lost or stopped
+    # worker, or after its worker's cold stop. attempts - unspent is what counted.
+    unspent: int = 0
 
     @property
     def st(self) -> JobState:
@@ -272,6 +275,10 @@ class Worker(Record):
     only_account: str | None = None
     refused: dict[str, str] = field(default_factory=dict)
     held: bool = False  # drained by an admin: it stays drained, across restarts, until resumed
+    # Where it last registered from, as the broker saw it: the peer's address (which tells
+    # cloned machines with one host name apart) and the worker key it authenticated with.
+    address: str = ""
+    key: str | None = None  # None: the broker runs without keys
 
     @property
     def gone(self) -> bool:

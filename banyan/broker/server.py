@@ -90,6 +90,11 @@ class Session:
     instance: str = ""  # the worker process's own id: its reconnections may take over
     host: str = ""
     pid: int = 0
+    address: str = ""  # the peer's address, as ZeroMQ saw the connection
+
+    def who(self) -> str:
+        """`HOST at ADDRESS (pid P, key K)`: for the log, where host names may repeat."""
+        return _who(self.host, self.address, self.pid, self.key)
 
 
 @dataclass(eq=False)
@@ -184,6 +189,9 @@ class Broker:
         self.poller.register(self.worker, zmq.POLLIN)
         self.sessions: dict[str, Session] = {}
         self.names: dict[bytes, str] = {}  # routing id -> name, for live sessions only
+        # The peer address of each worker connection without a session that sent something
+        # this step (a registration comes from one): read once, forgotten when the step ends.
+        self.addresses: dict[bytes, str] = {}
         self.waiters: dict[int, list[Waiter]] = {}
         # Waits with a timeout, soonest first: a step looks only at those that are due, not at
         # every job anyone waits for (one `wait` on 100k jobs made each step cost 0.15 s).
@@ -199,6 +207,7 @@ class Broker:
         self.next_heartbeat = 0.0
         self.next_expiry = 0.0
         self.next_purge = 0.0  # on the monotonic clock
+        self.next_save = self.clock() + self._window()  # of when workers were last heard from
         self._purged_at = 0.0  # when the last purge slice ended, on the monotonic clock
         self.purged = retention.Purged()  # this pass so far, for the log
         self._recover()
@@ -277,7 +286,8 @@ class Broker:
         # one while the turn's budget lasts (see TURN_BUDGET), after any the last turn left.
         inbox: list[Inbound] = []
         if self.worker in ready:
-            inbox += [("worker", frames, user) for frames, user in _drain(self.worker, self.curve)]
+            taken = _drain(self.worker, self.curve, peers=(self.names, self.addresses))
+            inbox += [("worker", frames, user) for frames, user in taken]
         inbox += self.backlog
         self.backlog = []
         pull = self.client in ready
@@ -292,6 +302,7 @@ class Broker:
         due = self._due_waiters(mono)
         if inbox or lost or due or pull:
             self._turn(inbox, lost, due, self.wall(), pull)
+        self.addresses.clear()
         if self.longops.ready(mono):
             # A transaction of its own, after the messages' turn has answered them: a request
             # that came in meanwhile waits for one slice, not for a slice and a turn.
@@ -302,6 +313,21 @@ class Broker:
             self._report_refusals()
         if self.config.core.retention is not None and mono >= self.next_purge:
             self._purge(mono, self.config.core.retention)
+        if mono >= self.next_save:
+            self._save_seen()
+            self.next_save = mono + self._window()
+
+    def _save_seen(self) -> None:
+        """Store when each connected worker was last heard from: once a liveness window (so a
+        broker killed outright is at most that far behind) and at a stop. A restarted broker
+        shows these times for the workers it waits for, not its own start."""
+        seen = self._last_seen()
+        if not seen:
+            return
+        try:
+            self.store.write_batch(lambda tx: Core(tx, self.wall(), self.config.core).heard(seen))
+        except StoreFull as e:
+            log.debug("could not store when workers were last heard from: %s", e)
 
     def _purge(self, mono: float, keep: float) -> None:
         """One slice of retention (retention.py): a transaction of its own, PURGE_SLICE long,
@@ -435,9 +461,14 @@ class Broker:
             # registered again, from a new connection) is not lost, and keeps its jobs.
             if not self._silent(name):
                 continue
-            why = f"worker {name} silent for {self._window():g} s"
+            session = self.sessions.get(name)
+            heard = None  # never, by this broker: it waited for the worker since it started
+            why = f"worker {name} did not come back within {self._window():g} s of a restart"
+            if session is not None and session.identity is not None:
+                heard = now - (self.mono - session.last_seen)
+                why = f"worker {name} silent for {self._window():g} s"
             moved: list[tuple[int, str]] = []
-            wake = self._in_child(tx, now, turn, _losing(name, why, moved)) or wake
+            wake = self._in_child(tx, now, turn, _losing(name, why, heard, moved)) or wake
             turn.gone[name] = (logging.WARNING, f"{why}: lost{_jobs_went(moved)}")
         for waiter in due:
             turn.replies.append(("client", waiter.identity, self._waited(tx, waiter, True)))
@@ -800,6 +831,7 @@ class Broker:
         may have the name once it expired."""
         body = msg.body
         name, instance = body["name"], body.get("instance", "")
+        address = self.addresses.get(identity) or self._address_of(identity)
         held = self._held_by_another(name, identity, instance, user)
         if held is not None:
             self.refused += 1
@@ -809,39 +841,54 @@ class Broker:
                 f"(a name is free {self._window():g} s after its worker stops answering)"
             )
             log.warning(
-                "refused a second worker named %s from %s (pid %s): the one on %s "
-                "(pid %s) is alive",
+                "refused a second worker named %s from %s: the one from %s was heard from "
+                "%.1f s ago",
                 name,
-                body["host"],
-                body["pid"],
-                held.host,
-                held.pid,
+                _who(body["host"], address, body["pid"], user),
+                held.who(),
+                self.mono - held.last_seen,
             )
             turn.replies.append(("worker", identity, _error("conflict", why, msg.req)))
             return False
         self._end_session(name)
         self.names[identity] = name
         self.sessions[name] = Session(
-            identity, self.mono, user, instance, body["host"], int(body["pid"])
+            identity, self.mono, user, instance, body["host"], int(body["pid"]), address
         )
         running = [(int(j), int(t)) for j, t in body["running"]]
         capacity = (float(body["cpus"]), int(body["memory"]), int(body["gpus"]))
         log.info(
-            "worker %s registered from %s (%g cpus, %d MiB, %d gpus, %d running)",
+            "worker %s registered from %s: %g cpus, %d MiB, %d gpus, %d running",
             name,
-            body["host"],
+            self.sessions[name].who(),
             *capacity,
             len(running),
         )
         draining = bool(body.get("draining", False))
+        key = None if user is None else parse_user_id(user).name
         return self._in_child(
             tx,
             now,
             turn,
             lambda c: c.register(
-                name, body["host"], capacity, body["tags"], running, _runs(body), draining
+                name,
+                body["host"],
+                capacity,
+                body["tags"],
+                running,
+                _runs(body),
+                draining,
+                address=address,
+                key=key,
             ),
         )
+
+    def _address_of(self, identity: bytes) -> str:
+        """The address of the session on this connection, if it has one (a registration again
+        on a connection the broker knows, whose address it took when it was new)."""
+        name = self.names.get(identity)
+        session = self.sessions.get(name) if name else None
+        return session.address if session is not None else ""
 
     def _held_by_another(
         self, name: str, identity: bytes, instance: str, user: str | None
@@ -866,9 +913,14 @@ class Broker:
         return session is None or session.last_seen < self.mono - self._window()
 
     def _last_seen(self) -> dict[str, float]:
-        """When each connected worker was last heard from, in wall-clock time for people."""
+        """When each connected worker was last heard from, in wall-clock time for people. The
+        workers a restarted broker waits for are not connected: it has not heard from them."""
         offset = self.wall() - self.clock()
-        return {name: s.last_seen + offset for name, s in self.sessions.items()}
+        return {
+            name: s.last_seen + offset
+            for name, s in self.sessions.items()
+            if s.identity is not None
+        }
 
     def _touch(self, identity: bytes, now: float) -> bool:
         """Mark a worker's session alive; False if `identity` has no session."""
@@ -994,6 +1046,7 @@ class Broker:
             self._reported = count
 
     def close(self) -> None:
+        self._save_seen()
         self.client.close(linger=0)
         self.worker.close(linger=0)
         if self.zap is not None:
@@ -1030,8 +1083,10 @@ def _runs(register: dict[str, Any]) -> owners.Runs:
     return owners.Runs(register["only_account"], register["refused"])
 
 
-def _losing(name: str, why: str, moved: list[tuple[int, str]]) -> Callable[[Core], None]:
-    return lambda core: moved.extend(core.worker_lost(name, why))
+def _losing(
+    name: str, why: str, heard: float | None, moved: list[tuple[int, str]]
+) -> Callable[[Core], None]:
+    return lambda core: moved.extend(core.worker_lost(name, why, heard))
 
 
 def _jobs_went(moved: list[tuple[int, str]]) -> str:
@@ -1087,9 +1142,14 @@ def _error(code: str, message: str, req: int) -> bytes:
 
 
 def _drain(
-    sock: zmq.Socket[Any], secure: object, limit: int = BATCH
+    sock: zmq.Socket[Any],
+    secure: object,
+    limit: int = BATCH,
+    peers: tuple[dict[bytes, str], dict[bytes, str]] | None = None,
 ) -> list[tuple[list[bytes], str | None]]:
-    """Up to `limit` waiting messages, each with its authenticated `role:name` when secure."""
+    """Up to `limit` waiting messages, each with its authenticated `role:name` when secure.
+    With `peers` (the known routing ids, and a map to fill), the peer address of each message
+    from a routing id not known is kept in the map."""
     out: list[tuple[list[bytes], str | None]] = []
     for _ in range(limit):
         # Asking is cheaper than the zmq.Again exception that would end every drain.
@@ -1104,8 +1164,19 @@ def _drain(
             if not frame.more:
                 break
         user = frame.get("User-Id") if secure is not None else None
+        if peers is not None and frames[0] not in peers[0]:
+            address = frame.get("Peer-Address")
+            peers[1][frames[0]] = address if isinstance(address, str) else ""
         out.append((frames, user if isinstance(user, str) else None))
     return out
+
+
+def _who(host: str, address: str, pid: object, user: str | None) -> str:
+    """`HOST at ADDRESS (pid P, key K)`: the host a worker names, where the broker saw it
+    connect from, and the worker key it authenticated with."""
+    key = "no key" if user is None else f"key {parse_user_id(user).name}"
+    at = f" at {address}" if address and address != host else ""
+    return f"{host or '?'}{at} (pid {pid or '?'}, {key})"
 
 
 def _send(sock: zmq.Socket[Any], identity: bytes, payload: bytes) -> None:

@@ -642,10 +642,12 @@ class Core:
         running: list[tuple[int, int]],
         runs: owners.Runs = owners.ANY_OWNER,
         draining: bool = False,
+        address: str = "",
+        key: str | None = None,
     ) -> Worker:
         """A worker (re)connects and lists the attempts it holds (SPEC §5), and whose jobs it
         runs (SPEC §6). One that is stopping (`draining`), or that an admin drained, comes
-        back draining."""
+        back draining. `address` and `key` say where from and with which worker key."""
         worker = self.tx.get_worker(name)
         cpus, memory, gpus = capacity
         if worker is None:
@@ -653,6 +655,7 @@ class Core:
         worker.host, worker.cpus, worker.memory, worker.gpus = host, cpus, memory, gpus
         worker.tags = list(tags)
         worker.only_account, worker.refused = runs.only_account, dict(runs.refused)
+        worker.address, worker.key = address, key
         worker.registered = worker.last_seen = self.now
         worker.wants = 0
         if draining or worker.held:
@@ -948,6 +951,7 @@ class Core:
             attempt.reason = f"worker {name} stopped it"
             self.tx.put_attempt(attempt)
             job.token = job.worker = None
+            job.unspent += 1
             self._move(job, S.AVAILABLE, f"{attempt.reason}; requeued")
             return
         if outcome == "cancelled":
@@ -1008,7 +1012,8 @@ class Core:
             worker.state = WorkerState.DRAINED.value
 
     def drain(self, actor: Actor, name: str, resume: bool) -> Worker:
-        """An admin's drain holds the worker drained, across its restarts, until a resume."""
+        """An admin's drain holds the worker drained, across its restarts, until a resume.
+        A lost or stopped worker stays so, and comes back drained when it registers again."""
         if actor.role != ADMIN:
             raise Forbidden("draining and resuming workers is for admins")
         worker = self._worker(name)
@@ -1016,14 +1021,13 @@ class Core:
         if resume:
             if worker.state in (WorkerState.DRAINING.value, WorkerState.DRAINED.value):
                 worker.state = WorkerState.ACTIVE.value
-        elif worker.gone:
-            raise Conflict(f"worker {name!r} is {worker.state}; nothing to drain")
-        else:
+        elif not worker.gone:
             worker.state = WorkerState.DRAINING.value
             worker.wants = 0
             self._settle_drain(worker)
         self.tx.put_worker(worker)
-        self.effects.append(Effect(name, "drain", {"resume": resume}))
+        if not worker.gone:
+            self.effects.append(Effect(name, "drain", {"resume": resume}))
         return worker
 
     # ---- users -------------------------------------------------------------------------------
@@ -1067,7 +1071,9 @@ class Core:
     def stopped(self, name: str) -> list[tuple[int, str]]:
         """The worker exits cleanly. It holds nothing by then; anything it still held goes
         back to the queue as from a lost worker. Returns those jobs and their new states."""
-        return self._gone(self._worker(name), WorkerState.STOPPED, f"worker {name} stopped")
+        return self._gone(
+            self._worker(name), WorkerState.STOPPED, f"worker {name} stopped", self.now
+        )
 
     def forget(self, actor: Actor, name: str) -> None:
         """Remove a lost or stopped worker from the list; a connected one is refused."""
@@ -1083,20 +1089,36 @@ class Core:
 
     # ---- lost workers -----------------------------------------------------------------------
 
-    def worker_lost(self, name: str, reason: str) -> list[tuple[int, str]]:
+    def worker_lost(
+        self, name: str, reason: str, heard: float | None = None
+    ) -> list[tuple[int, str]]:
         """Silent past the liveness window: requeue its jobs without spending retries (SPEC §5).
-        Returns its jobs and the state each went to."""
+        `heard` is when the broker last heard from it; None when this broker never did (it
+        did not come back after a restart), which leaves the stored time. Returns its jobs and
+        the state each went to."""
         worker = self.tx.get_worker(name)
         if worker is None or worker.gone:
             return []
-        return self._gone(worker, WorkerState.LOST, reason)
+        return self._gone(worker, WorkerState.LOST, reason, heard)
 
-    def _gone(self, worker: Worker, state: WorkerState, reason: str) -> list[tuple[int, str]]:
+    def heard(self, seen: dict[str, float]) -> None:
+        """Store when each connected worker was last heard from (the server does this now and
+        then, and at its stop), so that after a restart the list still says when."""
+        for name, when in seen.items():
+            worker = self.tx.get_worker(name)
+            if worker is not None and not worker.gone and when > worker.last_seen:
+                worker.last_seen = when
+                self.tx.put_worker(worker)
+
+    def _gone(
+        self, worker: Worker, state: WorkerState, reason: str, heard: float | None
+    ) -> list[tuple[int, str]]:
         """The worker is no longer there (`state`): what it held goes back to the queue."""
         moved = [self._lose_attempt(worker, j, t, reason) for j, t in list(worker.running.items())]
         worker.state = state.value
         worker.wants = 0
-        worker.last_seen = self.now
+        if heard is not None:
+            worker.last_seen = max(worker.last_seen, heard)
         self._recount(worker)
         self.tx.put_worker(worker)
         return [m for m in moved if m is not None]
@@ -1125,6 +1147,7 @@ class Core:
         job.token = None
         if job.requeues < self.config.max_lost_requeues:
             job.requeues += 1
+            job.unspent += 1
             job.worker = None
             self._move(
                 job,

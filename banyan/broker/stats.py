@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
-from banyan.broker.records import Tx
+from banyan.broker.records import HOLDING, Attempt, Job, Outcome, Tx
 
 WINDOW_EVENTS = 20_000  # the recent history the rates and percentiles are drawn from
 MINUTES = 10
+_HOLDING = frozenset(s.value for s in HOLDING)
 
 
 def summary(tx: Tx, now: float, retention: float | None = None) -> dict[str, Any]:
@@ -17,6 +19,7 @@ def summary(tx: Tx, now: float, retention: float | None = None) -> dict[str, Any
         k: [0] * MINUTES for k in ("submitted", "started", "finished")
     }
     finished: dict[int, str] = {}
+    ran: set[int] = set()  # jobs an attempt of which ended in the window
     for e in events:
         age = int((now - e.time) // 60)
         kind = (
@@ -32,7 +35,10 @@ def summary(tx: Tx, now: float, retention: float | None = None) -> dict[str, Any
             per_minute[kind][age] += 1
         if e.to in ("terminated", "cancelled"):
             finished[e.job] = e.to
-    waits, runs, outcomes = [], [], {"success": 0, "failed": 0, "timeout": 0, "lost": 0}
+        if e.frm in _HOLDING:
+            ran.add(e.job)
+    waits: list[float] = []
+    outcomes = {"success": 0, "failed": 0, "timeout": 0, "lost": 0}
     for job_id in finished:
         job = tx.get_job(job_id)
         if job is None:
@@ -41,10 +47,17 @@ def summary(tx: Tx, now: float, retention: float | None = None) -> dict[str, Any
             outcomes[job.outcome] += 1
         if job.started is not None:
             waits.append(job.started - job.submitted)
-            if job.ended is not None:
-                runs.append(job.ended - job.started)
+    since = events[0].time if events else now
+    runs: list[float] = []
+    by_outcome = {"success": 0, "failed": 0, "timeout": 0, "lost": 0, "cancelled": 0}
+    requeued = 0
+    for job, a, end in _attempts(tx, ran, since):
+        runs.append(end - (a.started if a.started is not None else a.claimed))
+        by_outcome[a.outcome or "-"] = by_outcome.get(a.outcome or "-", 0) + 1
+        requeued += _requeued(job, a)
     ended = sum(outcomes.values())
-    live = [w for w in tx.workers() if not w.gone]
+    workers = list(tx.workers())
+    live = [w for w in workers if not w.gone]
     total_cpus = sum(w.cpus for w in live)
     return {
         "counts": tx.state_counts(),
@@ -53,8 +66,10 @@ def summary(tx: Tx, now: float, retention: float | None = None) -> dict[str, Any
         "run_time": percentiles(runs),
         "outcomes": outcomes,
         "success_rate": outcomes["success"] / ended if ended else None,
+        "attempts": {"ended": len(runs), "outcomes": by_outcome, "requeued": requeued},
         "workers": {
             "live": len(live),
+            **{state: sum(w.state == state for w in workers) for state in ("lost", "stopped")},
             "cpus": total_cpus,
             "used_cpus": sum(w.used_cpus for w in live),
             "utilisation": sum(w.used_cpus for w in live) / total_cpus if total_cpus else None,
@@ -62,6 +77,32 @@ def summary(tx: Tx, now: float, retention: float | None = None) -> dict[str, Any
         "window_events": len(events),
         "store": store(tx, retention),
     }
+
+
+def _attempts(tx: Tx, jobs: set[int], since: float) -> Iterator[tuple[Job, Attempt, float]]:
+    """The attempts of `jobs` that ran and ended at or after `since`, with their job and end:
+    each run counts on its own, a requeued or retried one too (a job's first start to its end
+    is not a run)."""
+    for job_id in sorted(jobs):
+        job = tx.get_job(job_id)
+        if job is None:
+            continue
+        for a in tx.attempts_of(job_id):
+            if a.ended is not None and a.ended >= since and a.outcome != Outcome.RETURNED.value:
+                yield job, a, a.ended
+
+
+def _requeued(job: Job, a: Attempt) -> bool:
+    """The attempt was put back in the queue without spending one: its worker was lost or
+    stopped (outcome lost), or its worker's cold stop cancelled it (the only cancel that gives
+    an attempt a reason); unless it ended the job (the last requeue used up, or a pending
+    cancel settled)."""
+    if a.outcome != Outcome.LOST.value and not (
+        a.outcome == Outcome.CANCELLED.value and a.reason is not None
+    ):
+        return False
+    ended_job = job.st.terminal and a.number == job.attempts and job.ended == a.ended
+    return not ended_job
 
 
 def store(tx: Tx, retention: float | None) -> dict[str, Any]:

@@ -9,7 +9,17 @@ from typing import Any
 
 from banyan.broker import owners
 from banyan.broker.matching import decayed, factors
-from banyan.broker.records import Attempt, Group, Job, JobState, Tx, User, Worker, WorkerState
+from banyan.broker.records import (
+    QUEUED,
+    Attempt,
+    Group,
+    Job,
+    JobState,
+    Tx,
+    User,
+    Worker,
+    WorkerState,
+)
 
 S = JobState
 
@@ -39,7 +49,7 @@ def waiting_reason(job: Job, workers: list[Worker], limit: str | None = None) ->
     live = [w for w in live if owners.runs(w, job.runs_as)]
     never = unrunnable(job, live)
     if never:
-        return never
+        return away(job, workers) or never
     if limit:
         return limit
     request = (job.cpus, job.memory, job.gpus, job.tags)
@@ -69,16 +79,58 @@ def unrunnable(job: Job, live: list[Worker]) -> str | None:
     lead = "no worker can ever run this: needs"
     most_cpus = max(w.cpus for w in live)
     if job.cpus > most_cpus:
-        return f"{lead} {job.cpus:g} cpus, largest worker has {most_cpus:g}"
+        return f"{lead} {_cpus(job.cpus)}, largest worker has {most_cpus:g}"
     most_mem = max(w.memory for w in live)
     if job.memory > most_mem:
         return f"{lead} {job.memory} MiB of memory, largest worker has {most_mem} MiB"
     most_gpus = max(w.gpus for w in live)
     if job.gpus > most_gpus:
-        return f"{lead} {job.gpus} gpus, largest worker has {most_gpus}"
+        return f"{lead} {_gpus(job.gpus)}, largest worker has {most_gpus}"
     if not any(all(t in w.tags for t in job.tags) for w in live):
+        if len(job.tags) == 1:
+            return f"{lead} tag {job.tags[0]}; no worker carries it"
         return f"{lead} tags {', '.join(job.tags)}; no worker carries them all"
-    return f"{lead} {job.cpus:g} cpus, {job.memory} MiB, {job.gpus} gpus and tags together"
+    parts = [_cpus(job.cpus)]
+    parts += [f"{job.memory} MiB"] if job.memory else []
+    parts += [_gpus(job.gpus)] if job.gpus else []
+    parts += [_tags(job.tags)] if job.tags else []
+    both = f"{', '.join(parts[:-1])} and {parts[-1]}"
+    return f"{lead} {both} together; no worker has all of them"
+
+
+# Workers named in a reason, at most: the rest are counted.
+NAMED = 3
+
+
+def away(job: Job, workers: list[Worker]) -> str | None:
+    """The job fits no connected worker, but would fit one that is lost or stopped: it runs
+    when that one comes back, so say which rather than "never" (an unreachable or restarting
+    machine is not a job too big for the cluster)."""
+    request = (job.cpus, job.memory, job.gpus, job.tags)
+    able = [
+        w for w in workers if w.gone and w.could_ever_fit(*request) and owners.runs(w, job.runs_as)
+    ]
+    if not able:
+        return None
+    names = ", ".join(w.name for w in able[:NAMED])
+    if len(able) > NAMED:
+        names += f" and {len(able) - NAMED} more"
+    states = sorted({w.state for w in able}, key=["stopped", "lost"].index)
+    if len(able) == 1:
+        return f"the only worker that could run it ({names}) is {states[0]}"
+    return f"the only workers that could run it ({names}) are {' or '.join(states)}"
+
+
+def _cpus(n: float) -> str:
+    return f"{n:g} cpu{'' if n == 1 else 's'}"
+
+
+def _gpus(n: int) -> str:
+    return f"{n} gpu{'' if n == 1 else 's'}"
+
+
+def _tags(tags: list[str]) -> str:
+    return f"tag{'' if len(tags) == 1 else 's'} {', '.join(tags)}"
 
 
 def job_info(
@@ -101,6 +153,7 @@ def job_info(
         "exit_code": job.exit_code,
         "signal": job.signal,
         "attempts": job.attempts,
+        "counted": job.attempts - job.unspent,
         "max_attempts": job.max_attempts,
         "worker": job.worker,
         "progress": job.progress,
@@ -121,8 +174,11 @@ def job_info(
         "reason": waiting_reason(job, workers, limits.get(job.owner)),
         "pending_dependencies": job.pending,
     }
+    history = tx.attempts_of(job.id) if detail else []
+    run = _run(tx, job, history)
+    info["attempt_started"] = None if run is None else run.started or run.claimed
+    info["attempt_ended"] = None if run is None else run.ended
     if detail:
-        history = tx.attempts_of(job.id)
         info["history"] = [attempt_info(a) for a in history]
         last = history[-1] if history else None
         info["output_tail"] = {
@@ -140,6 +196,17 @@ def job_info(
             exported_environment=job.environ is not None,
         )
     return info
+
+
+def _run(tx: Tx, job: Job, history: list[Attempt]) -> Attempt | None:
+    """The attempt a running job runs, or the one that ended an ended job; None while it waits.
+    (`started` dates the first attempt only. A record past `attempts` was handed back
+    unstarted; the next claim reuses its number.)"""
+    if not job.attempts or job.st in QUEUED:
+        return None
+    if history:
+        return history[job.attempts - 1]
+    return tx.get_attempt(job.id, job.attempts)
 
 
 def attempt_info(a: Attempt) -> dict[str, Any]:
@@ -182,10 +249,21 @@ def group_info(tx: Tx, group: Group) -> dict[str, Any]:
     }
 
 
-def worker_info(worker: Worker, last_seen: float | None = None) -> dict[str, Any]:
-    """`state` is idle or busy for an active worker, else draining, drained, stopped or lost."""
+# The state shown for a worker that a restarted broker waits for: it has not heard from it yet.
+EXPECTED = "expected"
+
+
+def worker_info(
+    worker: Worker, last_seen: float | None = None, connected: bool = True
+) -> dict[str, Any]:
+    """`state` is idle or busy for an active worker, else draining, drained, stopped or lost;
+    `expected` for one not `connected` that is not gone either: the broker restarted and waits
+    for it to register again (for a liveness window, before it is lost). `last_seen` is when
+    the broker last heard from a connected one; else the stored time."""
     state = worker.state
-    if state == WorkerState.ACTIVE.value:
+    if not connected and not worker.gone:
+        state = EXPECTED
+    elif state == WorkerState.ACTIVE.value:
         state = "busy" if worker.running else "idle"
     return {
         "name": worker.name,
@@ -203,6 +281,9 @@ def worker_info(worker: Worker, last_seen: float | None = None) -> dict[str, Any
         "only_account": worker.only_account,
         "refused_accounts": dict(worker.refused),
         "last_seen": last_seen if last_seen is not None else worker.last_seen,
+        "address": worker.address,
+        "key": worker.key,
+        "held": worker.held,
     }
 
 

@@ -28,7 +28,9 @@ Usage:
 
 Rates, percentiles and the success rate cover the recent event history (the last
 20,000 state changes); counts by state cover every job the broker keeps (ended jobs are
-purged after its --retention). The store line shows the size of the broker's store.
+purged after its --retention). A queue wait is a job's time to its first start; a run time is
+one attempt's, a requeued or retried attempt counted on its own. The store line shows the size
+of the broker's store.
 
 Options:
 """
@@ -73,8 +75,11 @@ def render(s: dict[str, Any]) -> str:
         [name, *_quantiles(s.get(key) or {})]
         for name, key in (("queue wait", "queue_wait"), ("run time", "run_time"))
     ]
-    out += [table(["TIMES", *QUANTILES, "JOBS"], rows), ""]
+    # A queue wait is a job's (to its first start), a run time an attempt's.
+    out += [table(["TIMES", *QUANTILES, "COUNT"], rows), ""]
     out.append(f"success       {_success(s)}")
+    if s.get("attempts"):
+        out.append(f"attempts      {_attempts(s['attempts'])}")
     out.append(f"workers       {_workers(s.get('workers') or {})}")
     if s.get("store"):
         out.append(f"store         {_store(s['store'])}")
@@ -93,6 +98,17 @@ def _success(s: dict[str, Any]) -> str:
         return "no job has ended recently"
     detail = ", ".join(f"{n} {k}" for k, n in outcomes.items())
     return f"{percent(s.get('success_rate'))} of {ended} ended jobs ({detail})"
+
+
+def _attempts(a: dict[str, Any]) -> str:
+    """Attempts that ended recently, by outcome, and those requeued without spending one."""
+    if not a.get("ended"):
+        return "none ended recently"
+    outcomes = ", ".join(f"{n} {k}" for k, n in (a.get("outcomes") or {}).items())
+    return (
+        f"{a['ended']} ended ({outcomes}); "
+        f"{a.get('requeued', 0)} requeued without spending an attempt"
+    )
 
 
 def _store(st: dict[str, Any]) -> str:
@@ -121,10 +137,11 @@ def _history(st: dict[str, Any]) -> str:
 
 def _workers(w: dict[str, Any]) -> str:
     live = w.get("live", 0)
+    gone = "".join(f", {w[k]} {k}" for k in ("lost", "stopped") if w.get(k))
     if not live:
-        return "none live"
+        return f"none live{gone}"
     return (
-        f"{live} live, {w.get('used_cpus', 0):g}/{w.get('cpus', 0):g} cpus in use "
+        f"{live} live{gone}; {w.get('used_cpus', 0):g}/{w.get('cpus', 0):g} cpus in use "
         f"({percent(w.get('utilisation'))} utilisation)"
     )
 

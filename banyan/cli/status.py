@@ -220,7 +220,7 @@ def row(r: dict[str, Any], now: float) -> list[Cell]:
         clip(r.get("name") or "", NAME_WIDTH),
         r.get("owner") or "-",
         (state, job_color(state, r.get("outcome"))),
-        f"{r.get('attempts', 0)}/{r.get('max_attempts', 1)}",
+        f"{counted(r)}/{r.get('max_attempts', 1)}",
         r.get("worker") or "-",
         clip(progress(r), PROGRESS_WIDTH),
         elapsed(r, now),
@@ -235,13 +235,21 @@ def progress(r: dict[str, Any]) -> str:
     return " ".join(parts) or "-"
 
 
+def counted(r: dict[str, Any]) -> int:
+    """Attempts that counted against max_attempts: not those put back without spending one
+    (a lost or stopped worker, a cold stop). A broker that does not say counts them all."""
+    return int(r.get("counted", r.get("attempts", 0)))
+
+
 def elapsed(r: dict[str, Any], now: float) -> str:
-    """Run time for a started job, time in the queue for one still waiting."""
+    """How long since it was submitted, for a job that waits; how long its attempt has run,
+    for a running job; how long its last attempt ran, for an ended one."""
     if r["state"] in ("available", "inactive"):
         return since(r.get("submitted"), now)
-    if r.get("started") is None:
+    start = r.get("attempt_started", r.get("started"))
+    if start is None:
         return "-"
-    return since(r["started"], r.get("ended") or now)
+    return since(start, r.get("attempt_ended") or r.get("ended") or now)
 
 
 def reason(r: dict[str, Any]) -> str:
@@ -335,10 +343,16 @@ def detail(r: dict[str, Any], color: bool) -> str:
 
 def state_line(r: dict[str, Any], now: float) -> str:
     text = str(r["state"])
-    if r.get("attempts"):
-        text += f", attempt {r['attempts']} of {r.get('max_attempts', 1)}"
+    spent, allowed = counted(r), r.get("max_attempts", 1)
+    if r["state"] in ("available", "inactive"):
+        text += f", {spent} of {plural(allowed, 'attempt')} spent" if spent else ""
+    elif spent:
+        text += f", attempt {spent} of {allowed}"
+    free = r.get("attempts", 0) - spent
+    if free > 0:
+        text += f" ({plural(free, 'run')} requeued without spending an attempt)"
     if r.get("worker") and r["state"] in ("running", "pending_cancellation"):
-        text += f", on {r['worker']} for {since(r.get('started'), now)}"
+        text += f", on {r['worker']} for {elapsed(r, now)}"
     elif r.get("ended"):
         text += f", ended {ago(r['ended'], now)}"
     return text

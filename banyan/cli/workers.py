@@ -31,12 +31,15 @@ Usage:
 
 States: idle, busy (running jobs), draining (finishing its jobs, taking no new ones), drained
 (idle and taking none), stopped (exited cleanly), lost (silent past the liveness window; its
-jobs were requeued). A draining worker finishes what it runs and claims nothing new; then it
-shows as drained, and stays drained, across its restarts, until resumed. Forgetting removes a
-lost or stopped worker from the list. All three need an admin key.
+jobs were requeued), expected (the broker restarted and waits for it to register again). A
+draining worker finishes what it runs and claims nothing new; then it shows as drained, and
+stays drained, across its restarts, until resumed. Forgetting removes a lost or stopped worker
+from the list. All three need an admin key.
 
 Options:
-  --drain NAME          Drain worker NAME.
+  -l, --long            Also show where each worker registered from (ADDRESS, which tells
+                        cloned machines with one host name apart) and the worker key it used.
+  --drain NAME          Drain worker NAME (one stopped or lost comes back drained).
   --resume NAME         Let worker NAME claim jobs again.
   --forget NAME         Remove lost or stopped worker NAME from the list.
 """
@@ -57,6 +60,7 @@ HEADERS = (
 )
 COLORS = {"idle": "green", "busy": "cyan", "draining": "yellow", "drained": "dim", "lost": "red"}
 COLORS["stopped"] = "dim"
+COLORS["expected"] = "yellow"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,21 +86,29 @@ def workers(args: Args) -> int:
         w = next((w for w in found if w.name == name), None)
         print(f"{name}: {w.state if w else 'unknown'}{_drain_note(w)}")
         return EXIT_OK
-    print(render(found, use_color(sys.stdout)))
+    print(render(found, use_color(sys.stdout), bool(args["--long"])))
     return EXIT_OK
 
 
 def _drain_note(w: WorkerInfo | None) -> str:
+    if w is not None and w.held and w.state in ("lost", "stopped", "expected"):
+        return "; it comes back drained when it registers again"
     if w is None or w.state != "draining":
         return ""
     return f" (finishing {plural(len(w.running), 'running job')}, then drained)"
 
 
-def render(found: list[WorkerInfo], color: bool) -> str:
+def render(found: list[WorkerInfo], color: bool, long: bool = False) -> str:
     if not found:
         return "no workers have registered (start one with banyan-worker)"
     now = time.time()
-    out = table(HEADERS, [row(w, now) for w in found], color)
+    headers: tuple[str, ...] = HEADERS
+    rows = [row(w, now) for w in found]
+    if long:  # after NAME and HOST
+        headers = (*HEADERS[:2], "ADDRESS", "KEY", *HEADERS[2:])
+        extra = [[w.address or "-", w.key or "-"] for w in found]
+        rows = [[*r[:2], *x, *r[2:]] for r, x in zip(rows, extra, strict=True)]
+    out = table(headers, rows, color)
     live = [w for w in found if w.state not in ("lost", "stopped")]
     states: dict[str, int] = {}
     for w in found:
