@@ -115,7 +115,8 @@ class Operator:
         return c
 
     def states(self) -> dict[str, str]:
-        return {w.name: w.state for w in self.client().workers()}
+        with Client(f"127.0.0.1:{self.client_port}", self.home, timeout=scaled(5)) as c:
+            return {w.name: w.state for w in c.workers()}
 
     def run(self, tool: str, *args: str, env: dict[str, str] | None = None) -> Ran:
         """A tool as a person runs it, with this site's broker unless `env` says otherwise."""
@@ -446,3 +447,22 @@ def test_a_worker_at_the_client_port_of_a_keyless_broker(op: Operator) -> None:
     )
     assert wrong.wait(timeout=scaled(10)) == 3
     assert "this is the broker's client port; workers connect to its other port" in op.log("wrong")
+
+
+def test_a_worker_broker_without_a_port_takes_banyan_worker_port(op: Operator) -> None:
+    op.start_broker()
+    env = {"BANYAN_WORKER_PORT": str(op.worker_port)}
+    op.spawn("w1", ["banyan-worker", "--broker", "127.0.0.1", "--name", "w1"], env=env)
+    wait_for(lambda: op.states().get("w1") == "idle", 20, what="w1 at BANYAN_WORKER_PORT")
+    assert f"-> tcp://127.0.0.1:{op.worker_port}" in op.log("w1")
+    # A bad value is a usage error that calls it a port.
+    bad = {**op.env, "BANYAN_WORKER_PORT": "abc"}
+    worker = subprocess.run(
+        [op.program("banyan-worker"), "--broker", "127.0.0.1"],
+        env=bad,
+        capture_output=True,
+        text=True,
+        timeout=scaled(30),
+    )
+    assert worker.returncode == 2
+    assert worker.stderr.startswith("banyan-worker: BANYAN_WORKER_PORT: 'abc' is not a port")

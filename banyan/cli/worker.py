@@ -3,9 +3,9 @@
 Usage:
   banyan-worker [options] [--tag T]...
 
-The broker's worker port comes from --broker HOST[:PORT]; else the host is $BANYAN_BROKER's
-(whose port, if it names one, is the client port the tools use) and the port
-$BANYAN_WORKER_PORT, else 7412.
+The broker's worker socket is at --broker HOST[:PORT], else at the host of $BANYAN_BROKER
+(whose port, if it names one, is the client port the tools use). Where --broker names no port,
+the port is $BANYAN_WORKER_PORT, else 7412.
 
 The first SIGTERM or SIGINT drains the worker: running jobs finish, nothing new starts, then it
 exits 0 and the broker shows it stopped. A second one cancels the running jobs, which the broker
