@@ -466,3 +466,18 @@ def test_a_worker_broker_without_a_port_takes_banyan_worker_port(op: Operator) -
     )
     assert worker.returncode == 2
     assert worker.stderr.startswith("banyan-worker: BANYAN_WORKER_PORT: 'abc' is not a port")
+
+
+def test_the_daemons_make_a_missing_banyan_home_private(op: Operator) -> None:
+    """Under an ordinary umask, as `$BANYAN_HOME` is documented: only its account may enter."""
+    worker_home = op.root / "worker-home"
+    before = os.umask(0o022)
+    try:
+        op.start_broker("broker", "--insecure")
+        argv = ["banyan-worker", "--broker", f"127.0.0.1:{op.worker_port}", "--name", "w1"]
+        spool = ["--spool", str(worker_home / "spool" / "w1")]
+        op.spawn("w1", [*argv, *spool], env={"BANYAN_HOME": str(worker_home)})
+    finally:
+        os.umask(before)
+    wait_for(lambda: op.states().get("w1") == "idle", 20, what="w1")
+    assert (op.home.stat().st_mode & 0o777, worker_home.stat().st_mode & 0o777) == (0o700, 0o700)

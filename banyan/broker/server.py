@@ -33,7 +33,7 @@ from banyan.broker.state import Actor, Config, Core, Effect, Logged
 from banyan.broker.store import ReadTx, Store, StoreFull, WriteTx
 from banyan.config import home
 from banyan.errors import BanyanError, NoSpace, NotFound
-from banyan.keys import Authorizer, ensure_local, own_account, parse_user_id
+from banyan.keys import Authorizer, ensure_local, own_account, parse_user_id, private_dir
 
 log = logging.getLogger("banyan.broker")
 T = TypeVar("T")
@@ -162,7 +162,7 @@ class Broker:
         self.ctx = ctx or zmq.Context()
         self._own_ctx = ctx is None
         # A first start makes its state directory (and $BANYAN_HOME), private to this account.
-        Path(config.state_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(Path(config.state_dir))
         self.store = Store(config.state_dir, sync=config.sync)
         # Without keys every peer is the local administrator (loopback or --insecure only),
         # and its jobs run as the broker's own account.

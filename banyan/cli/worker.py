@@ -49,7 +49,7 @@ from banyan.cli.output import Args, number, parse_memory, positive_duration
 from banyan.cli.usage import UsageError, parse
 from banyan.config import home, worker_address
 from banyan.errors import KeyRefused
-from banyan.keys import KeyExposed
+from banyan.keys import KeyExposed, private_dir
 from banyan.link import credentials
 from banyan.worker import resources
 from banyan.worker.daemon import WorkerConfig, WorkerDaemon
@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyRefused as e:  # a key file is missing: found before connecting
         print(f"{TOOL}: {e}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    if config.home is not None and config.spool.is_relative_to(config.home):
+        private_dir(config.home)  # made here for the first time: private, as the broker makes it
     daemon_logging(args["--log-level"])
     logging.getLogger("banyan.worker").info(
         "worker %s: %g cpus, %d MiB, %d gpus, tags %s -> %s",
