@@ -61,9 +61,12 @@ class Operator:
         assert path.exists(), f"{name} is not installed next to {sys.executable}"
         return str(path)
 
-    def spawn(self, key: str, argv: list[str], env: dict[str, str] | None = None) -> Any:
-        """Start an installed program. A worker also runs root's jobs where the tests run as
-        root: the broker's own admin key, which the tools use, is bound to this account."""
+    def spawn(
+        self, key: str, argv: list[str], env: dict[str, str] | None = None, session: bool = False
+    ) -> Any:
+        """Start an installed program (in a session of its own, as a login shell's job is,
+        with `session`). A worker also runs root's jobs where the tests run as root: the
+        broker's own admin key, which the tools use, is bound to this account."""
         if argv[0] == "banyan-worker":
             argv = [*argv, *ALLOW_ROOT]
         log = open(self.root / f"{key}.log", "ab")  # noqa: SIM115 - owned by the process
@@ -72,6 +75,7 @@ class Operator:
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**self.env, **(env or {})},
+            start_new_session=session,
         )
         log.close()
         self.procs[key] = proc
@@ -481,3 +485,24 @@ def test_the_daemons_make_a_missing_banyan_home_private(op: Operator) -> None:
         os.umask(before)
     wait_for(lambda: op.states().get("w1") == "idle", 20, what="w1")
     assert (op.home.stat().st_mode & 0o777, worker_home.stat().st_mode & 0o777) == (0o700, 0o700)
+
+
+def test_a_hangup_is_logged_and_ignored_by_both_daemons(op: Operator) -> None:
+    """A worker started from a shell whose terminal closes (the kernel's SIGHUP reaches its
+    whole process group) goes on, and so do its jobs; so does a broker sent `kill -HUP`."""
+    broker = op.start_broker()
+    argv = ["banyan-worker", "--broker", f"127.0.0.1:{op.worker_port}", "--name", "w1"]
+    worker = op.spawn("w1", argv, session=True)
+    wait_for(lambda: op.states().get("w1") == "idle", 20, what="w1")
+    go = op.root / "go"
+    c = op.client()
+    (job,) = c.submit(f"while [ ! -e {go} ]; do sleep 0.05; done").jobs
+    wait_for(lambda: job_row(op, job)["state"] == "running", 20, what="the job to run")
+    os.killpg(worker.pid, signal.SIGHUP)
+    broker.send_signal(signal.SIGHUP)
+    wait_for(lambda: "SIGHUP ignored" in op.log("w1"), 10, what="the worker's log line")
+    wait_for(lambda: "SIGHUP ignored" in op.log("broker"), 10, what="the broker's log line")
+    assert worker.poll() is None and broker.poll() is None
+    go.touch()
+    assert c.wait([job], timeout=scaled(20)).jobs[0].succeeded
+    assert op.states()["w1"] == "idle"

@@ -196,6 +196,7 @@ class Broker:
         self.refused = 0
         self._reported = 0
         self.stopping = False
+        self.hangups = 0  # SIGHUPs the loop has not logged yet (set by banyan-broker's handler)
         self.next_heartbeat = 0.0
         self.next_expiry = 0.0
         self.next_purge = 0.0  # on the monotonic clock
@@ -259,6 +260,9 @@ class Broker:
         )
         while not self.stopping:
             self.step(timeout=self._poll_timeout())
+            if self.hangups:
+                log.info("SIGHUP ignored: the broker goes on (SIGTERM stops it)")
+                self.hangups = 0
         self.close()
 
     def _poll_timeout(self) -> float:

@@ -3,6 +3,9 @@
 Usage:
   banyan-broker [options]
 
+SIGTERM or SIGINT stops it after its current turn; SIGHUP (a closed terminal) is logged and
+ignored.
+
 Options:
   --bind HOST          Address to bind both sockets to [default: 127.0.0.1].
   --client-port N      Port for users' tools [default: 7411].
@@ -94,8 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         # Only a flag: the loop finishes its turn, commits and closes (SPEC: signals set flags).
         broker.stopping = True
 
+    def hangup(*_: Any) -> None:
+        broker.hangups += 1  # logged and ignored: a closed terminal must not stop the broker
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, hangup)
     broker.run()
     return EXIT_OK
 

@@ -9,8 +9,9 @@ the port is $BANYAN_WORKER_PORT, else 7412.
 
 The first SIGTERM or SIGINT drains the worker: running jobs finish, nothing new starts, then it
 exits 0 and the broker shows it stopped. A second one cancels the running jobs, which the broker
-requeues on other workers. Exit 1: another live worker has this name. Exit 3: the broker
-refused this worker's key, or --broker is not its worker port.
+requeues on other workers. SIGHUP (a closed terminal) is logged and ignored. Exit 1: another
+live worker has this name. Exit 3: the broker refused this worker's key, or --broker is not its
+worker port.
 
 Options:
   --broker HOST[:PORT]  The broker's worker socket (see above).

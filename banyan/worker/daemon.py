@@ -119,6 +119,7 @@ class WorkerDaemon:
         self._reqs = itertools.count(1)
         self.draining = False  # by the broker (admin) or by our own first SIGTERM
         self.stop_requested = 0  # count of SIGTERM/SIGINT received
+        self.hangups = 0  # SIGHUPs not yet logged: a closed terminal must not stop the worker
         self.signals: list[str] = []  # their names, in order
         self.announced = False  # the broker was told this worker drains for a signal
         self.cold = False  # the second signal: running jobs are being cancelled
@@ -193,6 +194,7 @@ class WorkerDaemon:
         signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the poll via the fd
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hangup)
         try:
             while not self.finished():
                 self.step(timeout=self._timeout())
@@ -207,6 +209,9 @@ class WorkerDaemon:
         # Handlers only set flags; the loop does the work (a warm stop, then a cold one).
         self.signals.append(signal.Signals(signum).name)
         self.stop_requested += 1
+
+    def _on_hangup(self, _signum: int, _frame: Any = None) -> None:
+        self.hangups += 1
 
     def finished(self) -> bool:
         if self.runner.running():
@@ -261,6 +266,9 @@ class WorkerDaemon:
 
     def _obey_signals(self, now: float) -> None:
         running = len(self.runner.running())
+        if self.hangups:
+            log.info("SIGHUP ignored: the worker goes on (SIGTERM drains it)")
+            self.hangups = 0
         if self.stop_requested and not self.announced:
             self.announced = self.draining = True
             self.link.claim_left = 0
