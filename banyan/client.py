@@ -97,6 +97,9 @@ class Status:
 
 @dataclass(frozen=True)
 class Waited:
+    """What `wait` returns: each job's id, name, owner, state, outcome, exit code, attempts
+    and worker (the short rows of the broker's `waited` reply; `job()` has the rest)."""
+
     jobs: list[JobInfo]
     timed_out: bool
 
@@ -142,10 +145,12 @@ class WorkerInfo:
     running: list[int]
     completed: int
     last_seen: float
+    only_account: str | None = None  # a worker not started as root runs this account's jobs only
+    refused_accounts: dict[str, str] = field(default_factory=dict)  # account -> why not here
 
     @classmethod
     def of(cls, d: dict[str, Any]) -> WorkerInfo:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
 # Requests that change nothing, so asking twice is harmless.

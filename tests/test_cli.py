@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pwd
 import stat
 import time
 from collections.abc import Callable, Iterator
@@ -307,9 +308,40 @@ def test_wait_exit_codes(cli: Runner) -> None:
 
 
 def test_wait_with_json_prints_only_the_json(cli: Runner) -> None:
-    r = cli("submit", "--json", "--wait", "exit 1")
+    """The submission at once, then how each job ended: one document per line in a pipe."""
+    r = cli("submit", "--json", "--wait", "--name", "doomed", "exit 1")
     assert r.code == 1 and r.err == ""
-    assert list(r.json()) == ["jobs", "groups"]
+    submitted, ended = (json.loads(line) for line in r.out.splitlines())
+    assert list(submitted) == ["jobs", "groups"]
+    (job,) = submitted["jobs"]
+    me = cli("status", "--json", str(job)).json()["jobs"][0]["owner"]
+    assert ended == {
+        "ended": [
+            {
+                "id": job,
+                "name": "doomed",
+                "owner": me,
+                "state": "terminated",
+                "outcome": "failed",
+                "exit_code": 1,
+                "attempts": 1,
+                "worker": "w1",
+            }
+        ],
+        "succeeded": False,
+    }
+
+
+def test_a_wait_says_who_ran_each_job(live: Cluster) -> None:
+    c = live.client()
+    (job,) = c.submit("true", name="named").jobs
+    (unnamed,) = c.submit("echo unnamed").jobs
+    waited = c.wait([job, unnamed], timeout=scaled(20)).jobs
+    full = [c.job(job), c.job(unnamed)]
+    assert [(j.name, j.owner, j.worker) for j in waited] == [
+        (j.name, j.owner, j.worker) for j in full
+    ]
+    assert [(j.name, j.worker) for j in waited] == [("named", "w1"), ("echo unnamed", "w1")]
 
 
 def test_submit_key_makes_a_submission_idempotent(cli: Runner, live: Cluster) -> None:
@@ -595,6 +627,11 @@ def test_workers_table_json_and_drain(cli: Runner, live: Cluster) -> None:
     assert "/2" in line and "ago" in line
     (w,) = cli("workers", "--json").json()["workers"]
     assert w["name"] == "w1" and w["cpus"] == 2
+    # Every field docs/cli.md lists, and no other.
+    documented = "name, host, state, cpus, memory, gpus, used_cpus, used_memory, used_gpus, "
+    documented += "tags, running, completed, last_seen, only_account, refused_accounts"
+    assert list(w) == documented.split(", ")
+    assert w["only_account"] is None and w["refused_accounts"] == {}
     try:
         drained = cli("workers", "--drain", "w1")
         assert drained.code == 0 and drained.out.startswith("w1: drain")
@@ -602,6 +639,21 @@ def test_workers_table_json_and_drain(cli: Runner, live: Cluster) -> None:
         resumed = cli("workers", "--resume", "w1")
     assert resumed.code == 0 and resumed.out in ("w1: idle\n", "w1: busy\n")
     assert cli("workers", "--drain", "nope").code == 1
+
+
+def test_workers_json_says_whose_jobs_a_worker_will_not_run(
+    cluster: Cluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A worker left to its defaults: as root it refuses root's jobs, as another account it
+    runs only that account's."""
+    cluster.start_worker("plain", extra=())
+    (w,) = runner(cluster, capsys)("workers", "--json").json()["workers"]
+    if os.geteuid() == 0:
+        assert w["only_account"] is None and list(w["refused_accounts"]) == ["root"]
+        assert "--allow-root-jobs" in w["refused_accounts"]["root"]
+    else:
+        assert w["only_account"] == pwd.getpwuid(os.geteuid()).pw_name
+        assert w["refused_accounts"] == {}
 
 
 def test_users_shows_and_sets_shares_and_limits(cli: Runner, live: Cluster) -> None:

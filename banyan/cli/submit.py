@@ -83,6 +83,7 @@ Options:
   --submit-key KEY      Make the submission idempotent: repeating it returns the first ids
                         (while the broker keeps the key: its --retention, 30 days).
   -w --wait             Wait until every job has ended; exit 0 only if all succeeded.
+                        With --json, a second document then says how each ended.
 """
     + CONNECT_OPTIONS
 )
@@ -124,8 +125,14 @@ def submit(args: Args) -> int:
         if not args["--wait"] or not result.jobs:
             return EXIT_OK
         known = None if args["--submit-key"] else ("inactive" if args["--hold"] else "available")
-        ok = wait(client, result.jobs, head, known, display=not args["--json"])
-        return EXIT_OK if ok else EXIT_REFUSED
+        waited = wait(client, result.jobs, head, known, display=not args["--json"])
+        if args["--json"]:
+            print_json(
+                {"ended": [_ended(j) for j in waited.jobs], "succeeded": waited.all_succeeded}
+            )
+        else:
+            _summary(waited)
+        return EXIT_OK if waited.all_succeeded else EXIT_REFUSED
 
 
 def _in_words(e: ProtocolError | BanyanError, path: str | None) -> Exception:
@@ -291,8 +298,8 @@ EVENT_PAGES = 20  # event pages read per refresh at most, so a flood cannot stal
 SHOWN = ("succeeded", "failed", "cancelled", "running", "queued", "held")
 
 
-def wait(client: Client, ids: list[int], head: int, known: str | None, display: bool) -> bool:
-    """Block on the broker's `wait` until every job has ended; True if all succeeded.
+def wait(client: Client, ids: list[int], head: int, known: str | None, display: bool) -> Waited:
+    """Block on the broker's `wait` until every job has ended.
 
     The wait runs on its own connection in a thread; meanwhile this thread follows the event
     log for counts and asks about a few running jobs for their progress. Only the `wait`
@@ -300,7 +307,7 @@ def wait(client: Client, ids: list[int], head: int, known: str | None, display: 
     """
     line = LiveLine(sys.stderr)
     if not display and not line.tty:
-        return _summary(client.wait(ids), quiet=True)
+        return client.wait(ids)
     box: dict[str, Any] = {}
     done = threading.Event()
 
@@ -334,21 +341,25 @@ def wait(client: Client, ids: list[int], head: int, known: str | None, display: 
     line.close()
     if "error" in box:
         raise box["error"]
-    return _summary(box["waited"], quiet=False)
+    waited: Waited = box["waited"]
+    return waited
 
 
-def _summary(waited: Waited, quiet: bool) -> bool:
-    if quiet:
-        return waited.all_succeeded
+def _summary(waited: Waited) -> None:
     bad = [j for j in waited.jobs if not j.succeeded]
     text = f"{TOOL}: {plural(len(waited.jobs), 'job')} ended"
     if not bad:
         print(f"{text}, all succeeded", file=sys.stderr)
-        return True
+        return
     shown = ", ".join(f"{j.id} {_why(j)}" for j in bad[:5])
     more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
     print(f"{text}; {len(bad)} did not succeed: {shown}{more}", file=sys.stderr)
-    return False
+
+
+def _ended(job: JobInfo) -> dict[str, Any]:
+    """A job as `--wait --json` shows it once it has ended."""
+    keys = ("id", "name", "owner", "state", "outcome", "exit_code", "attempts", "worker")
+    return {k: getattr(job, k) for k in keys}
 
 
 def _why(job: JobInfo) -> str:
