@@ -110,9 +110,12 @@ class Watch:
                 event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
             except zmq.Again:
                 break
-            found = self._event(int(event["event"]), int(event["value"]))
+            kind = int(event["event"])
+            found = self._event(kind, int(event["value"]))
             if found is not None and (trouble is None or type(trouble) is BrokerUnavailable):
                 trouble = found
+            elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                trouble = None  # connected since: what went wrong before is over
         return trouble
 
     def _event(self, event: int, value: int) -> BrokerUnavailable | None:

@@ -263,7 +263,8 @@ def test_file_workflow_with_keys_and_groups(cli: Runner, live: Cluster, tmp_path
     path.write_text(json.dumps(flow))
     r = cli("submit", "--json", "--wait", "--priority", "2", "--file", str(path))
     assert r.code == 0, r.err
-    doc = r.json()
+    doc, ended = (json.loads(line) for line in r.out.splitlines())
+    assert ended["succeeded"] and len(ended["ended"]) == 4
     prep, a, b, report = doc["jobs"]
     assert set(doc["groups"]) == {"cli-sweep"}
     info = {j.id: j.raw for j in live.client().status([prep, a, b, report], detail=True).jobs}

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import pytest
 import zmq.auth
 
 from banyan.client import Client
+from banyan.errors import BrokerUnavailable
 from tests.cluster import ALLOW_ROOT, _kill_tree, free_port, scaled, wait_for
 
 BIN = Path(sys.executable).parent  # where `pip install` put the programs
@@ -306,6 +308,102 @@ def test_a_wait_survives_a_broker_kill9(op: Operator) -> None:
     go.touch()
     assert waiting.wait(timeout=scaled(30)) == 0, op.log("waiting")
     assert "1 job ended, all succeeded" in op.log("waiting")
+
+
+def test_a_wait_outlives_an_outage_longer_than_its_timeout(op: Operator) -> None:
+    """A broker away for longer than the tool's --timeout (an upgrade, a slow restart): the
+    waiting tool says so once, waits on, and ends with the job's outcome."""
+    op.start_broker()
+    op.start_worker("w1")
+    go = op.root / "go"
+    argv = [
+        "banyan-submit",
+        "--timeout",
+        "1",
+        "--wait",
+        "--",
+        f"until [ -e {go} ]; do sleep 0.05; done",
+    ]
+    waiting = op.spawn("waiting", argv, env={"BANYAN_BROKER": f"127.0.0.1:{op.client_port}"})
+    wait_for(lambda: op.log("waiting").split("\n")[0].isdigit(), 20, what="the job id")
+    job = int(op.log("waiting").split("\n")[0])
+    wait_for(lambda: job_row(op, job)["state"] == "running", 20, what="the job to run")
+    c = op.client()
+    c.timeout = 0.5
+    c.ping()  # a client that has reached its broker: a wait then outlives its absence
+    notices: list[str] = []
+    box: dict[str, Any] = {}
+    api = threading.Thread(target=lambda: box.update(w=c.wait([job], notice=notices.append)))
+    api.start()
+    op.procs["broker"].send_signal(signal.SIGKILL)
+    op.procs["broker"].wait(timeout=scaled(10))
+    # Away for longer than both timeouts: until the tool has said it is still waiting.
+    wait_for(lambda: "unreachable" in op.log("waiting"), 10, what="the tool's notice")
+    wait_for(lambda: notices, 10, what="the API's notice")
+    assert waiting.poll() is None and api.is_alive()
+    op.start_broker("broker2")
+    go.touch()
+    assert waiting.wait(timeout=scaled(30)) == 0, op.log("waiting")
+    api.join(timeout=scaled(30))
+    assert box["w"].jobs[0].succeeded and not box["w"].timed_out
+    said = op.log("waiting").splitlines()
+    (gone,) = [x for x in said if "unreachable" in x]
+    assert gone.startswith(f"banyan-submit: the broker at tcp://127.0.0.1:{op.client_port} is ")
+    assert "still waiting" in gone
+    assert said[-1] == "banyan-submit: 1 job ended, all succeeded"
+    assert "is unreachable" in notices[0] and "answers again" in notices[-1]
+
+
+def test_a_client_that_found_the_broker_gone_works_once_it_is_back(op: Operator) -> None:
+    """What its connection's monitor said while the broker was away (nothing listening) is
+    over once it has connected again: it is not reported then."""
+    op.start_broker()
+    c = op.client()
+    c.ping()
+    c.timeout = 0.5
+    op.procs["broker"].send_signal(signal.SIGKILL)
+    op.procs["broker"].wait(timeout=scaled(10))
+    with pytest.raises(BrokerUnavailable, match="no answer from the broker"):
+        c.ping()  # then it connects anew
+    # The new connection has failed again meanwhile (the broker is still away) ...
+    wait_for(lambda: c.watch.monitor.poll(0), 10, what="a failed connection attempt")
+    op.start_broker("broker2")
+    assert c.ping()  # ... and then succeeded
+
+
+def test_a_bounded_wait_ends_in_time_while_the_broker_is_away(op: Operator) -> None:
+    op.start_broker()
+    c = op.client()
+    (job,) = c.submit("true", hold=True).jobs
+    c.timeout = 0.5
+    op.procs["broker"].send_signal(signal.SIGKILL)
+    op.procs["broker"].wait(timeout=scaled(10))
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable, match="still unreachable when the wait's 2 s ran out"):
+        c.wait([job], timeout=2)
+    assert 2 <= time.monotonic() - started < 2 + scaled(1)
+
+
+def test_a_waiting_tool_whose_key_is_refused_after_a_restart_ends_at_once(op: Operator) -> None:
+    op.start_broker()
+    alice = keygen(op, "user", "alice")
+    home = machine(
+        op, "alice", {"client.key_secret": alice, "broker.key": op.home / "keys" / "broker.key"}
+    )
+    env = {"BANYAN_HOME": str(home), "BANYAN_BROKER": f"127.0.0.1:{op.client_port}"}
+    waiting = op.spawn(
+        "waiting", ["banyan-submit", "--timeout", "1", "--wait", "--hold", "true"], env=env
+    )
+    wait_for(lambda: op.log("waiting").split("\n")[0].isdigit(), 20, what="the job id")
+    op.procs["broker"].send_signal(signal.SIGKILL)
+    op.procs["broker"].wait(timeout=scaled(10))
+    (op.home / "keys" / "authorized" / "user" / "alice.key").unlink()
+    wait_for(lambda: "unreachable" in op.log("waiting"), 10, what="the tool's notice")
+    op.start_broker("broker2")
+    started = time.monotonic()
+    assert waiting.wait(timeout=scaled(30)) == 3
+    assert time.monotonic() - started < scaled(FAST) + 1  # + a reconnection's backoff
+    assert "refused this key" in op.log("waiting").splitlines()[-1]
 
 
 # ---- keys -------------------------------------------------------------------------------------

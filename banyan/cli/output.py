@@ -334,6 +334,12 @@ class LiveLine:
             self.stream.flush()
             self.text, self.major, self.printed = text, major, now
 
+    def note(self, text: str) -> None:
+        """A line of its own, above the status line on a terminal (redrawn at the next show)."""
+        self.stream.write(("\r\x1b[K" if self.tty else "") + text + "\n")
+        self.stream.flush()
+        self.text = "" if self.tty else self.text
+
     def close(self) -> None:
         if self.tty and self.text:
             self.stream.write("\n")

@@ -10,6 +10,7 @@ import contextlib
 import os
 import sys
 import threading
+import time
 from collections import Counter
 from typing import Any
 
@@ -293,6 +294,7 @@ def expand(base: dict[str, Any], items: list[str]) -> list[dict[str, Any]]:
 # ---- --wait -----------------------------------------------------------------------------------
 
 REFRESH = 0.25  # the live display's pace: lively for a person, light for the broker
+AWAY_REFRESH = 2.0  # its pace while the broker cannot be reached: no new socket every frame
 PROGRESS_PEEK = 8  # running jobs asked about for the progress line per refresh
 EVENT_PAGES = 20  # event pages read per refresh at most, so a flood cannot stall the display
 SHOWN = ("succeeded", "failed", "cancelled", "running", "queued", "held")
@@ -303,18 +305,21 @@ def wait(client: Client, ids: list[int], head: int, known: str | None, display: 
 
     The wait runs on its own connection in a thread; meanwhile this thread follows the event
     log for counts and asks about a few running jobs for their progress. Only the `wait`
-    reply decides the outcome.
+    reply decides the outcome. The wait outlives the broker's absence (Client.wait); what it
+    says about that goes on stderr, except with --json.
     """
     line = LiveLine(sys.stderr)
     if not display and not line.tty:
         return client.wait(ids)
     box: dict[str, Any] = {}
+    notes: list[str] = []  # what the wait has to say about the broker, for this thread to show
     done = threading.Event()
 
     def waiter() -> None:
         try:
             with Client(client.endpoint, client.home, timeout=client.timeout) as own:
-                box["waited"] = own.wait(ids)
+                own.reached = client.reached  # the submission got through: the broker is there
+                box["waited"] = own.wait(ids, notice=notes.append if display else None)
         except BaseException as e:  # handed to the main thread, which reports it
             box["error"] = e
         finally:
@@ -322,17 +327,24 @@ def wait(client: Client, ids: list[int], head: int, known: str | None, display: 
 
     threading.Thread(target=waiter, name="banyan-wait", daemon=True).start()
     board = Board(ids, head, known, client)
+    next_refresh = 0.0
     try:
         while True:
-            # The display may miss a frame while the broker restarts; the wait carries on,
-            # and it alone decides.
-            with contextlib.suppress(BrokerUnavailable):
-                board.refresh()
+            # The display may miss frames while the broker is away; the wait carries on, and
+            # it alone decides. Meanwhile the display asks again only now and then.
+            if time.monotonic() >= next_refresh:
+                try:
+                    board.refresh()
+                except BrokerUnavailable:
+                    next_refresh = time.monotonic() + AWAY_REFRESH
+            while notes:
+                line.note(f"{TOOL}: {notes.pop(0)}")
             line.show(board.line(), major=board.counts())
             if done.wait(REFRESH):
                 break
         if "waited" in box:  # the last frame shows every job ended
-            board.refresh()
+            with contextlib.suppress(BrokerUnavailable):
+                board.refresh()
             line.show(board.line(), major=board.counts())
     except KeyboardInterrupt:
         line.close()
