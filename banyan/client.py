@@ -293,8 +293,9 @@ class Client:
             if msg is None and time.monotonic() >= deadline:
                 # The request may still be queued in the socket: start afresh so a late
                 # reply cannot be mistaken for the next request's.
+                silent = self._no_answer(limit)
                 self._reset()
-                raise self._no_answer(limit)
+                raise silent
             if msg is None or msg.req != req:
                 continue  # nothing yet, or a reply to an abandoned request
             if msg.type == "error":
@@ -302,9 +303,20 @@ class Client:
             return msg.body
 
     def _no_answer(self, limit: float) -> BrokerUnavailable:
+        """The one way every call says that the broker did not answer in time, with what the
+        connection got that far (before it is made anew)."""
+        self.watch.read()  # the last word on how far it got; a problem would have come sooner
+        if not self.watch.reached:
+            why = (
+                "no connection could be made: is that machine up, does every firewall on the "
+                "way let it through, and is the address in BANYAN_BROKER or --broker right?"
+            )
+        elif not self.watch.handshakes:
+            why = "it took the connection but never answered: is banyan-broker stopped there?"
+        else:
+            why = "it is connected: is banyan-broker stopped or overloaded? see its log"
         return BrokerUnavailable(
-            f"no answer from the broker at {self.endpoint} within {seconds(limit)} s "
-            "(is banyan-broker running? set BANYAN_BROKER or --broker)"
+            f"no answer from the broker at {self.endpoint} within {seconds(limit)} s ({why})"
         )
 
     # ---- the API ----------------------------------------------------------------------------
@@ -533,17 +545,19 @@ class Client:
             now = time.monotonic()
             outlive = kind == "wait" and self.reached
             if end is not None and now > end + (0.0 if away else self.timeout):
+                silent = self._no_answer(self.timeout)
                 self._reset()
                 if away is None:
-                    raise self._no_answer(self.timeout)
+                    raise silent
                 raise BrokerUnavailable(
                     f"the broker at {self.endpoint} was still unreachable when the wait's "
                     f"{seconds(limit or 0.0)} s ran out ({away})"
                 )
             if ping_req and now - ping_sent > self.timeout:
                 if not outlive:
+                    silent = self._no_answer(self.timeout)
                     self._reset()
-                    raise self._no_answer(self.timeout)
+                    raise silent
                 gone(f"no answer within {seconds(self.timeout)} s")
                 # A fresh connection finds the broker wherever and whenever it is back (an old
                 # one may lead to a broker that is stopped, or cut off); the wait goes with it.

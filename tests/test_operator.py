@@ -26,7 +26,7 @@ import zmq.auth
 
 from banyan.client import Client
 from banyan.errors import BrokerUnavailable
-from tests.cluster import ALLOW_ROOT, _kill_tree, free_port, scaled, wait_for
+from tests.cluster import ALLOW_ROOT, _kill_tree, cannot_run, free_port, scaled, wait_for
 
 BIN = Path(sys.executable).parent  # where `pip install` put the programs
 HEARTBEAT, LIVENESS = 0.2, 5  # a one-second liveness window keeps these tests short
@@ -492,6 +492,81 @@ def test_no_broker_at_the_address(op: Operator) -> None:
         ran = op.run("status", "--timeout", "10", env={"BANYAN_BROKER": where})
         assert ran.code == 3 and words in ran.err, ran
         assert ran.seconds < scaled(FAST) + 0.5
+
+
+def isolated(op: Operator, setup: str, tool: str, *args: str) -> Ran:
+    """A tool run in a network namespace of its own, made by `setup` (ip commands)."""
+    script = f'ip link set lo up && {setup} && exec "$@"'
+    argv = ["unshare", "--net", "sh", "-c", script, "sh", op.program(f"banyan-{tool}"), *args]
+    started = time.monotonic()
+    done = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        env={**op.env, "BANYAN_HOME": str(op.root / "no-keys")},
+        timeout=scaled(60),
+    )
+    return Ran(done.returncode, done.stdout, done.stderr, time.monotonic() - started)
+
+
+VETH = (
+    "ip link add vta type veth peer name vtb && ip addr add 10.1.0.1/24 dev vta && "
+    "ip link set vta up && ip link set vtb up"
+)
+
+
+def test_when_the_network_is_at_fault_the_tools_say_so(op: Operator) -> None:
+    """Only a real refusal is `connection refused`; a missing route, a machine that is not
+    there and packets that are dropped are each named as what they are."""
+    if os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("ip")):
+        cannot_run("it needs root, unshare and ip, for a network namespace of its own")
+    cases = [
+        ("ip route add unreachable 192.0.2.1", "192.0.2.1", "no route to host (is that"),
+        ("true", "198.51.100.1", "network is unreachable (this machine has no route"),
+        # No machine answers for 10.1.0.9 on that link: the kernel gives up after 3 s.
+        (VETH, "10.1.0.9", "connecting got no answer (is that machine up"),
+    ]
+    for setup, host, words in cases:
+        ran = isolated(op, setup, "status", "--broker", f"{host}:7411", "--timeout", "10")
+        said = f"banyan-status: cannot reach the broker at tcp://{host}:7411: {words}"
+        assert ran.code == 3 and ran.err.startswith(said) and ran.err.count("\n") == 1, ran
+    # Packets dropped on the way (to a made-up address): nothing ever fails; time runs out.
+    drop = f"{VETH} && ip neigh add 10.1.0.9 lladdr 02:00:00:00:00:09 dev vta nud permanent"
+    ran = isolated(op, drop, "status", "--broker", "10.1.0.9:7411", "--timeout", "1")
+    said = "banyan-status: no answer from the broker at tcp://10.1.0.9:7411 within 1 s (no "
+    assert ran.code == 3 and ran.err.startswith(said + "connection could be made"), ran
+
+
+def test_a_worker_says_when_the_network_is_at_fault_and_keeps_trying(op: Operator) -> None:
+    if os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("ip")):
+        cannot_run("it needs root, unshare and ip, for a network namespace of its own")
+    script = 'ip link set lo up && ip route add unreachable 192.0.2.1 && exec "$@"'
+    worker = [op.program("banyan-worker"), "--broker", "192.0.2.1", "--name", "far"]
+    worker += ["--spool", str(op.root / "spool"), "--log-level", "debug"]
+    with open(op.root / "far.log", "ab") as log:
+        op.procs["far"] = subprocess.Popen(
+            ["unshare", "--net", "sh", "-c", script, "sh", *worker],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**op.env, "BANYAN_HOME": str(op.root / "no-keys")},
+        )
+    said = "ERROR banyan.worker: cannot reach the broker at tcp://192.0.2.1:7412: no route to host"
+    wait_for(lambda: said in op.log("far"), 10, what="the worker's log line")
+    assert op.procs["far"].poll() is None  # it keeps trying
+
+
+def test_a_broker_that_does_not_answer_is_said_one_way(op: Operator) -> None:
+    """A stopped broker (SIGSTOP): the same words from every tool, the timeout as given."""
+    broker = op.start_broker()
+    broker.send_signal(signal.SIGSTOP)
+    try:
+        for tool, args in (("submit", ["true"]), ("status", []), ("status", ["1"])):
+            ran = op.run(tool, "--timeout", "1", *args)
+            said = f"banyan-{tool}: no answer from the broker at tcp://127.0.0.1:"
+            assert ran.code == 3 and ran.err.startswith(said), ran
+            assert " within 1 s (it took the connection but never answered" in ran.err, ran
+    finally:
+        broker.send_signal(signal.SIGCONT)
 
 
 def test_a_worker_with_a_refused_key_says_so_and_exits_3(op: Operator) -> None:

@@ -301,7 +301,10 @@ class WorkerDaemon:
             return
         told, when = self.link.told
         if str(trouble) != told or now - when >= defaults.TROUBLE_LOG_INTERVAL:
-            log.error("cannot reach the broker: %s", trouble)
+            text = str(trouble)
+            log.error(
+                "%s", text if text.startswith("cannot ") else f"cannot reach the broker: {text}"
+            )
             self.link.told = (str(trouble), now)
 
     def _on_message(self, frame: bytes, now: float) -> None:
