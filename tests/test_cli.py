@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import zmq.auth
 
-from banyan import protocol
+from banyan import keys, protocol
 from banyan.cli import broker as broker_cli
 from banyan.cli import (
     cancel,
@@ -720,6 +720,7 @@ def test_logs_follow_until_the_job_ends(cli: Runner) -> None:
 
 def test_keygen(cli: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     home = tmp_path / "home"
+    keys.ensure_local(home)  # the broker's home, as its first start leaves it
     monkeypatch.setenv("BANYAN_HOME", str(home))
     r = cli("keygen", "user", "alice", broker=False)
     assert r.code == 0, r.err
@@ -734,6 +735,8 @@ def test_keygen(cli: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert "keys/client.key_secret" in r.out and str(secret) in r.out
     again = cli("keygen", "admin", "alice", broker=False)
     assert again.code == 1 and "already exists" in again.err
+    as_json = cli("keygen", "--json", "admin", "alice", broker=False)
+    assert as_json.code == 1 and json.loads(as_json.err)["error"] == "conflict"
     doc = cli("keygen", "--json", "worker", "node7", broker=False).json()
     assert doc["role"] == "worker" and "keys/worker.key_secret" in doc["install"]
     assert cli("keygen", "user", "../x", broker=False).code == 2
@@ -742,6 +745,7 @@ def test_keygen(cli: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 def test_keygen_binds_a_unix_account(
     cli: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    keys.ensure_local(tmp_path / "home")
     monkeypatch.setenv("BANYAN_HOME", str(tmp_path / "home"))
     r = cli("keygen", "user", "alice", broker=False)
     assert "its jobs run as the Unix account alice" in r.out
@@ -750,3 +754,19 @@ def test_keygen_binds_a_unix_account(
     assert cli("keygen", "--json", "worker", "node7", broker=False).json()["unix_user"] is None
     bad = cli("keygen", "user", "Alice Smith", broker=False)
     assert bad.code == 2 and "--unix-user" in bad.err
+
+
+def test_keygen_refuses_where_no_broker_keeps_its_keys(
+    cli: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Such as the broker account's default home, when the broker runs with another
+    BANYAN_HOME (the shipped systemd unit): a key authorized there would admit nobody."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("BANYAN_HOME", str(home))
+    r = cli("keygen", "user", "alice", broker=False)
+    assert r.code == 1 and r.out == ""
+    assert r.err.startswith(f"banyan-keygen: {home} is not a broker's home: it has no broker ")
+    assert "sudo -u banyan BANYAN_HOME=/var/lib/banyan banyan-keygen user alice" in r.err
+    assert not home.exists()  # nothing made
+    doc = json.loads(cli("keygen", "--json", "worker", "n1", broker=False).err)
+    assert doc["error"] == "not_found" and "is not a broker's home" in doc["message"]
