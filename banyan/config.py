@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 
@@ -62,11 +63,24 @@ def split(text: str, source: str) -> tuple[str, int | None]:
         host, port = rest.split(":")
     else:  # a name, an IPv4 address, or a bare IPv6 address
         host, port = rest, None
+        if ":" in host and not _ipv6(host):
+            raise ValueError(
+                f"{source}: {text!r} is not HOST[:PORT] (an IPv6 address with a port goes in "
+                "brackets: [::1]:7411)"
+            )
     if not host or any(c.isspace() or c in "/@?#" for c in host) or host == "[]":
         raise ValueError(f"{source}: {text!r} is not HOST[:PORT]")
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
     return host, (_port(port, source, text) if port is not None else None)
+
+
+def _ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _port(port: str, source: str, text: str) -> int:

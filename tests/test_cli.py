@@ -401,14 +401,22 @@ def test_usage_errors_exit_2(
     [
         (["submit", "--bogus", "true"], "unknown option --bogus"),
         (["status", "--limit"], "--limit needs a value"),
-        (["workers", "--drain", "a", "--resume", "b"], "--resume given twice, or with an option"),
+        (["workers", "--drain", "a", "--resume", "b"], "--drain and --resume cannot be used"),
+        (["workers", "--forget", "a", "--drain", "b"], "--forget and --drain cannot be used"),
+        (["modify", "12", "--hold", "--hold"], "--hold given twice"),
         (["stats", "--json=1"], "--json takes no value"),
-        (["submit", "--cpus", "2000000", "true"], "--cpus: must be"),
-        (["submit", "--gpus", "5000", "true"], "--gpus: must be"),
-        (["submit", "--priority", "9999999999", "true"], "--priority: must be"),
-        (["submit", "--attempts", "5000", "true"], "--attempts: must be"),
-        (["submit", "--cancel-grace", "1000d", "true"], "--cancel-grace: must be"),
+        (["submit", "--cpus", "2000000", "true"], "--cpus: at most 1000000 (got 2000000)"),
+        (["submit", "--gpus", "5000", "true"], "--gpus: at most 1024 (got 5000)"),
+        (["submit", "--priority", "9999999999", "true"], "--priority: at most 2147483647"),
+        (["submit", "--attempts", "5000", "true"], "--attempts: at most 1000 (got 5000)"),
+        (["submit", "--cancel-grace", "1000d", "true"], "--cancel-grace: at most 86400"),
         (["workers", "--drain", "x" * 300], "the worker's name: "),
+        (["workers", "--drain", ""], "--drain: give a worker's name; it may not be empty"),
+        (["keygen", "user"], "give the user key's NAME: banyan-keygen user NAME"),
+        (["keygen", "root", "alice"], "the role is user, admin or worker, not 'root'"),
+        (["keygen"], "give a role (user, admin or worker) and a NAME"),
+        (["logs"], "give the job's ID: banyan-logs ID"),
+        (["status", "--broker", "127.0.0.1:17411:3"], "--broker: '127.0.0.1:17411:3' is not"),
     ],
 )
 def test_usage_errors_say_what_was_wrong_before_anything_is_sent(
@@ -442,6 +450,19 @@ def test_the_daemons_read_their_options_like_the_tools(capsys: pytest.CaptureFix
         assert capsys.readouterr().err.startswith(f"banyan-worker: {said}")
     assert broker_cli.main(["--client-port", "x"]) == 2
     assert capsys.readouterr().err.startswith("banyan-broker: --client-port: expected")
+    assert broker_cli.main(["--retention", "forever"]) == 2
+    said = "banyan-broker: --retention: expected how long to keep ended jobs, such as 30d, "
+    assert capsys.readouterr().err.startswith(said + "12h or 90m, or none to keep them forever")
+    for name in ("", "a b", "../x"):
+        assert worker.main(["--name", name]) == 2
+        said = f"banyan-worker: --name: {name!r} is not usable as a worker name: one word of "
+        assert capsys.readouterr().err.startswith(said)
+
+
+def test_banyan_alone_says_to_give_a_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main.main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("banyan: give a command: banyan COMMAND [ARGS...], COMMAND one of ")
 
 
 def test_refusals_name_the_options_and_come_as_json(cli: Runner) -> None:
@@ -733,6 +754,11 @@ def test_keygen(cli: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert pub == pub2 and none is None and sec
     assert zmq.auth.load_certificate(authorized)[0] == pub
     assert "keys/client.key_secret" in r.out and str(secret) in r.out
+    assert r.out.startswith("made a user key for alice")
+    assert cli("keygen", "admin", "root-2", "--unix-user", "root", broker=False).out.startswith(
+        "made an admin key for root-2"
+    )
+    assert cli("keygen", "user", "a b", "--unix-user", "root", broker=False).code == 2
     again = cli("keygen", "admin", "alice", broker=False)
     assert again.code == 1 and "already exists" in again.err
     as_json = cli("keygen", "--json", "admin", "alice", broker=False)

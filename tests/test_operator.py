@@ -617,6 +617,15 @@ def test_banyan_broker_names_the_client_port_for_tools_and_workers(op: Operator)
     assert worker.returncode == 2 and "is not HOST[:PORT]" in worker.stderr
 
 
+def test_a_broker_bound_to_no_address_of_this_machine_says_so(op: Operator) -> None:
+    argv = ["banyan-broker", "--insecure", "--bind", "nosuch.invalid"]
+    argv += ["--client-port", str(op.client_port), "--worker-port", str(op.worker_port)]
+    broker = op.spawn("broker", argv)
+    assert broker.wait(timeout=scaled(20)) == 1
+    said = f"cannot listen on nosuch.invalid (ports {op.client_port}, {op.worker_port}): it is "
+    assert said + "no address or network interface of this machine" in op.log("broker")
+
+
 def test_a_worker_at_the_client_port_of_a_keyless_broker(op: Operator) -> None:
     op.start_broker("broker", "--insecure")
     wrong = op.spawn(

@@ -42,7 +42,21 @@ Options:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(TOOL, USAGE, argv, keygen)
+    return run(TOOL, USAGE, argv, keygen, explain=explain)
+
+
+def explain(words: list[str]) -> str | None:
+    """What is wrong with the words after the options: `ROLE NAME` is wanted."""
+    roles = ", ".join(keys.ROLES[:-1]) + f" or {keys.ROLES[-1]}"
+    if not words:
+        return f"give a role ({roles}) and a NAME: banyan-keygen user NAME"
+    if words[0] not in keys.ROLES:
+        return f"the role is {roles}, not {words[0]!r}: banyan-keygen ROLE NAME"
+    if len(words) == 1:
+        return f"give the {words[0]} key's NAME: banyan-keygen {words[0]} NAME"
+    if len(words) > 2:
+        return f"one NAME only, got {len(words) - 1}: {' '.join(words[1:])}"
+    return None
 
 
 def keygen(args: Args) -> int:
@@ -102,8 +116,9 @@ def instructions(
 ) -> str:
     where = "the worker machine" if role == "worker" else f"{name}'s machine"
     width = max(len(src) for src in install.values())
+    article = "an" if role == "admin" else "a"
     lines = [
-        f"made a {role} key for {name}{bound(role, authorized)}",
+        f"made {article} {role} key for {name}{bound(role, authorized)}",
         f"  public      {public}",
         f"  secret      {secret}  (mode 600: keep it private)",
         f"  authorized  {authorized}",

@@ -22,7 +22,7 @@ from typing import Any, TextIO
 
 from banyan import defaults
 from banyan.cli import EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE
-from banyan.cli.usage import UsageError, flag_words, parse
+from banyan.cli.usage import Explain, UsageError, flag_words, parse
 from banyan.client import Client
 from banyan.errors import BanyanError, BrokerUnavailable
 from banyan.protocol import ProtocolError
@@ -52,9 +52,11 @@ def run(
     body: Callable[[Args], int],
     options_first: bool = False,
     many: str | None = None,
+    explain: Explain | None = None,
 ) -> int:
     """Parse `argv` with docopt and run `body`, mapping every failure to its exit code.
-    `many` names a repeated positional argument that may be given thousands of times
+    `many` names a repeated positional argument that may be given thousands of times, and
+    `explain` says what is wrong with the positional words of a refused command line
     (usage.parse)."""
     argv = sys.argv[1:] if argv is None else argv
     # Known before parsing, so that even a usage error comes as JSON when it was asked for.
@@ -62,7 +64,7 @@ def run(
     as_json = "--json" in words
     try:
         try:
-            args = parse(usage, argv, options_first, many)
+            args = parse(usage, argv, options_first, many, explain)
         except SystemExit:  # --help was printed
             return EXIT_OK
         return body(args)

@@ -15,7 +15,8 @@ worker port.
 
 Options:
   --broker HOST[:PORT]  The broker's worker socket (see above).
-  --name NAME           Worker name, one live worker each (default: this host's name).
+  --name NAME           Worker name, one live worker each: one word of letters, digits and
+                        . _ @ - (default: this host's name).
   --cpus N              CPUs to offer (default: all logical CPUs).
   --memory SIZE         Memory to offer: MiB, or a size such as 64G (default: all physical).
   --gpus N              GPUs to offer (default: CUDA_VISIBLE_DEVICES or nvidia-smi).
@@ -50,7 +51,7 @@ from banyan.cli.output import Args, number, parse_memory, positive_duration
 from banyan.cli.usage import UsageError, parse
 from banyan.config import home, worker_address
 from banyan.errors import KeyRefused
-from banyan.keys import KeyExposed, private_dir
+from banyan.keys import KeyExposed, check_name, private_dir
 from banyan.link import credentials
 from banyan.worker import resources
 from banyan.worker.daemon import WorkerConfig, WorkerDaemon
@@ -95,7 +96,13 @@ def worker_config(args: Args) -> WorkerConfig:
     """The worker's configuration from its options; a bad value is a UsageError."""
     if args["--log-level"].lower() not in LEVELS:
         raise UsageError(f"--log-level: one of {', '.join(LEVELS)}, got {args['--log-level']!r}")
-    name = args["--name"] or socket.gethostname()
+    given = args["--name"]
+    name = socket.gethostname() if given is None else given
+    try:
+        check_name(name, "a worker name")
+    except ValueError as e:
+        said = f"--name: {e}" if given is not None else f"{e} (it is this host's: give --name)"
+        raise UsageError(said) from None
     try:
         broker = worker_address(args["--broker"])
     except ValueError as e:
