@@ -180,7 +180,8 @@ def op(tmp_path: Path) -> Iterator[Operator]:
 
 
 def job_row(op: Operator, job: int) -> dict[str, Any]:
-    return dict(op.client().job(job).raw)
+    with Client(f"127.0.0.1:{op.client_port}", op.home, timeout=scaled(5)) as c:
+        return dict(c.job(job).raw)
 
 
 # ---- first start ------------------------------------------------------------------------------
@@ -223,7 +224,8 @@ def test_sigterm_drains_and_a_second_signal_requeues_elsewhere(op: Operator) -> 
     assert history[0]["outcome"] == "cancelled"
     assert job_row(op, first)["state"] == "running"
     log = op.log("a")
-    assert "SIGTERM: draining" in log and "SIGINT again: cancelling 1 running jobs" in log
+    assert "SIGTERM: draining; finishing 1 running job, claiming nothing new" in log
+    assert "SIGINT again: cancelling 1 running job;" in log
     c.cancel([first])
 
 
@@ -278,6 +280,8 @@ def test_a_second_worker_with_a_live_name_is_refused(op: Operator) -> None:
     (job,) = op.client().submit("true").jobs
     assert op.client().wait([job], timeout=scaled(20)).jobs[0].succeeded
     assert op.log("broker").count(f"worker {name} registered") == 1
+    said = f"refused a second worker named {name} from {name} (pid {second.pid}): the one on "
+    assert f"{said}{name} (pid {first.pid}) has not been silent for 1 s yet" in op.log("broker")
     # A crashed worker's name is free once its session has expired.
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=scaled(10))
@@ -308,6 +312,52 @@ def test_a_wait_survives_a_broker_kill9(op: Operator) -> None:
     go.touch()
     assert waiting.wait(timeout=scaled(30)) == 0, op.log("waiting")
     assert "1 job ended, all succeeded" in op.log("waiting")
+
+
+def test_a_worker_says_when_it_is_registered_again_and_with_what(op: Operator) -> None:
+    """After an outage the worker's last word is that it is back, not the error."""
+    op.start_broker()
+    op.start_worker("w1")
+    broker = f"tcp://127.0.0.1:{op.worker_port}"
+    assert f"INFO banyan.worker: registered with the broker at {broker}\n" in op.log("w1")
+    go = op.root / "go"
+    (job,) = op.client().submit(f"until [ -e {go} ]; do sleep 0.05; done").jobs
+    wait_for(lambda: job_row(op, job)["state"] == "running", 20, what="the job to run")
+    op.procs["broker"].send_signal(signal.SIGKILL)
+    op.procs["broker"].wait(timeout=scaled(10))
+    wait_for(lambda: "broker silent" in op.log("w1"), 20, what="the worker to miss it")
+    op.start_broker("broker2")
+    again = f"INFO banyan.worker: registered again with the broker at {broker} (1 running job "
+    wait_for(lambda: again + "re-attached)" in op.log("w1"), 20, what="the worker's line")
+    go.touch()
+    assert op.client().wait([job], timeout=scaled(20)).jobs[0].succeeded
+
+
+def test_a_fenced_worker_says_once_per_attempt_that_it_is_not_its_own(op: Operator) -> None:
+    """A worker frozen past the liveness window: the broker requeues its job, and answers each
+    of its reports about the old attempt with a kill. The worker says so once."""
+    op.start_broker()
+    a = op.start_worker("a")
+    c = op.client()
+    (job,) = c.submit("echo 50 half > $BANYAN_PROGRESS_FILE; sleep 60").jobs
+    wait_for(lambda: job_row(op, job)["state"] == "running", 20, what="the job to run")
+    a.send_signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: op.states()["a"] == "lost", 20, what="a to be lost")
+    finally:
+        a.send_signal(signal.SIGCONT)
+    wait_for(lambda: "registered again" in op.log("a"), 20, what="a back")
+    # Every report a sent about the old attempt has been answered once the job runs again.
+    wait_for(lambda: job_row(op, job)["attempts"] == 2, 20, what="the job to run again")
+    assert op.log("a").count(f"job {job} token ") == 1, op.log("a")
+    c.cancel([job])
+
+
+def test_the_broker_counts_ordinary_refusals_apart(op: Operator) -> None:
+    op.start_broker()
+    assert op.run("cancel", "999").code == 1
+    said = "refused 1 message so far: 0 key handshakes, 0 malformed, 1 request answered with a "
+    wait_for(lambda: said + "refusal (no such job" in op.log("broker"), 10, what="the count")
 
 
 def test_a_wait_outlives_an_outage_longer_than_its_timeout(op: Operator) -> None:

@@ -193,7 +193,8 @@ class Broker:
         self.backlog: list[Inbound] = []  # client requests a turn left for the next
         self.longops = longops.LongOps()
         self.next_fetch = 1
-        self.refused = 0
+        self.refused = 0  # malformed or undeliverable messages, dropped or answered
+        self.declined = 0  # well-formed requests answered with a refusal (not found, forbidden)
         self._reported = 0
         self.stopping = False
         self.hangups = 0  # SIGHUPs the loop has not logged yet (set by banyan-broker's handler)
@@ -640,7 +641,7 @@ class Broker:
         try:
             return fn()
         except BanyanError as e:
-            self.refused += 1
+            self.declined += 1
             turn.replies.append(("client", identity, _error(e.code, e.message, msg.req)))
         except StoreFull:
             raise
@@ -676,7 +677,7 @@ class Broker:
         refusal = queries.may_read_output(actor, job, b["job"])
         if job is None or refusal is not None:
             error = refusal or NotFound(f"no job {b['job']}")
-            self.refused += 1
+            self.declined += 1
             turn.replies.append(("client", identity, _error(error.code, error.message, msg.req)))
             return
         attempts = tx.attempts_of(job.id)
@@ -783,7 +784,7 @@ class Broker:
         except StoreFull:
             raise
         except BanyanError as e:
-            self.refused += 1
+            self.declined += 1
             turn.replies.append(("worker", identity, _error(e.code, e.message, msg.req)))
             return False
         except Exception:
@@ -806,7 +807,7 @@ class Broker:
         name, instance = body["name"], body.get("instance", "")
         held = self._held_by_another(name, identity, instance, user)
         if held is not None:
-            self.refused += 1
+            self.declined += 1
             why = (
                 f"worker name {name!r} is in use by a live worker on {held.host or '?'} "
                 f"(pid {held.pid or '?'}); give this one another --name, or stop that one "
@@ -814,12 +815,13 @@ class Broker:
             )
             log.warning(
                 "refused a second worker named %s from %s (pid %s): the one on %s "
-                "(pid %s) is alive",
+                "(pid %s) has not been silent for %g s yet",
                 name,
                 body["host"],
                 body["pid"],
                 held.host,
                 held.pid,
+                self._window(),
             )
             turn.replies.append(("worker", identity, _error("conflict", why, msg.req)))
             return False
@@ -984,16 +986,22 @@ class Broker:
         return False
 
     def refusals(self) -> int:
-        """Messages refused so far: malformed, unauthorized, or asking what may not be."""
-        return self.refused + (self.zap.refused if self.zap else 0)
+        """Messages refused so far: key handshakes, malformed ones, and requests answered with
+        a refusal (no such job, not allowed, a conflict)."""
+        return self.refused + self.declined + (self.zap.refused if self.zap else 0)
 
     def _report_refusals(self) -> None:
         count = self.refusals()
         if count != self._reported:
+            # Each kind apart: an unknown key or a malformed message may be an attack, while a
+            # `banyan-cancel 999` refused as not found is an ordinary answer.
             log.info(
-                "refused %d messages so far (%d handshakes)",
-                count,
-                self.zap.refused if self.zap else 0,
+                "refused %s so far: %s, %d malformed, %s answered with a refusal (no such "
+                "job, not allowed, a conflict)",
+                _many(count, "message"),
+                _many(self.zap.refused if self.zap else 0, "key handshake"),
+                self.refused,
+                _many(self.declined, "request"),
             )
             self._reported = count
 
@@ -1036,6 +1044,10 @@ def _runs(register: dict[str, Any]) -> owners.Runs:
 
 def _losing(name: str, why: str, moved: list[tuple[int, str]]) -> Callable[[Core], None]:
     return lambda core: moved.extend(core.worker_lost(name, why))
+
+
+def _many(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def _jobs_went(moved: list[tuple[int, str]]) -> str:

@@ -126,6 +126,7 @@ class WorkerDaemon:
         self.exit_code = 0
         self.heartbeat = config.heartbeat
         self.liveness = config.liveness
+        self._stale: set[Key] = set()  # attempts the broker said are not ours, logged once
         # Started jobs whose `started` report is not due yet: key -> (pid, start time).
         self._unreported: dict[Key, tuple[int, float]] = {}
         self._wakeup_r, self._wakeup_w = socket.socketpair()
@@ -273,19 +274,19 @@ class WorkerDaemon:
             self.announced = self.draining = True
             self.link.claim_left = 0
             log.info(
-                "%s: draining; finishing %d running jobs, claiming nothing new (a second "
-                "signal cancels them, to run elsewhere)",
+                "%s: draining; finishing %s, claiming nothing new (a second signal cancels "
+                "them, to run elsewhere)",
                 self.signals[0],
-                running,
+                _running(running),
             )
             if self.link.registered:  # else `register` says so
                 self._send("draining", {"reason": self.signals[0]})
         if self.stop_requested >= 2 and not self.cold:
             self.cold = True
             log.info(
-                "%s again: cancelling %d running jobs; the broker requeues them on other workers",
+                "%s again: cancelling %s; the broker requeues them on other workers",
                 self.signals[1],
-                running,
+                _running(running),
             )
         if self.cold and running:
             self.runner.shutdown_all(now)  # those already being stopped are left alone
@@ -317,7 +318,16 @@ class WorkerDaemon:
         self.link.backoff = defaults.RECONNECT_MIN
         b = msg.body
         if msg.type == "registered":
+            again = self.link.ever_registered
             self.link.registered = self.link.ever_registered = True
+            if again:
+                log.info(
+                    "registered again with the broker at %s (%s re-attached)",
+                    self.config.broker,
+                    _running(len(self.runner.running())),
+                )
+            else:
+                log.info("registered with the broker at %s", self.config.broker)
             self.link.trouble, self.link.told = None, ("", -math.inf)
             self.heartbeat, self.liveness = float(b["heartbeat"]), int(b["liveness"])
             if self.stop_requested:  # a signal that came while `register` was on its way
@@ -335,7 +345,12 @@ class WorkerDaemon:
             self.link.unacked.pop(key, None)
             self._unreported.pop(key, None)
             self.runner.kill_stale(*key)
-            log.info("job %d token %d is not ours any more: killed", *key)
+            # The broker answers each report about a stale attempt so: say it once.
+            if key not in self._stale:
+                if len(self._stale) >= defaults.MAX_CLAIM:
+                    self._stale.clear()
+                self._stale.add(key)
+                log.info("job %d token %d is not ours any more: killed", *key)
         elif msg.type == "ack":
             self.link.unacked.pop((b["job"], b["token"]), None)
         elif msg.type == "drain":
@@ -500,3 +515,7 @@ class WorkerDaemon:
         os.close(self._lifeline)  # the watchdog sweeps (nothing, after a clean stop) and exits
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.watchdog.wait(timeout=5)
+
+
+def _running(n: int) -> str:
+    return f"{n} running job{'' if n == 1 else 's'}"
