@@ -417,6 +417,14 @@ def test_usage_errors_exit_2(
         (["keygen"], "give a role (user, admin or worker) and a NAME"),
         (["logs"], "give the job's ID: banyan-logs ID"),
         (["status", "--broker", "127.0.0.1:17411:3"], "--broker: '127.0.0.1:17411:3' is not"),
+        (
+            ["submit", "--array", "0-200000", "true"],
+            "--array: 200001 jobs, over the 200000 one submission may hold (MAX_JOBS_PER_SUBMIT)",
+        ),
+        (
+            ["cancel", *[f"{10 * i + 1}-{10 * i + 3}" for i in range(1001)]],
+            "1001 id ranges, over the 1000 one request may carry (MAX_SELECT_RANGES)",
+        ),
     ],
 )
 def test_usage_errors_say_what_was_wrong_before_anything_is_sent(
@@ -435,6 +443,24 @@ def test_usage_errors_say_what_was_wrong_before_anything_is_sent(
     as_json = TOOLS[argv[0]](["--json", *argv[1:]])
     doc = json.loads(capsys.readouterr().err)
     assert as_json == 2 and doc["error"] == "usage" and doc["message"].startswith(said)
+
+
+def test_too_many_lines_name_the_limit(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("BANYAN_BROKER", f"127.0.0.1:{free_port()}")
+    lines = tmp_path / "lines"
+    lines.write_text("".join(f"{i}\n" for i in range(200_001)))
+    flow = tmp_path / "flow.json"
+    flow.write_text(json.dumps([{"command": "true"}] * 200_001))
+    for argv, said in (
+        (["--each", str(lines), "echo {}"], "--each: "),
+        (["--file", str(flow)], f"--file: {flow}: "),
+    ):
+        assert submit.main(argv) == 2
+        err = capsys.readouterr().err
+        limit = "200001 jobs, over the 200000 one submission may hold (MAX_JOBS_PER_SUBMIT)"
+        assert err == f"banyan-submit: {said}{limit}\n"
 
 
 def test_the_daemons_read_their_options_like_the_tools(capsys: pytest.CaptureFixture[str]) -> None:

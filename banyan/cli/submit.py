@@ -288,7 +288,9 @@ def expand(base: dict[str, Any], items: list[str]) -> list[dict[str, Any]]:
             arrays.check_size(arrays.each_bytes(base, items), f"--each: {len(items)} lines")
         return arrays.expand(base, items, index_env=False)
     except ValueError as e:
-        raise UsageError(str(e)) from None
+        raise UsageError(
+            f"--each: {e}" if len(items) > defaults.MAX_JOBS_PER_SUBMIT else str(e)
+        ) from None
 
 
 # ---- --wait -----------------------------------------------------------------------------------
