@@ -10,7 +10,9 @@ import io
 import json
 import os
 import pwd
+import re
 import stat
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from typing import Any
 
 import pytest
 import zmq.auth
+from docopt import parse_options
 
 from banyan import keys, protocol
 from banyan.cli import broker as broker_cli
@@ -533,6 +536,34 @@ def test_unreachable_broker_is_one_clear_line(
     assert err.startswith(f"banyan-{argv[0]}: nothing is listening at tcp://127.0.0.1:")
     assert err.count("\n") == 1
     assert elapsed < scaled(1)
+
+
+def test_every_option_of_every_tool_is_in_cli_md() -> None:
+    """docs/cli.md describes each tool's options in its section (the shared ones once)."""
+    doc = (Path(__file__).parent.parent / "docs" / "cli.md").read_text()
+
+    def section(title: str) -> str:
+        start = doc.index(f"\n## {title}\n")
+        end = doc.find("\n## ", start + 1)
+        return doc[start : end if end > 0 else None]
+
+    shared = section("What every tool shares")
+    for tool, run_tool in TOOLS.items():
+        if tool == "banyan":
+            continue
+        text = getattr(run_tool, "__module__", "")
+        usage = sys.modules[text].USAGE
+        options = parse_options(usage[usage.index("Options:") :])
+        said = section(f"banyan-{tool}") + shared
+        names = [o.longer for o in options if o.longer not in (None, "--help")]
+        missing = [n for n in names if not re.search(rf"(?<![\w-]){n}(?![\w-])", said)]
+        assert not missing, f"banyan-{tool}: {missing} not in docs/cli.md"
+
+
+def test_status_watch_until_done_stops_when_the_jobs_have_ended(cli: Runner) -> None:
+    (job,) = cli("submit", "sleep 0.5").ids()
+    r = cli("status", "--watch", "--until-done", "--interval", "0.2", str(job))
+    assert r.code == 0 and "state       terminated" in r.out.rsplit("Ctrl-C to stop", 1)[-1]
 
 
 def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
