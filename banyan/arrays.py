@@ -34,7 +34,15 @@ def count(spec: str) -> int:
     return sum(len(r) for r in ranges(spec))
 
 
-def ranges(spec: str, limit: int = defaults.MAX_JOBS_PER_SUBMIT) -> list[range]:
+def too_many(jobs: int) -> str:
+    """The refusal of a submission of `jobs` jobs, naming its limit."""
+    return (
+        f"{jobs} jobs, over the {defaults.MAX_JOBS_PER_SUBMIT} one submission may hold "
+        "(MAX_JOBS_PER_SUBMIT)"
+    )
+
+
+def ranges(spec: str) -> list[range]:
     out: list[range] = []
     total = 0
     for part in spec.split(","):
@@ -50,8 +58,8 @@ def ranges(spec: str, limit: int = defaults.MAX_JOBS_PER_SUBMIT) -> list[range]:
             raise ValueError(f"{part!r} is empty or backwards (need 0 <= N <= M)")
         out.append(range(lo, hi + 1, step))
         total += len(out[-1])
-        if total > limit:
-            raise ValueError(f"over {limit} jobs in one submission")
+    if total > defaults.MAX_JOBS_PER_SUBMIT:
+        raise ValueError(too_many(total))
     return out
 
 
@@ -130,7 +138,7 @@ def expand(base: dict[str, Any], items: list[str], index_env: bool) -> list[dict
     Without `{}` in the command, `--each` appends the item as a quoted argument and an array
     leaves the command alone (the index is in $BANYAN_ARRAY_INDEX either way for arrays)."""
     if len(items) > defaults.MAX_JOBS_PER_SUBMIT:
-        raise ValueError(f"over {defaults.MAX_JOBS_PER_SUBMIT} jobs in one submission")
+        raise ValueError(too_many(len(items)))
     command: str = base["command"]
     in_command = "{}" in command
     templated = [k for k in TEMPLATED if "{}" in (base.get(k) or "")]

@@ -9,7 +9,9 @@ Every call is one request on a DEALER socket to the broker's client port. Refusa
 typed errors of `banyan.errors` with the broker's message. A broker that cannot be reached
 raises `BrokerUnavailable` at once when the address is wrong or nothing listens there, and
 after `timeout` when it does not answer; a refused or missing key raises `KeyRefused` (a
-`BrokerUnavailable`) as soon as the handshake fails. Never a hang.
+`BrokerUnavailable`) as soon as the handshake fails. Never a hang, with one exception asked
+for: `wait` on a client that has reached its broker outlives the broker's outages, however
+long (a restart, an upgrade, a kill -9), unless its own `timeout` runs out first.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import contextlib
 import itertools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,6 +99,9 @@ class Status:
 
 @dataclass(frozen=True)
 class Waited:
+    """What `wait` returns: each job's id, name, owner, state, outcome, exit code, attempts
+    and worker (the short rows of the broker's `waited` reply; `job()` has the rest)."""
+
     jobs: list[JobInfo]
     timed_out: bool
 
@@ -142,6 +147,8 @@ class WorkerInfo:
     running: list[int]
     completed: int
     last_seen: float
+    only_account: str | None = None  # a worker not started as root runs this account's jobs only
+    refused_accounts: dict[str, str] = field(default_factory=dict)  # account -> why not here
     address: str = ""  # where it registered from, as the broker saw it
     key: str | None = None  # the worker key it registered with; None without keys
     held: bool = False  # drained by an admin: drained across its restarts until resumed
@@ -175,6 +182,11 @@ JOB_FIELDS = (
 )
 
 
+def seconds(value: float) -> str:
+    """A timeout as a person gave it: `10`, `2.5`, `0.3`; never `2.0005`."""
+    return f"{round(value, 1):g}" if value >= 1 else f"{value:.2g}"
+
+
 class Client:
     def __init__(
         self,
@@ -188,6 +200,9 @@ class Client:
         self.timeout = timeout
         self.ctx = ctx or zmq.Context.instance()
         self._reqs = itertools.count(1)
+        # Whether this client has ever talked with its broker: a wait then takes the broker's
+        # absence for an outage to outlive, not for a wrong address.
+        self.reached = False
         self.sock, self.watch = self._socket()
 
     def _socket(self) -> tuple[zmq.Socket[Any], Watch]:
@@ -229,19 +244,34 @@ class Client:
         self.sock.send(protocol.encode(kind, body, req, allowed=protocol.CLIENT_REQUESTS), flags)
         return req
 
-    def _next(self, wait: float) -> protocol.Message | None:
+    def _begin(self) -> None:
+        """Before a call: what the connection's monitor said about a broker that was not
+        there is history (it may be back by now; only what the monitor says from now on
+        counts), while a key or port problem stands."""
+        trouble = self.watch.read()
+        self.reached = self.reached or self.watch.handshakes > 0
+        if trouble is not None and type(trouble) is not BrokerUnavailable:
+            self._reset()
+            raise trouble
+
+    def _next(self, wait: float, keep: bool = False) -> protocol.Message | None:
         """The next reply within `wait` s, or None. A connection problem the socket's monitor
-        reports (a refused key, nothing listening) raises at once, on a fresh socket."""
+        reports (a refused key, nothing listening) raises at once, on a fresh socket; with
+        `keep`, a broker that is not there (as opposed to a key or port problem) raises on
+        the same socket, which goes on trying to connect."""
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.watch.monitor, zmq.POLLIN)
         ready = dict(poller.poll(max(1, math.ceil(wait * 1000))))
         if self.watch.monitor in ready:
             trouble = self.watch.read()
+            self.reached = self.reached or self.watch.handshakes > 0
             if trouble is not None:
-                self._reset()
+                if not (keep and type(trouble) is BrokerUnavailable):
+                    self._reset()
                 raise trouble
         if self.sock in ready:
+            self.reached = True
             return protocol.decode(self.sock.recv(), protocol.CLIENT_REPLIES)
         return None
 
@@ -254,6 +284,7 @@ class Client:
         the broker answers pings meanwhile."""
         if kind in PATIENT and timeout is None:
             return self._patiently(kind, body)
+        self._begin()
         req = self._send(kind, body)
         on = max(1, self.watch.handshakes)
         limit = self.timeout if timeout is None else timeout
@@ -266,18 +297,30 @@ class Client:
             if msg is None and time.monotonic() >= deadline:
                 # The request may still be queued in the socket: start afresh so a late
                 # reply cannot be mistaken for the next request's.
+                silent = self._no_answer(limit)
                 self._reset()
-                raise self._no_answer(limit)
+                raise silent
             if msg is None or msg.req != req:
                 continue  # nothing yet, or a reply to an abandoned request
             if msg.type == "error":
                 raise from_wire(msg.body["code"], msg.body["message"])
             return msg.body
 
-    def _no_answer(self, seconds: float) -> BrokerUnavailable:
+    def _no_answer(self, limit: float) -> BrokerUnavailable:
+        """The one way every call says that the broker did not answer in time, with what the
+        connection got that far (before it is made anew)."""
+        self.watch.read()  # the last word on how far it got; a problem would have come sooner
+        if not self.watch.reached:
+            why = (
+                "no connection could be made: is that machine up, does every firewall on the "
+                "way let it through, and is the address in BANYAN_BROKER or --broker right?"
+            )
+        elif not self.watch.handshakes:
+            why = "it took the connection but never answered: is banyan-broker stopped there?"
+        else:
+            why = "it is connected: is banyan-broker stopped or overloaded? see its log"
         return BrokerUnavailable(
-            f"no answer from the broker at {self.endpoint} within {seconds:g} s "
-            "(is banyan-broker running? set BANYAN_BROKER or --broker)"
+            f"no answer from the broker at {self.endpoint} within {seconds(limit)} s ({why})"
         )
 
     # ---- the API ----------------------------------------------------------------------------
@@ -445,25 +488,41 @@ class Client:
         jobs: Sequence[int] = (),
         groups: Sequence[str | int] = (),
         timeout: float | None = None,
+        notice: Callable[[str], None] | None = None,
     ) -> Waited:
-        """Block until the jobs end (or `timeout` s pass); the broker answers when they do.
+        """Block until the jobs end; the broker answers when they do. `timeout` (seconds)
+        bounds the whole wait: the broker then answers with `timed_out`, or, when it cannot
+        be reached at that moment, `BrokerUnavailable` is raised.
 
-        While it waits, the client pings the broker every `self.timeout` seconds, so a broker
-        that dies meanwhile gives `BrokerUnavailable` instead of a hang. The broker keeps a
-        wait for the connection it came on, so when the connection is made anew (the broker
-        restarted, even after a kill -9), the wait is asked again for the time that is left.
+        The wait outlives the broker: while it waits, the client pings the broker every
+        `self.timeout` seconds, and when the broker stops answering (a restart, an upgrade, a
+        kill -9, a network cut) it keeps trying to reach it, for as long as it takes, and asks
+        again on the new connection. `notice`, if given, is called with a sentence when the
+        broker becomes unreachable and when it answers again. What ends a wait at once is what
+        no waiting mends: a key the broker refuses (`KeyRefused`) or a wrong port
+        (`WrongPort`), and, on a client that has never reached its broker, an address where
+        no broker is (`BrokerUnavailable`, as for every other call).
         """
         body = {"jobs": list(jobs), "groups": list(groups)}
-        reply = self._patiently("wait", body, timeout)
+        reply = self._patiently("wait", body, timeout, notice)
         return Waited([JobInfo.of(j) for j in reply["jobs"]], reply["timed_out"])
 
-    def _patiently(self, kind: str, body: dict[str, Any], limit: float | None = None) -> Any:
+    def _patiently(
+        self,
+        kind: str,
+        body: dict[str, Any],
+        limit: float | None = None,
+        notice: Callable[[str], None] | None = None,
+    ) -> Any:
         """Send a request whose answer may take long (a wait, or a request that waits behind
         a long operation in the broker), and wait for it (at most `limit` s plus the client's
         timeout, if given) while pings show the broker is alive. When the connection is made
         anew (the broker restarted), a wait or a read is asked again, a wait for the time
-        that is left; a change is not, as the broker may have made it already."""
+        that is left; a change is not, as the broker may have made it already. A wait, once
+        this client has reached the broker, outlives the broker's absence (see `wait`)."""
+        self._begin()
         end = None if limit is None else time.monotonic() + limit
+        away: str | None = None  # why the broker cannot be reached, while a wait outlives it
 
         def ask() -> tuple[int, int]:
             sent = body
@@ -475,18 +534,54 @@ class Client:
             # Sent before any handshake, it travels on the first connection.
             return self._send(kind, sent), max(1, self.watch.handshakes)
 
+        def gone(why: str) -> None:
+            nonlocal away
+            if away is None and notice is not None:
+                notice(
+                    f"the broker at {self.endpoint} is unreachable ({why}); still waiting "
+                    "for it to come back (the jobs go on meanwhile)"
+                )
+            away = away or why
+
         req, on = ask()
         ping_req, ping_sent = 0, 0.0
         while True:
             now = time.monotonic()
-            late = end is not None and now > end + self.timeout
-            if (ping_req and now - ping_sent > self.timeout) or late:
+            outlive = kind == "wait" and self.reached
+            if end is not None and now > end + (0.0 if away else self.timeout):
+                silent = self._no_answer(self.timeout)
                 self._reset()
-                raise BrokerUnavailable(f"the broker at {self.endpoint} stopped answering")
-            msg = self._next(self.timeout / 2)
+                if away is None:
+                    raise silent
+                raise BrokerUnavailable(
+                    f"the broker at {self.endpoint} was still unreachable when the wait's "
+                    f"{seconds(limit or 0.0)} s ran out ({away})"
+                )
+            if ping_req and now - ping_sent > self.timeout:
+                if not outlive:
+                    silent = self._no_answer(self.timeout)
+                    self._reset()
+                    raise silent
+                gone(f"no answer within {seconds(self.timeout)} s")
+                # A fresh connection finds the broker wherever and whenever it is back (an old
+                # one may lead to a broker that is stopped, or cut off); the wait goes with it.
+                self._reset()
+                (req, on), ping_req = ask(), 0
+                continue
+            try:
+                msg = self._next(self.timeout / 2, keep=outlive)
+            except BrokerUnavailable as e:
+                if not outlive or type(e) is not BrokerUnavailable:
+                    raise
+                gone(str(e))
+                msg = None
             if self.watch.handshakes > on and (kind == "wait" or kind in READS):
                 req, on = ask()
                 ping_req = 0
+            if msg is not None and away is not None:
+                away = None
+                if notice is not None:
+                    notice(f"the broker at {self.endpoint} answers again; still waiting")
             if msg is None:
                 if not ping_req:
                     # Not blocking: with no broker connected a DEALER's send may wait for one;

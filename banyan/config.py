@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 
@@ -26,15 +27,26 @@ def address(text: str | None, default_port: int = defaults.CLIENT_PORT) -> str:
 def worker_address(text: str | None) -> str:
     """A worker's broker. `--broker HOST[:PORT]` names the worker port itself. Otherwise the
     host comes from `$BANYAN_BROKER`, whose port, if it has one, is the *client* port (tools and
-    workers share the variable) and is not used here; the port is `$BANYAN_WORKER_PORT`, else
-    the default worker port."""
+    workers share the variable) and is not used here. Where no `--broker` port is given, the
+    port is `$BANYAN_WORKER_PORT`, else the default worker port."""
     if text:
         host, port = split(text, "--broker")
-        return f"tcp://{host}:{port or defaults.WORKER_PORT}"
-    host, _ = split(os.environ.get("BANYAN_BROKER") or defaults.BROKER_HOST, "BANYAN_BROKER")
-    given = os.environ.get("BANYAN_WORKER_PORT")
-    port = _port(given, "BANYAN_WORKER_PORT", given) if given else defaults.WORKER_PORT
-    return f"tcp://{host}:{port}"
+    else:
+        env = os.environ.get("BANYAN_BROKER") or defaults.BROKER_HOST
+        host, port = split(env, "BANYAN_BROKER")[0], None
+    return f"tcp://{host}:{port or worker_port()}"
+
+
+def worker_port() -> int:
+    """`$BANYAN_WORKER_PORT`, else the default worker port; a bad value is a ValueError."""
+    given = os.environ.get("BANYAN_WORKER_PORT", "").strip()
+    if not given:
+        return defaults.WORKER_PORT
+    if not given.isdigit() or not 1 <= int(given) <= 65535:
+        raise ValueError(
+            f"BANYAN_WORKER_PORT: {given!r} is not a port: it must be a number from 1 to 65535"
+        )
+    return int(given)
 
 
 def split(text: str, source: str) -> tuple[str, int | None]:
@@ -51,11 +63,24 @@ def split(text: str, source: str) -> tuple[str, int | None]:
         host, port = rest.split(":")
     else:  # a name, an IPv4 address, or a bare IPv6 address
         host, port = rest, None
+        if ":" in host and not _ipv6(host):
+            raise ValueError(
+                f"{source}: {text!r} is not HOST[:PORT] (an IPv6 address with a port goes in "
+                "brackets: [::1]:7411)"
+            )
     if not host or any(c.isspace() or c in "/@?#" for c in host) or host == "[]":
         raise ValueError(f"{source}: {text!r} is not HOST[:PORT]")
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
     return host, (_port(port, source, text) if port is not None else None)
+
+
+def _ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _port(port: str, source: str, text: str) -> int:

@@ -40,10 +40,21 @@ ACCOUNT_FIELD = "unix_user"
 # What `useradd` and directory services accept, without the characters that would break the
 # certificate line or the broker's `role:account:name` user id (`:`), paths or shells.
 _ACCOUNT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,255}\$?")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,127}")
 
 
 class KeyExposed(Exception):
     """A secret key that other accounts can read: a daemon refuses to start with it."""
+
+
+def check_name(name: str, what: str) -> None:
+    """A key's or a worker's name: one word of letters, digits and `. _ @ -` (not first),
+    at most 128, so that it is a file name, a column in a table and a word in a log line."""
+    if _NAME.fullmatch(name) is None:
+        raise ValueError(
+            f"{name!r} is not usable as {what}: one word of letters, digits and . _ @ - "
+            "(starting with a letter, digit or _), at most 128 characters"
+        )
 
 
 def valid_account(name: str) -> bool:
@@ -155,8 +166,6 @@ def issue(home: Path, role: str, name: str, account: str | None = None) -> tuple
     the Unix `account` (default: `name`); a worker key to none."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
-    if not name or "/" in name or name.startswith(".") or len(name) > 128:
-        raise ValueError(f"{name!r} is not a usable key name")
     if role == "worker":
         if account is not None:
             raise ValueError("a worker key runs no jobs of its own: it takes no Unix account")
@@ -166,6 +175,7 @@ def issue(home: Path, role: str, name: str, account: str | None = None) -> tuple
             raise ValueError(
                 f"{account!r} is not a Unix account name; give the account with --unix-user"
             )
+    check_name(name, "a key name")
     issued = keys_dir(home) / "issued"
     for r in ROLES:
         if (keys_dir(home) / "authorized" / r / f"{name}.key").exists():

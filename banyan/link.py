@@ -13,6 +13,8 @@ so that a peer at the wrong port can say so.
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -42,7 +44,17 @@ _EVENTS = (
 # broker that cannot read this machine's HELLO (keys/broker.key is not its key) or one that
 # has no keys at all, which may close before saying so. A keyless probe tells the two apart.
 _DROPS = 2
-PROBE_WAIT = 0.5  # seconds the probe may take; it needs a round trip or two
+PROBE_WAIT = 0.5  # seconds a probe may take; it needs a round trip or two
+# Why a connection to the broker failed, when the network (not the broker) is at fault.
+_NETWORK = {
+    errno.EHOSTUNREACH: "no route to host (is that machine up, and on a network this one reaches?)",
+    errno.ENETUNREACH: "network is unreachable (this machine has no route to it: check its "
+    "network link and routes)",
+    errno.EHOSTDOWN: "host is down",
+    errno.ETIMEDOUT: "connecting got no answer (is that machine up, and does every firewall on "
+    "the way let the connection through?)",
+}
+_OTHER_ERROR = "{error}"
 
 
 @dataclass(frozen=True)
@@ -100,6 +112,7 @@ class Watch:
         self.handshakes = 0
         self.drops = 0
         self.reached = False  # a TCP connection was made: something listens there
+        self.unreachable: BrokerUnavailable | None = None  # why connecting fails, once probed
 
     def read(self) -> BrokerUnavailable | None:
         """The problem the events since the last call show; a key's or port's before a
@@ -110,9 +123,12 @@ class Watch:
                 event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
             except zmq.Again:
                 break
-            found = self._event(int(event["event"]), int(event["value"]))
+            kind = int(event["event"])
+            found = self._event(kind, int(event["value"]))
             if found is not None and (trouble is None or type(trouble) is BrokerUnavailable):
                 trouble = found
+            elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                trouble = None  # connected since: what went wrong before is over
         return trouble
 
     def _event(self, event: int, value: int) -> BrokerUnavailable | None:
@@ -140,7 +156,9 @@ class Watch:
                     "from the broker's machine)"
                 )
         if event == zmq.EVENT_CONNECT_RETRIED and not self.reached:
-            return self._unreachable()
+            if self.unreachable is None:  # probed once: ZeroMQ retries every 100 ms
+                self.unreachable = self._unreachable()
+            return self.unreachable
         return None
 
     def _refused(self) -> KeyRefused:
@@ -174,17 +192,33 @@ class Watch:
             f"keyed connections; move {keys_dir(self.creds.home)} aside to connect to it"
         )
 
-    def _unreachable(self) -> BrokerUnavailable:
+    def _unreachable(self) -> BrokerUnavailable | None:
+        """Why ZeroMQ's connection failed, in words: it does not say, so a plain TCP connect
+        to the same address asks the kernel (None: that one connected)."""
         host, _, port = self.endpoint.removeprefix("tcp://").rpartition(":")
         try:
-            socket.getaddrinfo(host.strip("[]"), None)
+            found = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
         except (OSError, UnicodeError) as e:
             return BrokerUnavailable(f"cannot find the broker's host {host!r}: {e}")
-        role = "worker" if self.creds.kind == "worker" else "client"
-        return BrokerUnavailable(
-            f"nothing is listening at {self.endpoint} (connection refused): is banyan-broker "
-            f"running there, and is {port} its {role} port?"
-        )
+        family, kind, proto, _, address = found[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.settimeout(PROBE_WAIT)
+            try:
+                failed = probe.connect_ex(address)
+            except OSError as e:  # a timeout, or an address this machine cannot use at all
+                failed = e.errno or errno.ETIMEDOUT
+        if not failed:
+            return None
+        if failed in (errno.EAGAIN, errno.EINPROGRESS):  # what connect_ex says when time is up
+            failed = errno.ETIMEDOUT
+        if failed == errno.ECONNREFUSED:
+            role = "worker" if self.creds.kind == "worker" else "client"
+            return BrokerUnavailable(
+                f"nothing is listening at {self.endpoint} (connection refused): is "
+                f"banyan-broker running there, and is {port} its {role} port?"
+            )
+        why = _NETWORK.get(failed, _OTHER_ERROR).format(error=os.strerror(failed))
+        return BrokerUnavailable(f"cannot reach the broker at {self.endpoint}: {why}")
 
     def close(self) -> None:
         # Stop the monitor before closing either end, or its inproc name stays taken.

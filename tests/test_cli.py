@@ -9,7 +9,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import pwd
+import re
 import stat
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,8 +21,9 @@ from typing import Any
 
 import pytest
 import zmq.auth
+from docopt import parse_options
 
-from banyan import protocol
+from banyan import keys, protocol
 from banyan.cli import broker as broker_cli
 from banyan.cli import (
     cancel,
@@ -262,7 +266,8 @@ def test_file_workflow_with_keys_and_groups(cli: Runner, live: Cluster, tmp_path
     path.write_text(json.dumps(flow))
     r = cli("submit", "--json", "--wait", "--priority", "2", "--file", str(path))
     assert r.code == 0, r.err
-    doc = r.json()
+    doc, ended = (json.loads(line) for line in r.out.splitlines())
+    assert ended["succeeded"] and len(ended["ended"]) == 4
     prep, a, b, report = doc["jobs"]
     assert set(doc["groups"]) == {"cli-sweep"}
     info = {j.id: j.raw for j in live.client().status([prep, a, b, report], detail=True).jobs}
@@ -307,9 +312,40 @@ def test_wait_exit_codes(cli: Runner) -> None:
 
 
 def test_wait_with_json_prints_only_the_json(cli: Runner) -> None:
-    r = cli("submit", "--json", "--wait", "exit 1")
+    """The submission at once, then how each job ended: one document per line in a pipe."""
+    r = cli("submit", "--json", "--wait", "--name", "doomed", "exit 1")
     assert r.code == 1 and r.err == ""
-    assert list(r.json()) == ["jobs", "groups"]
+    submitted, ended = (json.loads(line) for line in r.out.splitlines())
+    assert list(submitted) == ["jobs", "groups"]
+    (job,) = submitted["jobs"]
+    me = cli("status", "--json", str(job)).json()["jobs"][0]["owner"]
+    assert ended == {
+        "ended": [
+            {
+                "id": job,
+                "name": "doomed",
+                "owner": me,
+                "state": "terminated",
+                "outcome": "failed",
+                "exit_code": 1,
+                "attempts": 1,
+                "worker": "w1",
+            }
+        ],
+        "succeeded": False,
+    }
+
+
+def test_a_wait_says_who_ran_each_job(live: Cluster) -> None:
+    c = live.client()
+    (job,) = c.submit("true", name="named").jobs
+    (unnamed,) = c.submit("echo unnamed").jobs
+    waited = c.wait([job, unnamed], timeout=scaled(20)).jobs
+    full = [c.job(job), c.job(unnamed)]
+    assert [(j.name, j.owner, j.worker) for j in waited] == [
+        (j.name, j.owner, j.worker) for j in full
+    ]
+    assert [(j.name, j.worker) for j in waited] == [("named", "w1"), ("echo unnamed", "w1")]
 
 
 def test_submit_key_makes_a_submission_idempotent(cli: Runner, live: Cluster) -> None:
@@ -368,14 +404,30 @@ def test_usage_errors_exit_2(
     [
         (["submit", "--bogus", "true"], "unknown option --bogus"),
         (["status", "--limit"], "--limit needs a value"),
-        (["workers", "--drain", "a", "--resume", "b"], "--resume given twice, or with an option"),
+        (["workers", "--drain", "a", "--resume", "b"], "--drain and --resume cannot be used"),
+        (["workers", "--forget", "a", "--drain", "b"], "--forget and --drain cannot be used"),
+        (["modify", "12", "--hold", "--hold"], "--hold given twice"),
         (["stats", "--json=1"], "--json takes no value"),
-        (["submit", "--cpus", "2000000", "true"], "--cpus: must be"),
-        (["submit", "--gpus", "5000", "true"], "--gpus: must be"),
-        (["submit", "--priority", "9999999999", "true"], "--priority: must be"),
-        (["submit", "--attempts", "5000", "true"], "--attempts: must be"),
-        (["submit", "--cancel-grace", "1000d", "true"], "--cancel-grace: must be"),
+        (["submit", "--cpus", "2000000", "true"], "--cpus: at most 1000000 (got 2000000)"),
+        (["submit", "--gpus", "5000", "true"], "--gpus: at most 1024 (got 5000)"),
+        (["submit", "--priority", "9999999999", "true"], "--priority: at most 2147483647"),
+        (["submit", "--attempts", "5000", "true"], "--attempts: at most 1000 (got 5000)"),
+        (["submit", "--cancel-grace", "1000d", "true"], "--cancel-grace: at most 86400"),
         (["workers", "--drain", "x" * 300], "the worker's name: "),
+        (["workers", "--drain", ""], "--drain: give a worker's name; it may not be empty"),
+        (["keygen", "user"], "give the user key's NAME: banyan-keygen user NAME"),
+        (["keygen", "root", "alice"], "the role is user, admin or worker, not 'root'"),
+        (["keygen"], "give a role (user, admin or worker) and a NAME"),
+        (["logs"], "give the job's ID: banyan-logs ID"),
+        (["status", "--broker", "127.0.0.1:17411:3"], "--broker: '127.0.0.1:17411:3' is not"),
+        (
+            ["submit", "--array", "0-200000", "true"],
+            "--array: 200001 jobs, over the 200000 one submission may hold (MAX_JOBS_PER_SUBMIT)",
+        ),
+        (
+            ["cancel", *[f"{10 * i + 1}-{10 * i + 3}" for i in range(1001)]],
+            "1001 id ranges, over the 1000 one request may carry (MAX_SELECT_RANGES)",
+        ),
     ],
 )
 def test_usage_errors_say_what_was_wrong_before_anything_is_sent(
@@ -396,6 +448,24 @@ def test_usage_errors_say_what_was_wrong_before_anything_is_sent(
     assert as_json == 2 and doc["error"] == "usage" and doc["message"].startswith(said)
 
 
+def test_too_many_lines_name_the_limit(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("BANYAN_BROKER", f"127.0.0.1:{free_port()}")
+    lines = tmp_path / "lines"
+    lines.write_text("".join(f"{i}\n" for i in range(200_001)))
+    flow = tmp_path / "flow.json"
+    flow.write_text(json.dumps([{"command": "true"}] * 200_001))
+    for argv, said in (
+        (["--each", str(lines), "echo {}"], "--each: "),
+        (["--file", str(flow)], f"--file: {flow}: "),
+    ):
+        assert submit.main(argv) == 2
+        err = capsys.readouterr().err
+        limit = "200001 jobs, over the 200000 one submission may hold (MAX_JOBS_PER_SUBMIT)"
+        assert err == f"banyan-submit: {said}{limit}\n"
+
+
 def test_the_daemons_read_their_options_like_the_tools(capsys: pytest.CaptureFixture[str]) -> None:
     args = parse(worker.__doc__ or "", ["--memory", "4G", "--cpus", "1.5", "--gpus", "0"])
     config = worker.worker_config(args)
@@ -409,6 +479,19 @@ def test_the_daemons_read_their_options_like_the_tools(capsys: pytest.CaptureFix
         assert capsys.readouterr().err.startswith(f"banyan-worker: {said}")
     assert broker_cli.main(["--client-port", "x"]) == 2
     assert capsys.readouterr().err.startswith("banyan-broker: --client-port: expected")
+    assert broker_cli.main(["--retention", "forever"]) == 2
+    said = "banyan-broker: --retention: expected how long to keep ended jobs, such as 30d, "
+    assert capsys.readouterr().err.startswith(said + "12h or 90m, or none to keep them forever")
+    for name in ("", "a b", "../x"):
+        assert worker.main(["--name", name]) == 2
+        said = f"banyan-worker: --name: {name!r} is not usable as a worker name: one word of "
+        assert capsys.readouterr().err.startswith(said)
+
+
+def test_banyan_alone_says_to_give_a_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main.main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("banyan: give a command: banyan COMMAND [ARGS...], COMMAND one of ")
 
 
 def test_refusals_name_the_options_and_come_as_json(cli: Runner) -> None:
@@ -453,6 +536,34 @@ def test_unreachable_broker_is_one_clear_line(
     assert err.startswith(f"banyan-{argv[0]}: nothing is listening at tcp://127.0.0.1:")
     assert err.count("\n") == 1
     assert elapsed < scaled(1)
+
+
+def test_every_option_of_every_tool_is_in_cli_md() -> None:
+    """docs/cli.md describes each tool's options in its section (the shared ones once)."""
+    doc = (Path(__file__).parent.parent / "docs" / "cli.md").read_text()
+
+    def section(title: str) -> str:
+        start = doc.index(f"\n## {title}\n")
+        end = doc.find("\n## ", start + 1)
+        return doc[start : end if end > 0 else None]
+
+    shared = section("What every tool shares")
+    for tool, run_tool in TOOLS.items():
+        if tool == "banyan":
+            continue
+        text = getattr(run_tool, "__module__", "")
+        usage = sys.modules[text].USAGE
+        options = parse_options(usage[usage.index("Options:") :])
+        said = section(f"banyan-{tool}") + shared
+        names = [o.longer for o in options if o.longer not in (None, "--help")]
+        missing = [n for n in names if not re.search(rf"(?<![\w-]){n}(?![\w-])", said)]
+        assert not missing, f"banyan-{tool}: {missing} not in docs/cli.md"
+
+
+def test_status_watch_until_done_stops_when_the_jobs_have_ended(cli: Runner) -> None:
+    (job,) = cli("submit", "sleep 0.5").ids()
+    r = cli("status", "--watch", "--until-done", "--interval", "0.2", str(job))
+    assert r.code == 0 and "state       terminated" in r.out.rsplit("Ctrl-C to stop", 1)[-1]
 
 
 def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
@@ -595,6 +706,12 @@ def test_workers_table_json_and_drain(cli: Runner, live: Cluster) -> None:
     assert "/2" in line and "ago" in line
     (w,) = cli("workers", "--json").json()["workers"]
     assert w["name"] == "w1" and w["cpus"] == 2
+    # Every field docs/cli.md lists, and no other.
+    documented = "name, host, state, cpus, memory, gpus, used_cpus, used_memory, used_gpus, "
+    documented += "tags, running, completed, last_seen, only_account, refused_accounts, address, "
+    documented += "key, held"
+    assert list(w) == documented.split(", ")
+    assert w["only_account"] is None and w["refused_accounts"] == {}
     try:
         drained = cli("workers", "--drain", "w1")
         assert drained.code == 0 and drained.out.startswith("w1: drain")
@@ -602,6 +719,21 @@ def test_workers_table_json_and_drain(cli: Runner, live: Cluster) -> None:
         resumed = cli("workers", "--resume", "w1")
     assert resumed.code == 0 and resumed.out in ("w1: idle\n", "w1: busy\n")
     assert cli("workers", "--drain", "nope").code == 1
+
+
+def test_workers_json_says_whose_jobs_a_worker_will_not_run(
+    cluster: Cluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A worker left to its defaults: as root it refuses root's jobs, as another account it
+    runs only that account's."""
+    cluster.start_worker("plain", extra=())
+    (w,) = runner(cluster, capsys)("workers", "--json").json()["workers"]
+    if os.geteuid() == 0:
+        assert w["only_account"] is None and list(w["refused_accounts"]) == ["root"]
+        assert "--allow-root-jobs" in w["refused_accounts"]["root"]
+    else:
+        assert w["only_account"] == pwd.getpwuid(os.geteuid()).pw_name
+        assert w["refused_accounts"] == {}
 
 
 def test_users_shows_and_sets_shares_and_limits(cli: Runner, live: Cluster) -> None:
@@ -667,6 +799,7 @@ def test_logs_follow_until_the_job_ends(cli: Runner) -> None:
 
 def test_keygen(cli: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     home = tmp_path / "home"
+    keys.ensure_local(home)  # the broker's home, as its first start leaves it
     monkeypatch.setenv("BANYAN_HOME", str(home))
     r = cli("keygen", "user", "alice", broker=False)
     assert r.code == 0, r.err
@@ -679,8 +812,15 @@ def test_keygen(cli: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert pub == pub2 and none is None and sec
     assert zmq.auth.load_certificate(authorized)[0] == pub
     assert "keys/client.key_secret" in r.out and str(secret) in r.out
+    assert r.out.startswith("made a user key for alice")
+    assert cli("keygen", "admin", "root-2", "--unix-user", "root", broker=False).out.startswith(
+        "made an admin key for root-2"
+    )
+    assert cli("keygen", "user", "a b", "--unix-user", "root", broker=False).code == 2
     again = cli("keygen", "admin", "alice", broker=False)
     assert again.code == 1 and "already exists" in again.err
+    as_json = cli("keygen", "--json", "admin", "alice", broker=False)
+    assert as_json.code == 1 and json.loads(as_json.err)["error"] == "conflict"
     doc = cli("keygen", "--json", "worker", "node7", broker=False).json()
     assert doc["role"] == "worker" and "keys/worker.key_secret" in doc["install"]
     assert cli("keygen", "user", "../x", broker=False).code == 2
@@ -689,6 +829,7 @@ def test_keygen(cli: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 def test_keygen_binds_a_unix_account(
     cli: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    keys.ensure_local(tmp_path / "home")
     monkeypatch.setenv("BANYAN_HOME", str(tmp_path / "home"))
     r = cli("keygen", "user", "alice", broker=False)
     assert "its jobs run as the Unix account alice" in r.out
@@ -697,3 +838,19 @@ def test_keygen_binds_a_unix_account(
     assert cli("keygen", "--json", "worker", "node7", broker=False).json()["unix_user"] is None
     bad = cli("keygen", "user", "Alice Smith", broker=False)
     assert bad.code == 2 and "--unix-user" in bad.err
+
+
+def test_keygen_refuses_where_no_broker_keeps_its_keys(
+    cli: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Such as the broker account's default home, when the broker runs with another
+    BANYAN_HOME (the shipped systemd unit): a key authorized there would admit nobody."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("BANYAN_HOME", str(home))
+    r = cli("keygen", "user", "alice", broker=False)
+    assert r.code == 1 and r.out == ""
+    assert r.err.startswith(f"banyan-keygen: {home} is not a broker's home: it has no broker ")
+    assert "sudo -u banyan BANYAN_HOME=/var/lib/banyan banyan-keygen user alice" in r.err
+    assert not home.exists()  # nothing made
+    doc = json.loads(cli("keygen", "--json", "worker", "n1", broker=False).err)
+    assert doc["error"] == "not_found" and "is not a broker's home" in doc["message"]

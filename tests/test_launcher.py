@@ -90,6 +90,16 @@ def test_a_dead_launcher_falls_back_to_joining(runner: Runner) -> None:
     assert runner.launcher.broken
 
 
+def test_a_hangup_does_not_end_the_launcher(runner: Runner) -> None:
+    """The worker's terminal closing signals its whole process group, the helper included."""
+    check_born_in_cgroup(runner, 1)
+    helper = runner.launcher._proc
+    assert helper is not None
+    os.kill(helper.pid, signal.SIGHUP)
+    check_born_in_cgroup(runner, 2)
+    assert not runner.launcher.broken and helper.poll() is None
+
+
 def test_a_stuck_launcher_is_given_up_and_the_job_runs_once(
     runner: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

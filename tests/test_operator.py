@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +25,8 @@ import pytest
 import zmq.auth
 
 from banyan.client import Client
-from tests.cluster import ALLOW_ROOT, _kill_tree, free_port, scaled, wait_for
+from banyan.errors import BrokerUnavailable
+from tests.cluster import ALLOW_ROOT, _kill_tree, cannot_run, free_port, scaled, wait_for
 
 BIN = Path(sys.executable).parent  # where `pip install` put the programs
 HEARTBEAT, LIVENESS = 0.2, 5  # a one-second liveness window keeps these tests short
@@ -61,9 +63,12 @@ class Operator:
         assert path.exists(), f"{name} is not installed next to {sys.executable}"
         return str(path)
 
-    def spawn(self, key: str, argv: list[str], env: dict[str, str] | None = None) -> Any:
-        """Start an installed program. A worker also runs root's jobs where the tests run as
-        root: the broker's own admin key, which the tools use, is bound to this account."""
+    def spawn(
+        self, key: str, argv: list[str], env: dict[str, str] | None = None, session: bool = False
+    ) -> Any:
+        """Start an installed program (in a session of its own, as a login shell's job is,
+        with `session`). A worker also runs root's jobs where the tests run as root: the
+        broker's own admin key, which the tools use, is bound to this account."""
         if argv[0] == "banyan-worker":
             argv = [*argv, *ALLOW_ROOT]
         log = open(self.root / f"{key}.log", "ab")  # noqa: SIM115 - owned by the process
@@ -72,6 +77,7 @@ class Operator:
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**self.env, **(env or {})},
+            start_new_session=session,
         )
         log.close()
         self.procs[key] = proc
@@ -115,7 +121,8 @@ class Operator:
         return c
 
     def states(self) -> dict[str, str]:
-        return {w.name: w.state for w in self.client().workers()}
+        with Client(f"127.0.0.1:{self.client_port}", self.home, timeout=scaled(5)) as c:
+            return {w.name: w.state for w in c.workers()}
 
     def run(self, tool: str, *args: str, env: dict[str, str] | None = None) -> Ran:
         """A tool as a person runs it, with this site's broker unless `env` says otherwise."""
@@ -173,7 +180,8 @@ def op(tmp_path: Path) -> Iterator[Operator]:
 
 
 def job_row(op: Operator, job: int) -> dict[str, Any]:
-    return dict(op.client().job(job).raw)
+    with Client(f"127.0.0.1:{op.client_port}", op.home, timeout=scaled(5)) as c:
+        return dict(c.job(job).raw)
 
 
 # ---- first start ------------------------------------------------------------------------------
@@ -221,7 +229,8 @@ def test_sigterm_drains_and_a_second_signal_requeues_elsewhere(op: Operator) -> 
     shown = op.run("status")
     assert shown.code == 0 and " running  1/1 " in shown.out, shown.out
     log = op.log("a")
-    assert "SIGTERM: draining" in log and "SIGINT again: cancelling 1 running jobs" in log
+    assert "SIGTERM: draining; finishing 1 running job, claiming nothing new" in log
+    assert "SIGINT again: cancelling 1 running job;" in log
     c.cancel([first])
 
 
@@ -285,6 +294,11 @@ def test_a_second_worker_with_a_live_name_is_refused(op: Operator) -> None:
     (job,) = op.client().submit("true").jobs
     assert op.client().wait([job], timeout=scaled(20)).jobs[0].succeeded
     assert op.log("broker").count(f"worker {name} registered") == 1
+    said = [line for line in op.log("broker").splitlines() if "refused a second worker" in line]
+    assert said, op.log("broker")
+    assert f"named {name} from {name} at 127.0.0.1 (pid {second.pid}, key " in said[0]
+    assert f"the one from {name} at 127.0.0.1 (pid {first.pid}, key " in said[0]
+    assert "was heard from" in said[0] and "a name is free 1 s after" in said[0]
     # A crashed worker's name is free once its session has expired.
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=scaled(10))
@@ -315,6 +329,148 @@ def test_a_wait_survives_a_broker_kill9(op: Operator) -> None:
     go.touch()
     assert waiting.wait(timeout=scaled(30)) == 0, op.log("waiting")
     assert "1 job ended, all succeeded" in op.log("waiting")
+
+
+def test_a_worker_says_when_it_is_registered_again_and_with_what(op: Operator) -> None:
+    """After an outage the worker's last word is that it is back, not the error."""
+    op.start_broker()
+    op.start_worker("w1")
+    broker = f"tcp://127.0.0.1:{op.worker_port}"
+    assert f"INFO banyan.worker: registered with the broker at {broker}\n" in op.log("w1")
+    go = op.root / "go"
+    (job,) = op.client().submit(f"until [ -e {go} ]; do sleep 0.05; done").jobs
+    wait_for(lambda: job_row(op, job)["state"] == "running", 20, what="the job to run")
+    op.procs["broker"].send_signal(signal.SIGKILL)
+    op.procs["broker"].wait(timeout=scaled(10))
+    wait_for(lambda: "broker silent" in op.log("w1"), 20, what="the worker to miss it")
+    op.start_broker("broker2")
+    again = f"INFO banyan.worker: registered again with the broker at {broker} (1 running job "
+    wait_for(lambda: again + "re-attached)" in op.log("w1"), 20, what="the worker's line")
+    go.touch()
+    assert op.client().wait([job], timeout=scaled(20)).jobs[0].succeeded
+
+
+def test_a_fenced_worker_says_once_per_attempt_that_it_is_not_its_own(op: Operator) -> None:
+    """A worker frozen past the liveness window: the broker requeues its job, and answers each
+    of its reports about the old attempt with a kill. The worker says so once."""
+    op.start_broker()
+    a = op.start_worker("a")
+    c = op.client()
+    (job,) = c.submit("echo 50 half > $BANYAN_PROGRESS_FILE; sleep 60").jobs
+    wait_for(lambda: job_row(op, job)["state"] == "running", 20, what="the job to run")
+    a.send_signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: op.states()["a"] == "lost", 20, what="a to be lost")
+    finally:
+        a.send_signal(signal.SIGCONT)
+    wait_for(lambda: "registered again" in op.log("a"), 20, what="a back")
+    # Every report a sent about the old attempt has been answered once the job runs again.
+    wait_for(lambda: job_row(op, job)["attempts"] == 2, 20, what="the job to run again")
+    assert op.log("a").count(f"job {job} token ") == 1, op.log("a")
+    c.cancel([job])
+
+
+def test_the_broker_counts_ordinary_refusals_apart(op: Operator) -> None:
+    op.start_broker()
+    assert op.run("cancel", "999").code == 1
+    said = "refused 1 message so far: 0 key handshakes, 0 malformed, 1 request answered with a "
+    wait_for(lambda: said + "refusal (no such job" in op.log("broker"), 10, what="the count")
+
+
+def test_a_wait_outlives_an_outage_longer_than_its_timeout(op: Operator) -> None:
+    """A broker away for longer than the tool's --timeout (an upgrade, a slow restart): the
+    waiting tool says so once, waits on, and ends with the job's outcome."""
+    op.start_broker()
+    op.start_worker("w1")
+    go = op.root / "go"
+    argv = [
+        "banyan-submit",
+        "--timeout",
+        "1",
+        "--wait",
+        "--",
+        f"until [ -e {go} ]; do sleep 0.05; done",
+    ]
+    waiting = op.spawn("waiting", argv, env={"BANYAN_BROKER": f"127.0.0.1:{op.client_port}"})
+    wait_for(lambda: op.log("waiting").split("\n")[0].isdigit(), 20, what="the job id")
+    job = int(op.log("waiting").split("\n")[0])
+    wait_for(lambda: job_row(op, job)["state"] == "running", 20, what="the job to run")
+    c = op.client()
+    c.timeout = 0.5
+    c.ping()  # a client that has reached its broker: a wait then outlives its absence
+    notices: list[str] = []
+    box: dict[str, Any] = {}
+    api = threading.Thread(target=lambda: box.update(w=c.wait([job], notice=notices.append)))
+    api.start()
+    op.procs["broker"].send_signal(signal.SIGKILL)
+    op.procs["broker"].wait(timeout=scaled(10))
+    # Away for longer than both timeouts: until the tool has said it is still waiting.
+    wait_for(lambda: "unreachable" in op.log("waiting"), 10, what="the tool's notice")
+    wait_for(lambda: notices, 10, what="the API's notice")
+    assert waiting.poll() is None and api.is_alive()
+    op.start_broker("broker2")
+    go.touch()
+    assert waiting.wait(timeout=scaled(30)) == 0, op.log("waiting")
+    api.join(timeout=scaled(30))
+    assert box["w"].jobs[0].succeeded and not box["w"].timed_out
+    said = op.log("waiting").splitlines()
+    (gone,) = [x for x in said if "unreachable" in x]
+    assert gone.startswith(f"banyan-submit: the broker at tcp://127.0.0.1:{op.client_port} is ")
+    assert "still waiting" in gone
+    assert said[-1] == "banyan-submit: 1 job ended, all succeeded"
+    assert "is unreachable" in notices[0] and "answers again" in notices[-1]
+
+
+def test_a_client_that_found_the_broker_gone_works_once_it_is_back(op: Operator) -> None:
+    """What its connection's monitor said while the broker was away (nothing listening) is
+    over once it has connected again: it is not reported then."""
+    op.start_broker()
+    c = op.client()
+    c.ping()
+    c.timeout = 0.5
+    op.procs["broker"].send_signal(signal.SIGKILL)
+    op.procs["broker"].wait(timeout=scaled(10))
+    with pytest.raises(BrokerUnavailable, match="no answer from the broker"):
+        c.ping()  # then it connects anew
+    # The new connection has failed again meanwhile (the broker is still away) ...
+    wait_for(lambda: c.watch.monitor.poll(0), 10, what="a failed connection attempt")
+    op.start_broker("broker2")
+    assert c.ping()  # ... and then succeeded
+
+
+def test_a_bounded_wait_ends_in_time_while_the_broker_is_away(op: Operator) -> None:
+    op.start_broker()
+    c = op.client()
+    (job,) = c.submit("true", hold=True).jobs
+    c.timeout = 0.5
+    op.procs["broker"].send_signal(signal.SIGKILL)
+    op.procs["broker"].wait(timeout=scaled(10))
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable, match="still unreachable when the wait's 2 s ran out"):
+        c.wait([job], timeout=2)
+    assert 2 <= time.monotonic() - started < 2 + scaled(1)
+
+
+def test_a_waiting_tool_whose_key_is_refused_after_a_restart_ends_at_once(op: Operator) -> None:
+    op.start_broker()
+    alice = keygen(op, "user", "alice")
+    home = machine(
+        op, "alice", {"client.key_secret": alice, "broker.key": op.home / "keys" / "broker.key"}
+    )
+    env = {"BANYAN_HOME": str(home), "BANYAN_BROKER": f"127.0.0.1:{op.client_port}"}
+    waiting = op.spawn(
+        "waiting", ["banyan-submit", "--timeout", "1", "--wait", "--hold", "true"], env=env
+    )
+    wait_for(lambda: op.log("waiting").split("\n")[0].isdigit(), 20, what="the job id")
+    op.procs["broker"].send_signal(signal.SIGKILL)
+    op.procs["broker"].wait(timeout=scaled(10))
+    (op.home / "keys" / "authorized" / "user" / "alice.key").unlink()
+    wait_for(lambda: "unreachable" in op.log("waiting"), 10, what="the tool's notice")
+    op.start_broker("broker2")
+    started = time.monotonic()
+    assert waiting.wait(timeout=scaled(30)) == 3
+    assert time.monotonic() - started < scaled(FAST) + 1  # + a reconnection's backoff
+    assert "refused this key" in op.log("waiting").splitlines()[-1]
 
 
 # ---- keys -------------------------------------------------------------------------------------
@@ -405,6 +561,81 @@ def test_no_broker_at_the_address(op: Operator) -> None:
         assert ran.seconds < scaled(FAST) + 0.5
 
 
+def isolated(op: Operator, setup: str, tool: str, *args: str) -> Ran:
+    """A tool run in a network namespace of its own, made by `setup` (ip commands)."""
+    script = f'ip link set lo up && {setup} && exec "$@"'
+    argv = ["unshare", "--net", "sh", "-c", script, "sh", op.program(f"banyan-{tool}"), *args]
+    started = time.monotonic()
+    done = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        env={**op.env, "BANYAN_HOME": str(op.root / "no-keys")},
+        timeout=scaled(60),
+    )
+    return Ran(done.returncode, done.stdout, done.stderr, time.monotonic() - started)
+
+
+VETH = (
+    "ip link add vta type veth peer name vtb && ip addr add 10.1.0.1/24 dev vta && "
+    "ip link set vta up && ip link set vtb up"
+)
+
+
+def test_when_the_network_is_at_fault_the_tools_say_so(op: Operator) -> None:
+    """Only a real refusal is `connection refused`; a missing route, a machine that is not
+    there and packets that are dropped are each named as what they are."""
+    if os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("ip")):
+        cannot_run("it needs root, unshare and ip, for a network namespace of its own")
+    cases = [
+        ("ip route add unreachable 192.0.2.1", "192.0.2.1", "no route to host (is that"),
+        ("true", "198.51.100.1", "network is unreachable (this machine has no route"),
+        # No machine answers for 10.1.0.9 on that link: the kernel gives up after 3 s.
+        (VETH, "10.1.0.9", "connecting got no answer (is that machine up"),
+    ]
+    for setup, host, words in cases:
+        ran = isolated(op, setup, "status", "--broker", f"{host}:7411", "--timeout", "10")
+        said = f"banyan-status: cannot reach the broker at tcp://{host}:7411: {words}"
+        assert ran.code == 3 and ran.err.startswith(said) and ran.err.count("\n") == 1, ran
+    # Packets dropped on the way (to a made-up address): nothing ever fails; time runs out.
+    drop = f"{VETH} && ip neigh add 10.1.0.9 lladdr 02:00:00:00:00:09 dev vta nud permanent"
+    ran = isolated(op, drop, "status", "--broker", "10.1.0.9:7411", "--timeout", "1")
+    said = "banyan-status: no answer from the broker at tcp://10.1.0.9:7411 within 1 s (no "
+    assert ran.code == 3 and ran.err.startswith(said + "connection could be made"), ran
+
+
+def test_a_worker_says_when_the_network_is_at_fault_and_keeps_trying(op: Operator) -> None:
+    if os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("ip")):
+        cannot_run("it needs root, unshare and ip, for a network namespace of its own")
+    script = 'ip link set lo up && ip route add unreachable 192.0.2.1 && exec "$@"'
+    worker = [op.program("banyan-worker"), "--broker", "192.0.2.1", "--name", "far"]
+    worker += ["--spool", str(op.root / "spool"), "--log-level", "debug"]
+    with open(op.root / "far.log", "ab") as log:
+        op.procs["far"] = subprocess.Popen(
+            ["unshare", "--net", "sh", "-c", script, "sh", *worker],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**op.env, "BANYAN_HOME": str(op.root / "no-keys")},
+        )
+    said = "ERROR banyan.worker: cannot reach the broker at tcp://192.0.2.1:7412: no route to host"
+    wait_for(lambda: said in op.log("far"), 10, what="the worker's log line")
+    assert op.procs["far"].poll() is None  # it keeps trying
+
+
+def test_a_broker_that_does_not_answer_is_said_one_way(op: Operator) -> None:
+    """A stopped broker (SIGSTOP): the same words from every tool, the timeout as given."""
+    broker = op.start_broker()
+    broker.send_signal(signal.SIGSTOP)
+    try:
+        for tool, args in (("submit", ["true"]), ("status", []), ("status", ["1"])):
+            ran = op.run(tool, "--timeout", "1", *args)
+            said = f"banyan-{tool}: no answer from the broker at tcp://127.0.0.1:"
+            assert ran.code == 3 and ran.err.startswith(said), ran
+            assert " within 1 s (it took the connection but never answered" in ran.err, ran
+    finally:
+        broker.send_signal(signal.SIGCONT)
+
+
 def test_a_worker_with_a_refused_key_says_so_and_exits_3(op: Operator) -> None:
     op.start_broker()
     stranger = machine(
@@ -453,6 +684,15 @@ def test_banyan_broker_names_the_client_port_for_tools_and_workers(op: Operator)
     assert worker.returncode == 2 and "is not HOST[:PORT]" in worker.stderr
 
 
+def test_a_broker_bound_to_no_address_of_this_machine_says_so(op: Operator) -> None:
+    argv = ["banyan-broker", "--insecure", "--bind", "nosuch.invalid"]
+    argv += ["--client-port", str(op.client_port), "--worker-port", str(op.worker_port)]
+    broker = op.spawn("broker", argv)
+    assert broker.wait(timeout=scaled(20)) == 1
+    said = f"cannot listen on nosuch.invalid (ports {op.client_port}, {op.worker_port}): it is "
+    assert said + "no address or network interface of this machine" in op.log("broker")
+
+
 def test_a_worker_at_the_client_port_of_a_keyless_broker(op: Operator) -> None:
     op.start_broker("broker", "--insecure")
     wrong = op.spawn(
@@ -460,3 +700,58 @@ def test_a_worker_at_the_client_port_of_a_keyless_broker(op: Operator) -> None:
     )
     assert wrong.wait(timeout=scaled(10)) == 3
     assert "this is the broker's client port; workers connect to its other port" in op.log("wrong")
+
+
+def test_a_worker_broker_without_a_port_takes_banyan_worker_port(op: Operator) -> None:
+    op.start_broker()
+    env = {"BANYAN_WORKER_PORT": str(op.worker_port)}
+    op.spawn("w1", ["banyan-worker", "--broker", "127.0.0.1", "--name", "w1"], env=env)
+    wait_for(lambda: op.states().get("w1") == "idle", 20, what="w1 at BANYAN_WORKER_PORT")
+    assert f"-> tcp://127.0.0.1:{op.worker_port}" in op.log("w1")
+    # A bad value is a usage error that calls it a port.
+    bad = {**op.env, "BANYAN_WORKER_PORT": "abc"}
+    worker = subprocess.run(
+        [op.program("banyan-worker"), "--broker", "127.0.0.1"],
+        env=bad,
+        capture_output=True,
+        text=True,
+        timeout=scaled(30),
+    )
+    assert worker.returncode == 2
+    assert worker.stderr.startswith("banyan-worker: BANYAN_WORKER_PORT: 'abc' is not a port")
+
+
+def test_the_daemons_make_a_missing_banyan_home_private(op: Operator) -> None:
+    """Under an ordinary umask, as `$BANYAN_HOME` is documented: only its account may enter."""
+    worker_home = op.root / "worker-home"
+    before = os.umask(0o022)
+    try:
+        op.start_broker("broker", "--insecure")
+        argv = ["banyan-worker", "--broker", f"127.0.0.1:{op.worker_port}", "--name", "w1"]
+        spool = ["--spool", str(worker_home / "spool" / "w1")]
+        op.spawn("w1", [*argv, *spool], env={"BANYAN_HOME": str(worker_home)})
+    finally:
+        os.umask(before)
+    wait_for(lambda: op.states().get("w1") == "idle", 20, what="w1")
+    assert (op.home.stat().st_mode & 0o777, worker_home.stat().st_mode & 0o777) == (0o700, 0o700)
+
+
+def test_a_hangup_is_logged_and_ignored_by_both_daemons(op: Operator) -> None:
+    """A worker started from a shell whose terminal closes (the kernel's SIGHUP reaches its
+    whole process group) goes on, and so do its jobs; so does a broker sent `kill -HUP`."""
+    broker = op.start_broker()
+    argv = ["banyan-worker", "--broker", f"127.0.0.1:{op.worker_port}", "--name", "w1"]
+    worker = op.spawn("w1", argv, session=True)
+    wait_for(lambda: op.states().get("w1") == "idle", 20, what="w1")
+    go = op.root / "go"
+    c = op.client()
+    (job,) = c.submit(f"while [ ! -e {go} ]; do sleep 0.05; done").jobs
+    wait_for(lambda: job_row(op, job)["state"] == "running", 20, what="the job to run")
+    os.killpg(worker.pid, signal.SIGHUP)
+    broker.send_signal(signal.SIGHUP)
+    wait_for(lambda: "SIGHUP ignored" in op.log("w1"), 10, what="the worker's log line")
+    wait_for(lambda: "SIGHUP ignored" in op.log("broker"), 10, what="the broker's log line")
+    assert worker.poll() is None and broker.poll() is None
+    go.touch()
+    assert c.wait([job], timeout=scaled(20)).jobs[0].succeeded
+    assert op.states()["w1"] == "idle"

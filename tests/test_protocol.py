@@ -1272,7 +1272,11 @@ def test_an_array_is_expanded_on_decoding() -> None:
         ({"jobs": [], "array": "1-2"}, "array", "exactly one"),
         ({"jobs": [{"command": "a"}], "array": "5-2"}, "array", "backwards"),
         ({"jobs": [{"command": "a"}], "array": "x"}, "array", "N-M"),
-        ({"jobs": [{"command": "a"}], "array": "0-1000000"}, "array", "over 200000 jobs"),
+        (
+            {"jobs": [{"command": "a"}], "array": "0-1000000"},
+            "array",
+            "1000001 jobs, over the 200000 one submission may hold (MAX_JOBS_PER_SUBMIT)",
+        ),
         (
             {"jobs": [{"command": "a", "name": "n" * 252 + "{}"}], "array": "100000-100001"},
             "jobs[0].name",

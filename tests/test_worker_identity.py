@@ -134,8 +134,12 @@ def test_a_worker_key_may_register_under_any_name_and_says_which_key_it_is(
 
 def test_banyan_workers_long_shows_address_and_key() -> None:
     found = [
-        WorkerInfo("w1", "node", "idle", 2, 1000, 0, 0, 0, 0, [], [], 0, 0.0, "10.0.0.2", "w1"),
-        WorkerInfo("w2", "node", "idle", 2, 1000, 0, 0, 0, 0, [], [], 0, 0.0, "10.0.0.3", None),
+        WorkerInfo(
+            "w1", "node", "idle", 2, 1000, 0, 0, 0, 0, [], [], 0, 0.0, address="10.0.0.2", key="w1"
+        ),
+        WorkerInfo(
+            "w2", "node", "idle", 2, 1000, 0, 0, 0, 0, [], [], 0, 0.0, address="10.0.0.3", key=None
+        ),
     ]
     lines = render(found, color=False, long=True).splitlines()
     assert lines[0].split()[:5] == ["NAME", "HOST", "ADDRESS", "KEY", "STATE"]

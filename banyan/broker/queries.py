@@ -146,8 +146,9 @@ def wait(tx: Tx, body: dict[str, Any]) -> dict[str, Any]:
 def brief(
     tx: Tx, ids: list[int], seen: dict[int, dict[str, Any] | None] | None = None
 ) -> list[dict[str, Any]]:
-    """Short rows for a `waited` reply; `seen` shares them between the replies of one read
-    (a thousand clients waiting for the same jobs cost one load per job, not a thousand)."""
+    """Short rows for a `waited` reply (id, name, state, outcome, exit code, attempts, worker,
+    owner); `seen` shares them between the replies of one read (a thousand clients waiting
+    for the same jobs cost one load per job, not a thousand)."""
     seen = {} if seen is None else seen
     out: list[dict[str, Any]] = []
     for job_id in ids:
@@ -158,10 +159,15 @@ def brief(
                 if job is None
                 else {
                     "id": job.id,
+                    # A long command stands in for a missing name as status shows it, cut to
+                    # a name's length: a wait on 100,000 jobs must stay a small reply.
+                    "name": job.name or job.command[: defaults.MAX_NAME],
                     "state": job.state,
                     "outcome": job.outcome,
                     "exit_code": job.exit_code,
                     "attempts": job.attempts,
+                    "worker": job.worker,
+                    "owner": job.owner,
                 }
             )
         row = seen[job_id]

@@ -33,7 +33,7 @@ from banyan.broker.state import Actor, Config, Core, Effect, Logged
 from banyan.broker.store import ReadTx, Store, StoreFull, WriteTx
 from banyan.config import home
 from banyan.errors import BanyanError, NoSpace, NotFound
-from banyan.keys import Authorizer, ensure_local, own_account, parse_user_id
+from banyan.keys import Authorizer, ensure_local, own_account, parse_user_id, private_dir
 
 log = logging.getLogger("banyan.broker")
 T = TypeVar("T")
@@ -167,7 +167,7 @@ class Broker:
         self.ctx = ctx or zmq.Context()
         self._own_ctx = ctx is None
         # A first start makes its state directory (and $BANYAN_HOME), private to this account.
-        Path(config.state_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(Path(config.state_dir))
         self.store = Store(config.state_dir, sync=config.sync)
         # Without keys every peer is the local administrator (loopback or --insecure only),
         # and its jobs run as the broker's own account.
@@ -201,9 +201,11 @@ class Broker:
         self.backlog: list[Inbound] = []  # client requests a turn left for the next
         self.longops = longops.LongOps()
         self.next_fetch = 1
-        self.refused = 0
+        self.refused = 0  # malformed or undeliverable messages, dropped or answered
+        self.declined = 0  # well-formed requests answered with a refusal (not found, forbidden)
         self._reported = 0
         self.stopping = False
+        self.hangups = 0  # SIGHUPs the loop has not logged yet (set by banyan-broker's handler)
         self.next_heartbeat = 0.0
         self.next_expiry = 0.0
         self.next_purge = 0.0  # on the monotonic clock
@@ -268,6 +270,9 @@ class Broker:
         )
         while not self.stopping:
             self.step(timeout=self._poll_timeout())
+            if self.hangups:
+                log.info("SIGHUP ignored: the broker goes on (SIGTERM stops it)")
+                self.hangups = 0
         self.close()
 
     def _poll_timeout(self) -> float:
@@ -667,7 +672,7 @@ class Broker:
         try:
             return fn()
         except BanyanError as e:
-            self.refused += 1
+            self.declined += 1
             turn.replies.append(("client", identity, _error(e.code, e.message, msg.req)))
         except StoreFull:
             raise
@@ -703,7 +708,7 @@ class Broker:
         refusal = queries.may_read_output(actor, job, b["job"])
         if job is None or refusal is not None:
             error = refusal or NotFound(f"no job {b['job']}")
-            self.refused += 1
+            self.declined += 1
             turn.replies.append(("client", identity, _error(error.code, error.message, msg.req)))
             return
         attempts = tx.attempts_of(job.id)
@@ -810,7 +815,7 @@ class Broker:
         except StoreFull:
             raise
         except BanyanError as e:
-            self.refused += 1
+            self.declined += 1
             turn.replies.append(("worker", identity, _error(e.code, e.message, msg.req)))
             return False
         except Exception:
@@ -834,7 +839,7 @@ class Broker:
         address = self.addresses.get(identity) or self._address_of(identity)
         held = self._held_by_another(name, identity, instance, user)
         if held is not None:
-            self.refused += 1
+            self.declined += 1
             why = (
                 f"worker name {name!r} is in use by a live worker on {held.host or '?'} "
                 f"(pid {held.pid or '?'}); give this one another --name, or stop that one "
@@ -842,11 +847,12 @@ class Broker:
             )
             log.warning(
                 "refused a second worker named %s from %s: the one from %s was heard from "
-                "%.1f s ago",
+                "%.1f s ago (a name is free %g s after its worker stops answering)",
                 name,
                 _who(body["host"], address, body["pid"], user),
                 held.who(),
                 self.mono - held.last_seen,
+                self._window(),
             )
             turn.replies.append(("worker", identity, _error("conflict", why, msg.req)))
             return False
@@ -1032,16 +1038,22 @@ class Broker:
         return False
 
     def refusals(self) -> int:
-        """Messages refused so far: malformed, unauthorized, or asking what may not be."""
-        return self.refused + (self.zap.refused if self.zap else 0)
+        """Messages refused so far: key handshakes, malformed ones, and requests answered with
+        a refusal (no such job, not allowed, a conflict)."""
+        return self.refused + self.declined + (self.zap.refused if self.zap else 0)
 
     def _report_refusals(self) -> None:
         count = self.refusals()
         if count != self._reported:
+            # Each kind apart: an unknown key or a malformed message may be an attack, while a
+            # `banyan-cancel 999` refused as not found is an ordinary answer.
             log.info(
-                "refused %d messages so far (%d handshakes)",
-                count,
-                self.zap.refused if self.zap else 0,
+                "refused %s so far: %s, %d malformed, %s answered with a refusal (no such "
+                "job, not allowed, a conflict)",
+                _many(count, "message"),
+                _many(self.zap.refused if self.zap else 0, "key handshake"),
+                self.refused,
+                _many(self.declined, "request"),
             )
             self._reported = count
 
@@ -1087,6 +1099,10 @@ def _losing(
     name: str, why: str, heard: float | None, moved: list[tuple[int, str]]
 ) -> Callable[[Core], None]:
     return lambda core: moved.extend(core.worker_lost(name, why, heard))
+
+
+def _many(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def _jobs_went(moved: list[tuple[int, str]]) -> str:

@@ -3,6 +3,9 @@
 Usage:
   banyan-broker [options]
 
+SIGTERM or SIGINT stops it after its current turn; SIGHUP (a closed terminal) is logged and
+ignored.
+
 Options:
   --bind HOST          Address to bind both sockets to [default: 127.0.0.1].
   --client-port N      Port for users' tools [default: 7411].
@@ -22,6 +25,7 @@ Options:
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 import sys
@@ -55,9 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                 heartbeat=number(args["--heartbeat"], "--heartbeat", positive=True),
                 liveness=number(args["--liveness"], "--liveness", minimum=1, integer=True),
                 half_life=positive_duration(args["--usage-half-life"], "--usage-half-life"),
-                retention=None
-                if args["--retention"].lower() == "none"
-                else positive_duration(args["--retention"], "--retention"),
+                retention=retention(args["--retention"]),
             ),
             secure=not args["--insecure"],
         )
@@ -84,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         return EXIT_USAGE
     except zmq.ZMQError as e:  # most often: another broker already listens there
-        log.error("cannot listen on %s (ports %d, %d): %s", config.bind, *_ports(config), e)
+        why = str(e)
+        if e.errno == errno.ENODEV:  # what ZeroMQ says of a name it cannot bind to
+            why = "it is no address or network interface of this machine (--bind takes one "
+            why += "of its addresses, or 0.0.0.0 for all)"
+        log.error("cannot listen on %s (ports %d, %d): %s", config.bind, *_ports(config), why)
         return EXIT_REFUSED
     except OSError as e:  # the state directory or keys cannot be made or read
         log.error("cannot start: %s", e)
@@ -94,10 +100,27 @@ def main(argv: list[str] | None = None) -> int:
         # Only a flag: the loop finishes its turn, commits and closes (SPEC: signals set flags).
         broker.stopping = True
 
+    def hangup(*_: Any) -> None:
+        broker.hangups += 1  # logged and ignored: a closed terminal must not stop the broker
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, hangup)
     broker.run()
     return EXIT_OK
+
+
+def retention(text: str) -> float | None:
+    """`--retention`: a duration, or `none` to keep everything."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return positive_duration(text, "--retention")
+    except UsageError:
+        raise UsageError(
+            f"--retention: expected how long to keep ended jobs, such as 30d, 12h or 90m, or "
+            f"none to keep them forever; got {text!r}"
+        ) from None
 
 
 def _ports(config: BrokerConfig) -> tuple[int, int]:

@@ -12,9 +12,10 @@ import sys
 from pathlib import Path
 
 from banyan import keys
-from banyan.cli import EXIT_OK, EXIT_REFUSED
+from banyan.cli import EXIT_OK
 from banyan.cli.output import Args, UsageError, print_json, run
 from banyan.config import home
+from banyan.errors import Conflict, NotFound
 
 TOOL = "banyan-keygen"
 USAGE = """banyan-keygen: make and authorize a key for a user, an admin or a worker machine.
@@ -22,10 +23,13 @@ USAGE = """banyan-keygen: make and authorize a key for a user, an admin or a wor
 Usage:
   banyan-keygen [options] (user | admin | worker) NAME
 
-Run it on the broker's machine, as the user the broker runs as: the new public key is
-authorized there at once (under $BANYAN_HOME/keys/authorized/ROLE/), and the output says
-which two files to copy to the person's or the worker's machine. NAME is the identity the
-broker records as a job's owner. To revoke a key, delete its authorized file.
+Run it on the broker's machine, as the user the broker runs as, with the broker's
+$BANYAN_HOME (under the shipped systemd unit: sudo -u banyan BANYAN_HOME=/var/lib/banyan
+banyan-keygen ...): the new public key is authorized there at once (under
+$BANYAN_HOME/keys/authorized/ROLE/), and the output says which two files to copy to the
+person's or the worker's machine. Where $BANYAN_HOME holds no broker key pair it refuses.
+NAME is the identity the broker records as a job's owner. To revoke a key, delete its
+authorized file.
 
 A user or admin key is bound to the Unix account its jobs run as on the workers: NAME, or
 the account --unix-user gives. The binding is the `unix_user` line of the authorized file.
@@ -38,25 +42,46 @@ Options:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(TOOL, USAGE, argv, keygen)
+    return run(TOOL, USAGE, argv, keygen, explain=explain)
+
+
+def explain(words: list[str]) -> str | None:
+    """What is wrong with the words after the options: `ROLE NAME` is wanted."""
+    roles = ", ".join(keys.ROLES[:-1]) + f" or {keys.ROLES[-1]}"
+    if not words:
+        return f"give a role ({roles}) and a NAME: banyan-keygen user NAME"
+    if words[0] not in keys.ROLES:
+        return f"the role is {roles}, not {words[0]!r}: banyan-keygen ROLE NAME"
+    if len(words) == 1:
+        return f"give the {words[0]} key's NAME: banyan-keygen {words[0]} NAME"
+    if len(words) > 2:
+        return f"one NAME only, got {len(words) - 1}: {' '.join(words[1:])}"
+    return None
 
 
 def keygen(args: Args) -> int:
     role = next(r for r in keys.ROLES if args[r])
     name: str = args["NAME"]
     root = home()
+    # A key authorized where no broker reads it would admit nobody, and the tool would still
+    # look as if it had worked: refuse before making anything.
+    if not (keys.keys_dir(root) / "broker.key_secret").exists():
+        raise NotFound(
+            f"{root} is not a broker's home: it has no broker key pair "
+            f"({keys.keys_dir(root)}/broker.key_secret), so a key made here would be "
+            "authorized nowhere. Run banyan-keygen on the broker's machine as its account, "
+            "with BANYAN_HOME set to the broker's (for the shipped systemd unit: sudo -u "
+            f"banyan BANYAN_HOME=/var/lib/banyan banyan-keygen {role} {name})"
+        )
     try:
         public, secret, authorized = keys.issue(root, role, name, args["--unix-user"])
     except FileExistsError as e:
-        print(f"{TOOL}: {e}; pick another name, or delete the old files first", file=sys.stderr)
-        return EXIT_REFUSED
+        raise Conflict(f"{e}; pick another name, or delete the old files first") from None
     except ValueError as e:
         raise UsageError(str(e)) from None
     mine = "worker.key_secret" if role == "worker" else "client.key_secret"
     broker = keys.keys_dir(root) / "broker.key"
-    # On a machine that is not the broker's, the broker's public key must come from there.
-    broker_src = str(broker) if broker.exists() else "(the broker's $BANYAN_HOME/keys/broker.key)"
-    install = {f"keys/{mine}": str(secret), "keys/broker.key": broker_src}
+    install = {f"keys/{mine}": str(secret), "keys/broker.key": str(broker)}
     if args["--json"]:
         print_json(
             {
@@ -70,7 +95,7 @@ def keygen(args: Args) -> int:
             }
         )
         return EXIT_OK
-    print(instructions(role, name, public, secret, authorized, broker, install))
+    print(instructions(role, name, public, secret, authorized, install))
     return EXIT_OK
 
 
@@ -87,13 +112,13 @@ def instructions(
     public: Path,
     secret: Path,
     authorized: Path,
-    broker: Path,
     install: dict[str, str],
 ) -> str:
     where = "the worker machine" if role == "worker" else f"{name}'s machine"
     width = max(len(src) for src in install.values())
+    article = "an" if role == "admin" else "a"
     lines = [
-        f"made a {role} key for {name}{bound(role, authorized)}",
+        f"made {article} {role} key for {name}{bound(role, authorized)}",
         f"  public      {public}",
         f"  secret      {secret}  (mode 600: keep it private)",
         f"  authorized  {authorized}",
@@ -102,12 +127,6 @@ def instructions(
         *(f"  {src.ljust(width)}  ->  {dst}" for dst, src in install.items()),
         f"  (chmod 600 the secret there), then delete it here: rm {secret}",
     ]
-    if not broker.exists():
-        lines += [
-            "",
-            f"No broker key in {broker.parent}: this is not the broker's machine, so also copy",
-            f"  {authorized}  ->  the broker's $BANYAN_HOME/keys/authorized/{role}/{name}.key",
-        ]
     return "\n".join(lines)
 
 

@@ -32,7 +32,15 @@ CHUNKS_PER_FETCH = 256  # a bound on one catch-up (256 MiB at the 1 MiB chunk si
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(TOOL, USAGE, argv, logs)
+    return run(TOOL, USAGE, argv, logs, explain=explain)
+
+
+def explain(words: list[str]) -> str | None:
+    if not words:
+        return "give the job's ID: banyan-logs ID"
+    if len(words) > 1:
+        return f"one job ID at a time, got {len(words)}: {' '.join(words)}"
+    return None
 
 
 def logs(args: Args) -> int:

@@ -36,6 +36,13 @@ COMMANDS += ("users", "stats", "keygen", "broker", "worker")
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        print(
+            f"banyan: give a command: banyan COMMAND [ARGS...], COMMAND one of "
+            f"{', '.join(COMMANDS)} (banyan --help says what each does)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     if argv and argv[0] in COMMANDS:
         # Straight to the tool: docopt's matching is quadratic in the number of words, and
         # `banyan cancel $(seq 80 100080)` is 100,000 of them.

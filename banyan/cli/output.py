@@ -22,7 +22,7 @@ from typing import Any, TextIO
 
 from banyan import defaults
 from banyan.cli import EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE
-from banyan.cli.usage import UsageError, flag_words, parse
+from banyan.cli.usage import Explain, UsageError, flag_words, parse
 from banyan.client import Client
 from banyan.errors import BanyanError, BrokerUnavailable
 from banyan.protocol import ProtocolError
@@ -52,9 +52,11 @@ def run(
     body: Callable[[Args], int],
     options_first: bool = False,
     many: str | None = None,
+    explain: Explain | None = None,
 ) -> int:
     """Parse `argv` with docopt and run `body`, mapping every failure to its exit code.
-    `many` names a repeated positional argument that may be given thousands of times
+    `many` names a repeated positional argument that may be given thousands of times, and
+    `explain` says what is wrong with the positional words of a refused command line
     (usage.parse)."""
     argv = sys.argv[1:] if argv is None else argv
     # Known before parsing, so that even a usage error comes as JSON when it was asked for.
@@ -62,7 +64,7 @@ def run(
     as_json = "--json" in words
     try:
         try:
-            args = parse(usage, argv, options_first, many)
+            args = parse(usage, argv, options_first, many, explain)
         except SystemExit:  # --help was printed
             return EXIT_OK
         return body(args)
@@ -333,6 +335,12 @@ class LiveLine:
             self.stream.write(text + "\n")
             self.stream.flush()
             self.text, self.major, self.printed = text, major, now
+
+    def note(self, text: str) -> None:
+        """A line of its own, above the status line on a terminal (redrawn at the next show)."""
+        self.stream.write(("\r\x1b[K" if self.tty else "") + text + "\n")
+        self.stream.flush()
+        self.text = "" if self.tty else self.text
 
     def close(self) -> None:
         if self.tty and self.text:

@@ -64,7 +64,8 @@ Options:
   -w --watch            Redraw until Ctrl-C.
   --interval SECONDS    Time between redraws with --watch [default: 2].
   --count N             With --watch, stop after N redraws.
-  --until-done          With --watch, stop once every job shown has ended.
+  --until-done          With --watch, stop once every job shown has ended (a listing:
+                        once it shows no active job).
 """
     + CONNECT_OPTIONS
 )

@@ -10,6 +10,7 @@ import contextlib
 import os
 import sys
 import threading
+import time
 from collections import Counter
 from typing import Any
 
@@ -83,6 +84,7 @@ Options:
   --submit-key KEY      Make the submission idempotent: repeating it returns the first ids
                         (while the broker keeps the key: its --retention, 30 days).
   -w --wait             Wait until every job has ended; exit 0 only if all succeeded.
+                        With --json, a second document then says how each ended.
 """
     + CONNECT_OPTIONS
 )
@@ -124,8 +126,14 @@ def submit(args: Args) -> int:
         if not args["--wait"] or not result.jobs:
             return EXIT_OK
         known = None if args["--submit-key"] else ("inactive" if args["--hold"] else "available")
-        ok = wait(client, result.jobs, head, known, display=not args["--json"])
-        return EXIT_OK if ok else EXIT_REFUSED
+        waited = wait(client, result.jobs, head, known, display=not args["--json"])
+        if args["--json"]:
+            print_json(
+                {"ended": [_ended(j) for j in waited.jobs], "succeeded": waited.all_succeeded}
+            )
+        else:
+            _summary(waited)
+        return EXIT_OK if waited.all_succeeded else EXIT_REFUSED
 
 
 def _in_words(e: ProtocolError | BanyanError, path: str | None) -> Exception:
@@ -280,34 +288,40 @@ def expand(base: dict[str, Any], items: list[str]) -> list[dict[str, Any]]:
             arrays.check_size(arrays.each_bytes(base, items), f"--each: {len(items)} lines")
         return arrays.expand(base, items, index_env=False)
     except ValueError as e:
-        raise UsageError(str(e)) from None
+        raise UsageError(
+            f"--each: {e}" if len(items) > defaults.MAX_JOBS_PER_SUBMIT else str(e)
+        ) from None
 
 
 # ---- --wait -----------------------------------------------------------------------------------
 
 REFRESH = 0.25  # the live display's pace: lively for a person, light for the broker
+AWAY_REFRESH = 2.0  # its pace while the broker cannot be reached: no new socket every frame
 PROGRESS_PEEK = 8  # running jobs asked about for the progress line per refresh
 EVENT_PAGES = 20  # event pages read per refresh at most, so a flood cannot stall the display
 SHOWN = ("succeeded", "failed", "cancelled", "running", "queued", "held")
 
 
-def wait(client: Client, ids: list[int], head: int, known: str | None, display: bool) -> bool:
-    """Block on the broker's `wait` until every job has ended; True if all succeeded.
+def wait(client: Client, ids: list[int], head: int, known: str | None, display: bool) -> Waited:
+    """Block on the broker's `wait` until every job has ended.
 
     The wait runs on its own connection in a thread; meanwhile this thread follows the event
     log for counts and asks about a few running jobs for their progress. Only the `wait`
-    reply decides the outcome.
+    reply decides the outcome. The wait outlives the broker's absence (Client.wait); what it
+    says about that goes on stderr, except with --json.
     """
     line = LiveLine(sys.stderr)
     if not display and not line.tty:
-        return _summary(client.wait(ids), quiet=True)
+        return client.wait(ids)
     box: dict[str, Any] = {}
+    notes: list[str] = []  # what the wait has to say about the broker, for this thread to show
     done = threading.Event()
 
     def waiter() -> None:
         try:
             with Client(client.endpoint, client.home, timeout=client.timeout) as own:
-                box["waited"] = own.wait(ids)
+                own.reached = client.reached  # the submission got through: the broker is there
+                box["waited"] = own.wait(ids, notice=notes.append if display else None)
         except BaseException as e:  # handed to the main thread, which reports it
             box["error"] = e
         finally:
@@ -315,17 +329,24 @@ def wait(client: Client, ids: list[int], head: int, known: str | None, display: 
 
     threading.Thread(target=waiter, name="banyan-wait", daemon=True).start()
     board = Board(ids, head, known, client)
+    next_refresh = 0.0
     try:
         while True:
-            # The display may miss a frame while the broker restarts; the wait carries on,
-            # and it alone decides.
-            with contextlib.suppress(BrokerUnavailable):
-                board.refresh()
+            # The display may miss frames while the broker is away; the wait carries on, and
+            # it alone decides. Meanwhile the display asks again only now and then.
+            if time.monotonic() >= next_refresh:
+                try:
+                    board.refresh()
+                except BrokerUnavailable:
+                    next_refresh = time.monotonic() + AWAY_REFRESH
+            while notes:
+                line.note(f"{TOOL}: {notes.pop(0)}")
             line.show(board.line(), major=board.counts())
             if done.wait(REFRESH):
                 break
         if "waited" in box:  # the last frame shows every job ended
-            board.refresh()
+            with contextlib.suppress(BrokerUnavailable):
+                board.refresh()
             line.show(board.line(), major=board.counts())
     except KeyboardInterrupt:
         line.close()
@@ -334,21 +355,25 @@ def wait(client: Client, ids: list[int], head: int, known: str | None, display: 
     line.close()
     if "error" in box:
         raise box["error"]
-    return _summary(box["waited"], quiet=False)
+    waited: Waited = box["waited"]
+    return waited
 
 
-def _summary(waited: Waited, quiet: bool) -> bool:
-    if quiet:
-        return waited.all_succeeded
+def _summary(waited: Waited) -> None:
     bad = [j for j in waited.jobs if not j.succeeded]
     text = f"{TOOL}: {plural(len(waited.jobs), 'job')} ended"
     if not bad:
         print(f"{text}, all succeeded", file=sys.stderr)
-        return True
+        return
     shown = ", ".join(f"{j.id} {_why(j)}" for j in bad[:5])
     more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
     print(f"{text}; {len(bad)} did not succeed: {shown}{more}", file=sys.stderr)
-    return False
+
+
+def _ended(job: JobInfo) -> dict[str, Any]:
+    """A job as `--wait --json` shows it once it has ended."""
+    keys = ("id", "name", "owner", "state", "outcome", "exit_code", "attempts", "worker")
+    return {k: getattr(job, k) for k in keys}
 
 
 def _why(job: JobInfo) -> str:

@@ -64,7 +64,10 @@ class Targets:
             groups.append(group)
             group = None
         if len(ranges) > defaults.MAX_SELECT_RANGES:
-            raise UsageError(f"at most {defaults.MAX_SELECT_RANGES} ranges in one request")
+            raise UsageError(
+                f"{len(ranges)} id ranges, over the {defaults.MAX_SELECT_RANGES} one request may "
+                "carry (MAX_SELECT_RANGES): give fewer, wider ranges, or a filter"
+            )
         picked = any(v is not None for v in filters.values()) or group is not None or ranges
         select = {"ids": ranges, **filters, "group": group} if picked else None
         return cls(ids, groups, select)

@@ -7,6 +7,7 @@ docopt reports a mistake in its own terms (`found unmatched (duplicate?) argumen
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from docopt import DocoptExit, docopt
@@ -27,8 +28,15 @@ class UsageError(ValueError):
         self.hint = hint
 
 
+Explain = Callable[[list[str]], "str | None"]
+
+
 def parse(
-    usage: str, argv: list[str] | None, options_first: bool = False, many: str | None = None
+    usage: str,
+    argv: list[str] | None,
+    options_first: bool = False,
+    many: str | None = None,
+    explain: Explain | None = None,
 ) -> dict[str, Any]:
     """docopt's reading of `argv`; a mistake raises UsageError. `--help` prints the usage and
     raises SystemExit, as docopt does.
@@ -36,6 +44,8 @@ def parse(
     `many` names a repeated positional argument (`TARGET...`) that may be given thousands of
     times: its words are set aside before docopt, whose matching is quadratic in the number of
     words (`banyan-cancel $(seq 80 100080)` spent 45 s in it), and docopt sees only the first.
+    `explain`, given a command line docopt refused, says what is wrong with its positional
+    words (a missing ID, a wrong role) in the tool's own terms, or None.
     """
     try:
         if many is None:
@@ -47,7 +57,10 @@ def parse(
     except DocoptExit as e:
         text = str(e)
         hint = text[text.index("Usage:") :].rstrip() if "Usage:" in text else ""
-        raise UsageError(sentence(text.split("\n", 1)[0], usage), hint) from None
+        said = explain(split_words(usage, argv or [])[1]) if explain else None
+        raise UsageError(
+            said or sentence(text.split("\n", 1)[0], usage, argv or []), hint
+        ) from None
 
 
 def split_words(usage: str, argv: list[str]) -> tuple[list[str], list[str]]:
@@ -87,15 +100,18 @@ def _abbreviated(word: str, takes: dict[str, int]) -> str:
     return matches[0] if len(matches) == 1 else word
 
 
-def sentence(problem: str, usage: str) -> str:
-    """docopt's first line of complaint, `problem`, as a person would say it."""
+def sentence(problem: str, usage: str, argv: list[str] | None = None) -> str:
+    """docopt's first line of complaint, `problem`, about `argv`, as a person would say it."""
     known = set(_NAMED.findall(usage))
     if problem.startswith("Warning: found unmatched"):
         said = []
         for short, long in _OPTION.findall(problem):
             name = long or short
             if name in known:
-                said.append(f"{name} given twice, or with an option it cannot be used with")
+                said.append(
+                    _clash(name, usage, argv or [])
+                    or f"{name} given twice, or with an option it cannot be used with"
+                )
             else:
                 said.append(f"unknown option {name}")
         said += [f"unexpected argument {value!r}" for value in _ARGUMENT.findall(problem)]
@@ -107,6 +123,28 @@ def sentence(problem: str, usage: str) -> str:
     if not problem or problem == "Usage:":
         return "missing or unexpected arguments"
     return problem
+
+
+_ALTERNATIVES = re.compile(r"[\[(]([^\[\]()]*\|[^\[\]()]*)[\])]")
+
+
+def _clash(name: str, usage: str, argv: list[str]) -> str | None:
+    """Why option `name` does not fit: given twice, or with one the usage sets against it
+    (`[--drain NAME | --resume NAME]`)."""
+    words = argv[: argv.index("--")] if "--" in argv else argv
+    given = [w.split("=", 1)[0] for w in words if w.startswith("-")]
+    if given.count(name) > 1:
+        return f"{name} given twice"
+    pattern = usage[usage.find("Usage:") :].split("\n\n", 1)[0]
+    for group in _ALTERNATIVES.findall(pattern):
+        choices = [set(_NAMED.findall(choice)) for choice in group.split("|")]
+        if not any(name in c for c in choices):
+            continue
+        others = [g for g in given if g != name and any(g in c for c in choices)]
+        if others:
+            first, second = sorted({name, others[0]}, key=given.index)
+            return f"{first} and {second} cannot be used together"
+    return None
 
 
 # The options that set each request field, for messages about values the command line gave.
@@ -133,4 +171,24 @@ def flag_words(text: str) -> str:
         field = parts[0] if parts else m.group(1)
         return FLAGS.get(field, "--" + field.replace("_", "-"))
 
-    return _PATH.sub(one, text)
+    return _BOUND.sub(_bound, _PATH.sub(one, text))
+
+
+# The wire's range refusals (`must be <= 1e+06, got 2e+06`), in words and plain numbers.
+_BOUND = re.compile(r"must be (<=|>=|<|>) ([-+.\deE]+)(?:, got ([-+.\deE]+))?")
+_RELATION = {"<=": "at most", ">=": "at least", "<": "less than", ">": "more than"}
+
+
+def _bound(m: re.Match[str]) -> str:
+    got = f" (got {_plain(m.group(3))})" if m.group(3) else ""
+    return f"{_RELATION[m.group(1)]} {_plain(m.group(2))}{got}"
+
+
+def _plain(number: str) -> str:
+    if re.fullmatch(r"[-+]?\d+", number):
+        return str(int(number))
+    try:
+        value = float(number)
+    except ValueError:
+        return number
+    return str(int(value)) if value.is_integer() and abs(value) < 1e18 else f"{value:g}"

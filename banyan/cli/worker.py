@@ -3,18 +3,20 @@
 Usage:
   banyan-worker [options] [--tag T]...
 
-The broker's worker port comes from --broker HOST[:PORT]; else the host is $BANYAN_BROKER's
-(whose port, if it names one, is the client port the tools use) and the port
-$BANYAN_WORKER_PORT, else 7412.
+The broker's worker socket is at --broker HOST[:PORT], else at the host of $BANYAN_BROKER
+(whose port, if it names one, is the client port the tools use). Where --broker names no port,
+the port is $BANYAN_WORKER_PORT, else 7412.
 
 The first SIGTERM or SIGINT drains the worker: running jobs finish, nothing new starts, then it
 exits 0 and the broker shows it stopped. A second one cancels the running jobs, which the broker
-requeues on other workers. Exit 1: another live worker has this name. Exit 3: the broker
-refused this worker's key, or --broker is not its worker port.
+requeues on other workers. SIGHUP (a closed terminal) is logged and ignored. Exit 1: another
+live worker has this name. Exit 3: the broker refused this worker's key, or --broker is not its
+worker port.
 
 Options:
   --broker HOST[:PORT]  The broker's worker socket (see above).
-  --name NAME           Worker name, one live worker each (default: this host's name).
+  --name NAME           Worker name, one live worker each: one word of letters, digits and
+                        . _ @ - (default: this host's name).
   --cpus N              CPUs to offer (default: all logical CPUs).
   --memory SIZE         Memory to offer: MiB, or a size such as 64G (default: all physical).
   --gpus N              GPUs to offer (default: CUDA_VISIBLE_DEVICES or nvidia-smi).
@@ -49,7 +51,7 @@ from banyan.cli.output import Args, number, parse_memory, positive_duration
 from banyan.cli.usage import UsageError, parse
 from banyan.config import home, worker_address
 from banyan.errors import KeyRefused
-from banyan.keys import KeyExposed
+from banyan.keys import KeyExposed, check_name, private_dir
 from banyan.link import credentials
 from banyan.worker import resources
 from banyan.worker.daemon import WorkerConfig, WorkerDaemon
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyRefused as e:  # a key file is missing: found before connecting
         print(f"{TOOL}: {e}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    if config.home is not None and config.spool.is_relative_to(config.home):
+        private_dir(config.home)  # made here for the first time: private, as the broker makes it
     daemon_logging(args["--log-level"])
     logging.getLogger("banyan.worker").info(
         "worker %s: %g cpus, %d MiB, %d gpus, tags %s -> %s",
@@ -92,7 +96,13 @@ def worker_config(args: Args) -> WorkerConfig:
     """The worker's configuration from its options; a bad value is a UsageError."""
     if args["--log-level"].lower() not in LEVELS:
         raise UsageError(f"--log-level: one of {', '.join(LEVELS)}, got {args['--log-level']!r}")
-    name = args["--name"] or socket.gethostname()
+    given = args["--name"]
+    name = socket.gethostname() if given is None else given
+    try:
+        check_name(name, "a worker name")
+    except ValueError as e:
+        said = f"--name: {e}" if given is not None else f"{e} (it is this host's: give --name)"
+        raise UsageError(said) from None
     try:
         broker = worker_address(args["--broker"])
     except ValueError as e:

@@ -11,6 +11,7 @@ from banyan.cli.output import (
     CONNECT_OPTIONS,
     Args,
     Cell,
+    UsageError,
     ago,
     connect,
     mib,
@@ -68,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def workers(args: Args) -> int:
+    for option in ("--drain", "--resume", "--forget"):
+        if args[option] is not None and not args[option].strip():
+            raise UsageError(f"{option}: give a worker's name; it may not be empty")
     name = args["--drain"] or args["--resume"]
     with connect(args) as client:
         if args["--forget"]:

@@ -46,7 +46,7 @@ def load_workflow(
     if not raw_jobs and not groups:
         raise UsageError(f"--file: {path} has no jobs and no groups")
     if len(raw_jobs) > defaults.MAX_JOBS_PER_SUBMIT:
-        raise UsageError(f"--file: over {defaults.MAX_JOBS_PER_SUBMIT} jobs in one submission")
+        raise UsageError(f"--file: {path}: {arrays.too_many(len(raw_jobs))}")
     names = {g["name"] for g in groups}
     keys = _keys(raw_jobs, names)
     book = Refs(keys, cwd)

@@ -119,12 +119,14 @@ class WorkerDaemon:
         self._reqs = itertools.count(1)
         self.draining = False  # by the broker (admin) or by our own first SIGTERM
         self.stop_requested = 0  # count of SIGTERM/SIGINT received
+        self.hangups = 0  # SIGHUPs not yet logged: a closed terminal must not stop the worker
         self.signals: list[str] = []  # their names, in order
         self.announced = False  # the broker was told this worker drains for a signal
         self.cold = False  # the second signal: running jobs are being cancelled
         self.exit_code = 0
         self.heartbeat = config.heartbeat
         self.liveness = config.liveness
+        self._stale: set[Key] = set()  # attempts the broker said are not ours, logged once
         # Started jobs whose `started` report is not due yet: key -> (pid, start time).
         self._unreported: dict[Key, tuple[int, float]] = {}
         self._wakeup_r, self._wakeup_w = socket.socketpair()
@@ -193,6 +195,7 @@ class WorkerDaemon:
         signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the poll via the fd
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hangup)
         try:
             while not self.finished():
                 self.step(timeout=self._timeout())
@@ -207,6 +210,9 @@ class WorkerDaemon:
         # Handlers only set flags; the loop does the work (a warm stop, then a cold one).
         self.signals.append(signal.Signals(signum).name)
         self.stop_requested += 1
+
+    def _on_hangup(self, _signum: int, _frame: Any = None) -> None:
+        self.hangups += 1
 
     def finished(self) -> bool:
         if self.runner.running():
@@ -261,23 +267,26 @@ class WorkerDaemon:
 
     def _obey_signals(self, now: float) -> None:
         running = len(self.runner.running())
+        if self.hangups:
+            log.info("SIGHUP ignored: the worker goes on (SIGTERM drains it)")
+            self.hangups = 0
         if self.stop_requested and not self.announced:
             self.announced = self.draining = True
             self.link.claim_left = 0
             log.info(
-                "%s: draining; finishing %d running jobs, claiming nothing new (a second "
-                "signal cancels them, to run elsewhere)",
+                "%s: draining; finishing %s, claiming nothing new (a second signal cancels "
+                "them, to run elsewhere)",
                 self.signals[0],
-                running,
+                _running(running),
             )
             if self.link.registered:  # else `register` says so
                 self._send("draining", {"reason": self.signals[0]})
         if self.stop_requested >= 2 and not self.cold:
             self.cold = True
             log.info(
-                "%s again: cancelling %d running jobs; the broker requeues them on other workers",
+                "%s again: cancelling %s; the broker requeues them on other workers",
                 self.signals[1],
-                running,
+                _running(running),
             )
         if self.cold and running:
             self.runner.shutdown_all(now)  # those already being stopped are left alone
@@ -293,7 +302,10 @@ class WorkerDaemon:
             return
         told, when = self.link.told
         if str(trouble) != told or now - when >= defaults.TROUBLE_LOG_INTERVAL:
-            log.error("cannot reach the broker: %s", trouble)
+            text = str(trouble)
+            log.error(
+                "%s", text if text.startswith("cannot ") else f"cannot reach the broker: {text}"
+            )
             self.link.told = (str(trouble), now)
 
     def _on_message(self, frame: bytes, now: float) -> None:
@@ -306,7 +318,16 @@ class WorkerDaemon:
         self.link.backoff = defaults.RECONNECT_MIN
         b = msg.body
         if msg.type == "registered":
+            again = self.link.ever_registered
             self.link.registered = self.link.ever_registered = True
+            if again:
+                log.info(
+                    "registered again with the broker at %s (%s re-attached)",
+                    self.config.broker,
+                    _running(len(self.runner.running())),
+                )
+            else:
+                log.info("registered with the broker at %s", self.config.broker)
             self.link.trouble, self.link.told = None, ("", -math.inf)
             self.heartbeat, self.liveness = float(b["heartbeat"]), int(b["liveness"])
             if self.stop_requested:  # a signal that came while `register` was on its way
@@ -324,7 +345,12 @@ class WorkerDaemon:
             self.link.unacked.pop(key, None)
             self._unreported.pop(key, None)
             self.runner.kill_stale(*key)
-            log.info("job %d token %d is not ours any more: killed", *key)
+            # The broker answers each report about a stale attempt so: say it once.
+            if key not in self._stale:
+                if len(self._stale) >= defaults.MAX_CLAIM:
+                    self._stale.clear()
+                self._stale.add(key)
+                log.info("job %d token %d is not ours any more: killed", *key)
         elif msg.type == "ack":
             self.link.unacked.pop((b["job"], b["token"]), None)
         elif msg.type == "drain":
@@ -489,3 +515,7 @@ class WorkerDaemon:
         os.close(self._lifeline)  # the watchdog sweeps (nothing, after a clean stop) and exits
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.watchdog.wait(timeout=5)
+
+
+def _running(n: int) -> str:
+    return f"{n} running job{'' if n == 1 else 's'}"

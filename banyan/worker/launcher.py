@@ -413,9 +413,10 @@ def _open_output(path: str) -> int:
 
 
 if __name__ == "__main__":
-    # Ctrl-C in the worker's terminal reaches this process too; the worker decides when it
-    # ends, by closing the socket.
+    # Ctrl-C in the worker's terminal, or the terminal's hangup, reaches this process too;
+    # the worker decides when it ends, by closing the socket.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # Inherited on purpose from the worker, but never to be inherited by a job: with it, a
     # job could ask this helper (root, where the worker is) to start anything as anyone.
     os.set_inheritable(int(sys.argv[1]), False)
