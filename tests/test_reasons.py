@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from banyan.broker.owners import Runs
+from banyan.broker.state import Actor
 from banyan.broker.views import waiting_reason
 from tests.statekit import ROOT, Harness, spec
 
@@ -80,3 +82,15 @@ def test_what_a_job_needs_is_said_in_words(h: Harness) -> None:
     h.add_worker("wide", cpus=2)
     # Each part fits some worker, but no worker has them all.
     assert reason(h, together) == f"{lead} 1 cpu and tag a together; no worker has all of them"
+
+
+def test_a_job_only_another_accounts_worker_could_run_says_so(h: Harness) -> None:
+    """eve's job needs a tag only bob's own worker (not root: it runs bob's jobs alone)
+    carries: the worker is there, and it is its rule, not the tag, that keeps the job."""
+    h.add_worker("shared")
+    h.do(lambda c: c.register("bobs", "h", (2, 1024, 0), ["bobw"], [], Runs(only_account="bob")))
+    (job,) = h.submit(spec(tags=["bobw"]), actor=Actor("eve", "user"))
+    said = reason(h, job)
+    assert said is not None and said.startswith(
+        "only workers that do not run jobs of account eve could run it: worker bobs runs only"
+    ), said

@@ -46,10 +46,11 @@ def waiting_reason(job: Job, workers: list[Worker], limit: str | None = None) ->
     refused = owners.nobody_runs(job, live)
     if refused:
         return refused
-    live = [w for w in live if owners.runs(w, job.runs_as)]
-    never = unrunnable(job, live)
+    running = [w for w in live if owners.runs(w, job.runs_as)]
+    never = unrunnable(job, running)
     if never:
-        return away(job, workers) or never
+        return away(job, workers) or not_for_account(job, live) or never
+    live = running
     if limit:
         return limit
     request = (job.cpus, job.memory, job.gpus, job.tags)
@@ -100,6 +101,17 @@ def unrunnable(job: Job, live: list[Worker]) -> str | None:
 
 # Workers named in a reason, at most: the rest are counted.
 NAMED = 3
+
+
+def not_for_account(job: Job, live: list[Worker]) -> str | None:
+    """The job fits no worker that runs its account's jobs, but fits one that does not: say
+    that one's rule, not that nothing could ever fit it."""
+    request = (job.cpus, job.memory, job.gpus, job.tags)
+    able = [w for w in live if w.could_ever_fit(*request)]
+    if not able:
+        return None
+    why = "; ".join(sorted({owners.why_not(w, job.runs_as) for w in able[:NAMED]}))
+    return f"only workers that do not run jobs of account {job.runs_as} could run it: {why}"
 
 
 def away(job: Job, workers: list[Worker]) -> str | None:
