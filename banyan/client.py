@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import math
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -422,15 +423,14 @@ class Client:
             cursor = reply.get("next")
             if cursor is None or len(rows) >= want:
                 break
-        return Status(
-            [JobInfo.of(j) for j in rows],
-            first["groups"],
-            cursor is not None,
-            cursor,
-            dict(first.get("counts") or {}),
-            first.get("matched"),
-            bool(first.get("exact", True)),
-        )
+        counts, matched = dict(first.get("counts") or {}), first.get("matched")
+        exact = bool(first.get("exact", True))
+        if not exact:  # a floor, counted on the first page: the later pages' rows count too
+            for state, n in Counter(j["state"] for j in rows).items():
+                counts[state] = max(counts.get(state, 0), n)
+            matched = None if matched is None else sum(counts.values())
+        infos = [JobInfo.of(j) for j in rows]
+        return Status(infos, first["groups"], cursor is not None, cursor, counts, matched, exact)
 
     def job(self, job: int) -> JobInfo:
         """One job in full detail (attempt history, output tail, usage)."""
