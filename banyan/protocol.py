@@ -73,6 +73,7 @@ ERROR_CODES: Final = frozenset(
         "conflict",
         "forbidden",
         "no_space",
+        "busy",
         "unavailable",
         "wrong_port",
         "internal",

@@ -4,9 +4,14 @@ What clients see, while an operation runs (docs/cli.md, "Many jobs at once"):
 
 - It acts as one step taken between its request and its reply. No job it means is handed to a
   worker, and every request that reads or changes existing jobs (`PARKED`) waits until it has
-  ended, then runs, in the order they came. Everything else (ping, submit, workers, drain,
-  logs, events) is answered as usual, and workers' reports are applied as they arrive: a running
-  job that ends by itself before the operation reaches it is "already over".
+  ended. Everything else (ping, submit, workers, drain, logs, events) is answered as usual, and
+  workers' reports are applied as they arrive: a running job that ends by itself before the
+  operation reaches it is "already over".
+- When it ends, the waiting requests that are not operations run first, each client's in its
+  own order (a request waits behind an earlier operation of its own client), and then one
+  waiting operation starts: the first of the user whose operation started longest ago, so
+  users take turns. A user may have `MAX_WAITING_PER_USER` operations waiting; more are
+  refused (`Busy`).
 - Each turn gives it about `SLICE_SECONDS` of the loop, after the turn's messages; its progress
   commits with that slice's changes. The reply goes out with the commit of the last slice.
 - A broker restarted in the middle finds the operation in the store and finishes it first. The
@@ -29,7 +34,7 @@ from banyan import protocol
 from banyan.broker import bulk
 from banyan.broker.state import Actor, Core
 from banyan.broker.store import WriteTx
-from banyan.errors import BanyanError, BrokerUnavailable
+from banyan.errors import BanyanError, BrokerUnavailable, Busy
 
 log = logging.getLogger("banyan.broker")
 
@@ -47,8 +52,21 @@ STALL_SECONDS = 1.0
 # Requests kept waiting at most; past this a parked kind of request is refused as unavailable
 # until the operation ends (each client may have only 64 in flight; this bounds them all).
 MAX_PARKED = 10_000
+# Operations one user may have waiting behind the running one: enough for a few shells at once,
+# few enough that one user's queue costs the others no more than a few operations' time.
+MAX_WAITING_PER_USER = 4
 
 Inbound = tuple[str, list[bytes], str | None]  # as server.Inbound: socket, frames, user
+
+
+@dataclass(frozen=True)
+class Parked:
+    """A request waiting for the running operation to end."""
+
+    inbound: Inbound
+    client: bytes  # its connection's routing id: a client's requests keep their order
+    user: str  # who sent it: users' operations take turns
+    op: bool  # it starts an operation
 
 
 @dataclass
@@ -79,7 +97,7 @@ class Staged:
 
     head: Running | None = None  # the running operation as this turn left it
     ended: bool = False  # the one running at the start of the turn ended
-    parked: list[Inbound] = field(default_factory=list)
+    parked: list[Parked] = field(default_factory=list)
 
     def copy(self) -> Staged:
         return Staged(self.head, self.ended, list(self.parked))
@@ -88,7 +106,12 @@ class Staged:
 class LongOps:
     def __init__(self) -> None:
         self.queue: list[Running] = []  # the first runs; any others were recovered and wait
-        self.parked: list[Inbound] = []
+        self.parked: list[Parked] = []
+        # The frames (by id) of requests let go after an operation ended: they run without
+        # being held again, until their turn has committed (a deferred one keeps its pass).
+        self.cleared: set[int] = set()
+        self.turns: dict[str, int] = {}  # user -> when an operation of theirs last started
+        self.started = 0  # operations started so far, the clock of `turns`
         self.resume_at = 0.0  # after a slice found the store full: no slice before this
 
     def ready(self, now: float) -> bool:
@@ -113,17 +136,34 @@ class LongOps:
             return None
         return self.queue[0]
 
-    def parks(self, mtype: str, staged: Staged) -> bool:
-        """Whether a request of this type must wait: an operation runs, or requests that came
-        before it still wait for one."""
+    def parks(
+        self, mtype: str, op: bool, client: bytes, frames: list[bytes], staged: Staged
+    ) -> bool:
+        """Whether a request must wait: a PARKED kind while an operation runs, or behind an
+        earlier operation of its own client; an operation (`op`) also while others wait for
+        their turn. A request let go after an operation ended runs."""
         if mtype not in PARKED:
             return False
-        return self.current(staged) is not None or bool(self.parked or staged.parked)
+        if self.current(staged) is not None:
+            return True
+        if id(frames) in self.cleared:
+            return False
+        waiting = (*self.parked, *staged.parked)
+        return any(p.op and (op or p.client == client) for p in waiting)
 
-    def park(self, inbound: Inbound, staged: Staged) -> None:
-        if len(self.parked) + len(staged.parked) >= MAX_PARKED:
+    def park(self, parked: Parked, staged: Staged) -> None:
+        """Keep a request until the running operation ends; refuses one past the limits."""
+        waiting = (*self.parked, *staged.parked)
+        if len(waiting) >= MAX_PARKED:
             raise BrokerUnavailable("the broker is busy with a long operation; try again shortly")
-        staged.parked.append(inbound)
+        if parked.op:
+            mine = sum(1 for p in waiting if p.op and p.user == parked.user)
+            if mine >= MAX_WAITING_PER_USER:
+                raise Busy(
+                    f"{parked.user} has {mine} long operations waiting already, at most "
+                    f"{MAX_WAITING_PER_USER} (MAX_WAITING_PER_USER); try again when one has ended"
+                )
+        staged.parked.append(parked)
 
     def admit(
         self,
@@ -204,9 +244,10 @@ class LongOps:
 
         return ready
 
-    def commit(self, staged: Staged) -> list[Inbound]:
+    def commit(self, staged: Staged, deferred: list[Inbound]) -> list[Inbound]:
         """After the turn's commit: take on what it staged; returns the parked requests that
-        may run now, oldest first, for the next turn."""
+        may run now, in order, for the next turn. `deferred` are the turn's requests left for
+        the next one."""
         self.parked += staged.parked
         if staged.ended:
             self.queue.pop(0)
@@ -215,10 +256,37 @@ class LongOps:
                 self.queue[0] = staged.head
             else:
                 self.queue.insert(0, staged.head)
+                self.started += 1
+                self.turns[staged.head.op.actor] = self.started
+        self.cleared &= {id(frames) for _, frames, _ in deferred}
         if self.queue or not self.parked:
             return []
-        free, self.parked = self.parked, []
-        return free
+        return self._release()
+
+    def _release(self) -> list[Inbound]:
+        """No operation runs: let go every waiting request that no operation of its own client
+        stands before, then the next operation, the first waiting one of the user whose
+        operation started longest ago (a client's first waiting operation is its next)."""
+        blocked: set[bytes] = set()
+        free: list[Parked] = []
+        kept: list[Parked] = []
+        nexts: list[Parked] = []
+        for p in self.parked:
+            if p.client in blocked:
+                kept.append(p)
+            elif p.op:
+                blocked.add(p.client)
+                nexts.append(p)
+                kept.append(p)
+            else:
+                free.append(p)
+        if nexts:
+            chosen = min(nexts, key=lambda p: self.turns.get(p.user, 0))  # the first of equals
+            kept.remove(chosen)
+            free.append(chosen)
+        self.parked = kept
+        self.cleared |= {id(p.inbound[1]) for p in free}
+        return [p.inbound for p in free]
 
 
 REPLIES = {bulk.CANCEL: "cancelled", bulk.MODIFY: "modified"}

@@ -365,7 +365,7 @@ class Broker:
         for name, (level, line) in turn.gone.items():
             self._end_session(name)
             log.log(level, "%s", line)
-        self.backlog = self.longops.commit(turn.ops) + turn.deferred
+        self.backlog = self.longops.commit(turn.ops, turn.deferred) + turn.deferred
         self._send(turn)
 
     def _one_by_one(
@@ -507,10 +507,13 @@ class Broker:
             return False
         identity, msg = decoded
         actor = self._actor(user)
-        if self.longops.parks(msg.type, turn.ops):
+        op = msg.type in longops.STARTS
+        if self.longops.parks(msg.type, op, identity, frames, turn.ops):
+            parked = longops.Parked(("client", frames, user), identity, actor.name, op)
             try:
-                self.longops.park(("client", frames, user), turn.ops)
+                self.longops.park(parked, turn.ops)
             except BanyanError as e:
+                self.refused += 1
                 turn.replies.append(("client", identity, _error(e.code, e.message, msg.req)))
             return False
         if _mergeable(msg):
