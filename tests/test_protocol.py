@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 
 from banyan import defaults
 from banyan import protocol as p
+from banyan.arrays import INDEX_VAR as INDEX
+from banyan.broker.submission import Source
 from banyan.protocol import (
     BAD_REQUEST,
     BROKER_TO_WORKER,
@@ -358,6 +360,7 @@ def test_submit_defaults_filled_and_numbers_widened() -> None:
         "groups": [],
         "submit_key": None,
         "array": None,
+        "each": None,
         "environment": None,
     }
     job = msg.body["jobs"][0]
@@ -1253,10 +1256,17 @@ def test_env_fast_path_answers_as_the_map_check(env: Any) -> None:
     assert outcome(p._env) == outcome(p._ENV_MAP)
 
 
-def test_an_array_is_expanded_on_decoding() -> None:
+def test_an_array_stays_a_template_and_makes_its_jobs_a_slice_at_a_time() -> None:
     template = {"command": "echo {}", "name": "part-{}", "env": {"A": "1"}}
     body = decode(encode("submit", {"jobs": [template], "array": "1-3,7"}), CLIENT_REQUESTS).body
-    jobs = body["jobs"]
+    assert len(body["jobs"]) == 1 and body["array"] == "1-3,7"
+    source = Source.of(body)
+    made = [{k: j[k] for k in ("command", "name", "env")} for j in source.specs(1, 3)]
+    assert made == [
+        {"command": f"echo {i}", "name": f"part-{i}", "env": {"A": "1", INDEX: i}}
+        for i in ("2", "3")
+    ]
+    jobs = source.specs(0, source.count)
     assert [j["command"] for j in jobs] == ["echo 1", "echo 2", "echo 3", "echo 7"]
     assert [j["name"] for j in jobs] == ["part-1", "part-2", "part-3", "part-7"]
     assert jobs[3]["env"] == {"A": "1", "BANYAN_ARRAY_INDEX": "7"}
@@ -1301,7 +1311,7 @@ def test_an_array_too_big_in_bytes_is_refused_before_it_is_expanded() -> None:
     # Just under the limit is taken: 1,000 such jobs are 64,000 KiB.
     template = {"command": "x" * (defaults.MAX_COMMAND_BYTES - 4) + "{}"}
     fits = decode(frame("submit", {"jobs": [template], "array": "0-999"}), CLIENT_REQUESTS)
-    assert len(fits.body["jobs"]) == 1000
+    assert Source.of(fits.body).count == 1000
 
 
 def test_a_frame_of_many_small_containers_is_refused_while_unpacking() -> None:

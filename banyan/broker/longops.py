@@ -28,12 +28,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 from banyan import protocol
-from banyan.broker import bulk
+from banyan.broker import bulk, submission
 from banyan.broker.state import Actor, Core
-from banyan.broker.store import WriteTx
+from banyan.broker.store import ReadTx, WriteTx
 from banyan.errors import BanyanError, BrokerUnavailable, Busy
 
 log = logging.getLogger("banyan.broker")
@@ -67,13 +67,30 @@ class Parked:
     client: bytes  # its connection's routing id: a client's requests keep their order
     user: str  # who sent it: users' operations take turns
     op: bool  # it starts an operation
+    submit: bool = False  # that operation is a submission
+
+
+class Operation(Protocol):
+    """What runs a slice at a time: bulk.Op (cancel, modify) or submission.Submission."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def actor(self) -> str: ...
+    def pack(self) -> list[Any]: ...
+    def copy(self) -> Operation: ...  # what a slice changes, so a turn run again starts afresh
+    def step(self, core: Core, budget: int) -> bulk.Done: ...  # about `budget` jobs' work
+    def holds(self, core: Core, job_id: int) -> bool: ...  # claims pass the job over
+    def reply(self, lists: dict[str, list[Any]]) -> dict[str, Any]: ...  # the reply's body
 
 
 @dataclass
 class Running:
     """The operation being carried out, and who waits for its reply."""
 
-    op: bulk.Op
+    op: Operation
     identity: bytes | None  # None: admitted before a restart, nobody to answer
     req: int
     lists: dict[str, list[Any]] = field(default_factory=dict)
@@ -81,14 +98,13 @@ class Running:
 
     def add(self, done: bulk.Done) -> None:
         """Fold in a step's lists: each job once, under what was first done to it."""
-        if not self.lists:
-            self.lists = bulk.empty(self.op.kind)
         for what, items in done.lists.items():
+            mine = self.lists.setdefault(what, [])
             for item in items:
                 job_id = item[0] if isinstance(item, list) else item
                 if job_id not in self.seen:
                     self.seen.add(job_id)
-                    self.lists[what].append(item)
+                    mine.append(item)
 
 
 @dataclass
@@ -122,11 +138,34 @@ class LongOps:
         """A slice could not commit (the store is full): try again in a while, not at once."""
         self.resume_at = now + STALL_SECONDS
 
-    def recover(self, rows: list[list[Any]]) -> None:
+    def recover(self, view: ReadTx) -> None:
         """Operations a previous broker left unfinished, to be finished first."""
-        self.queue = [Running(bulk.Op.unpack(row), None, 0) for row in rows]
-        for run in self.queue:
-            log.info("resuming %s operation %d of %s", run.op.kind, run.op.id, run.op.actor)
+        for row in view.ops():
+            op: Operation
+            if row[1] == submission.SUBMIT:
+                request = view.get_op_request(row[0])
+                assert request is not None  # stored with the operation, deleted with it
+                op = submission.Submission.unpack(row, request)
+            else:
+                op = bulk.Op.unpack(row)
+            self.queue.append(Running(op, None, 0))
+            log.info("resuming %s operation %d of %s", op.kind, op.id, op.actor)
+
+    def submitting(self) -> bool:
+        """Whether a submission is being made or waits to be: retention holds off meanwhile,
+        so that nothing its jobs depend on is purged between its admission and their making."""
+        return any(isinstance(r.op, submission.Submission) for r in self.queue) or any(
+            p.op and p.submit for p in self.parked
+        )
+
+    def _keys(self, staged: Staged) -> set[tuple[str, str]]:
+        """The (user, submit key) of each submission admitted and not yet made."""
+        runs = [*self.queue, *([staged.head] if staged.head is not None else [])]
+        return {
+            (r.op.actor, r.op.key)
+            for r in runs
+            if isinstance(r.op, submission.Submission) and r.op.key is not None
+        }
 
     def current(self, staged: Staged) -> Running | None:
         """The running operation as of this point of the turn."""
@@ -137,13 +176,20 @@ class LongOps:
         return self.queue[0]
 
     def parks(
-        self, mtype: str, op: bool, client: bytes, frames: list[bytes], staged: Staged
+        self,
+        mtype: str,
+        op: bool,
+        client: bytes,
+        frames: list[bytes],
+        staged: Staged,
+        key: tuple[str, str] | None = None,
     ) -> bool:
         """Whether a request must wait: a PARKED kind while an operation runs, or behind an
         earlier operation of its own client; an operation (`op`) also while others wait for
-        their turn. A request let go after an operation ended runs."""
-        if mtype not in PARKED:
-            return False
+        their turn; a submit whose (user, submit key) a submission being made has, so that it
+        finds that submission's reply. A request let go after an operation ended runs."""
+        if not op and mtype not in PARKED:
+            return key is not None and key in self._keys(staged)
         if self.current(staged) is not None:
             return True
         if id(frames) in self.cleared:
@@ -173,14 +219,24 @@ class LongOps:
         identity: bytes,
         msg: protocol.Message,
         staged: Staged,
+        request: bytes,
     ) -> tuple[Core, bytes | None]:
-        """Admit a `cancel` or `modify_many` (none runs: they are PARKED) and do its first
-        slice in a child transaction. Returns the slice's Core and the reply if it is already
-        done. A refusal raises, and the child leaves nothing behind."""
-        kind = bulk.CANCEL if msg.type == "cancel" else bulk.MODIFY
+        """Admit a `cancel`, a `modify_many` or a big `submit` (none runs: they wait for their
+        turn) and do its first slice in a child transaction. Returns the slice's Core and the
+        reply if it is already done. A refusal raises, and the child leaves nothing behind.
+        `request` is the message as it came: a submission keeps it, for a restart."""
         with tx.child() as child:
             core = core_of(child)
-            run = Running(bulk.admit(core, actor, kind, msg.body), identity, msg.req)
+            op: Operation
+            if msg.type == "submit":
+                admitted = submission.admit(core, actor, msg.body, request)
+                if isinstance(admitted, dict):  # its submit key's first reply
+                    return core, protocol.encode("submitted", admitted, msg.req)
+                op = admitted
+            else:
+                kind = bulk.CANCEL if msg.type == "cancel" else bulk.MODIFY
+                op = bulk.admit(core, actor, kind, msg.body)
+            run = Running(op, identity, msg.req)
             reply = self._slice(child, core, run)
         if reply is None:
             staged.head = run
@@ -194,8 +250,7 @@ class LongOps:
         before = self.current(staged)
         if before is None:
             return None, []
-        op = replace(before.op, opened=list(before.op.opened))  # _seal appends to it
-        run = replace(before, op=op, seen=set(before.seen))
+        run = replace(before, op=before.op.copy(), seen=set(before.seen))
         run.lists = {k: list(v) for k, v in before.lists.items()}
         try:
             with tx.child() as child:
@@ -223,11 +278,11 @@ class LongOps:
         removes it and returns the reply when done."""
         deadline = time.monotonic() + SLICE_SECONDS
         while True:
-            done = bulk.step(core, run.op, STEP_JOBS)
+            done = run.op.step(core, STEP_JOBS)
             run.add(done)
             if done.finished:
                 tx.delete_op(run.op.id)
-                return protocol.encode(REPLIES[run.op.kind], run.lists, run.req)
+                return protocol.encode(REPLIES[run.op.kind], run.op.reply(run.lists), run.req)
             if time.monotonic() >= deadline:
                 tx.put_op(run.op.id, run.op.pack())
                 return None
@@ -289,4 +344,9 @@ class LongOps:
         return [p.inbound for p in free]
 
 
-REPLIES = {bulk.CANCEL: "cancelled", bulk.MODIFY: "modified"}
+REPLIES = {bulk.CANCEL: "cancelled", bulk.MODIFY: "modified", submission.SUBMIT: "submitted"}
+
+
+def starts(msg: protocol.Message) -> bool:
+    """Whether a request is carried out as a long operation."""
+    return msg.type in STARTS or (msg.type == "submit" and submission.big(msg.body))
