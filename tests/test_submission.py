@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 
 from banyan import defaults, protocol
-from banyan.broker import longops, submission
+from banyan.broker import longops, server, submission
 from banyan.broker.server import Broker, BrokerConfig
 from banyan.broker.state import Actor, Config, Core
+from banyan.broker.store import Store
 from banyan.errors import Conflict, NotFound
 from tests.statekit import ALICE, BOB, Harness, after, spec
 
@@ -256,4 +258,43 @@ def test_retention_waits_for_a_submission_being_made(tmp_path: Path) -> None:
         with broker.store.read() as tx:
             assert tx.get_job(old) is None  # purged once the submission was made
     finally:
+        broker.close()
+
+
+def test_the_map_grows_before_a_turn_rather_than_under_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A turn that ran out of map was run again from scratch once the map had grown (a whole
+    big submission, twice, in a fresh store): the broker makes room before each turn."""
+    small = functools.partial(Store, map_size=1 << 20)
+    monkeypatch.setattr(server, "Store", small)
+    runs: list[int] = []
+    grow = Store._grow
+
+    def counted(self: Store, failure: str | None) -> None:
+        runs.append(self.map_size)
+        grow(self, failure)
+
+    monkeypatch.setattr(Store, "_grow", counted)
+    config = BrokerConfig(
+        str(tmp_path / "state"), client_port=0, worker_port=0, sync=False, secure=False
+    )
+    broker = Broker(config, actor=ALICE)
+    client = broker.ctx.socket(zmq.DEALER)
+    client.setsockopt(zmq.LINGER, 0)
+    client.connect(f"tcp://127.0.0.1:{broker.client_port}")
+    try:
+        body = {"jobs": [spec("echo {}", hold=True)], "array": f"1-{MANY}"}
+        client.send(protocol.encode("submit", body, 1))
+        for _ in range(10_000):
+            broker.step(timeout=0.01)
+            if client.poll(0):
+                break
+        assert client.poll(0), "no reply"
+        reply = protocol.decode(client.recv(), protocol.CLIENT_REPLIES)
+        assert reply.type == "submitted" and len(reply.body["jobs"]) == MANY
+        assert runs == [], f"turns ran again after the map grew from {runs}"
+        assert broker.store.map_size > 1 << 20
+    finally:
+        client.close()
         broker.close()

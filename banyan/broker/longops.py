@@ -299,10 +299,11 @@ class LongOps:
 
         return ready
 
-    def commit(self, staged: Staged, deferred: list[Inbound]) -> list[Inbound]:
-        """After the turn's commit: take on what it staged; returns the parked requests that
-        may run now, in order, for the next turn. `deferred` are the turn's requests left for
-        the next one."""
+    def commit(self, staged: Staged, left: list[Inbound]) -> list[Inbound]:
+        """After the turn's commit: take on what it staged. `left` are requests the turn left
+        for the next; returns them with the parked requests that may run now, in the order the
+        next turn takes them: when an operation has ended, the requests it let go that start
+        none, then `left` (those too came before the next operation starts), then that one."""
         self.parked += staged.parked
         if staged.ended:
             self.queue.pop(0)
@@ -313,12 +314,13 @@ class LongOps:
                 self.queue.insert(0, staged.head)
                 self.started += 1
                 self.turns[staged.head.op.actor] = self.started
-        self.cleared &= {id(frames) for _, frames, _ in deferred}
+        self.cleared &= {id(frames) for _, frames, _ in left}
         if self.queue or not self.parked:
-            return []
-        return self._release()
+            return left
+        free, chosen = self._release()
+        return free + left + chosen
 
-    def _release(self) -> list[Inbound]:
+    def _release(self) -> tuple[list[Inbound], list[Inbound]]:
         """No operation runs: let go every waiting request that no operation of its own client
         stands before, then the next operation, the first waiting one of the user whose
         operation started longest ago (a client's first waiting operation is its next)."""
@@ -335,13 +337,13 @@ class LongOps:
                 kept.append(p)
             else:
                 free.append(p)
+        chosen: list[Parked] = []
         if nexts:
-            chosen = min(nexts, key=lambda p: self.turns.get(p.user, 0))  # the first of equals
-            kept.remove(chosen)
-            free.append(chosen)
+            chosen = [min(nexts, key=lambda p: self.turns.get(p.user, 0))]  # first of equals
+            kept.remove(chosen[0])
         self.parked = kept
-        self.cleared |= {id(p.inbound[1]) for p in free}
-        return [p.inbound for p in free]
+        self.cleared |= {id(p.inbound[1]) for p in free + chosen}
+        return [p.inbound for p in free], [p.inbound for p in chosen]
 
 
 REPLIES = {bulk.CANCEL: "cancelled", bulk.MODIFY: "modified", submission.SUBMIT: "submitted"}

@@ -369,7 +369,9 @@ class Broker:
         for name, (level, line) in turn.gone.items():
             self._end_session(name)
             log.log(level, "%s", line)
-        self.backlog = self.longops.commit(turn.ops, turn.deferred) + turn.deferred
+        # What this turn left, with what an earlier turn of the same step left (a slice's turn
+        # follows the messages' turn), and what long operations let go, for the next turn.
+        self.backlog = self.longops.commit(turn.ops, turn.deferred + self.backlog)
         self._send(turn)
 
     def _one_by_one(

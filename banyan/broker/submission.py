@@ -29,7 +29,7 @@ from typing import Any
 from banyan import arrays, defaults, protocol
 from banyan.broker import bulk, owners, state
 from banyan.broker.graph import DepGraph
-from banyan.broker.records import Dep, Group
+from banyan.broker.records import Dep, Group, Job
 from banyan.broker.state import Actor, Core, NewJobs, paused_gc
 
 SUBMIT = "submit"
@@ -37,6 +37,9 @@ SUBMIT = "submit"
 # per-step costs (a put of each index, a run of events) are shared by many jobs.
 STEP_JOBS = 512
 MAKE, DOOM = 0, 1  # phases: make the jobs, then cancel those born doomed
+# Where an item's changes go in a job's row.
+_AT = {name: i for i, name in enumerate(Job.names())}
+_ID = _AT["id"]
 
 
 @dataclass(frozen=True)
@@ -150,27 +153,67 @@ class Submission:
         return bulk.Done({}, finished=True)
 
     def _make(self, core: Core) -> None:
-        assert self.source is not None  # set at admission and by unpack
+        source = self.source
+        assert source is not None  # set at admission and by unpack
         lo = self.done
         n = min(STEP_JOBS, self.count - lo)
         first = self.first + lo
         ids = range(first, first + n)
-        specs = self.source.specs(lo, lo + n)
-        deps: dict[int, list[Dep]] = {}
-        if self.source.templated:  # every job has the template's dependencies
-            needs = self._deps(core, lo, specs[0])
-            deps = dict.fromkeys(ids, needs) if needs else {}
-        else:
-            for i, spec in enumerate(specs):
-                if spec.get("depends_on"):
-                    deps[first + i] = self._deps(core, lo + i, spec)
-        made = NewJobs(self.actor, self.submitted, self.groups, self.mine, tuple(self.tail))
-        fresh = range(first, self.first + self.count)  # not made before this step
         with paused_gc(n):
-            doomed = core.new_jobs(made, ids, specs, deps, fresh)
+            if source.templated:
+                doomed = self._from_template(core, source, lo, ids)
+            else:
+                specs = source.jobs[lo : lo + n]
+                deps = {
+                    first + i: self._deps(core, lo + i, spec)
+                    for i, spec in enumerate(specs)
+                    if spec.get("depends_on")
+                }
+                made = NewJobs(self.actor, self.submitted, self.groups, self.mine, (*self.tail,))
+                fresh = range(first, self.first + self.count)  # not made before this step
+                doomed = core.new_jobs(made, ids, specs, deps, fresh)
         for job_id, reason in doomed:
             core.tx.note_doomed(self.id, job_id, reason)
         self.done += n
+
+    def _from_template(
+        self, core: Core, source: Source, lo: int, ids: range
+    ) -> list[tuple[int, str]]:
+        """Core.new_jobs for jobs that differ from their template only where an item goes:
+        the template's row is made once, each job's is a copy with the item's changes. A
+        template's dependencies are never on its own jobs, and nothing changes them during
+        a step, so one verdict each holds for every job of the step."""
+        template = source.jobs[0]
+        if source.array is not None:
+            items = arrays.window(source.array, lo, lo + len(ids))
+        else:
+            items = (source.each or [])[lo : lo + len(ids)]
+        needs = self._deps(core, lo, template)
+        pending, doom = 0, None
+        for dep in needs:
+            verdict = core._verdict(dep, ())
+            if verdict == state.WAIT:
+                pending += 1
+                for job_id in ids:
+                    core.tx.add_dependent(dep.target, dep.id, job_id, dep.kind)
+            elif verdict != state.MET and doom is None:
+                doom = verdict
+        groups_of = [self.groups[name] for name in template.get("groups", ())] + self.mine
+        packed = [d.pack() for d in needs] if needs else state._NONE
+        row = state._new_row(
+            0, self.actor, self.submitted, template, packed, groups_of, pending, (*self.tail,)
+        )
+        change = arrays.changes(template, index_env=source.array is not None)
+        rows = []
+        for job_id, item in zip(ids, items, strict=True):
+            mine = row.copy()  # sharing the template's lists: a new row is packed at once
+            mine[_ID] = job_id
+            for key, value in change(item):
+                mine[_AT[key]] = value
+            rows.append(mine)
+        core.tx.put_new_jobs(rows)
+        core._log_submitted(rows)
+        return [] if doom is None else [(job_id, doom) for job_id in ids]
 
     def _deps(self, core: Core, index: int, spec: dict[str, Any]) -> list[Dep]:
         if not spec.get("depends_on"):
