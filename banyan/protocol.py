@@ -20,6 +20,7 @@ free-form maps of plain data (string keys, finite numbers, bounded nesting).
 from __future__ import annotations
 
 import gc
+import itertools
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -812,6 +813,24 @@ _JOB_FIELDS: Final[Fields] = {
 _JOB_SPEC = _record(_JOB_FIELDS, sparse=True)
 # An --each line: its job's command (or name, output) with `{}` replaced by it is checked whole.
 _EACH_ITEM = _str(1, defaults.MAX_COMMAND_BYTES, nul=False)
+_EACH_ITEMS = _list(_EACH_ITEM, defaults.MAX_JOBS_PER_SUBMIT)
+
+
+def _each(v: Any) -> Any:
+    """_EACH_ITEMS, with loops in C for the common case: 200,000 lines checked one call each
+    took a broker 0.1 s. Anything wrong goes to _EACH_ITEMS, which says what."""
+    if (
+        type(v) is list
+        and len(v) <= defaults.MAX_JOBS_PER_SUBMIT
+        and all(map(str.__instancecheck__, v))
+        and min(map(len, v), default=1) >= 1
+        and max(map(len, v), default=0) <= defaults.MAX_COMMAND_BYTES
+        and not any(map(str.__contains__, v, itertools.repeat("\0")))
+    ):
+        return v
+    return _EACH_ITEMS(v)
+
+
 _GROUP_SPEC = _record({"name": (_NAME, _REQUIRED), "open": (_bool, False)})
 
 # The doc's list of fields `modify` may set is every JobSpec field but membership and holding,
@@ -959,7 +978,7 @@ _CLIENT_REQUEST_SCHEMAS: Final[dict[str, Check]] = {
             "groups": (_list(_GROUP_SPEC, defaults.MAX_GROUPS_PER_SUBMIT), []),
             "submit_key": (_nullable(_NAME), None),
             "array": (_nullable(_str(1, defaults.MAX_NAME)), None),
-            "each": (_nullable(_list(_EACH_ITEM, defaults.MAX_JOBS_PER_SUBMIT)), None),
+            "each": (_nullable(_each), None),
             "environment": (_ENVIRONMENT, None),
         },
         _submit_post,

@@ -1332,3 +1332,65 @@ def test_a_frame_of_many_small_containers_is_refused_while_unpacking() -> None:
     # Replies are not requests: a client may read a long list back.
     reply = frame("cancelled", {"cancelled": [1] * (2 * per + 1), "pending": [], "already": []})
     assert len(decode(reply, CLIENT_REPLIES).body["cancelled"]) == 2 * per + 1
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        ["a", "b c", "é'x"],
+        [],
+        ["a", 1],
+        ["a\0"],
+        [""],
+        "x",
+        None,
+        ["x" * (defaults.MAX_COMMAND_BYTES + 1)],
+        [["nested"]],
+    ],
+)
+def test_each_fast_path_answers_as_the_list_check(items: Any) -> None:
+    def outcome(check: Any) -> Any:
+        try:
+            return ("ok", check(items))
+        except p._Bad as e:
+            return ("refused", p._reason(e))
+
+    assert outcome(p._each) == outcome(p._EACH_ITEMS)
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        ({"jobs": [{"command": "a"}, {"command": "b"}], "each": ["x"]}, "each: needs exactly one"),
+        ({"jobs": [{"command": "a"}], "each": ["x"], "array": "1-2"}, "each: an array and each"),
+        (
+            {"jobs": [{"command": "x" * 65530 + " {}"}], "each": ["ok", "toolong"]},
+            "jobs[1].command: must be at most 65536 bytes of UTF-8, got 65538",
+        ),
+        (
+            {"jobs": [{"command": "run", "name": "n-{}"}], "each": ["a", "b" * 300]},
+            "jobs[1].name: must be at most 256 characters, got 302",
+        ),
+        (
+            {"jobs": [{"command": "x" * 60000}], "each": ["a"] * 1200},
+            "MAX_SUBMIT_BYTES",
+        ),
+    ],
+)
+def test_each_lines_are_checked_as_the_jobs_they_make(body: dict[str, Any], says: str) -> None:
+    reason = refuse(frame("submit", body), CLIENT_REQUESTS).reason
+    assert says in reason, reason
+
+
+def test_each_lines_make_jobs_as_the_command_line_did() -> None:
+    """Without `{}` the line is appended as one quoted argument, with it every `{}` becomes
+    the line; the template's other fields go to every job."""
+    template = {"command": "convert", "cwd": "/d", "env": {"A": "1"}}
+    body = decode(encode("submit", {"jobs": [template], "each": ["a b", "c"]}), CLIENT_REQUESTS)
+    made = Source.of(body.body).specs(0, 2)
+    assert [j["command"] for j in made] == ["convert 'a b'", "convert c"]
+    assert all(j["cwd"] == "/d" and j["env"] == {"A": "1"} for j in made)
+    template = {"command": "run {} --out {}.txt", "name": "r-{}"}
+    body = decode(encode("submit", {"jobs": [template], "each": ["x"]}), CLIENT_REQUESTS)
+    (job,) = Source.of(body.body).specs(0, 1)
+    assert (job["command"], job["name"]) == ("run x --out x.txt", "r-x")
