@@ -1,18 +1,21 @@
 """One job per item: `--each` lines and `--array` indices, `{}` in the command replaced.
 
-An `--each` submission is expanded by the client. An array travels as one job spec (the
-template) and its range, and the broker expands it while decoding (protocol.py): a 100,000-job
-array is then a request of a few hundred bytes rather than megabytes to encode, send, decode
-and check job by job.
+Both travel as one job spec (the template) with their items: an array as its range, `--each`
+as its lines. The broker makes the jobs from them a slice at a time (broker/submission.py), so
+a 100,000-job array is a request of a few hundred bytes rather than megabytes to encode, send,
+decode and check job by job, and the broker never holds 100,000 job specs at once.
 
 Both are sized before they are built: `array_bytes` and `each_bytes` say how many bytes of job
 text (see `text_bytes`) the expansion would make, by arithmetic over the range or the lines, so
-a submission over `MAX_SUBMIT_BYTES` is refused without allocating it.
+a submission over `MAX_SUBMIT_BYTES` is refused without allocating it; `longest` says which
+item makes a field longest, so its limit is checked once rather than per job.
 """
 
 from __future__ import annotations
 
+import re
 import shlex
+from collections.abc import Callable
 from typing import Any
 
 from banyan import defaults
@@ -40,6 +43,19 @@ def too_many(jobs: int) -> str:
         f"{jobs} jobs, over the {defaults.MAX_JOBS_PER_SUBMIT} one submission may hold "
         "(MAX_JOBS_PER_SUBMIT)"
     )
+
+
+def window(spec: str, lo: int, hi: int) -> list[str]:
+    """The indices at positions lo..hi-1 of the range `spec`, as strings, without listing the
+    ones before them."""
+    out: list[str] = []
+    for r in ranges(spec):
+        if hi <= 0:
+            break
+        if lo < len(r):
+            out += map(str, r[max(lo, 0) : hi])
+        lo, hi = lo - len(r), hi - len(r)
+    return out
 
 
 def ranges(spec: str) -> list[range]:
@@ -114,12 +130,89 @@ def _digit_sum(r: range) -> int:
 
 
 def each_bytes(base: dict[str, Any], items: list[str]) -> int:
-    """`text_bytes` summed over the jobs `expand(base, items, index_env=False)` would make."""
+    """`text_bytes` summed over the jobs `expand(base, items, index_env=False)` would make.
+    Counted with C loops over the lines (a broker checks 200,000 of them in a request)."""
     holes = _holes(base)
-    total = len(items) * (text_bytes(base) - 2 * holes) + holes * sum(map(_utf8_len, items))
-    if "{}" not in base["command"]:  # the item is appended as one quoted argument
-        total += sum(1 + _utf8_len(shlex.quote(item)) for item in items)
+    ascii_only = all(map(str.isascii, items))
+    size = sum(map(len, items)) if ascii_only else sum(map(_utf8_len, items))
+    total = len(items) * (text_bytes(base) - 2 * holes) + holes * size
+    if "{}" not in base["command"]:  # appended after a space, quoted as shlex.quote does
+        quoted = list(filter(_UNSAFE, items))  # ' becomes '"'"', and two quotes around
+        total += len(items) + size + 2 * len(quoted) + 4 * sum(x.count("'") for x in quoted)
     return total
+
+
+# What shlex.quote leaves unquoted: a line with any other character is quoted.
+_UNSAFE = re.compile(r"[^\w@%+=:,./-]", re.ASCII).search
+
+
+def widest(spec: str) -> tuple[int, str] | None:
+    """The position and text of the first index with the most digits: the one that makes each
+    templated field longest (every `{}` becomes the index)."""
+    best: tuple[int, str] | None = None
+    at = 0
+    for r in ranges(spec):
+        if r and (best is None or len(str(r[-1])) > len(best[1])):
+            width = len(str(r[-1]))
+            first = max(0, -(-(10 ** (width - 1) - r.start) // r.step))  # first of that width
+            best = (at + first, str(r[first]))
+        at += len(r)
+    return best
+
+
+def expanded_lengths(base: dict[str, Any], item: str, index_env: bool) -> dict[str, int]:
+    """The length each changing field of `expand(base, [item], index_env)` would have: the
+    command in UTF-8 bytes, name and output in characters (as their limits count them)."""
+    out: dict[str, int] = {}
+    command: str = base["command"]
+    holes = command.count("{}")
+    if holes:
+        out["command"] = _utf8_len(command) + holes * (_utf8_len(item) - 2)
+    elif not index_env:
+        out["command"] = _utf8_len(command) + 1 + _utf8_len(shlex.quote(item))
+    for key in TEMPLATED:
+        value = base.get(key) or ""
+        holes = value.count("{}")
+        if holes:
+            out[key] = len(value) + holes * (len(item) - 2)
+    return out
+
+
+# The limit on each field an item changes, in the units expanded_lengths counts.
+FIELD_LIMITS = {
+    "command": defaults.MAX_COMMAND_BYTES,
+    "name": defaults.MAX_NAME,
+    "output": defaults.MAX_PATH,
+}
+
+
+def too_long(base: dict[str, Any], item: str, index_env: bool) -> tuple[str, int] | None:
+    """The first field `item` makes longer than its limit, and its length."""
+    for key, n in expanded_lengths(base, item, index_env).items():
+        if n > FIELD_LIMITS[key]:
+            return key, n
+    return None
+
+
+def first_too_long(base: dict[str, Any], items: list[str]) -> tuple[int, str, int] | None:
+    """Of `--each` items, the position of the first that makes a field too long, the field
+    and its length. Looks at every item only when the longest could: a bound from the
+    longest item first (a quoted item is at most 5 times as long, plus its quotes)."""
+    if not items:
+        return None
+    longest = max(items, key=len)
+    if not all(map(str.isascii, items)):
+        longest = max(items, key=_utf8_len)
+    probe = expanded_lengths(base, longest, False)
+    if "{}" not in base["command"]:  # appended quoted: ' becomes '"'"', and two quotes
+        probe["command"] = _utf8_len(base["command"]) + 1 + 5 * _utf8_len(longest) + 2
+    if all(probe[key] <= FIELD_LIMITS[key] for key in probe):
+        return None
+    for at, item in enumerate(items):
+        found = too_long(base, item, False)
+        if found is not None:
+            return at, *found
+    return None
 
 
 def check_size(total: int, what: str) -> None:
@@ -133,26 +226,33 @@ def check_size(total: int, what: str) -> None:
 
 
 def expand(base: dict[str, Any], items: list[str], index_env: bool) -> list[dict[str, Any]]:
-    """One job per item with `{}` replaced: plain string work, fast for 100,000 items.
+    """One job per item with `{}` replaced (see `changes`)."""
+    if len(items) > defaults.MAX_JOBS_PER_SUBMIT:
+        raise ValueError(too_many(len(items)))
+    change = changes(base, index_env)
+    return [{**base, **dict(change(item))} for item in items]
+
+
+def changes(base: dict[str, Any], index_env: bool) -> Callable[[str], list[tuple[str, Any]]]:
+    """What one item changes in `base`: its (field, value) pairs. Plain string work, so the
+    broker can make a job's row from a template's row and these, with no spec in between.
 
     Without `{}` in the command, `--each` appends the item as a quoted argument and an array
     leaves the command alone (the index is in $BANYAN_ARRAY_INDEX either way for arrays)."""
-    if len(items) > defaults.MAX_JOBS_PER_SUBMIT:
-        raise ValueError(too_many(len(items)))
     command: str = base["command"]
     in_command = "{}" in command
-    templated = [k for k in TEMPLATED if "{}" in (base.get(k) or "")]
+    templated = [(k, base[k]) for k in TEMPLATED if "{}" in (base.get(k) or "")]
     env: dict[str, str] = base.get("env") or {}
-    jobs = []
-    for item in items:
-        job = dict(base)
+
+    def change(item: str) -> list[tuple[str, Any]]:
+        out: list[tuple[str, Any]] = []
         if in_command:
-            job["command"] = command.replace("{}", item)
+            out.append(("command", command.replace("{}", item)))
         elif not index_env:
-            job["command"] = f"{command} {shlex.quote(item)}"
-        for key in templated:
-            job[key] = base[key].replace("{}", item)
+            out.append(("command", f"{command} {shlex.quote(item)}"))
+        out += [(key, value.replace("{}", item)) for key, value in templated]
         if index_env:
-            job["env"] = {**env, INDEX_VAR: item}
-        jobs.append(job)
-    return jobs
+            out.append(("env", {**env, INDEX_VAR: item}))
+        return out
+
+    return change

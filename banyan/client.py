@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +34,11 @@ from banyan.config import address, home
 from banyan.errors import BrokerUnavailable, from_wire
 from banyan.link import Credentials, Watch, credentials
 
-# Requests that wait behind a long operation in the broker (its longops.PARKED) or are one.
-PATIENT = frozenset({"status", "wait", "cancel", "modify", "modify_many", "close_group", "stats"})
+# Requests that wait behind a long operation in the broker (its longops.PARKED) or are one
+# (a submit of many jobs is made a slice at a time).
+PATIENT = frozenset(
+    {"status", "wait", "cancel", "modify", "modify_many", "close_group", "stats", "submit"}
+)
 
 __all__ = ["BrokerUnavailable", "Client"]
 
@@ -336,6 +340,7 @@ class Client:
         groups: list[dict[str, Any]] | None = None,
         submit_key: str | None = None,
         array: str | None = None,
+        each: Sequence[str] | None = None,
         export: str | Sequence[str] | None = "ALL",
         **fields: Any,
     ) -> Submitted:
@@ -343,7 +348,11 @@ class Client:
 
         With `array` (`1-100`, `0-99:2`, `3,5,8-9`) the one job is a template: the broker
         makes one job per index, `{}` in its command, name and output replaced by the index,
-        which is also in $BANYAN_ARRAY_INDEX.
+        which is also in $BANYAN_ARRAY_INDEX. With `each` (lines, as `banyan-submit --each`)
+        it makes one job per line, `{}` replaced by the line, or without `{}` in the command
+        the line appended to it as one quoted argument. The broker makes a big submission a
+        slice at a time; the reply comes once every job exists, and the client waits for it as
+        long as the broker answers meanwhile.
 
         Like `sbatch`, every job gets this process's environment (`export="ALL"`), less the
         daemons' variables; `"NONE"` (or None) gives the account's clean login environment,
@@ -361,6 +370,8 @@ class Client:
         }
         if array is not None:
             body["array"] = array
+        if each is not None:
+            body["each"] = list(each)
         environment = _export.capture(export)
         if environment is not None:
             body["environment"] = environment
@@ -469,15 +480,14 @@ class Client:
             cursor = reply.get("next")
             if cursor is None or len(rows) >= want:
                 break
-        return Status(
-            [JobInfo.of(j) for j in rows],
-            first["groups"],
-            cursor is not None,
-            cursor,
-            dict(first.get("counts") or {}),
-            first.get("matched"),
-            bool(first.get("exact", True)),
-        )
+        counts, matched = dict(first.get("counts") or {}), first.get("matched")
+        exact = bool(first.get("exact", True))
+        if not exact:  # a floor, counted on the first page: the later pages' rows count too
+            for state, n in Counter(j["state"] for j in rows).items():
+                counts[state] = max(counts.get(state, 0), n)
+            matched = None if matched is None else sum(counts.values())
+        infos = [JobInfo.of(j) for j in rows]
+        return Status(infos, first["groups"], cursor is not None, cursor, counts, matched, exact)
 
     def job(self, job: int) -> JobInfo:
         """One job in full detail (attempt history, output tail, usage)."""

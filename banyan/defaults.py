@@ -52,6 +52,13 @@ MAX_SUBMIT_BYTES = MAX_MESSAGE_BYTES
 # schema saw them. Twenty per job of the biggest submission leaves room for any real one.
 MAX_REQUEST_CONTAINERS = 20 * MAX_JOBS_PER_SUBMIT
 MAX_GROUPS_PER_SUBMIT = 10_000
+# A submission of more jobs is made a slice at a time, as a long operation: made at once it
+# would hold the broker's loop past a few tens of milliseconds (about 10 µs a job on 2 cores).
+BIG_SUBMISSION = 2_000
+# The map is grown before a turn that could find less room than this (no turn is run twice
+# because the map grew under it): more than a turn writes, even with a request at the frame
+# limit in it. Address space, not disk.
+MAP_HEADROOM = 4 * MAX_MESSAGE_BYTES
 MAX_COMMAND_BYTES = 64 * 1024
 MAX_NAME = 256
 MAX_PATH = 4096

@@ -43,6 +43,13 @@ class NoSpace(BanyanError):
     code = "no_space"
 
 
+class Busy(BanyanError):
+    """A user has as many long operations waiting as one may (the broker's
+    MAX_WAITING_PER_USER): refused, nothing changed; try again when one has ended."""
+
+    code = "busy"
+
+
 class BrokerUnavailable(BanyanError):
     """The broker cannot be reached, or stopped answering: nothing was refused, nothing may
     have happened. The tools exit 3 on it (SPEC §8)."""
@@ -66,7 +73,16 @@ class WrongPort(BrokerUnavailable):
 
 BY_CODE: dict[str, type[BanyanError]] = {
     cls.code: cls
-    for cls in (BadRequest, NotFound, Conflict, Forbidden, NoSpace, BrokerUnavailable, WrongPort)
+    for cls in (
+        BadRequest,
+        NotFound,
+        Conflict,
+        Forbidden,
+        NoSpace,
+        Busy,
+        BrokerUnavailable,
+        WrongPort,
+    )
 }
 
 

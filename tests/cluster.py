@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ from typing import NoReturn, TypeVar
 import psutil
 import pytest
 
+from banyan import keys
 from banyan.broker.store import Store
 from banyan.client import Client
 from banyan.worker.cgroups import Cgroups
@@ -167,6 +169,19 @@ class Cluster:
 
     def client(self, timeout: float = 5.0) -> Client:
         c = Client(f"{self.host}:{self.client_port}", self.home, timeout=scaled(timeout))
+        self.clients.append(c)
+        return c
+
+    def user_client(self, name: str, timeout: float = 5.0) -> Client:
+        """A client with a user key of its own, as `banyan-keygen user NAME` makes it (bound
+        to the account NAME, which need not exist for jobs that never run)."""
+        _, secret, _ = keys.issue(self.home, "user", name)
+        home = self.root / f"client-{name}"
+        (home / "keys").mkdir(parents=True)
+        shutil.copyfile(secret, home / "keys" / "client.key_secret")
+        os.chmod(home / "keys" / "client.key_secret", 0o600)
+        shutil.copyfile(self.home / "keys" / "broker.key", home / "keys" / "broker.key")
+        c = Client(f"{self.host}:{self.client_port}", home, timeout=scaled(timeout))
         self.clients.append(c)
         return c
 

@@ -24,6 +24,7 @@ import zmq.auth
 from docopt import parse_options
 
 from banyan import keys, protocol
+from banyan.broker.submission import Source
 from banyan.cli import broker as broker_cli
 from banyan.cli import (
     cancel,
@@ -237,13 +238,14 @@ def test_an_array_travels_as_its_template_and_range() -> None:
     from docopt import docopt
 
     args = dict(docopt(submit.USAGE, ["--array", "0-99999", "run {}"], options_first=True))
-    jobs, groups, array = submit.build(args)
-    assert array == "0-99999" and [j["command"] for j in jobs] == ["run {}"]
+    jobs, groups, array, each = submit.build(args)
+    assert array == "0-99999" and [j["command"] for j in jobs] == ["run {}"] and each is None
     frame = protocol.encode("submit", {"jobs": jobs, "groups": groups, "array": array})
     assert len(frame) < 1000
-    got = protocol.decode(frame, protocol.CLIENT_REQUESTS).body["jobs"]
-    assert len(got) == 100_000
-    assert got[-1]["command"] == "run 99999" and got[-1]["env"]["BANYAN_ARRAY_INDEX"] == "99999"
+    source = Source.of(protocol.decode(frame, protocol.CLIENT_REQUESTS).body)
+    assert len(source.jobs) == 1 and source.count == 100_000  # made by the broker, in slices
+    (last,) = source.specs(99_999, 100_000)
+    assert last["command"] == "run 99999" and last["env"]["BANYAN_ARRAY_INDEX"] == "99999"
 
 
 def test_file_workflow_with_keys_and_groups(cli: Runner, live: Cluster, tmp_path: Path) -> None:

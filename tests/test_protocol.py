@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 
 from banyan import defaults
 from banyan import protocol as p
+from banyan.arrays import INDEX_VAR as INDEX
+from banyan.broker.submission import Source
 from banyan.protocol import (
     BAD_REQUEST,
     BROKER_TO_WORKER,
@@ -358,6 +360,7 @@ def test_submit_defaults_filled_and_numbers_widened() -> None:
         "groups": [],
         "submit_key": None,
         "array": None,
+        "each": None,
         "environment": None,
     }
     job = msg.body["jobs"][0]
@@ -1253,10 +1256,17 @@ def test_env_fast_path_answers_as_the_map_check(env: Any) -> None:
     assert outcome(p._env) == outcome(p._ENV_MAP)
 
 
-def test_an_array_is_expanded_on_decoding() -> None:
+def test_an_array_stays_a_template_and_makes_its_jobs_a_slice_at_a_time() -> None:
     template = {"command": "echo {}", "name": "part-{}", "env": {"A": "1"}}
     body = decode(encode("submit", {"jobs": [template], "array": "1-3,7"}), CLIENT_REQUESTS).body
-    jobs = body["jobs"]
+    assert len(body["jobs"]) == 1 and body["array"] == "1-3,7"
+    source = Source.of(body)
+    made = [{k: j[k] for k in ("command", "name", "env")} for j in source.specs(1, 3)]
+    assert made == [
+        {"command": f"echo {i}", "name": f"part-{i}", "env": {"A": "1", INDEX: i}}
+        for i in ("2", "3")
+    ]
+    jobs = source.specs(0, source.count)
     assert [j["command"] for j in jobs] == ["echo 1", "echo 2", "echo 3", "echo 7"]
     assert [j["name"] for j in jobs] == ["part-1", "part-2", "part-3", "part-7"]
     assert jobs[3]["env"] == {"A": "1", "BANYAN_ARRAY_INDEX": "7"}
@@ -1305,7 +1315,7 @@ def test_an_array_too_big_in_bytes_is_refused_before_it_is_expanded() -> None:
     # Just under the limit is taken: 1,000 such jobs are 64,000 KiB.
     template = {"command": "x" * (defaults.MAX_COMMAND_BYTES - 4) + "{}"}
     fits = decode(frame("submit", {"jobs": [template], "array": "0-999"}), CLIENT_REQUESTS)
-    assert len(fits.body["jobs"]) == 1000
+    assert Source.of(fits.body).count == 1000
 
 
 def test_a_frame_of_many_small_containers_is_refused_while_unpacking() -> None:
@@ -1326,3 +1336,65 @@ def test_a_frame_of_many_small_containers_is_refused_while_unpacking() -> None:
     # Replies are not requests: a client may read a long list back.
     reply = frame("cancelled", {"cancelled": [1] * (2 * per + 1), "pending": [], "already": []})
     assert len(decode(reply, CLIENT_REPLIES).body["cancelled"]) == 2 * per + 1
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        ["a", "b c", "é'x"],
+        [],
+        ["a", 1],
+        ["a\0"],
+        [""],
+        "x",
+        None,
+        ["x" * (defaults.MAX_COMMAND_BYTES + 1)],
+        [["nested"]],
+    ],
+)
+def test_each_fast_path_answers_as_the_list_check(items: Any) -> None:
+    def outcome(check: Any) -> Any:
+        try:
+            return ("ok", check(items))
+        except p._Bad as e:
+            return ("refused", p._reason(e))
+
+    assert outcome(p._each) == outcome(p._EACH_ITEMS)
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        ({"jobs": [{"command": "a"}, {"command": "b"}], "each": ["x"]}, "each: needs exactly one"),
+        ({"jobs": [{"command": "a"}], "each": ["x"], "array": "1-2"}, "each: an array and each"),
+        (
+            {"jobs": [{"command": "x" * 65530 + " {}"}], "each": ["ok", "toolong"]},
+            "jobs[1].command: must be at most 65536 bytes of UTF-8, got 65538",
+        ),
+        (
+            {"jobs": [{"command": "run", "name": "n-{}"}], "each": ["a", "b" * 300]},
+            "jobs[1].name: must be at most 256 characters, got 302",
+        ),
+        (
+            {"jobs": [{"command": "x" * 60000}], "each": ["a"] * 1200},
+            "MAX_SUBMIT_BYTES",
+        ),
+    ],
+)
+def test_each_lines_are_checked_as_the_jobs_they_make(body: dict[str, Any], says: str) -> None:
+    reason = refuse(frame("submit", body), CLIENT_REQUESTS).reason
+    assert says in reason, reason
+
+
+def test_each_lines_make_jobs_as_the_command_line_did() -> None:
+    """Without `{}` the line is appended as one quoted argument, with it every `{}` becomes
+    the line; the template's other fields go to every job."""
+    template = {"command": "convert", "cwd": "/d", "env": {"A": "1"}}
+    body = decode(encode("submit", {"jobs": [template], "each": ["a b", "c"]}), CLIENT_REQUESTS)
+    made = Source.of(body.body).specs(0, 2)
+    assert [j["command"] for j in made] == ["convert 'a b'", "convert c"]
+    assert all(j["cwd"] == "/d" and j["env"] == {"A": "1"} for j in made)
+    template = {"command": "run {} --out {}.txt", "name": "r-{}"}
+    body = decode(encode("submit", {"jobs": [template], "each": ["x"]}), CLIENT_REQUESTS)
+    (job,) = Source.of(body.body).specs(0, 1)
+    assert (job["command"], job["name"]) == ("run x --out x.txt", "r-x")

@@ -71,6 +71,15 @@ class Op:
     def who(self) -> Actor:
         return Actor(self.actor, self.role)
 
+    def copy(self) -> Op:
+        return replace(self, opened=list(self.opened))  # _seal appends to it
+
+    def step(self, core: Core, budget: int) -> Done:
+        return step(core, self, budget)
+
+    def reply(self, lists: dict[str, list[Any]]) -> dict[str, Any]:
+        return {**empty(self.kind), **lists}
+
     @property
     def selector(self) -> Selector | None:
         if self._selector is None and self.select is not None:

@@ -6,7 +6,8 @@ plus what the filter passes over, never a scan of every job: after `STATUS_SCAN`
 the page ends early and its cursor says where to go on. The reply counts every job the
 filter matches, by state: from the kept counters, or in a time window from the index keys;
 a filter no index answers (a name glob; a group with other filters) is counted by the first
-page as it walks, up to the same bound. Past a bound the counts are a floor (`exact` false).
+page as it walks, up to the same bound. Past a bound the counts are a floor (`exact` false),
+and never below what the page itself shows, state by state.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ def page(tx: Tx, body: dict[str, Any], workers: list[Worker]) -> dict[str, Any]:
         counts, exact = tally, not cut
     else:
         counts, exact = {}, False  # counted on the first page only
+    if not exact:
+        _at_least(counts, rows)
     resume = shown if more or len(rows) == limit else seen
     return {
         "jobs": rows,
@@ -70,6 +73,16 @@ def page(tx: Tx, body: dict[str, Any], workers: list[Worker]) -> dict[str, Any]:
         "matched": sum(counts.values()) if first or tally is None else None,
         "exact": exact,
     }
+
+
+def _at_least(counts: dict[str, int], rows: list[dict[str, Any]]) -> None:
+    """A bounded count is a floor: raise it, state by state, to the rows the page shows (a
+    window counted a state at a time could run out before the states of the newest rows)."""
+    shown: dict[str, int] = {}
+    for row in rows:
+        shown[row["state"]] = shown.get(row["state"], 0) + 1
+    for state, n in shown.items():
+        counts[state] = max(counts.get(state, 0), n)
 
 
 def _selector(tx: Tx, body: dict[str, Any]) -> tuple[Selector, list[dict[str, Any]]]:

@@ -4,9 +4,14 @@ What clients see, while an operation runs (docs/cli.md, "Many jobs at once"):
 
 - It acts as one step taken between its request and its reply. No job it means is handed to a
   worker, and every request that reads or changes existing jobs (`PARKED`) waits until it has
-  ended, then runs, in the order they came. Everything else (ping, submit, workers, drain,
-  logs, events) is answered as usual, and workers' reports are applied as they arrive: a running
-  job that ends by itself before the operation reaches it is "already over".
+  ended. Everything else (ping, submit, workers, drain, logs, events) is answered as usual, and
+  workers' reports are applied as they arrive: a running job that ends by itself before the
+  operation reaches it is "already over".
+- When it ends, the waiting requests that are not operations run first, each client's in its
+  own order (a request waits behind an earlier operation of its own client), and then one
+  waiting operation starts: the first of the user whose operation started longest ago, so
+  users take turns. A user may have `MAX_WAITING_PER_USER` operations waiting; more are
+  refused (`Busy`).
 - Each turn gives it about `SLICE_SECONDS` of the loop, after the turn's messages; its progress
   commits with that slice's changes. The reply goes out with the commit of the last slice.
 - A broker restarted in the middle finds the operation in the store and finishes it first. The
@@ -23,13 +28,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 from banyan import protocol
-from banyan.broker import bulk
+from banyan.broker import bulk, submission
 from banyan.broker.state import Actor, Core
-from banyan.broker.store import WriteTx
-from banyan.errors import BanyanError, BrokerUnavailable
+from banyan.broker.store import ReadTx, WriteTx
+from banyan.errors import BanyanError, BrokerUnavailable, Busy
 
 log = logging.getLogger("banyan.broker")
 
@@ -47,15 +52,45 @@ STALL_SECONDS = 1.0
 # Requests kept waiting at most; past this a parked kind of request is refused as unavailable
 # until the operation ends (each client may have only 64 in flight; this bounds them all).
 MAX_PARKED = 10_000
+# Operations one user may have waiting behind the running one: enough for a few shells at once,
+# few enough that one user's queue costs the others no more than a few operations' time.
+MAX_WAITING_PER_USER = 4
 
 Inbound = tuple[str, list[bytes], str | None]  # as server.Inbound: socket, frames, user
+
+
+@dataclass(frozen=True)
+class Parked:
+    """A request waiting for the running operation to end."""
+
+    inbound: Inbound
+    client: bytes  # its connection's routing id: a client's requests keep their order
+    user: str  # who sent it: users' operations take turns
+    op: bool  # it starts an operation
+    submit: bool = False  # that operation is a submission
+
+
+class Operation(Protocol):
+    """What runs a slice at a time: bulk.Op (cancel, modify) or submission.Submission."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def actor(self) -> str: ...
+    def pack(self) -> list[Any]: ...
+    def copy(self) -> Operation: ...  # what a slice changes, so a turn run again starts afresh
+    def step(self, core: Core, budget: int) -> bulk.Done: ...  # about `budget` jobs' work
+    def holds(self, core: Core, job_id: int) -> bool: ...  # claims pass the job over
+    def reply(self, lists: dict[str, list[Any]]) -> dict[str, Any]: ...  # the reply's body
 
 
 @dataclass
 class Running:
     """The operation being carried out, and who waits for its reply."""
 
-    op: bulk.Op
+    op: Operation
     identity: bytes | None  # None: admitted before a restart, nobody to answer
     req: int
     lists: dict[str, list[Any]] = field(default_factory=dict)
@@ -63,14 +98,13 @@ class Running:
 
     def add(self, done: bulk.Done) -> None:
         """Fold in a step's lists: each job once, under what was first done to it."""
-        if not self.lists:
-            self.lists = bulk.empty(self.op.kind)
         for what, items in done.lists.items():
+            mine = self.lists.setdefault(what, [])
             for item in items:
                 job_id = item[0] if isinstance(item, list) else item
                 if job_id not in self.seen:
                     self.seen.add(job_id)
-                    self.lists[what].append(item)
+                    mine.append(item)
 
 
 @dataclass
@@ -79,7 +113,7 @@ class Staged:
 
     head: Running | None = None  # the running operation as this turn left it
     ended: bool = False  # the one running at the start of the turn ended
-    parked: list[Inbound] = field(default_factory=list)
+    parked: list[Parked] = field(default_factory=list)
 
     def copy(self) -> Staged:
         return Staged(self.head, self.ended, list(self.parked))
@@ -88,7 +122,12 @@ class Staged:
 class LongOps:
     def __init__(self) -> None:
         self.queue: list[Running] = []  # the first runs; any others were recovered and wait
-        self.parked: list[Inbound] = []
+        self.parked: list[Parked] = []
+        # The frames (by id) of requests let go after an operation ended: they run without
+        # being held again, until their turn has committed (a deferred one keeps its pass).
+        self.cleared: set[int] = set()
+        self.turns: dict[str, int] = {}  # user -> when an operation of theirs last started
+        self.started = 0  # operations started so far, the clock of `turns`
         self.resume_at = 0.0  # after a slice found the store full: no slice before this
 
     def ready(self, now: float) -> bool:
@@ -99,11 +138,34 @@ class LongOps:
         """A slice could not commit (the store is full): try again in a while, not at once."""
         self.resume_at = now + STALL_SECONDS
 
-    def recover(self, rows: list[list[Any]]) -> None:
+    def recover(self, view: ReadTx) -> None:
         """Operations a previous broker left unfinished, to be finished first."""
-        self.queue = [Running(bulk.Op.unpack(row), None, 0) for row in rows]
-        for run in self.queue:
-            log.info("resuming %s operation %d of %s", run.op.kind, run.op.id, run.op.actor)
+        for row in view.ops():
+            op: Operation
+            if row[1] == submission.SUBMIT:
+                request = view.get_op_request(row[0])
+                assert request is not None  # stored with the operation, deleted with it
+                op = submission.Submission.unpack(row, request)
+            else:
+                op = bulk.Op.unpack(row)
+            self.queue.append(Running(op, None, 0))
+            log.info("resuming %s operation %d of %s", op.kind, op.id, op.actor)
+
+    def submitting(self) -> bool:
+        """Whether a submission is being made or waits to be: retention holds off meanwhile,
+        so that nothing its jobs depend on is purged between its admission and their making."""
+        return any(isinstance(r.op, submission.Submission) for r in self.queue) or any(
+            p.op and p.submit for p in self.parked
+        )
+
+    def _keys(self, staged: Staged) -> set[tuple[str, str]]:
+        """The (user, submit key) of each submission admitted and not yet made."""
+        runs = [*self.queue, *([staged.head] if staged.head is not None else [])]
+        return {
+            (r.op.actor, r.op.key)
+            for r in runs
+            if isinstance(r.op, submission.Submission) and r.op.key is not None
+        }
 
     def current(self, staged: Staged) -> Running | None:
         """The running operation as of this point of the turn."""
@@ -113,17 +175,41 @@ class LongOps:
             return None
         return self.queue[0]
 
-    def parks(self, mtype: str, staged: Staged) -> bool:
-        """Whether a request of this type must wait: an operation runs, or requests that came
-        before it still wait for one."""
-        if mtype not in PARKED:
+    def parks(
+        self,
+        mtype: str,
+        op: bool,
+        client: bytes,
+        frames: list[bytes],
+        staged: Staged,
+        key: tuple[str, str] | None = None,
+    ) -> bool:
+        """Whether a request must wait: a PARKED kind while an operation runs, or behind an
+        earlier operation of its own client; an operation (`op`) also while others wait for
+        their turn; a submit whose (user, submit key) a submission being made has, so that it
+        finds that submission's reply. A request let go after an operation ended runs."""
+        if not op and mtype not in PARKED:
+            return key is not None and key in self._keys(staged)
+        if self.current(staged) is not None:
+            return True
+        if id(frames) in self.cleared:
             return False
-        return self.current(staged) is not None or bool(self.parked or staged.parked)
+        waiting = (*self.parked, *staged.parked)
+        return any(p.op and (op or p.client == client) for p in waiting)
 
-    def park(self, inbound: Inbound, staged: Staged) -> None:
-        if len(self.parked) + len(staged.parked) >= MAX_PARKED:
+    def park(self, parked: Parked, staged: Staged) -> None:
+        """Keep a request until the running operation ends; refuses one past the limits."""
+        waiting = (*self.parked, *staged.parked)
+        if len(waiting) >= MAX_PARKED:
             raise BrokerUnavailable("the broker is busy with a long operation; try again shortly")
-        staged.parked.append(inbound)
+        if parked.op:
+            mine = sum(1 for p in waiting if p.op and p.user == parked.user)
+            if mine >= MAX_WAITING_PER_USER:
+                raise Busy(
+                    f"{parked.user} has {mine} long operations waiting already, at most "
+                    f"{MAX_WAITING_PER_USER} (MAX_WAITING_PER_USER); try again when one has ended"
+                )
+        staged.parked.append(parked)
 
     def admit(
         self,
@@ -133,14 +219,24 @@ class LongOps:
         identity: bytes,
         msg: protocol.Message,
         staged: Staged,
+        request: bytes,
     ) -> tuple[Core, bytes | None]:
-        """Admit a `cancel` or `modify_many` (none runs: they are PARKED) and do its first
-        slice in a child transaction. Returns the slice's Core and the reply if it is already
-        done. A refusal raises, and the child leaves nothing behind."""
-        kind = bulk.CANCEL if msg.type == "cancel" else bulk.MODIFY
+        """Admit a `cancel`, a `modify_many` or a big `submit` (none runs: they wait for their
+        turn) and do its first slice in a child transaction. Returns the slice's Core and the
+        reply if it is already done. A refusal raises, and the child leaves nothing behind.
+        `request` is the message as it came: a submission keeps it, for a restart."""
         with tx.child() as child:
             core = core_of(child)
-            run = Running(bulk.admit(core, actor, kind, msg.body), identity, msg.req)
+            op: Operation
+            if msg.type == "submit":
+                admitted = submission.admit(core, actor, msg.body, request)
+                if isinstance(admitted, dict):  # its submit key's first reply
+                    return core, protocol.encode("submitted", admitted, msg.req)
+                op = admitted
+            else:
+                kind = bulk.CANCEL if msg.type == "cancel" else bulk.MODIFY
+                op = bulk.admit(core, actor, kind, msg.body)
+            run = Running(op, identity, msg.req)
             reply = self._slice(child, core, run)
         if reply is None:
             staged.head = run
@@ -154,8 +250,7 @@ class LongOps:
         before = self.current(staged)
         if before is None:
             return None, []
-        op = replace(before.op, opened=list(before.op.opened))  # _seal appends to it
-        run = replace(before, op=op, seen=set(before.seen))
+        run = replace(before, op=before.op.copy(), seen=set(before.seen))
         run.lists = {k: list(v) for k, v in before.lists.items()}
         try:
             with tx.child() as child:
@@ -183,11 +278,11 @@ class LongOps:
         removes it and returns the reply when done."""
         deadline = time.monotonic() + SLICE_SECONDS
         while True:
-            done = bulk.step(core, run.op, STEP_JOBS)
+            done = run.op.step(core, STEP_JOBS)
             run.add(done)
             if done.finished:
                 tx.delete_op(run.op.id)
-                return protocol.encode(REPLIES[run.op.kind], run.lists, run.req)
+                return protocol.encode(REPLIES[run.op.kind], run.op.reply(run.lists), run.req)
             if time.monotonic() >= deadline:
                 tx.put_op(run.op.id, run.op.pack())
                 return None
@@ -204,9 +299,11 @@ class LongOps:
 
         return ready
 
-    def commit(self, staged: Staged) -> list[Inbound]:
-        """After the turn's commit: take on what it staged; returns the parked requests that
-        may run now, oldest first, for the next turn."""
+    def commit(self, staged: Staged, left: list[Inbound]) -> list[Inbound]:
+        """After the turn's commit: take on what it staged. `left` are requests the turn left
+        for the next; returns them with the parked requests that may run now, in the order the
+        next turn takes them: when an operation has ended, the requests it let go that start
+        none, then `left` (those too came before the next operation starts), then that one."""
         self.parked += staged.parked
         if staged.ended:
             self.queue.pop(0)
@@ -215,10 +312,43 @@ class LongOps:
                 self.queue[0] = staged.head
             else:
                 self.queue.insert(0, staged.head)
+                self.started += 1
+                self.turns[staged.head.op.actor] = self.started
+        self.cleared &= {id(frames) for _, frames, _ in left}
         if self.queue or not self.parked:
-            return []
-        free, self.parked = self.parked, []
-        return free
+            return left
+        free, chosen = self._release()
+        return free + left + chosen
+
+    def _release(self) -> tuple[list[Inbound], list[Inbound]]:
+        """No operation runs: let go every waiting request that no operation of its own client
+        stands before, then the next operation, the first waiting one of the user whose
+        operation started longest ago (a client's first waiting operation is its next)."""
+        blocked: set[bytes] = set()
+        free: list[Parked] = []
+        kept: list[Parked] = []
+        nexts: list[Parked] = []
+        for p in self.parked:
+            if p.client in blocked:
+                kept.append(p)
+            elif p.op:
+                blocked.add(p.client)
+                nexts.append(p)
+                kept.append(p)
+            else:
+                free.append(p)
+        chosen: list[Parked] = []
+        if nexts:
+            chosen = [min(nexts, key=lambda p: self.turns.get(p.user, 0))]  # first of equals
+            kept.remove(chosen[0])
+        self.parked = kept
+        self.cleared |= {id(p.inbound[1]) for p in free + chosen}
+        return [p.inbound for p in free], [p.inbound for p in chosen]
 
 
-REPLIES = {bulk.CANCEL: "cancelled", bulk.MODIFY: "modified"}
+REPLIES = {bulk.CANCEL: "cancelled", bulk.MODIFY: "modified", submission.SUBMIT: "submitted"}
+
+
+def starts(msg: protocol.Message) -> bool:
+    """Whether a request is carried out as a long operation."""
+    return msg.type in STARTS or (msg.type == "submit" and submission.big(msg.body))

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from banyan import defaults
-from banyan.broker import history, retention, stats, views
+from banyan.broker import history, retention, stats, submission, views
 from banyan.broker.records import Job, Tx
 from banyan.broker.selectors import TERMINAL
 from banyan.broker.state import Actor, Core
@@ -39,15 +39,16 @@ def handle(
     tx = core.tx
     if kind == "ping":
         return {"version": defaults.PROTOCOL_VERSION, "time": time.time()}
-    if kind == "submit":
-        array = body.get("array") is not None
+    if kind == "submit":  # a small one: big ones are made a slice at a time (submission.py)
+        source = submission.Source.of(body)
         return core.submit(
             actor,
-            body["jobs"],
+            source.specs(0, source.count),
             body["groups"],
             body.get("submit_key"),
-            array=array,
+            array=source.array is not None,
             environment=body.get("environment"),
+            digest=source.digest(body["groups"]) if source.templated else None,
         )
     if kind == "modify":
         job = core.modify(actor, body["job"], body["set"], body["hold"], body["release"])

@@ -251,7 +251,7 @@ class Broker:
         for name in self.store.write_batch(reset):
             self.sessions[name] = Session(None, now)
         with self.store.read() as view:
-            self.longops.recover(view.ops())
+            self.longops.recover(view)
         log.info(
             "state loaded from %s; %d workers expected back",
             self.config.state_dir,
@@ -339,6 +339,9 @@ class Broker:
         or PURGE_SHARE of the time since the last slice while it is behind; the next one at
         once while there is more, else once the oldest event kept comes of age. What is old
         is judged on the wall clock (the records' times); when to look again, on `mono`."""
+        if self.longops.submitting():
+            self.next_purge = mono + defaults.PURGE_REST  # what it depends on stays meanwhile
+            return
         start = time.monotonic()
         budget = defaults.PURGE_SLICE
         if self.purged.jobs or self.purged.events:  # this pass has gone on a while: behind
@@ -384,6 +387,7 @@ class Broker:
         pull: bool,
         slices: bool = False,
     ) -> None:
+        self.store.make_room(defaults.MAP_HEADROOM)
         try:
             turn = self.store.write_batch(
                 lambda tx: self._apply(tx, inbox, lost, due, now, pull, slices)
@@ -396,7 +400,9 @@ class Broker:
         for name, (level, line) in turn.gone.items():
             self._end_session(name)
             log.log(level, "%s", line)
-        self.backlog = self.longops.commit(turn.ops) + turn.deferred
+        # What this turn left, with what an earlier turn of the same step left (a slice's turn
+        # follows the messages' turn), and what long operations let go, for the next turn.
+        self.backlog = self.longops.commit(turn.ops, turn.deferred + self.backlog)
         self._send(turn)
 
     def _one_by_one(
@@ -543,10 +549,16 @@ class Broker:
             return False
         identity, msg = decoded
         actor = self._actor(user)
-        if self.longops.parks(msg.type, turn.ops):
+        op = longops.starts(msg)
+        key = msg.body.get("submit_key") if msg.type == "submit" else None
+        mine = (actor.name, key) if key else None
+        if self.longops.parks(msg.type, op, identity, frames, turn.ops, mine):
+            submit = msg.type == "submit"
+            parked = longops.Parked(("client", frames, user), identity, actor.name, op, submit)
             try:
-                self.longops.park(("client", frames, user), turn.ops)
+                self.longops.park(parked, turn.ops)
             except BanyanError as e:
+                self.refused += 1
                 turn.replies.append(("client", identity, _error(e.code, e.message, msg.req)))
             return False
         if _mergeable(msg):
@@ -557,7 +569,7 @@ class Broker:
             turn.submitter, turn.environment = actor, environment
             return wake
         wake = self._run_submits(tx, now, turn)
-        return self._request(tx, identity, msg, actor, now, turn) or wake
+        return self._request(tx, identity, msg, actor, now, turn, frames[1]) or wake
 
     def _run_submits(self, tx: WriteTx, now: float, turn: Turn) -> bool:
         """The turn's waiting small submits as one submission: one child transaction, one
@@ -605,12 +617,14 @@ class Broker:
         actor: Actor,
         now: float,
         turn: Turn,
+        request: bytes = b"",
     ) -> bool:
+        """Answer one request; `request` is its frame, which a big submission keeps."""
         if msg.type == "logs":
             self._logs(tx, identity, msg, actor, turn)
             return False
-        if msg.type in longops.STARTS:
-            return self._long_start(tx, identity, msg, actor, now, turn)
+        if longops.starts(msg):
+            return self._long_start(tx, identity, msg, actor, now, turn, request)
 
         def handle() -> tuple[Core, Any]:
             with tx.child() as child:
@@ -646,14 +660,16 @@ class Broker:
         actor: Actor,
         now: float,
         turn: Turn,
+        request: bytes,
     ) -> bool:
-        """Admit a cancel or modify_many and do its first slice; answered now if that was all."""
+        """Admit a cancel, a modify_many or a big submit and do its first slice; answered now
+        if that was all."""
         admit = self.longops.admit
         done = self._answering(
             identity,
             msg,
             turn,
-            lambda: admit(tx, self._core_at(now), actor, identity, msg, turn.ops),
+            lambda: admit(tx, self._core_at(now), actor, identity, msg, turn.ops, request),
         )
         if done is None:
             return False
@@ -1087,6 +1103,7 @@ def _mergeable(msg: protocol.Message) -> bool:
         and not b["groups"]
         and b["submit_key"] is None
         and b.get("array") is None
+        and b.get("each") is None
         and not any("local" in dep for job in b["jobs"] for dep in job["depends_on"])
     )
 

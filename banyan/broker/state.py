@@ -13,7 +13,8 @@ import gc
 import hashlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,6 +121,31 @@ class Config:
     retention: float | None = defaults.RETENTION  # how long ended jobs are kept; None: ever
 
 
+@dataclass(frozen=True, slots=True)
+class NewJobs:
+    """What every job of one submission shares, for Core.new_jobs."""
+
+    owner: str
+    submitted: float  # when the submission was admitted
+    groups: dict[str, int]  # the groups its jobs may name, by name
+    mine: list[int]  # groups every job joins (an array's own)
+    tail: tuple[Any, ...]  # the row's fields after `pending` (owners.new_job_tail)
+
+
+@contextmanager
+def paused_gc(jobs: int) -> Iterator[None]:
+    """Each job made makes a handful of lists; for a big submission that sets off the cyclic
+    GC again and again, to find nothing (rows hold no cycles), a third of the time."""
+    if jobs < GC_PAUSE_JOBS or not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 @dataclass(slots=True)
 class Logged:
     """A state change this Core logged, for the server's waiters and watchers."""
@@ -190,36 +216,40 @@ class Core:
         *,
         array: bool = False,
         environment: dict[str, str] | None = None,
+        digest: str | None = None,
     ) -> dict[str, Any]:
         """Create jobs, groups and edges atomically; returns `{jobs: [ids], groups: {name: id}}`.
 
         Resubmitting with the same `submit_key` returns the first result and creates nothing;
-        the same key with a different submission is refused. The jobs of an `array` also make
-        a group of their own, `array-FIRST` (FIRST being the first job's id), sealed: one
-        handle for the whole array. Every job runs as the actor's Unix account, with
-        `environment` (the submitter's exported variables) under the account's own.
+        the same key with a different submission is refused (`digest` says what a submission
+        asks for, when not its jobs and groups: an array's template and range). The jobs of an
+        `array` also make a group of their own, `array-FIRST` (FIRST being the first job's id),
+        sealed: one handle for the whole array. Every job runs as the actor's Unix account,
+        with `environment` (the submitter's exported variables) under the account's own.
         """
         if submit_key:
-            prior = self.tx.get_submit_key(actor.name, submit_key)
+            digest = digest or _digest(jobs, groups)
+            prior = self.prior_submission(actor, submit_key, digest)
             if prior is not None:
-                # Keys stored before digests were kept have none: they match anything.
-                if prior.get("digest", _digest(jobs, groups)) != _digest(jobs, groups):
-                    raise Conflict(
-                        f"submit key {submit_key!r} was first used for a different submission "
-                        f"(jobs {_span(prior['jobs'])}); use a new key for a new submission"
-                    )
-                return {"jobs": prior["jobs"], "groups": prior["groups"]}
+                return prior
         if not jobs and not groups:
             raise BadRequest("nothing to submit: no jobs and no groups")
-        if len(jobs) < GC_PAUSE_JOBS or not gc.isenabled():
-            return self._submit(actor, jobs, groups, submit_key, array, environment)
-        # Each job makes a handful of lists; for a big submission that sets off the cyclic GC
-        # again and again, to find nothing (rows hold no cycles), a third of the time.
-        gc.disable()
-        try:
-            return self._submit(actor, jobs, groups, submit_key, array, environment)
-        finally:
-            gc.enable()
+        with paused_gc(len(jobs)):
+            return self._submit(actor, jobs, groups, submit_key, array, environment, digest)
+
+    def prior_submission(self, actor: Actor, key: str, digest: str) -> dict[str, Any] | None:
+        """What the submission first made under `key`, if it was the same one; refuses a
+        different submission under a key already used."""
+        prior = self.tx.get_submit_key(actor.name, key)
+        if prior is None:
+            return None
+        # Keys stored before digests were kept have none: they match anything.
+        if prior.get("digest", digest) != digest:
+            raise Conflict(
+                f"submit key {key!r} was first used for a different submission "
+                f"(jobs {_span(prior['jobs'])}); use a new key for a new submission"
+            )
+        return {"jobs": prior["jobs"], "groups": prior["groups"]}
 
     def _submit(
         self,
@@ -229,6 +259,7 @@ class Core:
         submit_key: str | None,
         array: bool = False,
         environment: dict[str, str] | None = None,
+        digest: str | None = None,
     ) -> dict[str, Any]:
         if jobs:
             self._check_queued(actor.name, len(jobs))
@@ -253,39 +284,58 @@ class Core:
             self._group_of(by_name, gid).total += len(member_ids)
         for group in by_name.values():
             self.tx.put_group(group)
-        born_doomed: list[tuple[int, str]] = []
-        rows: list[list[Any]] = []
-        owner, now = actor.name, self.now
         mine = [] if own is None else [own.id]
         tail = owners.new_job_tail(self.tx, actor.runs_as, environment, len(jobs)) if jobs else ()
-        for job_id, spec in zip(ids, jobs, strict=True):
-            deps = new[job_id]
-            if not deps and not spec.get("groups") and not mine:  # most jobs of a big one
-                rows.append(_new_row(job_id, owner, now, spec, _NONE, _NONE, 0, tail))
+        groups_by_name = {name: g.id for name, g in by_name.items()}
+        made = NewJobs(actor.name, self.now, groups_by_name, mine, tail)
+        born_doomed = self.new_jobs(made, ids, jobs, new, ids)
+        for job_id, reason in born_doomed:
+            self._cancel(self._load(job_id), reason)
+        result = {"jobs": ids, "groups": groups_by_name}
+        if submit_key:
+            digest = digest or _digest(jobs, groups)
+            self.tx.put_submit_key(actor.name, submit_key, {**result, "digest": digest}, self.now)
+        return result
+
+    def new_jobs(
+        self,
+        made: NewJobs,
+        ids: Sequence[int],
+        specs: list[dict[str, Any]],
+        deps: dict[int, list[Dep]],
+        fresh: Sequence[int],
+    ) -> list[tuple[int, str]]:
+        """Store the jobs `ids` of a submission from their specs and resolved dependencies,
+        with their edges and `submitted` events; returns those born doomed (a dependency that
+        can no longer be met), with why, for the caller to cancel once the submission's jobs
+        all exist. A dependency on one of `fresh` (this submission's jobs not stored before
+        this call) waits for it."""
+        rows: list[list[Any]] = []
+        born_doomed: list[tuple[int, str]] = []
+        owner, submitted, mine, tail = made.owner, made.submitted, made.mine, made.tail
+        for job_id, spec in zip(ids, specs, strict=True):
+            needs = deps.get(job_id)
+            if not needs and not spec.get("groups") and not mine:  # most jobs of a big one
+                rows.append(_new_row(job_id, owner, submitted, spec, _NONE, _NONE, 0, tail))
                 continue
             pending = 0
             doom = None
-            for dep in deps:
-                verdict = self._verdict(dep, ids)
+            for dep in needs or ():
+                verdict = self._verdict(dep, fresh)
                 if verdict == WAIT:
                     pending += 1
                     self.tx.add_dependent(dep.target, dep.id, job_id, dep.kind)
                 elif verdict != MET and doom is None:
                     doom = verdict
-            groups_of = [by_name[name].id for name in spec.get("groups", ())] + mine
-            depends_on = [d.pack() for d in deps]
-            rows.append(_new_row(job_id, owner, now, spec, depends_on, groups_of, pending, tail))
+            groups_of = [made.groups[name] for name in spec.get("groups", ())] + mine
+            depends_on = [d.pack() for d in needs or ()]
+            row = _new_row(job_id, owner, submitted, spec, depends_on, groups_of, pending, tail)
+            rows.append(row)
             if doom is not None:
                 born_doomed.append((job_id, doom))
         self.tx.put_new_jobs(rows)
         self._log_submitted(rows)
-        for job_id, reason in born_doomed:
-            self._cancel(self._load(job_id), reason)
-        result = {"jobs": ids, "groups": {name: g.id for name, g in by_name.items()}}
-        if submit_key:
-            digest = _digest(jobs, groups)
-            self.tx.put_submit_key(actor.name, submit_key, {**result, "digest": digest}, self.now)
-        return result
+        return born_doomed
 
     def _log_submitted(self, rows: list[list[Any]]) -> None:
         """The `submitted` events of a submission's new job rows, numbered in one go."""
@@ -354,7 +404,7 @@ class Core:
         return by_name, joined
 
     def _resolve_deps(
-        self, index: int, spec: dict[str, Any], by_name: dict[str, Group], ids: list[int]
+        self, index: int, spec: dict[str, Any], by_name: dict[str, Group], ids: Sequence[int]
     ) -> list[Dep]:
         """Check that every dependency of jobs[index] exists; duplicates collapse."""
         out: dict[tuple[str, int], Dep] = {}
@@ -390,7 +440,7 @@ class Core:
         except NotFound as e:
             raise NotFound(f"{where}: {e}") from None
 
-    def _verdict(self, dep: Dep, new_ids: list[int]) -> str:
+    def _verdict(self, dep: Dep, new_ids: Sequence[int]) -> str:
         """What a dependency means right now: WAIT, MET (already met) or a cancel reason."""
         if dep.target == "job":
             if new_ids and new_ids[0] <= dep.id <= new_ids[-1]:

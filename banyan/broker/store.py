@@ -24,6 +24,8 @@ Keys (integers big-endian, so LMDB's byte order is numeric order):
                  2 group:u64 state:u8                      -> that group's jobs in it:u64
     members      group:u64 job:u64                         -> empty
     ops          id:u64                                    -> Op row (a long operation)
+    op_data      op:u64 r                                  -> a submission's request, as sent
+                 op:u64 d job:u64                          -> why that job of it is born doomed
     owners       name                                      -> [owner:u32, {state: jobs}, mcpus]
     owner_names  owner:u32                                 -> name
     shapes       packed [cpus, memory, gpus, sorted tags]  -> shape:u32
@@ -51,9 +53,10 @@ per-state counts sit in `by_state` (a bare state sorts before its `state NUL` en
 job ids and event seqs are one past the last key of `jobs` and `events` rather than counters
 in `ids`. Retention deletes the oldest records of both; when it deletes the last one of a table
 it leaves that number in `ids` (under "purged job" or "purged event"), so numbers are never
-reused. A single-job submit so touches jobs, eligible, by_state, owners and events. Stores
-from before a layout are converted on open (`_upgrade`); `meta` holds the layout's number
-under "format" (`FORMAT`).
+reused; a submission made a slice at a time reserves its job ids there too (`reserve_jobs`).
+A single-job submit so touches jobs, eligible, by_state, owners and events. Stores from before
+a layout are converted on open (`_upgrade`); `meta` holds the layout's number under "format"
+(`FORMAT`).
 
 The environment folder and its files are made for the broker's account alone (0700, 0600):
 they hold every job's command and the environments users exported.
@@ -268,6 +271,7 @@ class _Dbs:
     by_state: Any
     members: Any
     ops: Any
+    op_data: Any
     owners: Any
     owner_names: Any
     shapes: Any
@@ -471,6 +475,10 @@ class ReadTx:
         """Every long operation in progress, as stored rows, oldest first."""
         return [list(_unpack(value)) for _, value in self._txn.cursor(self._db.ops)]
 
+    def get_op_request(self, op_id: int) -> bytes | None:
+        """The request a long operation was admitted for, as it came (put_op_request)."""
+        return self._txn.get(_U64.pack(op_id) + b"r", db=self._db.op_data)
+
     def state_counts(self) -> dict[str, int]:
         """Jobs per state; every JobState is present, zero or not."""
         return self._tally(_STATE_KEYS)
@@ -650,6 +658,18 @@ class ReadTx:
 
     def delete_op(self, op_id: int) -> None:
         raise ReadOnly("delete_op on a read view")
+
+    def put_op_request(self, op_id: int, request: bytes) -> None:
+        raise ReadOnly("put_op_request on a read view")
+
+    def note_doomed(self, op_id: int, job_id: int, reason: str) -> None:
+        raise ReadOnly("note_doomed on a read view")
+
+    def take_doomed(self, op_id: int, limit: int) -> list[tuple[int, str]]:
+        raise ReadOnly("take_doomed on a read view")
+
+    def reserve_jobs(self, last: int) -> None:
+        raise ReadOnly("reserve_jobs on a read view")
 
 
 def _writes(method: Callable[Concatenate[WriteTx, P], T]) -> Callable[Concatenate[WriteTx, P], T]:
@@ -888,7 +908,41 @@ class WriteTx(ReadTx):
 
     @_writes
     def delete_op(self, op_id: int) -> None:
+        """An operation ended: its record and whatever it kept in op_data."""
         self._txn.delete(_U64.pack(op_id), db=self._db.ops)
+        self._delete_prefix(self._db.op_data, _U64.pack(op_id))
+
+    @_writes
+    def put_op_request(self, op_id: int, request: bytes) -> None:
+        self._txn.put(_U64.pack(op_id) + b"r", request, db=self._db.op_data)
+
+    @_writes
+    def note_doomed(self, op_id: int, job_id: int, reason: str) -> None:
+        """Job `job_id` of submission `op_id` was born doomed: cancel it (take_doomed) once
+        the submission's jobs all exist."""
+        key = _U64.pack(op_id) + b"d" + _U64.pack(job_id)
+        self._txn.put(key, reason.encode(), db=self._db.op_data)
+
+    @_writes
+    def take_doomed(self, op_id: int, limit: int) -> list[tuple[int, str]]:
+        """Up to `limit` of the jobs noted doomed, lowest id first, each forgotten as taken."""
+        prefix = _U64.pack(op_id) + b"d"
+        out: list[tuple[int, str]] = []
+        cursor = self._txn.cursor(self._db.op_data)
+        found = cursor.set_range(prefix)
+        while found and len(out) < limit and cursor.key().startswith(prefix):
+            out.append((_U64.unpack_from(cursor.key(), 9)[0], cursor.value().decode()))
+            found = cursor.delete()
+        return out
+
+    @_writes
+    def reserve_jobs(self, last: int) -> None:
+        """Issue the job ids up to `last` now, their jobs to be stored later (a submission
+        made a slice at a time): the next job gets a later id."""
+        key = _U64.pack(last)
+        kept = self._txn.get(_FLOORS["job"], db=self._db.ids)
+        if kept is None or kept < key:
+            self._txn.put(_FLOORS["job"], key, db=self._db.ids)
 
     @_writes
     def put_new_jobs(self, rows: list[list[Any]]) -> None:
@@ -1271,6 +1325,22 @@ class Store:
         except lmdb.Error as exc:
             raise StoreFull(f"cannot grow the store: {exc}") from exc
         raise MapGrown(f"map grown from {size} to {self.map_size} bytes")
+
+    def make_room(self, room: int) -> None:
+        """Grow the map now, while no transaction is open, if fewer than `room` bytes are
+        left past the pages the file has ever used: a turn that writes that much is then not
+        run again from scratch because the map had to grow under it. The map is address
+        space, not disk; the file grows only as pages are written."""
+        if self._writing or self._readers:
+            return
+        info = self._env.info()
+        need = (info["last_pgno"] + 1) * self._env.stat()["psize"] + room
+        size = info["map_size"]
+        if need <= size or size >= self.max_map_size:
+            return
+        while size < need:
+            size *= 2
+        self._env.set_mapsize(min(size, self.max_map_size))
 
     def write_batch(self, fn: Callable[[WriteTx], T]) -> T:
         """Run fn in a write transaction and commit, growing the map and running fn again from

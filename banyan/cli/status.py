@@ -191,12 +191,13 @@ def render(st: Status, args: Args, color: bool) -> str:
     now = time.time()
     rows = [row(j.raw, now) for j in st.jobs]
     out.append(table(HEADERS, rows, color))
-    out.append(summary(st))
+    out.append(summary(st, args.get("cursor")))
     return "\n".join(out)
 
 
-def summary(st: Status) -> str:
-    """Every job that matched, by state; how many of them are shown."""
+def summary(st: Status, cursor: int | None = None) -> str:
+    """Every job that matched, by state; how many of them are shown (those before `cursor`,
+    when the listing went on from one)."""
     counts = st.counts
     total = st.matched
     if total is None:  # jobs named by id: what is shown is what matched
@@ -206,7 +207,9 @@ def summary(st: Status) -> str:
         total = len(st.jobs)
     tally = ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: -kv[1]))
     text = ("at least " if not st.exact else "") + f"{plural(total, 'job')}: {tally}"
-    if len(st.jobs) < total or st.truncated:
+    if cursor is not None:  # a page from further down: not the newest
+        text += f"; {len(st.jobs)} shown, those before job {cursor}"
+    elif len(st.jobs) < total or st.truncated:
         text += f"; the newest {len(st.jobs)} shown (--limit N for more)"
     return text
 

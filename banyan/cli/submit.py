@@ -90,8 +90,6 @@ Options:
 )
 
 DEP_OPTIONS = tuple(zip(("--after", "--after-any", "--after-fail"), DEP_KINDS, strict=True))
-# Extra patience per job in one submission: a loaded broker stores 100,000 jobs in ~5-10 s.
-SECONDS_PER_JOB = 0.0005
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,25 +97,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def submit(args: Args) -> int:
-    jobs, groups, array = build(args)
+    jobs, groups, array, each = build(args)
     spec = args.get("--export") or export.ALL
     try:
         export.capture(spec)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    count = arrays.count(array) if array else len(jobs)
     with connect(args) as client:
         # Where the event log ends before the jobs exist: the live display follows from here.
         head = client.events_head() if args["--wait"] else 0
-        # The broker checks and stores every job before it answers: give a big one time.
-        patience, client.timeout = client.timeout, client.timeout + count * SECONDS_PER_JOB
         try:
             result = client.submit(
-                jobs=jobs, groups=groups, submit_key=args["--submit-key"], array=array, export=spec
+                jobs=jobs,
+                groups=groups,
+                submit_key=args["--submit-key"],
+                array=array,
+                each=each,
+                export=spec,
             )
         except (ProtocolError, BanyanError) as e:
             raise _in_words(e, args["--file"]) from None
-        client.timeout = patience
         if args["--json"]:
             print_json({"jobs": result.jobs, "groups": result.groups})
         else:
@@ -149,9 +148,12 @@ def _in_words(e: ProtocolError | BanyanError, path: str | None) -> Exception:
     return type(e)(text, e.code)
 
 
-def build(args: Args) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str | None]:
-    """The submission's jobs, groups and array range, from the command line (and the --file,
-    if any). An array is sent as its one template job and the range: the broker expands it."""
+def build(
+    args: Args,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str | None, list[str] | None]:
+    """The submission's jobs, groups, array range and each lines, from the command line (and
+    the --file, if any). An array or each lines go as their one template job and the range or
+    the lines: the broker makes the jobs."""
     if args["--open"] and not args["--group"]:
         raise UsageError("--open needs --group NAME")
     if sum(bool(args[o]) for o in ("--each", "--array", "--file")) > 1:
@@ -168,18 +170,18 @@ def build(args: Args) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str |
             raise UsageError("give a COMMAND or --file, not both")
         jobs, file_groups = load_workflow(args["--file"], fields, cwd)
         listed = {g["name"] for g in file_groups}
-        return jobs, file_groups + [g for g in groups if g["name"] not in listed], None
+        return jobs, file_groups + [g for g in groups if g["name"] not in listed], None, None
     base = {**fields, "cwd": cwd, "command": command_line(args["COMMAND"])}
     if args["--each"]:
-        return expand(base, read_lines(args["--each"])), groups, None
+        return [base], groups, None, sized(base, read_lines(args["--each"]))
     if args["--array"]:
         array_count(args["--array"])  # a bad range or size is a usage error, found here
         try:
             arrays.check_size(arrays.array_bytes(base, args["--array"]), "--array")
         except ValueError as e:
             raise UsageError(str(e)) from None
-        return [base], groups, args["--array"]
-    return [base], groups, None
+        return [base], groups, args["--array"], None
+    return [base], groups, None, None
 
 
 def command_line(words: list[str]) -> str:
@@ -281,16 +283,16 @@ def array_count(spec: str) -> int:
         raise UsageError(f"--array: {e}") from None
 
 
-def expand(base: dict[str, Any], items: list[str]) -> list[dict[str, Any]]:
-    """One job per --each line, sized before any is made (arrays.check_size)."""
+def sized(base: dict[str, Any], items: list[str]) -> list[str]:
+    """--each lines that make no more jobs, and no more bytes of job text, than a submission
+    may carry (arrays.check_size)."""
+    if len(items) > defaults.MAX_JOBS_PER_SUBMIT:
+        raise UsageError(f"--each: {arrays.too_many(len(items))}")
     try:
-        if len(items) <= defaults.MAX_JOBS_PER_SUBMIT:
-            arrays.check_size(arrays.each_bytes(base, items), f"--each: {len(items)} lines")
-        return arrays.expand(base, items, index_env=False)
+        arrays.check_size(arrays.each_bytes(base, items), f"--each: {len(items)} lines")
     except ValueError as e:
-        raise UsageError(
-            f"--each: {e}" if len(items) > defaults.MAX_JOBS_PER_SUBMIT else str(e)
-        ) from None
+        raise UsageError(str(e)) from None
+    return items
 
 
 # ---- --wait -----------------------------------------------------------------------------------
