@@ -315,6 +315,8 @@ def detail(r: dict[str, Any], color: bool) -> str:
     facts += [(k, str(r[k])) for k in ("cwd", "output") if r.get(k)]
     if r.get("env"):
         facts.append(("env", " ".join(f"{k}={v}" for k, v in r["env"].items())))
+    if r.get("env_hidden"):
+        facts.append(("env", "only its owner and admins may see it"))
     if r.get("output_hidden"):
         facts.append(("output tail", "only its owner and admins may read it"))
     title = f"job {r['id']}  {clip(r.get('name') or '', 60)}"
