@@ -296,7 +296,7 @@ def test_the_submitters_environment_is_exported_as_asked(
     assert not any(k in everything for k in ("BANYAN_HOME", "BANYAN_TIME_FACTOR"))
 
     clean = env_of(export="NONE")
-    login = {"HOME", "USER", "LOGNAME", "SHELL", "PATH", "PWD", "OLDPWD", "SHLVL"}
+    login = {"HOME", "USER", "LOGNAME", "SHELL", "PATH", "PWD", "SHLVL"}  # no worker's OLDPWD
     job_vars = {"BANYAN_JOB_ID", "BANYAN_ATTEMPT", "BANYAN_PROGRESS_FILE", "BANYAN_MARKER"}
     assert set(clean) <= login | job_vars | {"CUDA_VISIBLE_DEVICES", "_"}
     assert clean["HOME"] == alice.home and "MARKER" not in clean

@@ -361,10 +361,13 @@ class Runner:
     ) -> int:
         # Neither start has a chdir action, so the shell changes directory itself (as the
         # job's owner); on the same line as the command, so the user's line numbers in error
-        # messages stay right.
+        # messages stay right. The cd leaves the directory it left (the worker's) in OLDPWD:
+        # the job gets the one it was given, if any, as a shell started there would.
         umask = defaults.UMASK if launch.umask is None else launch.umask
+        oldpwd = f"OLDPWD={shlex.quote(env['OLDPWD'])}" if "OLDPWD" in env else "unset OLDPWD"
         script = (
-            f"umask {umask:04o}; cd -- {shlex.quote(cwd)} || exit {SPAWN_FAILED}; {launch.command}"
+            f"umask {umask:04o}; cd -- {shlex.quote(cwd)} || exit {SPAWN_FAILED}; {oldpwd}; "
+            f"{launch.command}"
         )
         if account.uid != self.me.uid:
             return self._spawn_as(account, script, env, outputs, cgroup, umask, launch.output)
