@@ -361,6 +361,24 @@ def test_leader_exiting_on_sigterm_does_not_save_a_stubborn_grandchild(h: Harnes
     h.polling_until(lambda: not alive(int(kid.read_text())))
 
 
+def test_orphans_are_reaped_while_their_job_runs(h: Harness) -> None:
+    # Each subshell exits at once, so its child comes to the runner (a subreaper) and exits:
+    # a fork loop makes thousands of these, and each zombie holds a pid of its account's.
+    orphans = "(sh -c 'echo $$ >> orphans' &); (setsid sh -c 'echo $$ >> orphans' &); "
+    info = h.start(1, f"for i in $(seq 20); do {orphans}done; echo started > gate; sleep 1000")
+    orphans_file, gate = h.spool / "1.1" / "orphans", h.spool / "1.1" / "gate"
+    wait_for(ready(gate))
+
+    def reaped() -> bool:
+        pids = [int(p) for p in orphans_file.read_text().split()]
+        return len(pids) == 40 and not zombie_children() - {info.pid} and not any(map(alive, pids))
+
+    h.polling_until(reaped)
+    assert h.runner.running() == [(1, info.token)]  # while the job runs on
+    h.runner.cancel(1, info.token, time.monotonic(), "test")
+    assert h.result(1).outcome == "cancelled"
+
+
 def test_background_children_die_with_a_cancel(h: Harness) -> None:
     info = h.start(1, "sleep 1000 & echo $!; wait")
     wait_for(ready(Path(info.stdout_path)))

@@ -518,6 +518,22 @@ class Runner:
             for key in list(pending):
                 if not procs.reap_some(number * key):
                     del pending[key]
+        self._reap_orphans()
+
+    def _reap_orphans(self) -> None:
+        """Reap every exited process that came to us as a subreaper (a job's orphans: a fork
+        loop makes thousands, each holding a pid and counting against its account's process
+        limit), but the leaders of running attempts, held on purpose, and the children of
+        the worker's own session."""
+        exited = procs.exited_children(self._me)
+        if exited is None:  # no child lists here: the sweep's pass over /proc reaps them
+            self._schedule_sweep()
+            return
+        leaders = {a.info.pid for a in self._jobs.values()}
+        for pid, sid in exited:
+            if pid not in leaders and sid != self._my_sid:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
 
     def _members(
         self, table: procs.ProcTable, attempts: list[_Attempt], everywhere: bool
