@@ -1199,6 +1199,8 @@ _BROKER_TO_WORKER_SCHEMAS: Final[dict[str, Check]] = {
         {
             "heartbeat": (_num(0.0, MAX_HEARTBEAT, above=True), _REQUIRED),
             "liveness": (_int(1, MAX_LIVENESS), _REQUIRED),
+            # The broker's Unix account: a root worker refuses its jobs as it refuses root's.
+            "broker_account": (_nullable(_NAME), None),
         }
     ),
     "assign": _record(

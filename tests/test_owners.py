@@ -14,6 +14,7 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import site
 import stat
 import subprocess
@@ -423,6 +424,76 @@ def test_a_worker_not_root_runs_only_its_own_accounts_jobs(cluster: Cluster, use
     start_worker_as(cluster, users.alice, "wany", "--run-any-owner")
     info = finished(cluster, theirs)
     assert info.worker == "wany" and output(info) == [users.alice.name]  # as the worker's
+
+
+@pytest.fixture
+def bobs_broker(users: Users) -> Iterator[Cluster]:
+    """A broker run by bob (its keys, store and local admin key are bob's), as an operator
+    runs one under an account of its own; root's workers have a root-owned copy of its
+    worker key."""
+    bob = users.bob
+    root = Path(tempfile.mkdtemp(prefix="banyan-bobs-broker-"))
+    os.chmod(root, 0o711)
+    c = Cluster(root)
+    c.home = root / "bob-home"
+    c.state_dir = c.home / "state"
+    c.home.mkdir()
+    os.chown(c.home, bob.uid, bob.gid)
+    exe, env = python_for(bob)
+    args = ["-m", "banyan.cli.broker", "--client-port", str(c.client_port)]
+    args += ["--worker-port", str(c.worker_port), "--heartbeat", "0.2", "--log-level", "debug"]
+    log = open(root / "broker.log", "ab")  # noqa: SIM115 - the process's
+    login = {"HOME": bob.home, "USER": bob.name, "LOGNAME": bob.name}
+    c.procs["broker"] = subprocess.Popen(
+        [exe, *args],
+        user=bob.uid,
+        group=bob.gid,
+        extra_groups=[],
+        env={**c.env, **env, **login, "BANYAN_HOME": str(c.home)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    log.close()
+    try:
+        wait_for(c._pings, 20, what="bob's broker to answer")
+        workers_home = root / "root-worker-home"
+        (workers_home / "keys").mkdir(parents=True)
+        for f in ("worker.key_secret", "broker.key"):
+            shutil.copyfile(c.home / "keys" / f, workers_home / "keys" / f)
+        os.chmod(workers_home / "keys" / "worker.key_secret", 0o600)
+        c.env["BANYAN_HOME"] = str(workers_home)
+        yield c
+    finally:
+        c.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_root_workers_run_no_job_as_the_brokers_account(bobs_broker: Cluster, users: Users) -> None:
+    cluster, bob = bobs_broker, users.bob
+    cluster.start_worker("w1", extra=())  # root, without --allow-root-jobs
+    admin = cluster.client()  # the broker's local admin key: bound to bob, who runs it
+    secret = cluster.home / "keys" / "broker.key_secret"
+    (j,) = admin.submit(f"id -un; head -c 10 {secret} >/dev/null && echo READ").jobs
+    why = (
+        f"worker w1 does not run jobs as the broker's account {bob.name} "
+        "(start it with --allow-root-jobs)"
+    )
+    wait_for(lambda: admin.job(j).reason == why, 20, what="the reason")
+    assert admin.job(j).raw["account"] == bob.name
+    assert admin.job(j).raw["history"] == []  # never even offered
+    (w1,) = admin.request("workers", {})["workers"]
+    assert w1["state"] == "idle" and w1["refused_accounts"][bob.name] == why
+
+    # bob's own worker (the one-account setup, as `make demo` as a user) runs bob's jobs.
+    start_worker_as(cluster, bob, "wb")
+    info = finished(cluster, j)
+    assert info.worker == "wb" and output(info) == [bob.name, "READ"]
+
+    cluster.start_worker("w2", extra=("--allow-root-jobs",))  # told to: it runs them too
+    cluster.kill("wb", signal.SIGTERM)
+    (k,) = admin.submit("id -un").jobs
+    info = finished(cluster, k)
+    assert info.worker == "w2" and output(info) == [bob.name]
 
 
 def test_a_worker_refuses_a_secret_key_others_can_read(cluster: Cluster) -> None:

@@ -27,13 +27,15 @@ Options:
                         of ended jobs first (512M, 10G) [default: 1G].
   --run-any-owner       Not root: run every user's jobs, as this account (one trusted user
                         running a private cluster). Without it, only this account's jobs.
-  --allow-root-jobs     Root: also run jobs whose owner's account is root, as root.
+  --allow-root-jobs     Root: also run jobs whose owner's account is root, as root, and
+                        jobs of the broker's own account (which can read its keys).
   --log-level LEVEL     debug, info, warning or error [default: info].
   -h --help             Show this help.
 
 Started as root, the worker runs each job as its owner's Unix account (the account the
-owner's key is bound to), never as root unless --allow-root-jobs is given. Started as another
-user, it runs only that user's jobs, as that user, unless --run-any-owner is given.
+owner's key is bound to), never as root or as the broker's own account unless it is
+given --allow-root-jobs. Started as another user, it runs only that user's jobs, as that
+user, unless --run-any-owner is given.
 """
 
 from __future__ import annotations
