@@ -119,8 +119,9 @@ def test_the_submitters_environment_under_the_accounts_own(r: Harness) -> None:
 
 def test_spool_files_are_the_owners_alone(r: Harness) -> None:
     r.run(9, "echo out; echo err >&2")
-    spool = r.spool
-    assert stat.S_IMODE(spool.stat().st_mode) == (0o711 if os.geteuid() == 0 else 0o700)
+    spool = r.spool  # the account's own directory in the spool
+    assert stat.S_IMODE(spool.parent.stat().st_mode) == (0o711 if os.geteuid() == 0 else 0o700)
+    assert stat.S_IMODE(spool.stat().st_mode) == 0o700
     assert stat.S_IMODE((spool / "9.1").stat().st_mode) == 0o700
     for name in ("9.1.out", "9.1.err"):
         assert stat.S_IMODE((spool / name).stat().st_mode) == 0o600

@@ -167,7 +167,7 @@ def test_a_job_runs_as_its_owner_in_a_terminals_world(cluster: Cluster, users: U
     (j,) = c.submit(script, export="NONE").jobs
     info = finished(cluster, j)
     assert info.outcome == "success", info.raw["output_tail"]
-    spool = cluster.root / "spool" / "w1"
+    spool = cluster.root / "spool" / "w1" / alice.name  # the account's own, in the worker's
     assert output(info) == [
         alice.name,
         grp.getgrgid(alice.gid).gr_name,
@@ -186,7 +186,7 @@ def test_a_job_runs_as_its_owner_in_a_terminals_world(cluster: Cluster, users: U
     assert c.job(j).raw["account"] == alice.name
     assert mode(spool / f"{j}.1.out") == (alice.name, 0o600)
     assert mode(spool / f"{j}.1.err") == (alice.name, 0o600)
-    assert mode(spool) == ("root", 0o711)
+    assert mode(spool) == (alice.name, 0o700) and mode(spool.parent) == ("root", 0o711)
 
 
 def test_output_files_are_opened_as_the_owner(cluster: Cluster, users: Users) -> None:
@@ -206,6 +206,27 @@ def test_output_files_are_opened_as_the_owner(cluster: Cluster, users: Users) ->
     assert "could not start" in info.raw["output_tail"]["stderr"]
     assert "Permission denied" in info.raw["output_tail"]["stderr"]
     assert not forbidden.exists()
+
+
+def test_a_link_planted_where_output_will_go_is_replaced_not_followed(
+    cluster: Cluster, users: Users
+) -> None:
+    cluster.start_worker("w1")
+    alice = users.alice
+    c = client_for(cluster, alice.name)
+    (first,) = c.submit("true").jobs
+    assert finished(cluster, first).outcome == "success"
+    mine = cluster.root / "spool" / "w1" / alice.name  # alice's: her jobs may write in it
+    victim = cluster.root / "roots-file"
+    victim.write_text("root's\n")
+    (job,) = c.submit("echo fresh; echo oops >&2", hold=True).jobs
+    for suffix in (".1.out", ".1.err", ".1.progress"):  # what alice's job could have put there
+        (mine / f"{job}{suffix}").symlink_to(victim)
+    c.release(job)
+    info = finished(cluster, job)
+    assert info.outcome == "success" and output(info) == ["fresh"]
+    assert victim.read_text() == "root's\n" and mode(victim)[0] == "root"
+    assert mode(mine / f"{job}.1.out") == (alice.name, 0o600)
 
 
 def test_a_shell_loop_piped_into_head_ends_within_a_second(cluster: Cluster, users: Users) -> None:
@@ -254,14 +275,18 @@ def test_users_cannot_touch_each_others_jobs_or_output(cluster: Cluster, users: 
 
     victim_pid = wait_for(pid, 20, what="bob's job to start")
     spool = cluster.root / "spool" / "w1"
+    # Wherever bob's files are, alice's job cannot even tell that they exist, or how big.
+    bobs = [p for p in spool.rglob(f"{victim}.1*") if p.name != f"{victim}.1"]
+    assert {p.name[len(str(victim)) :] for p in bobs} == {".1.out", ".1.err", ".1.progress"}
     attack = (
         f"kill -TERM {victim_pid}; echo kill=$?; "
-        f"cat {spool}/{victim}.1.out >/dev/null 2>&1; echo read=$?; "
+        + "".join(f"stat {p} >/dev/null 2>&1; echo stat=$?; " for p in bobs)
+        + f"cat {bobs[0]} >/dev/null 2>&1; echo read=$?; "
         f"ls {spool} >/dev/null 2>&1; echo list=$?"
     )
     (j,) = alice.submit(attack).jobs
     info = finished(cluster, j)
-    assert output(info) == ["kill=1", "read=1", "list=2"]
+    assert output(info) == ["kill=1", "stat=1", "stat=1", "stat=1", "read=1", "list=2"]
     assert "Operation not permitted" in info.raw["output_tail"]["stderr"]
     assert admin.job(victim).state == "running" and psutil.pid_exists(victim_pid)
     with pytest.raises(Forbidden, match="only they or an admin may read its output"):

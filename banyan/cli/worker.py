@@ -19,8 +19,8 @@ Options:
   --memory SIZE         Memory to offer: MiB, or a size such as 64G (default: all physical).
   --gpus N              GPUs to offer (default: CUDA_VISIBLE_DEVICES or nvidia-smi).
   --tag T               A label jobs can ask for; repeat for more.
-  --spool DIR           Where job output goes (default: /var/spool/banyan/NAME as root,
-                        else $BANYAN_HOME/spool/NAME).
+  --spool DIR           Where job output goes, in a directory per account (default:
+                        /var/spool/banyan/NAME as root, else $BANYAN_HOME/spool/NAME).
   --spool-retention T   Delete a job's output in the spool this long after it last
                         changed (2d, 12h) [default: 7d].
   --spool-min-free SIZE  When the spool's disk has less free, delete the oldest output
