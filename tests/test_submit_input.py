@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from banyan import arrays, protocol
 from banyan.cli import submit
 from tests.cluster import Cluster, free_port, scaled
 
@@ -110,3 +111,21 @@ def test_a_variable_all_cannot_carry_is_left_out_with_a_warning(
     env = cluster.client().job(job).raw["output_tail"]["stdout"]
     assert "GOODV=fine" in env and "BADV" not in env
     assert cluster.client().wait([job], timeout=scaled(5)).all_succeeded
+
+
+@pytest.mark.parametrize(
+    ("spec", "said"),
+    [
+        ("0-99999999999999999999:99999999999999999999", "an index or step is at most"),
+        ("٠-٩", "expected N-M or N-M:STEP"),  # Arabic-Indic digits
+        ("1_000", "expected N-M or N-M:STEP"),
+    ],
+)
+def test_array_indices_are_ascii_and_fit_64_bits(
+    capsys: pytest.CaptureFixture[str], spec: str, said: str
+) -> None:
+    assert said in refused(capsys, "--export", "NONE", "--array", spec, "echo {}")
+    body = {"jobs": [{"command": "echo {}"}], "groups": [], "submit_key": None, "array": spec}
+    with pytest.raises(protocol.ProtocolError, match=said):  # and the broker's check
+        protocol.encode("submit", body, 1)
+    assert arrays.count("9223372036854775806-9223372036854775807") == 2  # the top still fits
