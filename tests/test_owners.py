@@ -542,6 +542,31 @@ def test_a_worker_refuses_a_secret_key_others_can_read(cluster: Cluster) -> None
     assert cluster.client().workers() == []
 
 
+def test_a_root_worker_refuses_a_secret_key_another_account_owns(
+    cluster: Cluster, users: Users
+) -> None:
+    home = cluster.root / "alices-key"
+    (home / "keys").mkdir(parents=True)
+    for f in ("worker.key_secret", "broker.key"):
+        shutil.copyfile(cluster.home / "keys" / f, home / "keys" / f)
+    secret = home / "keys" / "worker.key_secret"
+    os.chmod(secret, 0o600)
+    os.chown(secret, users.alice.uid, users.alice.gid)  # alice can read it: act as the worker
+    argv = [sys.executable, "-m", "banyan.cli.worker", "--name", "borrowed"]
+    argv += ["--broker", f"127.0.0.1:{cluster.worker_port}"]
+    done = subprocess.run(
+        argv,
+        env={**cluster.env, "BANYAN_HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=scaled(30),
+    )
+    assert done.returncode == 2, done.stderr
+    assert f"belongs to {users.alice.name}, not to root" in done.stderr
+    assert f"chown root {secret}" in done.stderr
+    assert cluster.client().workers() == []
+
+
 def test_progress_helper_reports_from_a_python_job(cluster: Cluster, users: Users) -> None:
     cluster.start_worker("w1")
     c = client_for(cluster, users.alice.name)
