@@ -21,6 +21,9 @@ from typing import Any
 from banyan import defaults
 
 INDEX_VAR = "BANYAN_ARRAY_INDEX"
+# The largest index: a signed 64-bit integer, which a job's shell can still count with.
+MAX_INDEX = 2**63 - 1
+_DIGITS = re.compile(r"[0-9]+")  # ASCII only: int() would also take `٣` and `1_000`
 # Fields whose `{}` is replaced too; the command always is.
 TEMPLATED = ("name", "output")
 
@@ -62,14 +65,16 @@ def ranges(spec: str) -> list[range]:
     out: list[range] = []
     total = 0
     for part in spec.split(","):
-        rng, _, step_text = part.strip().partition(":")
+        rng, colon, step_text = part.strip().partition(":")
         lo_text, dash, hi_text = rng.partition("-")
-        try:
-            lo = int(lo_text)
-            hi = int(hi_text) if dash else lo
-            step = int(step_text) if step_text else 1
-        except ValueError:
-            raise ValueError(f"expected N-M or N-M:STEP, got {part!r}") from None
+        texts = [lo_text] + [hi_text] * bool(dash) + [step_text] * bool(colon)
+        if not all(_DIGITS.fullmatch(t.strip()) for t in texts):
+            raise ValueError(f"expected N-M or N-M:STEP, got {part!r}")
+        lo = int(lo_text)
+        hi = int(hi_text) if dash else lo
+        step = int(step_text) if colon else 1
+        if max(hi, step) > MAX_INDEX:
+            raise ValueError(f"{part!r}: an index or step is at most {MAX_INDEX} (2^63 - 1)")
         if lo < 0 or hi < lo or step < 1:
             raise ValueError(f"{part!r} is empty or backwards (need 0 <= N <= M)")
         out.append(range(lo, hi + 1, step))

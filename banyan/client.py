@@ -357,7 +357,8 @@ class Client:
         Like `sbatch`, every job gets this process's environment (`export="ALL"`), less the
         daemons' variables; `"NONE"` (or None) gives the account's clean login environment,
         `"VAR,VAR=value"` only those (banyan/export.py). It travels once per request and
-        counts against its size (MAX_ENVIRONMENT_BYTES)."""
+        counts against its size (MAX_ENVIRONMENT_BYTES). A variable that is not UTF-8 is left
+        out of `"ALL"`; one named, or one past the limits, raises ValueError naming it."""
         if command is not None:
             unknown = set(fields) - set(JOB_FIELDS)
             if unknown:

@@ -102,15 +102,27 @@ def private_dir(path: Path, tighten: bool = False) -> Path:
 
 
 def check_private(path: Path) -> None:
-    """Raise KeyExposed if the secret key at `path` is readable by anyone but its owner."""
+    """Raise KeyExposed if the secret key at `path` is readable by anyone but its owner, or
+    if its owner is another account than this process's (which can read it, mode 600 or not,
+    and act with it)."""
     try:
-        mode = os.stat(path).st_mode
+        st = os.stat(path)
     except FileNotFoundError:
         return
-    if mode & 0o077:
+    if st.st_mode & 0o077:
         raise KeyExposed(
-            f"{path} is readable by other users (mode {mode & 0o777:o}); anyone who can read "
-            f"it can act with this key. Fix it with: chmod 600 {path}"
+            f"{path} is readable by other users (mode {st.st_mode & 0o777:o}); anyone who can "
+            f"read it can act with this key. Fix it with: chmod 600 {path}"
+        )
+    if st.st_uid != os.geteuid():
+        try:
+            owner = pwd.getpwuid(st.st_uid).pw_name
+        except KeyError:
+            owner = f"uid {st.st_uid}"
+        me = own_account()
+        raise KeyExposed(
+            f"{path} belongs to {owner}, not to {me}, who runs this daemon; {owner} can read it "
+            f"and act with this key. Fix it with: chown {me} {path}"
         )
 
 

@@ -1236,6 +1236,8 @@ _BROKER_TO_WORKER_SCHEMAS: Final[dict[str, Check]] = {
         {
             "heartbeat": (_num(0.0, MAX_HEARTBEAT, above=True), _REQUIRED),
             "liveness": (_int(1, MAX_LIVENESS), _REQUIRED),
+            # The broker's Unix account: a root worker refuses its jobs as it refuses root's.
+            "broker_account": (_nullable(_NAME), None),
         }
     ),
     "assign": _record(
@@ -1520,6 +1522,34 @@ def pack(type: str, body: dict[str, Any], req: int) -> bytes:
     return frame
 
 
+def _not_utf8(v: Any, path: str) -> str | None:
+    """Where in a (validated, so bounded) body a string is not UTF-8, in a sentence:
+    `jobs[2].command: not UTF-8 text (byte 0xff at character 5)`."""
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError as e:
+            code = ord(v[e.start])  # a byte os.fsdecode kept is U+DC80..U+DCFF
+            what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else "a surrogate"
+            return f"{path}: not UTF-8 text ({what} at character {e.start})"
+        return None
+    if isinstance(v, (list, tuple)):
+        items = (_not_utf8(x, f"{path}[{i}]") for i, x in enumerate(v))
+        return next((f for f in items if f is not None), None)
+    if not isinstance(v, dict):
+        return None
+    for k, x in v.items():
+        named = path.rpartition(".")[2] in _VARIABLES  # a map of variables, not of fields
+        where = f"{path}: the variable {_show(k)}" if named else f"{path}.{k}" if path else k
+        found = _not_utf8(k, where) or _not_utf8(x, where)
+        if found is not None:
+            return found
+    return None
+
+
+_VARIABLES = ("env", "environment")
+
+
 def encode(
     type: str, body: dict[str, Any], req: int = 0, *, allowed: frozenset[str] | None = None
 ) -> bytes:
@@ -1547,10 +1577,10 @@ def encode(
         frame: bytes = _packb([PROTOCOL_VERSION, mtype, int(req), body], use_bin_type=True)
     except Exception as e:
         # Validation admits only packable values, bar strings Python holds but UTF-8 cannot
-        # express (lone surrogates).
+        # express (lone surrogates: bytes a file name, an argument or a variable held).
         raise ProtocolError(
             BAD_REQUEST,
-            f"body: cannot be packed ({e.__class__.__name__}: {e})",
+            _not_utf8(body, "") or f"body: cannot be packed ({e.__class__.__name__}: {e})",
             type=mtype,
             req=req,
         ) from None

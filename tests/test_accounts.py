@@ -152,6 +152,34 @@ def test_a_root_worker_runs_each_account_as_itself_and_root_only_if_allowed(
     assert allowed.refused == {} and allowed.resolve("root", 0.0) == known["root"]
 
 
+def test_a_root_worker_runs_no_job_as_the_brokers_account_unless_allowed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(accounts, "own", lambda: fake("root", 0))
+    known = {n: fake(n, uid) for n, uid in (("banyan", 990), ("alias", 990), ("alice", 1234))}
+    monkeypatch.setattr(accounts, "lookup", known.get)
+    p = Policy("w1")
+    assert p.learn_broker_account("banyan", 0.0)  # new: it registers again, refusing it
+    refused = (
+        "worker w1 does not run jobs as the broker's account banyan "
+        "(start it with --allow-root-jobs)"
+    )
+    assert p.refused["banyan"] == refused and not p.learn_broker_account("banyan", 1.0)
+    assert p.resolve("banyan", 0.0) == refused
+    assert p.resolve("alias", 0.0) == refused  # its uid under any name
+    assert p.resolve("alice", 0.0) == known["alice"]
+    assert p.resolve("ghost", 0.0) == "account ghost does not exist on worker w1"
+    assert not p.recheck(defaults.ACCOUNT_CACHE)  # looks again: banyan exists, still refused
+    assert "banyan" in p.refused and "ghost" in p.refused
+    allowed = Policy("w1", allow_root=True)
+    assert not allowed.learn_broker_account("banyan", 0.0)
+    assert allowed.resolve("banyan", 0.0) == known["banyan"]
+    monkeypatch.setattr(accounts, "own", lambda: fake("banyan", 990))
+    alone = Policy("w1")  # not root, as the broker's own account: the one-account setup
+    assert not alone.learn_broker_account("banyan", 0.0)
+    assert alone.resolve("banyan", 0.0) == fake("banyan", 990)
+
+
 def test_a_missing_account_is_looked_up_again_and_then_run(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

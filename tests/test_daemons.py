@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -166,6 +168,40 @@ def test_background_child_dies_with_cancel(cluster: Cluster, tmp_path: Path) -> 
     c.cancel([j])
     ended(c, [j])
     assert wait_for(lambda: not pids_with_marker("1000.3"), 5, what="no survivors") is True
+
+
+def test_a_fork_loop_leaves_the_worker_no_zombies(cluster: Cluster, tmp_path: Path) -> None:
+    """The worker is the subreaper of its jobs' orphans: it reaps them as they exit, while
+    the job runs and after its cancel, not when some later job ends."""
+    proc = cluster.start_worker("w1")
+    loop = tmp_path / "loop.py"
+    loop.write_text(
+        "import os, signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "if os.fork(): time.sleep(600); sys.exit(0)\n"
+        "os.setsid()\n"
+        f"for i in range(100000):\n"
+        "    if os.fork(): os._exit(0)\n"
+        f"    if i == 200: open({str(tmp_path / 'gate')!r}, 'w').close()\n"
+        "    time.sleep(0.002)\n"
+    )
+    c = cluster.client()
+    (job,) = c.submit(f"exec {sys.executable} {loop}", cancel_grace=0.5).jobs
+    wait_for(lambda: (tmp_path / "gate").exists(), 20, what="the fork loop")
+    worker = psutil.Process(proc.pid)
+
+    def zombies() -> int:
+        count = 0
+        for p in worker.children():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                count += p.status() == psutil.STATUS_ZOMBIE
+        return count
+
+    # 200 have exited so far, one more every 2 ms: a few wait to be reaped at any moment
+    wait_for(lambda: zombies() < 20, 10, what="the worker to reap orphans as they exit")
+    c.cancel([job])
+    assert ended(c, [job]) == {job: "cancelled/None"}
+    wait_for(lambda: zombies() == 0, 10, what="the worker to reap every orphan")
 
 
 def test_time_limit_gives_timeout(cluster: Cluster) -> None:

@@ -88,6 +88,20 @@ def test_the_workers_environment_never_reaches_a_job(r: Harness) -> None:
     assert env["BANYAN_JOB_ID"] == "7"
 
 
+def test_the_workers_directory_never_reaches_a_job(
+    r: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    workers = tmp_path / "the-workers-own-directory"
+    workers.mkdir()
+    monkeypatch.chdir(workers)
+    env = env_of(r, 12)  # in its own directory in the spool
+    assert "OLDPWD" not in env and env["PWD"].endswith("/12.1")
+    assert not any("the-workers-own-directory" in v for v in env.values())
+    (tmp_path / "there").mkdir()
+    env = env_of(r, 13, cwd=str(tmp_path / "there"), environment={"OLDPWD": "/submitters/last"})
+    assert (env["PWD"], env["OLDPWD"]) == (str(tmp_path / "there"), "/submitters/last")
+
+
 def test_the_submitters_environment_under_the_accounts_own(r: Harness) -> None:
     exported = {
         "FOO": "bar",
@@ -105,8 +119,9 @@ def test_the_submitters_environment_under_the_accounts_own(r: Harness) -> None:
 
 def test_spool_files_are_the_owners_alone(r: Harness) -> None:
     r.run(9, "echo out; echo err >&2")
-    spool = r.spool
-    assert stat.S_IMODE(spool.stat().st_mode) == (0o711 if os.geteuid() == 0 else 0o700)
+    spool = r.spool  # the account's own directory in the spool
+    assert stat.S_IMODE(spool.parent.stat().st_mode) == (0o711 if os.geteuid() == 0 else 0o700)
+    assert stat.S_IMODE(spool.stat().st_mode) == 0o700
     assert stat.S_IMODE((spool / "9.1").stat().st_mode) == 0o700
     for name in ("9.1.out", "9.1.err"):
         assert stat.S_IMODE((spool / name).stat().st_mode) == 0o600

@@ -132,7 +132,7 @@ def test_colour_needs_a_terminal_and_no_NO_COLOR(monkeypatch: pytest.MonkeyPatch
 
 
 def test_clip_and_bar() -> None:
-    assert clip("a\nb   c", 10) == "a b c"
+    assert clip("a\nb   c", 10) == "a\\nb c"  # one line: the newline shows as \n
     assert clip("abcdefghij", 5) == "abcd…"
     assert bar(0.5, 10) == "[#####-----]"
     assert bar(2, 4) == "[####]"

@@ -14,6 +14,7 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import site
 import stat
 import subprocess
@@ -166,7 +167,7 @@ def test_a_job_runs_as_its_owner_in_a_terminals_world(cluster: Cluster, users: U
     (j,) = c.submit(script, export="NONE").jobs
     info = finished(cluster, j)
     assert info.outcome == "success", info.raw["output_tail"]
-    spool = cluster.root / "spool" / "w1"
+    spool = cluster.root / "spool" / "w1" / alice.name  # the account's own, in the worker's
     assert output(info) == [
         alice.name,
         grp.getgrgid(alice.gid).gr_name,
@@ -185,7 +186,7 @@ def test_a_job_runs_as_its_owner_in_a_terminals_world(cluster: Cluster, users: U
     assert c.job(j).raw["account"] == alice.name
     assert mode(spool / f"{j}.1.out") == (alice.name, 0o600)
     assert mode(spool / f"{j}.1.err") == (alice.name, 0o600)
-    assert mode(spool) == ("root", 0o711)
+    assert mode(spool) == (alice.name, 0o700) and mode(spool.parent) == ("root", 0o711)
 
 
 def test_output_files_are_opened_as_the_owner(cluster: Cluster, users: Users) -> None:
@@ -205,6 +206,27 @@ def test_output_files_are_opened_as_the_owner(cluster: Cluster, users: Users) ->
     assert "could not start" in info.raw["output_tail"]["stderr"]
     assert "Permission denied" in info.raw["output_tail"]["stderr"]
     assert not forbidden.exists()
+
+
+def test_a_link_planted_where_output_will_go_is_replaced_not_followed(
+    cluster: Cluster, users: Users
+) -> None:
+    cluster.start_worker("w1")
+    alice = users.alice
+    c = client_for(cluster, alice.name)
+    (first,) = c.submit("true").jobs
+    assert finished(cluster, first).outcome == "success"
+    mine = cluster.root / "spool" / "w1" / alice.name  # alice's: her jobs may write in it
+    victim = cluster.root / "roots-file"
+    victim.write_text("root's\n")
+    (job,) = c.submit("echo fresh; echo oops >&2", hold=True).jobs
+    for suffix in (".1.out", ".1.err", ".1.progress"):  # what alice's job could have put there
+        (mine / f"{job}{suffix}").symlink_to(victim)
+    c.release(job)
+    info = finished(cluster, job)
+    assert info.outcome == "success" and output(info) == ["fresh"]
+    assert victim.read_text() == "root's\n" and mode(victim)[0] == "root"
+    assert mode(mine / f"{job}.1.out") == (alice.name, 0o600)
 
 
 def test_a_shell_loop_piped_into_head_ends_within_a_second(cluster: Cluster, users: Users) -> None:
@@ -253,14 +275,18 @@ def test_users_cannot_touch_each_others_jobs_or_output(cluster: Cluster, users: 
 
     victim_pid = wait_for(pid, 20, what="bob's job to start")
     spool = cluster.root / "spool" / "w1"
+    # Wherever bob's files are, alice's job cannot even tell that they exist, or how big.
+    bobs = [p for p in spool.rglob(f"{victim}.1*") if p.name != f"{victim}.1"]
+    assert {p.name[len(str(victim)) :] for p in bobs} == {".1.out", ".1.err", ".1.progress"}
     attack = (
         f"kill -TERM {victim_pid}; echo kill=$?; "
-        f"cat {spool}/{victim}.1.out >/dev/null 2>&1; echo read=$?; "
+        + "".join(f"stat {p} >/dev/null 2>&1; echo stat=$?; " for p in bobs)
+        + f"cat {bobs[0]} >/dev/null 2>&1; echo read=$?; "
         f"ls {spool} >/dev/null 2>&1; echo list=$?"
     )
     (j,) = alice.submit(attack).jobs
     info = finished(cluster, j)
-    assert output(info) == ["kill=1", "read=1", "list=2"]
+    assert output(info) == ["kill=1", "stat=1", "stat=1", "stat=1", "read=1", "list=2"]
     assert "Operation not permitted" in info.raw["output_tail"]["stderr"]
     assert admin.job(victim).state == "running" and psutil.pid_exists(victim_pid)
     with pytest.raises(Forbidden, match="only they or an admin may read its output"):
@@ -296,7 +322,7 @@ def test_the_submitters_environment_is_exported_as_asked(
     assert not any(k in everything for k in ("BANYAN_HOME", "BANYAN_TIME_FACTOR"))
 
     clean = env_of(export="NONE")
-    login = {"HOME", "USER", "LOGNAME", "SHELL", "PATH", "PWD", "OLDPWD", "SHLVL"}
+    login = {"HOME", "USER", "LOGNAME", "SHELL", "PATH", "PWD", "SHLVL"}  # no worker's OLDPWD
     job_vars = {"BANYAN_JOB_ID", "BANYAN_ATTEMPT", "BANYAN_PROGRESS_FILE", "BANYAN_MARKER"}
     assert set(clean) <= login | job_vars | {"CUDA_VISIBLE_DEVICES", "_"}
     assert clean["HOME"] == alice.home and "MARKER" not in clean
@@ -425,6 +451,76 @@ def test_a_worker_not_root_runs_only_its_own_accounts_jobs(cluster: Cluster, use
     assert info.worker == "wany" and output(info) == [users.alice.name]  # as the worker's
 
 
+@pytest.fixture
+def bobs_broker(users: Users) -> Iterator[Cluster]:
+    """A broker run by bob (its keys, store and local admin key are bob's), as an operator
+    runs one under an account of its own; root's workers have a root-owned copy of its
+    worker key."""
+    bob = users.bob
+    root = Path(tempfile.mkdtemp(prefix="banyan-bobs-broker-"))
+    os.chmod(root, 0o711)
+    c = Cluster(root)
+    c.home = root / "bob-home"
+    c.state_dir = c.home / "state"
+    c.home.mkdir()
+    os.chown(c.home, bob.uid, bob.gid)
+    exe, env = python_for(bob)
+    args = ["-m", "banyan.cli.broker", "--client-port", str(c.client_port)]
+    args += ["--worker-port", str(c.worker_port), "--heartbeat", "0.2", "--log-level", "debug"]
+    log = open(root / "broker.log", "ab")  # noqa: SIM115 - the process's
+    login = {"HOME": bob.home, "USER": bob.name, "LOGNAME": bob.name}
+    c.procs["broker"] = subprocess.Popen(
+        [exe, *args],
+        user=bob.uid,
+        group=bob.gid,
+        extra_groups=[],
+        env={**c.env, **env, **login, "BANYAN_HOME": str(c.home)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    log.close()
+    try:
+        wait_for(c._pings, 20, what="bob's broker to answer")
+        workers_home = root / "root-worker-home"
+        (workers_home / "keys").mkdir(parents=True)
+        for f in ("worker.key_secret", "broker.key"):
+            shutil.copyfile(c.home / "keys" / f, workers_home / "keys" / f)
+        os.chmod(workers_home / "keys" / "worker.key_secret", 0o600)
+        c.env["BANYAN_HOME"] = str(workers_home)
+        yield c
+    finally:
+        c.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_root_workers_run_no_job_as_the_brokers_account(bobs_broker: Cluster, users: Users) -> None:
+    cluster, bob = bobs_broker, users.bob
+    cluster.start_worker("w1", extra=())  # root, without --allow-root-jobs
+    admin = cluster.client()  # the broker's local admin key: bound to bob, who runs it
+    secret = cluster.home / "keys" / "broker.key_secret"
+    (j,) = admin.submit(f"id -un; head -c 10 {secret} >/dev/null && echo READ").jobs
+    why = (
+        f"worker w1 does not run jobs as the broker's account {bob.name} "
+        "(start it with --allow-root-jobs)"
+    )
+    wait_for(lambda: admin.job(j).reason == why, 20, what="the reason")
+    assert admin.job(j).raw["account"] == bob.name
+    assert admin.job(j).raw["history"] == []  # never even offered
+    (w1,) = admin.request("workers", {})["workers"]
+    assert w1["state"] == "idle" and w1["refused_accounts"][bob.name] == why
+
+    # bob's own worker (the one-account setup, as `make demo` as a user) runs bob's jobs.
+    start_worker_as(cluster, bob, "wb")
+    info = finished(cluster, j)
+    assert info.worker == "wb" and output(info) == [bob.name, "READ"]
+
+    cluster.start_worker("w2", extra=("--allow-root-jobs",))  # told to: it runs them too
+    cluster.kill("wb", signal.SIGTERM)
+    (k,) = admin.submit("id -un").jobs
+    info = finished(cluster, k)
+    assert info.worker == "w2" and output(info) == [bob.name]
+
+
 def test_a_worker_refuses_a_secret_key_others_can_read(cluster: Cluster) -> None:
     home = cluster.root / "careless"
     (home / "keys").mkdir(parents=True)
@@ -443,6 +539,31 @@ def test_a_worker_refuses_a_secret_key_others_can_read(cluster: Cluster) -> None
     )
     assert done.returncode == 2
     assert f"chmod 600 {secret}" in done.stderr
+    assert cluster.client().workers() == []
+
+
+def test_a_root_worker_refuses_a_secret_key_another_account_owns(
+    cluster: Cluster, users: Users
+) -> None:
+    home = cluster.root / "alices-key"
+    (home / "keys").mkdir(parents=True)
+    for f in ("worker.key_secret", "broker.key"):
+        shutil.copyfile(cluster.home / "keys" / f, home / "keys" / f)
+    secret = home / "keys" / "worker.key_secret"
+    os.chmod(secret, 0o600)
+    os.chown(secret, users.alice.uid, users.alice.gid)  # alice can read it: act as the worker
+    argv = [sys.executable, "-m", "banyan.cli.worker", "--name", "borrowed"]
+    argv += ["--broker", f"127.0.0.1:{cluster.worker_port}"]
+    done = subprocess.run(
+        argv,
+        env={**cluster.env, "BANYAN_HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=scaled(30),
+    )
+    assert done.returncode == 2, done.stderr
+    assert f"belongs to {users.alice.name}, not to root" in done.stderr
+    assert f"chown root {secret}" in done.stderr
     assert cluster.client().workers() == []
 
 

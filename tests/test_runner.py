@@ -17,6 +17,7 @@ import pytest
 
 from banyan import defaults
 from banyan.errors import BadRequest, NotFound
+from banyan.worker import accounts
 from banyan.worker.procs import MARKER_VAR
 from banyan.worker.progress import parse_progress
 from banyan.worker.runner import Finished, Launch, Runner, RunningJob, output_paths
@@ -73,7 +74,7 @@ def marked(marker: str) -> list[int]:
 class Harness:
     def __init__(self, spool: Path, gpus: list[str], cgroups: bool) -> None:
         self.runner = Runner(spool, gpus, cgroups=cgroups)
-        self.spool = spool
+        self.spool = spool / accounts.own().name  # where its jobs' files go: its account's
         self.markers: list[str] = []
         self.finished: dict[int, Finished] = {}
 
@@ -291,6 +292,28 @@ def test_progress_is_read_on_change_and_rate_limited(h: Harness) -> None:
     assert report.percent is None and "garbage" in report.message
 
 
+def test_a_progress_file_that_is_not_the_jobs_own_is_not_read(h: Harness, tmp_path: Path) -> None:
+    # The file is in its owner's directory: a job may put a link there, or (without
+    # protected_hardlinks) a hard link to a file only root may read.
+    info = h.start(1, "sleep 1000")
+    progress = Path(info.progress_path)
+    secret = tmp_path / "not-the-jobs"
+    secret.write_text("99 a secret of another account\n")
+    t0 = time.monotonic()
+    progress.unlink(missing_ok=True)  # only a job of another account finds one made for it
+    progress.symlink_to(secret)
+    assert h.runner.progress(t0) == []
+    if os.geteuid() == 0:  # only root can make a file of another account's
+        os.chown(secret, 4321, 4321)
+        progress.unlink()
+        os.link(secret, progress)
+        assert h.runner.progress(t0 + 1) == []
+    progress.unlink()
+    progress.write_text("7 mine\n")
+    [report] = h.runner.progress(t0 + 2)
+    assert (report.percent, report.message) == (7.0, "mine")
+
+
 def test_progress_written_by_the_job_itself(h: Harness) -> None:
     h.start(1, 'echo "12 from the job" > "$BANYAN_PROGRESS_FILE"; touch done; sleep 1000')
     reports: list[tuple[float | None, str]] = []
@@ -359,6 +382,24 @@ def test_leader_exiting_on_sigterm_does_not_save_a_stubborn_grandchild(h: Harnes
     done = h.result(1)
     assert done.outcome == "cancelled" and done.ended - cancelled_at >= grace
     h.polling_until(lambda: not alive(int(kid.read_text())))
+
+
+def test_orphans_are_reaped_while_their_job_runs(h: Harness) -> None:
+    # Each subshell exits at once, so its child comes to the runner (a subreaper) and exits:
+    # a fork loop makes thousands of these, and each zombie holds a pid of its account's.
+    orphans = "(sh -c 'echo $$ >> orphans' &); (setsid sh -c 'echo $$ >> orphans' &); "
+    info = h.start(1, f"for i in $(seq 20); do {orphans}done; echo started > gate; sleep 1000")
+    orphans_file, gate = h.spool / "1.1" / "orphans", h.spool / "1.1" / "gate"
+    wait_for(ready(gate))
+
+    def reaped() -> bool:
+        pids = [int(p) for p in orphans_file.read_text().split()]
+        return len(pids) == 40 and not zombie_children() - {info.pid} and not any(map(alive, pids))
+
+    h.polling_until(reaped)
+    assert h.runner.running() == [(1, info.token)]  # while the job runs on
+    h.runner.cancel(1, info.token, time.monotonic(), "test")
+    assert h.result(1).outcome == "cancelled"
 
 
 def test_background_children_die_with_a_cancel(h: Harness) -> None:

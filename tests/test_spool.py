@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from banyan.worker import accounts
 from banyan.worker.spool import Spool, SpoolPolicy
 from tests.cluster import ALLOW_ROOT, Cluster, wait_for
 
@@ -64,6 +68,61 @@ def test_output_older_than_the_retention_goes_unless_its_job_is_busy(tmp_path: P
     assert (outside / "sub" / "file").read_text() == "keep" and spool.deleted == 2
 
 
+def test_each_accounts_directory_is_kept_tidy_and_its_links_lead_nowhere(tmp_path: Path):
+    d = tmp_path / "spool"
+    alice, bob = d / "alice", d / "bob"
+    alice.mkdir(parents=True)
+    bob.mkdir()
+    make(alice, 1, 1, 8 * DAY, cwd=True)  # old: goes
+    make(bob, 2, 1, 6 * DAY, cwd=True)  # young: stays
+    make(d, 3, 1, 8 * DAY)  # a spool from before accounts had directories: goes too
+    outside = tmp_path / "precious"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "sub" / "file").write_text("keep")
+    make(alice, 4, 1, 8 * DAY)
+    (alice / "4.1").symlink_to(outside)  # the account's own link where a job directory goes
+    (alice / "5.1.out").symlink_to(outside / "sub" / "file")
+    for link in (alice / "4.1", alice / "5.1.out"):
+        os.utime(link, (NOW - 8 * DAY, NOW - 8 * DAY), follow_symlinks=False)
+    spool = Spool(str(d), SpoolPolicy(retention=7 * DAY, min_free=0))
+    step_until_idle(spool, busy=set())
+    assert names(d) == {"alice", "bob"} and names(alice) == set()
+    assert names(bob) == {"2.1", "2.1.out", "2.1.err"}
+    assert (outside / "sub" / "file").read_text() == "keep" and spool.deleted == 4
+
+
+def test_a_link_swapped_in_for_a_jobs_directory_is_not_followed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The account owns its directory in the spool, so its job may swap its own job directory
+    for a link just after the worker looked at it; the deletion must not follow it."""
+    d = tmp_path / "spool" / "alice"
+    d.mkdir(parents=True)
+    make(d, 1, 1, 8 * DAY, cwd=True)
+    outside = tmp_path / "precious"
+    (outside / "deep" / "deeper").mkdir(parents=True)
+    (outside / "deep" / "deeper" / "result.csv").write_text("keep")
+    target, real_lstat, swapped = str(d / "1.1"), os.lstat, []
+
+    def lstat_then_swap(path: Any, *args: Any, **kw: Any) -> os.stat_result:
+        st = real_lstat(path, *args, **kw)
+        if os.fspath(path) == target:
+            swapped.append(True)
+        if len(swapped) == 2:  # the look just before deleting its tree
+            swapped.append(True)
+            os.rename(target, tmp_path / "moved")  # the job wins the race here
+            os.symlink(outside, target)
+        return st
+
+    monkeypatch.setattr(os, "lstat", lstat_then_swap)
+    spool = Spool(str(d.parent), SpoolPolicy(retention=7 * DAY, min_free=0))
+    step_until_idle(spool, busy=set())
+    monkeypatch.undo()
+    assert len(swapped) == 3  # it did swap
+    assert (outside / "deep" / "deeper" / "result.csv").read_text() == "keep"
+    assert names(d) == {"1.1"} and (d / "1.1").is_symlink()  # new: it goes when it is old
+
+
 def test_the_work_goes_a_slice_at_a_time(tmp_path: Path):
     d = tmp_path / "spool"
     d.mkdir()
@@ -97,11 +156,12 @@ def test_a_worker_deletes_a_jobs_output_after_its_retention(tmp_path: Path):
     c = Cluster(tmp_path)
     try:
         c.start_broker()
-        c.start_worker("w1", extra=(*ALLOW_ROOT, "--spool-retention", "1s"))
+        c.start_worker("w1", extra=(*ALLOW_ROOT, "--spool-retention", "3s"))
         client = c.client()
         (job,) = client.submit("echo kept by the broker").jobs
         assert client.wait([job], timeout=20).jobs[0].succeeded
-        spool = tmp_path / "spool" / "w1"
+        spool = tmp_path / "spool" / "w1" / accounts.own().name  # its account's directory
+        assert (spool / f"{job}.1.out").read_text() == "kept by the broker\n"
         wait_for(lambda: not (spool / f"{job}.1.out").exists(), 20, what="the output to go")
         assert not (spool / f"{job}.1").exists()  # its working directory too
         logs = client.logs(job)

@@ -119,11 +119,15 @@ def may_read_output(actor: Actor, job: Job | None, job_id: int) -> BanyanError |
 
 
 def _hide_others_output(reply: dict[str, Any], actor: Actor) -> dict[str, Any]:
-    """Everyone sees every job, but a job's output only its owner and admins (SPEC §6)."""
+    """Everyone sees every job, but a job's output and its `--env` values (where tokens go)
+    only its owner and admins (SPEC §6)."""
     for info in reply["jobs"]:
         if "output_tail" in info and not actor.may_touch(info["owner"]):
             info["output_tail"] = {"stdout": "", "stderr": ""}
             info["output_hidden"] = True
+            if info.get("env"):
+                info["env"] = {}
+                info["env_hidden"] = True
     return reply
 
 

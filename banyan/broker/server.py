@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -158,6 +158,8 @@ class Broker:
         actor: Actor | None = None,
         wall: Callable[[], float] = time.time,
     ) -> None:
+        if config.core.account is None:  # what this process runs as, for its workers to know
+            config = replace(config, core=replace(config.core, account=own_account()))
         self.config = config
         self.clock = clock
         self.wall = wall

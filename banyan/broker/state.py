@@ -119,6 +119,9 @@ class Config:
     max_lost_requeues: int = defaults.MAX_LOST_REQUEUES
     half_life: float = defaults.USAGE_HALF_LIFE  # of users' usage, for fair share
     retention: float | None = defaults.RETENTION  # how long ended jobs are kept; None: ever
+    # The broker's own Unix account, told to workers: a root worker runs no job as it, as it
+    # runs none as root, since such a job could read the broker's keys and state (SPEC §6).
+    account: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -727,7 +730,11 @@ class Core:
             Effect(
                 name,
                 "registered",
-                {"heartbeat": self.config.heartbeat, "liveness": self.config.liveness},
+                {
+                    "heartbeat": self.config.heartbeat,
+                    "liveness": self.config.liveness,
+                    "broker_account": self.config.account,
+                },
             )
         )
         return worker

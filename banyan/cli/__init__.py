@@ -3,6 +3,8 @@
 import logging
 import sys
 
+from banyan.cli.visible import visible
+
 # Exit codes (SPEC §8).
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -10,10 +12,16 @@ EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3  # the broker cannot be reached, or refuses this machine's key
 
 
+class _Visible(logging.Formatter):
+    """A log line shows control characters as escapes: its messages quote worker names,
+    hosts and reasons others chose, and one line stays one line (no forged entries)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return visible(super().formatMessage(record))
+
+
 def daemon_logging(level: str) -> None:
     """Daemons log to stderr with levels (`--log-level`), timestamped for journald and files."""
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Visible("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])

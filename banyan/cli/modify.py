@@ -18,6 +18,7 @@ from banyan.cli.output import (
     plural,
     print_json,
     run,
+    visible,
 )
 from banyan.cli.submit import job_fields
 from banyan.cli.targets import Targets, ids_text
@@ -92,7 +93,7 @@ def modify(args: Args) -> int:
         return EXIT_OK
     what = [f"{k}={_show(v)}" for k, v in changes.items()]
     what += ["held"] * args["--hold"] + ["released"] * args["--release"]
-    print(f"job {job.id} ({job.state}): {', '.join(what)}")
+    print(visible(f"job {job.id} ({job.state}): {', '.join(what)}"))
     return EXIT_OK
 
 
@@ -104,7 +105,7 @@ def _many(modified: list[int], skipped: list[tuple[int, str]], as_json: bool) ->
         f"modified {plural(len(modified), 'job')}" + (f": {ids_text(modified)}" if modified else "")
     )
     for job_id, why in skipped[:SKIPS_SHOWN]:
-        print(f"skipped {job_id}: {why}")
+        print(f"skipped {job_id}: {visible(why)}")
     if len(skipped) > SKIPS_SHOWN:
         print(f"skipped {len(skipped) - SKIPS_SHOWN} more (--json lists them all)")
     return EXIT_OK

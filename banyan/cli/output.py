@@ -5,7 +5,9 @@ a broker that cannot be reached, or refuses this machine's key, exits 3 (SPEC §
 `--json` the error is one JSON document on stderr instead, `{"error": CODE, "message": TEXT}`.
 Units: durations as `3m12s`, ages as `4s ago`, sizes in KiB/MiB/GiB. Tables are aligned;
 colour appears only on a terminal and never with NO_COLOR. A live display rewrites one line in
-place on a terminal and prints plain lines into a pipe, only when something changed.
+place on a terminal and prints plain lines into a pipe, only when something changed. Text that
+others wrote (names, commands, reasons, progress, output) shows its control characters as
+escapes (`visible`) in every table, detail view, live line and error.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, TextIO
 from banyan import defaults
 from banyan.cli import EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE
 from banyan.cli.usage import Explain, UsageError, flag_words, parse
+from banyan.cli.visible import visible
 from banyan.client import Client
 from banyan.errors import BanyanError, BrokerUnavailable
 from banyan.protocol import ProtocolError
@@ -42,7 +45,9 @@ CONNECT_OPTIONS = f"""\
 INTERRUPTED = 130  # the shell's code for "stopped by Ctrl-C"
 
 
-__all__ = ["UsageError"]  # raised by every tool for a bad value; defined with the parser
+# UsageError is raised by every tool for a bad value (defined with the parser); `visible` is
+# what every tool shows others' text through (defined apart, for the daemons' logs too).
+__all__ = ["UsageError", "visible"]
 
 
 def run(
@@ -91,7 +96,8 @@ def fail(tool: str, code: str, message: str, status: int, as_json: bool, hint: s
     if as_json:
         print(json.dumps({"error": code, "message": message}), file=sys.stderr)
     else:
-        print(f"{tool}: {message}" + (f"\n{hint}" if hint else ""), file=sys.stderr)
+        # The broker's messages quote names that others chose.
+        print(f"{tool}: {visible(message)}" + (f"\n{hint}" if hint else ""), file=sys.stderr)
     return status
 
 
@@ -226,7 +232,7 @@ def plural(n: int, word: str, many: str | None = None) -> str:
 
 
 def clip(text: str, width: int) -> str:
-    text = " ".join(text.split())  # one line, whatever the job's name held
+    text = " ".join(visible(text).split())  # one line, whatever the job's name held
     return text if len(text) <= width else text[: max(0, width - 1)] + "…"
 
 
@@ -272,8 +278,12 @@ Cell = str | tuple[str, str | None]  # text, or (text, colour)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Cell]], color: bool = False) -> str:
-    """Columns padded to their widest cell; the last column is left ragged."""
-    cells = [[c if isinstance(c, tuple) else (c, None) for c in row] for row in rows]
+    """Columns padded to their widest cell; the last column is left ragged. Cells show their
+    control characters as escapes, so each row stays one aligned line."""
+    cells = [
+        [(visible(c), None) if isinstance(c, str) else (visible(c[0]), c[1]) for c in row]
+        for row in rows
+    ]
     widths = [len(h) for h in headers]
     for row in cells:
         for i, (text, _) in enumerate(row):
@@ -324,6 +334,7 @@ class LiveLine:
         self.printed = 0.0
 
     def show(self, text: str, major: str | None = None) -> None:
+        text = visible(text)  # it carries jobs' progress messages
         if self.tty:
             self.stream.write("\r" + clip(text, width(self.stream) - 1) + "\x1b[K")
             self.stream.flush()

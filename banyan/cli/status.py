@@ -32,6 +32,7 @@ from banyan.cli.output import (
     size,
     table,
     use_color,
+    visible,
 )
 from banyan.client import BrokerUnavailable, Client, Status
 
@@ -290,7 +291,7 @@ def group_line(g: dict[str, Any]) -> str:
     text += f"; {counts}" if counts else ""
     if g.get("cancel_reason"):
         text += f"; {g['cancel_reason']}"
-    return text
+    return visible(text)
 
 
 # ---- one job in full -------------------------------------------------------------------------
@@ -326,10 +327,12 @@ def detail(r: dict[str, Any], color: bool) -> str:
     facts += [(k, str(r[k])) for k in ("cwd", "output") if r.get(k)]
     if r.get("env"):
         facts.append(("env", " ".join(f"{k}={v}" for k, v in r["env"].items())))
+    if r.get("env_hidden"):
+        facts.append(("env", "only its owner and admins may see it"))
     if r.get("output_hidden"):
         facts.append(("output tail", "only its owner and admins may read it"))
     title = f"job {r['id']}  {clip(r.get('name') or '', 60)}"
-    lines = [title] + [f"  {k:<11} {v}" for k, v in facts]
+    lines = [title] + [f"  {k:<11} {visible(v)}" for k, v in facts]
     history = r.get("history") or []
     if history:
         lines += [
@@ -341,7 +344,7 @@ def detail(r: dict[str, Any], color: bool) -> str:
             whole = len(text.encode()) < defaults.OUTPUT_TAIL_BYTES
             note = "" if whole else f" (the last {size(defaults.OUTPUT_TAIL_BYTES)}; banyan-logs)"
             lines += ["", f"  {stream}{note}:"]
-            lines += [f"    {line}" for line in text.rstrip("\n").splitlines()]
+            lines += [f"    {visible(line, tabs=True)}" for line in text.rstrip("\n").split("\n")]
     return "\n".join(lines)
 
 

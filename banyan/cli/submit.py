@@ -100,9 +100,15 @@ def submit(args: Args) -> int:
     jobs, groups, array, each = build(args)
     spec = args.get("--export") or export.ALL
     try:
-        export.capture(spec)
+        captured = export.capture(spec)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    for name in export.left_out(spec, captured):
+        print(
+            f"{TOOL}: warning: {name} is not UTF-8 text, which a job's environment cannot carry; "
+            "the jobs get no such variable (--export VAR,... or NONE chooses what they get)",
+            file=sys.stderr,
+        )
     with connect(args) as client:
         # Where the event log ends before the jobs exist: the live display follows from here.
         head = client.events_head() if args["--wait"] else 0
@@ -246,6 +252,11 @@ def environment(items: list[str]) -> dict[str, str]:
             if key not in os.environ:
                 raise UsageError(f"--env: {key} is not set here; give --env {key}=VALUE")
             value = os.environ[key]
+        if not (export.utf8(key) and export.utf8(value)):
+            raise UsageError(
+                f"--env: {export.shown(key)} is not UTF-8 text, which a job's environment "
+                "cannot carry"
+            )
         env[key] = value
     return env
 

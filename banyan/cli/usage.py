@@ -156,6 +156,9 @@ FLAGS = {
     "command": "the command",
     "worker": "the worker's name",
     "jobs": "the job ids",
+    "environment": "--export",
+    "body": "the request",
+    "frame": "the request",
 }
 _PATH = re.compile(r"(?:^|(?<=; ))([A-Za-z_][\w.\[\]]*)(?=: )")
 

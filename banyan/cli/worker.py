@@ -21,21 +21,23 @@ Options:
   --memory SIZE         Memory to offer: MiB, or a size such as 64G (default: all physical).
   --gpus N              GPUs to offer (default: CUDA_VISIBLE_DEVICES or nvidia-smi).
   --tag T               A label jobs can ask for; repeat for more.
-  --spool DIR           Where job output goes (default: /var/spool/banyan/NAME as root,
-                        else $BANYAN_HOME/spool/NAME).
+  --spool DIR           Where job output goes, in a directory per account (default:
+                        /var/spool/banyan/NAME as root, else $BANYAN_HOME/spool/NAME).
   --spool-retention T   Delete a job's output in the spool this long after it last
                         changed (2d, 12h) [default: 7d].
   --spool-min-free SIZE  When the spool's disk has less free, delete the oldest output
                         of ended jobs first (512M, 10G) [default: 1G].
   --run-any-owner       Not root: run every user's jobs, as this account (one trusted user
                         running a private cluster). Without it, only this account's jobs.
-  --allow-root-jobs     Root: also run jobs whose owner's account is root, as root.
+  --allow-root-jobs     Root: also run jobs whose owner's account is root, as root, and
+                        jobs of the broker's own account (which can read its keys).
   --log-level LEVEL     debug, info, warning or error [default: info].
   -h --help             Show this help.
 
 Started as root, the worker runs each job as its owner's Unix account (the account the
-owner's key is bound to), never as root unless --allow-root-jobs is given. Started as another
-user, it runs only that user's jobs, as that user, unless --run-any-owner is given.
+owner's key is bound to), never as root or as the broker's own account unless it is
+given --allow-root-jobs. Started as another user, it runs only that user's jobs, as that
+user, unless --run-any-owner is given.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from banyan.cli.output import (
     run,
     table,
     use_color,
+    visible,
 )
 from banyan.client import WorkerInfo
 
@@ -84,11 +85,11 @@ def workers(args: Args) -> int:
         print_json({"workers": [dataclasses.asdict(w) for w in found]})
         return EXIT_OK
     if args["--forget"]:
-        print(f"{args['--forget']}: forgotten")
+        print(f"{visible(args['--forget'])}: forgotten")
         return EXIT_OK
     if name:
         w = next((w for w in found if w.name == name), None)
-        print(f"{name}: {w.state if w else 'unknown'}{_drain_note(w)}")
+        print(f"{visible(name)}: {w.state if w else 'unknown'}{_drain_note(w)}")
         return EXIT_OK
     print(render(found, use_color(sys.stdout), bool(args["--long"])))
     return EXIT_OK

@@ -18,13 +18,23 @@ DEP_KINDS = ("after", "after_any", "after_fail")
 
 def read_text(option: str, path: str) -> str:
     """The file at `path` (`-`: standard input), or a usage error naming `option`."""
-    if path == "-":
-        return sys.stdin.read()
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+        if path == "-":
+            raw = getattr(sys.stdin, "buffer", None)  # None: a text stream put in its place
+            data = raw.read() if raw else sys.stdin.read().encode("utf-8", "surrogateescape")
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
     except OSError as e:
         raise UsageError(f"{option}: cannot read {path}: {e.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UsageError(
+            f"{option}: {path} is not UTF-8 text: byte 0x{data[e.start]:02x} on line {line} "
+            "(a job's text must be UTF-8)"
+        ) from None
 
 
 SPEC_KEYS = frozenset(JOB_FIELDS) - {"depends_on"} | {"command"}
@@ -76,6 +86,10 @@ def _parse_json(text: str, path: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise UsageError(f"--file: {path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise UsageError(f"--file: {path} nests arrays or objects too deeply") from None
+    except ValueError as e:  # an integer of more digits than Python converts
+        raise UsageError(f"--file: {path} cannot be read as JSON: {e}") from None
 
 
 def _only(obj: dict[str, Any], allowed: set[str], where: str) -> None:

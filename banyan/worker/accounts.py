@@ -2,9 +2,11 @@
 
 A worker started as root runs each job as its owner's account: uid, primary gid, the groups
 `initgroups` would give it, HOME, USER, LOGNAME and SHELL, and the resource limits
-`/etc/security/limits.conf` sets for it. It never runs a job as root (uid 0) unless it was
-started with `--allow-root-jobs`. A worker not started as root cannot change identity: it runs
-only its own account's jobs, or, with `--run-any-owner`, everyone's as itself.
+`/etc/security/limits.conf` sets for it. It never runs a job as root (uid 0), nor as the
+broker's own account (which the broker names at registration: a job of it could read the
+broker's keys and store), unless it was started with `--allow-root-jobs`. A worker not
+started as root cannot change identity: it runs only its own account's jobs, or, with
+`--run-any-owner`, everyone's as itself.
 
 A job whose account this worker cannot run is handed back unstarted, and the account is listed
 among those the worker refuses when it registers, so the broker assigns it no more of them.
@@ -25,6 +27,10 @@ from banyan import defaults
 from banyan.worker.launcher import Identity
 
 ROOT_REFUSED = "worker {name} does not run jobs as root (start it with --allow-root-jobs)"
+BROKER_REFUSED = (
+    "worker {name} does not run jobs as the broker's account {account} "
+    "(start it with --allow-root-jobs)"
+)
 LOGIN_DEFS = "/etc/login.defs"
 LIMITS = ("/etc/security/limits.conf", "/etc/security/limits.d/*.conf")
 _PATH = "/usr/local/bin:/usr/bin:/bin"  # login(1)'s default without ENV_PATH
@@ -196,6 +202,21 @@ class Policy:
         if self.root and not allow_root:
             self.refused["root"] = ROOT_REFUSED.format(name=worker)
         self._next_recheck = 0.0
+        self.broker_account: str | None = None
+        self._broker_uid: int | None = None
+
+    def learn_broker_account(self, name: str | None, now: float) -> bool:
+        """The broker said which account it runs as. True if this worker must refuse that
+        account's jobs and did not know it yet: it then registers again, saying so."""
+        if name == self.broker_account:
+            return False
+        self.broker_account = name
+        found = self._lookup(name, now) if name else None
+        self._broker_uid = found.uid if found else None
+        if not name or not self.root or self.allow_root or name in self.refused:
+            return False
+        self.refused[name] = BROKER_REFUSED.format(name=self.worker, account=name)
+        return True
 
     @property
     def only_account(self) -> str | None:
@@ -212,12 +233,10 @@ class Policy:
                 "was not started with --run-any-owner)"
             )
         account = self._lookup(name, now)
-        if account is None:
-            why = f"account {name} does not exist on worker {self.worker}"
-        elif account.uid == 0 and not self.allow_root:
-            why = ROOT_REFUSED.format(name=self.worker)
-        else:
+        why = self._refusal(name, account)
+        if why is None and account is not None:
             return account
+        why = why or f"account {name} does not exist on worker {self.worker}"
         if name in self.refused or len(self.refused) < defaults.MAX_REFUSED_ACCOUNTS:
             self.refused[name] = why
         if account is None and not self._next_recheck:
@@ -243,9 +262,21 @@ class Policy:
         found = False
         for name in list(self.refused):
             account = self._lookup(name, now)
-            if account is not None and (account.uid != 0 or self.allow_root):
+            if account is not None and self._refusal(name, account) is None:
                 del self.refused[name]
                 found = True
             elif account is None:
                 self._next_recheck = now + defaults.ACCOUNT_CACHE
         return found
+
+    def _refusal(self, name: str, account: Account | None) -> str | None:
+        """Why a root worker does not run `name`'s jobs here, or None if it does."""
+        if account is None:
+            return f"account {name} does not exist on worker {self.worker}"
+        if self.allow_root:
+            return None
+        if account.uid == 0:
+            return ROOT_REFUSED.format(name=self.worker)
+        if name == self.broker_account or account.uid == self._broker_uid:
+            return BROKER_REFUSED.format(name=self.worker, account=self.broker_account)
+        return None

@@ -145,6 +145,10 @@ class WorkerDaemon:
             self.config.curve.apply(self.sock)
         self.watch = Watch(self.sock, self.config.broker, self.creds)
         self.sock.connect(self.config.broker)
+        self._register(now)
+
+    def _register(self, now: float) -> None:
+        """Say who this worker is, what it has and runs, and whose jobs it refuses."""
         self.link.registered = False
         self.link.claim_left = 0
         self.link.last_heard = now
@@ -318,6 +322,14 @@ class WorkerDaemon:
         self.link.backoff = defaults.RECONNECT_MIN
         b = msg.body
         if msg.type == "registered":
+            if self.policy.learn_broker_account(b.get("broker_account"), now):
+                # Claim nothing before the broker knows this worker refuses that account.
+                log.info(
+                    "the broker runs as %s: not running that account's jobs",
+                    b["broker_account"],
+                )
+                self._register(now)
+                return
             again = self.link.ever_registered
             self.link.registered = self.link.ever_registered = True
             if again:

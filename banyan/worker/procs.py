@@ -67,6 +67,36 @@ class ProcTable:
         return {pid for pid in seen if not self.procs[pid].zombie}
 
 
+def exited_children(pid: int) -> list[tuple[int, int]] | None:
+    """(pid, session) of each child of process `pid` that has exited and awaits reaping, from
+    /proc/PID/task/*/children: a few small reads, not a pass over /proc. None where the
+    kernel does not list children (built without CONFIG_PROC_CHILDREN)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    kids: list[bytes] = []
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                kids += f.read().split()
+        except FileNotFoundError:
+            if tid == str(pid):  # the main thread has no such file: the kernel lacks it
+                return None
+        except OSError:
+            continue  # a thread that ended meanwhile
+    exited = []
+    for kid in kids:
+        try:
+            with open(b"/proc/%s/stat" % kid, "rb") as f:
+                rest = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if rest and rest[0] in b"ZX":
+            exited.append((int(kid), int(rest[3])))
+    return exited
+
+
 def marker_of(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:

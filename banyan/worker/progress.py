@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from dataclasses import dataclass
 
 from banyan import defaults
@@ -44,10 +45,13 @@ def parse_progress(data: bytes) -> tuple[float | None, str] | None:
 
 
 class ProgressWatch:
-    """Reads a job's progress file only when it changed, at most once per interval."""
+    """Reads a job's progress file only when it changed, at most once per interval. The file
+    is in its owner's directory: only a regular file of `uid` (-1: anyone's) is read, never
+    what a link there points to, so a job cannot show others a file only root may read."""
 
-    def __init__(self, path: str, now: float) -> None:
+    def __init__(self, path: str, now: float, uid: int = -1) -> None:
         self.path = path
+        self.uid = uid
         self.next_check = now
         self.seen: tuple[int, int] | None = None  # (mtime_ns, size) last read
         self.last: tuple[float | None, str] | None = None  # last value reported
@@ -57,11 +61,13 @@ class ProgressWatch:
             return None
         self.next_check = now + defaults.PROGRESS_INTERVAL
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
             return None
         try:
             st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or self.uid not in (-1, st.st_uid):
+                return None
             if (st.st_mtime_ns, st.st_size) == self.seen:
                 return None
             self.seen = (st.st_mtime_ns, st.st_size)

@@ -20,10 +20,12 @@ A job runs as the account its Launch names (accounts.py decides which): where th
 process's own, the launcher starts it as that account. It starts with default signal
 dispositions, an empty signal mask, stdin from /dev/null and umask 022 (unless the job asks),
 in its owner's login environment plus what the submitter exported (banyan/export.py), and
-never with the worker's own variables. Its spool files are its owner's alone (0600, in a 0700
-directory the worker makes for it), and the worker opens an owner's output files only after
-checking that they are still the owner's, so a job cannot make a root worker read or write a
-file it could not.
+never with the worker's own variables. Its spool files are its owner's alone: they sit in the
+account's own directory in the spool (0700, the account's), so no other account's job can even
+tell which outputs exist. The owner may put anything at a path in that directory, so the
+worker creates its files there afresh (never truncating what is there), changes the owner of
+nothing it did not just make, and opens an owner's files only after checking that they are
+still the owner's: a job cannot make a root worker read or write a file it could not.
 """
 
 from __future__ import annotations
@@ -177,9 +179,12 @@ def _append(path: str, text: str, uid: int = -1) -> None:
 
 
 def _owned_file(path: str, account: Account) -> int:
-    """Create (or truncate) a spool file for a job of another account: the worker's own
-    directory holds it, and the job's owner alone may read it (0600)."""
-    fd = os.open(path, _WRITE | os.O_NOFOLLOW, 0o600)
+    """Create a spool file for a job of another account, its owner's alone (0600). Its
+    directory is the owner's: whatever is at the path now (a link to a file of root's) is
+    removed, never opened, and the file made anew (O_EXCL)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    fd = os.open(path, _WRITE | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         os.fchown(fd, account.uid, account.gid)
         os.fchmod(fd, 0o600)
@@ -280,15 +285,17 @@ class Runner:
         key = (launch.job, launch.token)
         if key in self._jobs:
             return self._jobs[key].info
-        stem = f"{self.spool}/{launch.job}.{launch.attempt}"
-        cwd = os.path.abspath(launch.cwd) if launch.cwd else stem
-        out, err = output_paths(launch.output, self.spool, cwd, launch.job, launch.attempt)
-        marker = f"{self._nonce}:{launch.job}:{launch.token}"
         account = launch.account or self.me
+        home = os.path.join(self.spool, account.name)
+        stem = f"{home}/{launch.job}.{launch.attempt}"
+        cwd = os.path.abspath(launch.cwd) if launch.cwd else stem
+        out, err = output_paths(launch.output, home, cwd, launch.job, launch.attempt)
+        marker = f"{self._nonce}:{launch.job}:{launch.token}"
         pid: int | None = None
         failure: str | None = None
         cgroup: str | None = None
         try:
+            self._account_dir(home, account)
             if not launch.cwd:
                 # The job gets a directory of its own, its owner's alone. It is left in place
                 # like the output files (rmdir costs up to a ms on some filesystems); spool
@@ -296,7 +303,8 @@ class Runner:
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(stem, 0o700)
                     if account.uid != self.me.uid:
-                        os.chown(stem, account.uid, account.gid)
+                        # Not through a link the owner may have put in its place meanwhile.
+                        os.chown(stem, account.uid, account.gid, follow_symlinks=False)
             elif account.uid == self.me.uid and not os.path.isdir(cwd):
                 raise NotADirectoryError(f"working directory {cwd!r} does not exist")
             env = self._environment(launch, account, stem + ".progress", marker)
@@ -324,12 +332,27 @@ class Runner:
         )
         a = _Attempt(info, launch, failure=failure, cgroup=cgroup)
         if pid is not None:
-            a.watch = ProgressWatch(info.progress_path, now)
+            a.watch = ProgressWatch(info.progress_path, now, account.uid)
             with contextlib.suppress(OSError, AttributeError):
                 a.pidfd = os.pidfd_open(pid)
         self._jobs[key] = a
         self._by_marker[marker] = a
         return info
+
+    def _account_dir(self, path: str, account: Account) -> None:
+        """Make the account's directory in the spool at its first job here: its own, 0700.
+        The spool is the worker's, so nothing can take its place between mkdir and chown."""
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            st = os.lstat(path)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != account.uid:
+                raise PermissionError(
+                    f"{path} in the spool is not {account.name}'s own directory"
+                ) from None
+            return
+        if account.uid != self.me.uid:
+            os.chown(path, account.uid, account.gid)
 
     def _environment(
         self, launch: Launch, account: Account, progress: str, marker: str
@@ -361,10 +384,13 @@ class Runner:
     ) -> int:
         # Neither start has a chdir action, so the shell changes directory itself (as the
         # job's owner); on the same line as the command, so the user's line numbers in error
-        # messages stay right.
+        # messages stay right. The cd leaves the directory it left (the worker's) in OLDPWD:
+        # the job gets the one it was given, if any, as a shell started there would.
         umask = defaults.UMASK if launch.umask is None else launch.umask
+        oldpwd = f"OLDPWD={shlex.quote(env['OLDPWD'])}" if "OLDPWD" in env else "unset OLDPWD"
         script = (
-            f"umask {umask:04o}; cd -- {shlex.quote(cwd)} || exit {SPAWN_FAILED}; {launch.command}"
+            f"umask {umask:04o}; cd -- {shlex.quote(cwd)} || exit {SPAWN_FAILED}; {oldpwd}; "
+            f"{launch.command}"
         )
         if account.uid != self.me.uid:
             return self._spawn_as(account, script, env, outputs, cgroup, umask, launch.output)
@@ -515,6 +541,22 @@ class Runner:
             for key in list(pending):
                 if not procs.reap_some(number * key):
                     del pending[key]
+        self._reap_orphans()
+
+    def _reap_orphans(self) -> None:
+        """Reap every exited process that came to us as a subreaper (a job's orphans: a fork
+        loop makes thousands, each holding a pid and counting against its account's process
+        limit), but the leaders of running attempts, held on purpose, and the children of
+        the worker's own session."""
+        exited = procs.exited_children(self._me)
+        if exited is None:  # no child lists here: the sweep's pass over /proc reaps them
+            self._schedule_sweep()
+            return
+        leaders = {a.info.pid for a in self._jobs.values()}
+        for pid, sid in exited:
+            if pid not in leaders and sid != self._my_sid:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
 
     def _members(
         self, table: procs.ProcTable, attempts: list[_Attempt], everywhere: bool

@@ -1,13 +1,18 @@
 """The spool's retention: job output deleted some time after the job ended, or sooner when
 the disk runs low. No blocking work: `step` does a few milliseconds of it at a time.
 
-A job's spool entries share a stem, `JOB.ATTEMPT`: its output files `JOB.ATTEMPT.out` and
-`.err` (unless the job chose `--output`), its working directory `JOB.ATTEMPT/` (unless it had a
-`--cwd`) and its progress file. They go together, once the newest of them is older than the
-retention, or oldest first while free space is under the minimum. Never those of a job this
-worker runs or whose result the broker has not acknowledged: the broker keeps each ended
-attempt's last 4 KiB of output, so `banyan-logs` still shows that tail. Anything else in the
-spool is left alone, and symbolic links are removed, never followed.
+A job's spool entries share a stem, `JOB.ATTEMPT`, in the directory of the account it ran as
+(`SPOOL/ACCOUNT/`; a spool from before those directories has them at its top): its output
+files `JOB.ATTEMPT.out` and `.err` (unless the job chose `--output`), its working directory
+`JOB.ATTEMPT/` (unless it had a `--cwd`) and its progress file. They go together, once the
+newest of them is older than the retention, or oldest first while free space is under the
+minimum. Never those of a job this worker runs or whose result the broker has not
+acknowledged: the broker keeps each ended attempt's last 4 KiB of output, so `banyan-logs`
+still shows that tail. Anything else in the spool is left alone.
+
+An account's directory is that account's, and its jobs may change what is in it while the
+worker deletes: links are removed, never followed, and a directory is walked by descriptor
+(os.fwalk), so a link swapped in for one mid-walk leads nowhere.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from banyan import defaults
 
 log = logging.getLogger("banyan.worker")
 
-Stem = tuple[int, int]  # (job, attempt)
+Stem = tuple[str, int, int]  # (its directory, job, attempt)
 _NAME = re.compile(r"(\d+)\.(\d+)(?:\.(?:out|err|progress))?")
 _FILES = (".out", ".err", ".progress")
 
@@ -85,21 +90,20 @@ class Spool:
         self._work, self._urgent = None, False
 
     def _stems(self) -> Iterator[Stem | None]:
-        """Each stem in the spool once (None between entries, to share out the work)."""
+        """Each stem in the spool once, in the accounts' directories and at the top (None
+        between entries, to share out the work)."""
         seen: set[Stem] = set()
         with os.scandir(self.path) as entries:
             for entry in entries:
                 m = _NAME.fullmatch(entry.name)
-                stem = (int(m.group(1)), int(m.group(2))) if m else None
-                if stem is None or stem in seen:
-                    yield None
+                if m is None and entry.is_dir(follow_symlinks=False):
+                    yield from _stems_in(entry.path, seen)
                     continue
-                seen.add(stem)
-                yield stem
+                yield _stem(self.path, m, seen)
 
     def _newest(self, stem: Stem) -> float | None:
         """When the stem's entries last changed; None when they are all gone."""
-        base = os.path.join(self.path, f"{stem[0]}.{stem[1]}")
+        base = os.path.join(stem[0], f"{stem[1]}.{stem[2]}")
         times = []
         for path in (base, *(base + s for s in _FILES)):
             with contextlib.suppress(OSError):
@@ -109,7 +113,7 @@ class Spool:
     def _expire(self, cutoff: float) -> Iterator[None]:
         for stem in self._stems():
             yield
-            if stem is None or stem[0] in self._busy:
+            if stem is None or stem[1] in self._busy:
                 continue
             newest = self._newest(stem)
             if newest is not None and newest < cutoff:
@@ -127,13 +131,13 @@ class Spool:
         for _, stem in dated:
             if self._free(self.path) >= self.policy.min_free:
                 return
-            if stem[0] not in self._busy:  # as of now: a pass takes several steps
+            if stem[1] not in self._busy:  # as of now: a pass takes several steps
                 yield from self._delete(stem)
         if self._free(self.path) < self.policy.min_free:
             log.warning("spool disk still low: nothing more of ended jobs to delete")
 
     def _delete(self, stem: Stem) -> Iterator[None]:
-        base = os.path.join(self.path, f"{stem[0]}.{stem[1]}")
+        base = os.path.join(stem[0], f"{stem[1]}.{stem[2]}")
         for suffix in _FILES:
             with contextlib.suppress(OSError):
                 os.unlink(base + suffix)
@@ -141,9 +145,29 @@ class Spool:
         self.deleted += 1
 
 
+def _stems_in(path: str, seen: set[Stem]) -> Iterator[Stem | None]:
+    """The stems in an account's directory (None between entries)."""
+    try:
+        with os.scandir(path) as entries:
+            for entry in entries:
+                yield _stem(path, _NAME.fullmatch(entry.name), seen)
+    except OSError:  # gone meanwhile
+        return
+
+
+def _stem(directory: str, m: re.Match[str] | None, seen: set[Stem]) -> Stem | None:
+    """The stem an entry's name `m` names, the first time only."""
+    stem = (directory, int(m.group(1)), int(m.group(2))) if m else None
+    if stem is None or stem in seen:
+        return None
+    seen.add(stem)
+    return stem
+
+
 def _remove(path: str) -> Iterator[None]:
-    """Delete a file or a whole directory tree, a yield between entries; links are unlinked,
-    never followed."""
+    """Delete a file or a whole directory tree, a yield between entries. Links are unlinked,
+    never followed: os.fwalk opens each directory and checks it is the one it listed, and
+    every deletion is relative to that open directory."""
     try:
         mode = os.lstat(path).st_mode
     except OSError:
@@ -152,18 +176,17 @@ def _remove(path: str) -> Iterator[None]:
         with contextlib.suppress(OSError):
             os.unlink(path)
         return
-    for root, dirs, files in os.walk(path, topdown=False):
+    for _, dirs, files, fd in os.fwalk(path, topdown=False):
         for name in files:
             with contextlib.suppress(OSError):
-                os.unlink(os.path.join(root, name))
+                os.unlink(name, dir_fd=fd)
             yield
-        for name in dirs:
-            sub = os.path.join(root, name)
+        for name in dirs:  # emptied by now, or a link fwalk did not follow
             with contextlib.suppress(OSError):
-                if os.path.islink(sub):
-                    os.unlink(sub)
-                else:
-                    os.rmdir(sub)
+                try:
+                    os.rmdir(name, dir_fd=fd)
+                except NotADirectoryError:
+                    os.unlink(name, dir_fd=fd)
             yield
     with contextlib.suppress(OSError):
         os.rmdir(path)

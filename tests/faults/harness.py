@@ -116,11 +116,12 @@ class JobLog:
     def command(self, body: str = "true") -> str:
         """A job that logs its start, runs `body` and logs its end (only if `body` succeeds).
 
-        The worker's name is the last directory of the progress file's path (its spool); one
-        `echo` is one write(2) under O_APPEND, so concurrent jobs never interleave lines.
+        The worker's name is the spool's directory in the progress file's path
+        (SPOOL/WORKER/ACCOUNT/FILE); one `echo` is one write(2) under O_APPEND, so concurrent
+        jobs never interleave lines.
         """
         log = shlex.quote(str(self.path))
-        who = "W=${BANYAN_PROGRESS_FILE%/*}; W=${W##*/}; S=$(date +%s.%N)"
+        who = "W=${BANYAN_PROGRESS_FILE%/*/*}; W=${W##*/}; S=$(date +%s.%N)"
         begin = f'echo "$BANYAN_JOB_ID $BANYAN_ATTEMPT $W $S -" >> {log}'
         end = f'echo "$BANYAN_JOB_ID $BANYAN_ATTEMPT $W $S $(date +%s.%N)" >> {log}'
         return f"{who}; {begin}; {body} && {end}"
