@@ -532,8 +532,19 @@ class Client:
         )
         return LogChunk(reply["data"], reply["offset"], reply["size"], reply["live"], reply["eof"])
 
-    def events(self, since: int = 1, limit: int = 1000) -> tuple[list[list[Any]], int]:
-        reply = self.request("events", {"since": since, "limit": limit})
+    def events(
+        self, since: int = 1, limit: int = 1000, wait: float | None = None
+    ) -> tuple[list[list[Any]], int]:
+        """Up to `limit` events `[seq, time, job, from, to, reason]` from sequence number
+        `since`, and the `since` of the next read. With `wait` (at most EVENTS_WAIT_MAX s),
+        a read that finds none yet is answered when the next one is recorded, or empty once
+        `wait` is over: follow the log with one request outstanding and no polling."""
+        body: dict[str, Any] = {"since": since, "limit": limit}
+        timeout = None
+        if wait:
+            body["wait"] = wait
+            timeout = wait + self.timeout
+        reply = self.request("events", body, timeout)
         return reply["events"], reply["next"]
 
     def events_head(self) -> int:

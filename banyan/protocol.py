@@ -1020,6 +1020,8 @@ _CLIENT_REQUEST_SCHEMAS: Final[dict[str, Check]] = {
         {
             "since": (_INDEX, 0),
             "limit": (_int(1, defaults.EVENTS_LIMIT), defaults.EVENTS_LIMIT),
+            # Seconds to wait for an event at or after `since` when there is none yet.
+            "wait": (_num(0.0, defaults.EVENTS_WAIT_MAX, null=True), None),
         }
     ),
     "logs": _record(
