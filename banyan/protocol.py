@@ -952,6 +952,9 @@ _CLIENT_REQUEST_SCHEMAS: Final[dict[str, Check]] = {
             "groups": (_GROUP_REFS, []),
             "reason": (_nullable(_REASON), None),
             "select": (_SELECTOR, None),
+            # A named job or group that is missing or not the sender's is listed in the reply's
+            # `errors` rather than refusing the whole request.
+            "each": (_bool, False),
         }
     ),
     "modify_many": _record(
@@ -987,6 +990,8 @@ _CLIENT_REQUEST_SCHEMAS: Final[dict[str, Check]] = {
             "since": (_num(0.0, MAX_TIME, null=True), None),
             "until": (_num(0.0, MAX_TIME, null=True), None),
             "cursor": (_nullable(_ID), None),
+            # A named job that is missing is listed in the reply's `errors`, not refused.
+            "each": (_bool, False),
         }
     ),
     "wait": _record(
@@ -1042,6 +1047,9 @@ _ERROR = _record(
 )
 _INT_LIST = _list(_ANY_INT, _BIG)
 _FREE_LIST = _list(_free, _BIG)
+# Per named target (a job id, or a group's name or id): why it was passed over.
+_TARGET = _either("a job id (int) or a group's name (str) or id", _str(0, _BIG), _ANY_INT)
+_TARGET_ERRORS = _list(_row("[target, code, message]", _TARGET, _str(0, _BIG), _str(0, _BIG)), _BIG)
 _EVENT = _row(
     "[seq, time, job, from, to, reason]",
     _ANY_INT,
@@ -1065,6 +1073,7 @@ _CLIENT_REPLY_SCHEMAS: Final[dict[str, Check]] = {
             "cancelled": (_INT_LIST, _REQUIRED),
             "pending": (_INT_LIST, _REQUIRED),
             "already": (_INT_LIST, _REQUIRED),
+            "errors": (_TARGET_ERRORS, _OMIT),
         }
     ),
     "modified": _record(
@@ -1084,6 +1093,7 @@ _CLIENT_REPLY_SCHEMAS: Final[dict[str, Check]] = {
             "counts": (_map(_str(0, _BIG), _ANY_INT, _BIG), {}),
             "matched": (_nullable(_ANY_INT), None),
             "exact": (_bool, True),
+            "errors": (_TARGET_ERRORS, _OMIT),
         }
     ),
     "waited": _record({"jobs": (_FREE_LIST, _REQUIRED), "timed_out": (_bool, _REQUIRED)}),

@@ -64,7 +64,7 @@ class Running:
     def add(self, done: bulk.Done) -> None:
         """Fold in a step's lists: each job once, under what was first done to it."""
         if not self.lists:
-            self.lists = bulk.empty(self.op.kind)
+            self.lists = bulk.empty(self.op)
         for what, items in done.lists.items():
             for item in items:
                 job_id = item[0] if isinstance(item, list) else item

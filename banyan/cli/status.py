@@ -27,10 +27,12 @@ from banyan.cli.output import (
     parse_duration,
     plural,
     print_json,
+    report_errors,
     run,
     since,
     size,
     table,
+    target_errors,
     use_color,
 )
 from banyan.client import BrokerUnavailable, Client, Status
@@ -45,7 +47,8 @@ Usage:
 With no ID it lists the active jobs (held, queued, running, being cancelled), newest first,
 with the reason each waiting job waits; the last line counts every job that matched, shown
 or not. With IDs it shows each job in full: its attempts, worker, progress, usage, exit and
-the tail of its output.
+the tail of its output; an ID that is not a job is reported, the others are shown, and the
+exit status is 1.
 
 Options:
   --group G             Every job of group G, with the group's summary (an array's group
@@ -95,8 +98,9 @@ def status(args: Args) -> int:
     count = number(args["--count"], "--count", minimum=1, integer=True) if args["--count"] else 0
     with connect(args) as client:
         if not args["--watch"]:
-            show(fetch(client, args, limit), args)
-            return EXIT_OK
+            st = fetch(client, args, limit)
+            show(st, args)
+            return report_errors(TOOL, st.errors, args["--json"])
         return watch(client, args, limit, interval, count)
 
 
@@ -132,6 +136,7 @@ def fetch(client: Client, args: Args, limit: int) -> Status:
         since=args["since"],
         until=args["until"],
         cursor=args["cursor"],
+        each=True,
     )
 
 
@@ -139,11 +144,13 @@ def show(st: Status, args: Args) -> None:
     if args["--json"]:
         out: dict[str, Any] = {"jobs": [j.raw for j in st.jobs], "groups": st.groups}
         out["truncated"] = st.truncated
-        if not args["ID"]:
+        if args["ID"]:
+            out["errors"] = target_errors(st.errors)
+        else:
             out |= {"next": st.next, "counts": st.counts, "matched": st.matched}
             out["exact"] = st.exact
         print_json(out)
-    else:
+    elif st.jobs or not args["ID"]:
         sys.stdout.write(render(st, args, use_color(sys.stdout)) + "\n")
     sys.stdout.flush()
 
