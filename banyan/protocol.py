@@ -1203,6 +1203,9 @@ _ASSIGNMENT = _record(
         "account": (_NAME, _REQUIRED),
         "environ": (_nullable(_str(1, 64)), None),
         "umask": (_UMASK, None),
+        # What the job reserved, for its environment (BANYAN_CPUS, BANYAN_MEMORY_MB).
+        "cpus": (_num(0.0, MAX_CPUS, above=True), float(defaults.CPUS)),
+        "memory": (_int(0, MAX_MEMORY), defaults.MEMORY_MIB),
     }
 )
 

@@ -23,7 +23,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         mp.setenv("BANYAN_HOME", str(c.home))
         try:
             c.start_broker()
-            c.start_worker("w1", cpus=2, memory=1000)
+            c.start_worker("w1", cpus=2, memory=1000, gpus=1)
             yield c
         finally:
             c.stop()
@@ -150,3 +150,29 @@ def test_the_python_client_answers_per_id_only_when_asked(live: Cluster) -> None
     assert c.job(job).state == "inactive"  # refused whole: nothing changed
     done = c.cancel([job, 999999], each=True)
     assert done.cancelled == [job] and [e.target for e in done.errors] == [999999]
+
+
+# ---- what a job is told about itself ----------------------------------------------------------
+
+
+def test_a_job_is_told_its_id_attempt_and_what_it_reserved(live: Cluster, tmp_path: Path) -> None:
+    c = live.client()
+    names = ("BANYAN_JOB_ID", "BANYAN_ATTEMPT", "BANYAN_CPUS", "BANYAN_MEMORY_MB", "BANYAN_GPUS")
+    show = "; ".join(f'echo "{n}=${n}"' for n in names)
+    flag = tmp_path / "failed-once"
+    once = f"[ -e {flag} ] || {{ touch {flag}; exit 1; }}"
+    (job,) = c.submit(
+        f"{show}; {once}", cpus=1.5, memory=300, gpus=1, max_attempts=2, export="NONE"
+    ).jobs
+    (plain,) = c.submit(show, export="NONE").jobs
+    assert c.wait([job, plain], timeout=scaled(20)).all_succeeded
+    told = dict(line.split("=", 1) for line in c.job(job).raw["output_tail"]["stdout"].split())
+    assert told == {
+        "BANYAN_JOB_ID": str(job),
+        "BANYAN_ATTEMPT": "2",
+        "BANYAN_CPUS": "1.5",
+        "BANYAN_MEMORY_MB": "300",
+        "BANYAN_GPUS": "1",
+    }
+    told = dict(line.split("=", 1) for line in c.job(plain).raw["output_tail"]["stdout"].split())
+    assert (told["BANYAN_CPUS"], told["BANYAN_MEMORY_MB"], told["BANYAN_GPUS"]) == ("1", "0", "0")

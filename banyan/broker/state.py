@@ -805,6 +805,8 @@ class Core:
             "account": job.runs_as,
             "environ": job.environ,
             "umask": job.umask,
+            "cpus": job.cpus,
+            "memory": job.memory,
         }
 
     # ---- reports about attempts -------------------------------------------------------------

@@ -394,6 +394,8 @@ class WorkerDaemon:
             account=account,
             environment=environment,
             umask=a["umask"],
+            cpus=float(a["cpus"]),
+            memory=int(a["memory"]),
         )
         running = self.runner.start(launch, now)
         self._unreported[(launch.job, launch.token)] = (running.pid or 0, running.started)

@@ -84,6 +84,8 @@ class Launch:
     account: Account | None = None  # whom it runs as; None: this process's own account
     environment: dict[str, str] | None = None  # what the submitter exported
     umask: int | None = None  # None: defaults.UMASK
+    cpus: float = 1.0  # what the job reserved: its BANYAN_CPUS
+    memory: int = 0  # MiB; 0: no reservation
 
 
 @dataclass(frozen=True)
@@ -345,6 +347,10 @@ class Runner:
         env["BANYAN_JOB_ID"] = str(launch.job)
         env["BANYAN_ATTEMPT"] = str(launch.attempt)
         env["BANYAN_PROGRESS_FILE"] = progress
+        # What it reserved, so it can size its threads and buffers to match.
+        env["BANYAN_CPUS"] = f"{launch.cpus:g}"
+        env["BANYAN_MEMORY_MB"] = str(launch.memory)
+        env["BANYAN_GPUS"] = str(len(launch.gpu_ids))
         # Always set, even to "": a job must not see GPUs it was not given.
         env["CUDA_VISIBLE_DEVICES"] = ",".join(self._gpu_name(i) for i in launch.gpu_ids)
         env[MARKER_VAR] = marker
