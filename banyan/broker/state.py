@@ -782,8 +782,6 @@ class Core:
         job.attempts += 1
         job.token, job.worker = token, worker.name
         job.progress = job.progress_message = None
-        if job.started is None:
-            job.started = self.now
         self.tx.put_attempt(Attempt(job.id, job.attempts, token, worker.name, self.now, gpu_ids))
         self._move(job, S.RUNNING, f"claimed by {worker.name}")
         worker.used_cpus += job.cpus
@@ -834,8 +832,12 @@ class Core:
     def started(self, name: str, job_id: int, token: int, age: float = 0.0) -> None:
         held = self._held(name, job_id, token)
         if held is not None:
-            held[1].started = max(held[1].claimed, self.now - age)
-            self.tx.put_attempt(held[1])
+            job, attempt = held
+            attempt.started = max(attempt.claimed, self.now - age)
+            self.tx.put_attempt(attempt)
+            if job.started is None:  # a job started when its first process did, not its claim
+                job.started = attempt.started
+                self.tx.put_job(job)
 
     def hand_back(self, name: str, job_id: int, token: int, reason: str) -> None:
         """The worker cannot run the attempt's Unix account, and never started it (SPEC §6):
@@ -858,8 +860,6 @@ class Core:
         # The next claim reuses this attempt's number (and record): it never ran.
         job.attempts -= 1
         job.token = job.worker = None
-        if job.attempts == 0:
-            job.started = None
         if job.st == S.PENDING_CANCELLATION:
             self._move(job, S.CANCELLED, job.cancel_reason)
             self._ended(job)
@@ -910,6 +910,8 @@ class Core:
         job, attempt = held
         if attempt.started is None and runtime is not None:
             attempt.started = max(attempt.claimed, self.now - runtime)
+        if job.started is None:
+            job.started = attempt.started
         attempt.ended, attempt.exit_code, attempt.signal = self.now, exit_code, signal
         attempt.stdout_tail, attempt.stderr_tail = tails
         self._charge(job, attempt)
