@@ -66,7 +66,6 @@ def test_a_reported_start_is_kept_when_the_result_comes(h: Harness) -> None:
     assert attempt(h, a["job"]).started == pytest.approx(1000.05)
 
 
-
 def test_a_job_starts_when_its_first_process_does_not_when_it_is_claimed(tmp_path: Path) -> None:
     h = Harness(tmp_path / "store")
     h.add_worker("w")
