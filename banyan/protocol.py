@@ -1134,6 +1134,8 @@ _WORKER_TO_BROKER_SCHEMAS: Final[dict[str, Check]] = {
             # name's session; another process may not while that session is alive.
             "instance": (_str(0, 64), ""),
             "draining": (_bool, False),  # it is stopping (its own SIGTERM): assign nothing
+            # Its spool directory: where status says a job's output files are.
+            "spool": (_str(0, defaults.MAX_PATH, nul=False), ""),
         }
     ),
     # The worker's first SIGTERM or SIGINT (named in `reason`): claim nothing more for it.

@@ -176,3 +176,32 @@ def test_a_job_is_told_its_id_attempt_and_what_it_reserved(live: Cluster, tmp_pa
     }
     told = dict(line.split("=", 1) for line in c.job(plain).raw["output_tail"]["stdout"].split())
     assert (told["BANYAN_CPUS"], told["BANYAN_MEMORY_MB"], told["BANYAN_GPUS"]) == ("1", "0", "0")
+
+
+def test_status_names_each_attempts_output_files(
+    cli: Runner, live: Cluster, tmp_path: Path
+) -> None:
+    c = live.client()
+    flag = tmp_path / "failed-once"
+    command = f"echo out-$BANYAN_ATTEMPT; [ -e {flag} ] || {{ touch {flag}; exit 1; }}"
+    (templated,) = c.submit(
+        command, cwd=str(tmp_path), output="logs-{job}-{attempt}.txt", max_attempts=2,
+        export="NONE",
+    ).jobs  # fmt: skip
+    (spooled,) = c.submit("echo spooled", export="NONE").jobs
+    assert c.wait([templated, spooled], timeout=scaled(20)).all_succeeded
+    history = c.job(templated).raw["history"]
+    stem = f"{tmp_path}/logs-{templated}"
+    assert [(a["stdout"], a["stderr"]) for a in history] == [
+        (f"{stem}-1.txt", f"{stem}-1.txt.err"),
+        (f"{stem}-2.txt", f"{stem}-2.txt.err"),
+    ]
+    assert [Path(a["stdout"]).read_text() for a in history] == ["out-1\n", "out-2\n"]
+    (attempt,) = c.job(spooled).raw["history"]
+    spool = live.root / "spool" / "w1"
+    assert attempt["stdout"] == f"{spool}/{spooled}.1.out"
+    assert Path(attempt["stdout"]).read_text() == "spooled\n"
+    text = cli("status", str(templated)).out
+    assert f"  output      attempt 1: {stem}-1.txt, {stem}-1.txt.err\n" in text
+    assert f"              attempt 2: {stem}-2.txt, {stem}-2.txt.err\n" in text
+    assert "{job}" not in text

@@ -17,9 +17,10 @@ import pytest
 
 from banyan import defaults
 from banyan.errors import BadRequest, NotFound
+from banyan.outputs import output_paths
 from banyan.worker.procs import MARKER_VAR
 from banyan.worker.progress import parse_progress
-from banyan.worker.runner import Finished, Launch, Runner, RunningJob, output_paths
+from banyan.worker.runner import Finished, Launch, Runner, RunningJob
 
 
 def time_factor() -> float:

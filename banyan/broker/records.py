@@ -272,6 +272,7 @@ class Worker(Record):
     only_account: str | None = None
     refused: dict[str, str] = field(default_factory=dict)
     held: bool = False  # drained by an admin: it stays drained, across restarts, until resumed
+    spool: str = ""  # its spool directory, as it registered ("": not known)
 
     @property
     def gone(self) -> bool:

@@ -851,7 +851,14 @@ class Broker:
             now,
             turn,
             lambda c: c.register(
-                name, body["host"], capacity, body["tags"], running, _runs(body), draining
+                name,
+                body["host"],
+                capacity,
+                body["tags"],
+                running,
+                _runs(body),
+                draining,
+                body.get("spool", ""),
             ),
         )
 

@@ -620,6 +620,7 @@ class Core:
         running: list[tuple[int, int]],
         runs: owners.Runs = owners.ANY_OWNER,
         draining: bool = False,
+        spool: str = "",
     ) -> Worker:
         """A worker (re)connects and lists the attempts it holds (SPEC §5), and whose jobs it
         runs (SPEC §6). One that is stopping (`draining`), or that an admin drained, comes
@@ -629,7 +630,7 @@ class Core:
         if worker is None:
             worker = Worker(name, host, cpus, memory, gpus, list(tags), registered=self.now)
         worker.host, worker.cpus, worker.memory, worker.gpus = host, cpus, memory, gpus
-        worker.tags = list(tags)
+        worker.tags, worker.spool = list(tags), spool
         worker.only_account, worker.refused = runs.only_account, dict(runs.refused)
         worker.registered = worker.last_seen = self.now
         worker.wants = 0

@@ -5,11 +5,13 @@ Pure functions over records; the server feeds them from a read transaction.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from banyan.broker import owners
 from banyan.broker.matching import decayed, factors
 from banyan.broker.records import Attempt, Group, Job, JobState, Tx, User, Worker, WorkerState
+from banyan.outputs import job_dir, output_paths
 
 S = JobState
 
@@ -123,7 +125,10 @@ def job_info(
     }
     if detail:
         history = tx.attempts_of(job.id)
-        info["history"] = [attempt_info(a) for a in history]
+        spools = {w.name: w.spool for w in workers}
+        info["history"] = [
+            attempt_info(a) | attempt_outputs(job, a, spools.get(a.worker, "")) for a in history
+        ]
         last = history[-1] if history else None
         info["output_tail"] = {
             "stdout": last.stdout_tail if last else "",
@@ -160,6 +165,19 @@ def attempt_info(a: Attempt) -> dict[str, Any]:
         "gpu_ids": a.gpu_ids,
         "reason": a.reason,
     }
+
+
+def attempt_outputs(job: Job, attempt: Attempt, spool: str) -> dict[str, str | None]:
+    """The attempt's output files, as its worker named them: the `--output` template expanded
+    for this attempt, or the worker's spool. None where that depends on a spool the worker has
+    not said (it registered before workers told their spool, or was forgotten)."""
+    cwd = job.cwd or (job_dir(spool, job.id, attempt.number) if spool else "")
+    template = job.output
+    known = bool(spool) if template is None else bool(cwd) or os.path.isabs(template)
+    if not known:
+        return {"stdout": None, "stderr": None}
+    out, err = output_paths(template, spool, cwd, job.id, attempt.number)
+    return {"stdout": out, "stderr": err}
 
 
 def _group_name(tx: Tx, gid: int) -> str:

@@ -318,7 +318,9 @@ def detail(r: dict[str, Any], color: bool) -> str:
     usage = r.get("usage") or {}
     if usage.get("cpu_percent") is not None or usage.get("rss") is not None:
         facts.append(("usage", _usage(usage.get("cpu_percent"), usage.get("rss"))))
-    facts += [(k, str(r[k])) for k in ("cwd", "output") if r.get(k)]
+    if r.get("cwd"):
+        facts.append(("cwd", str(r["cwd"])))
+    facts += outputs(r)
     if r.get("env"):
         facts.append(("env", " ".join(f"{k}={v}" for k, v in r["env"].items())))
     if r.get("output_hidden"):
@@ -338,6 +340,19 @@ def detail(r: dict[str, Any], color: bool) -> str:
             lines += ["", f"  {stream}{note}:"]
             lines += [f"    {line}" for line in text.rstrip("\n").splitlines()]
     return "\n".join(lines)
+
+
+def outputs(r: dict[str, Any]) -> list[tuple[str, str]]:
+    """Each attempt's output files as its worker named them (its `--output` expanded), or
+    the template while no attempt has any."""
+    named = [a for a in r.get("history") or () if a.get("stdout")]
+    if not named:
+        return [("output", str(r["output"]))] if r.get("output") else []
+    lines = []
+    for a in named:
+        files = a["stdout"] if a["stdout"] == a.get("stderr") else f"{a['stdout']}, {a['stderr']}"
+        lines.append(f"attempt {a['attempt']}: {files}" if len(named) > 1 else files)
+    return [("output", lines[0])] + [("", line) for line in lines[1:]]
 
 
 def state_line(r: dict[str, Any], now: float) -> str:

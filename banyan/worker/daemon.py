@@ -162,6 +162,7 @@ class WorkerDaemon:
                 "refused": dict(self.policy.refused),
                 "instance": self.instance,
                 "draining": self.stop_requested > 0,
+                "spool": self.runner.spool,
             },
             self.link.register_req,
         )
