@@ -273,6 +273,7 @@ class Worker(Record):
     refused: dict[str, str] = field(default_factory=dict)
     held: bool = False  # drained by an admin: it stays drained, across restarts, until resumed
     spool: str = ""  # its spool directory, as it registered ("": not known)
+    instance: str = ""  # the worker process that registered last (its register's `instance`)
 
     @property
     def gone(self) -> bool:

@@ -859,6 +859,7 @@ class Broker:
                 _runs(body),
                 draining,
                 body.get("spool", ""),
+                instance,
             ),
         )
 

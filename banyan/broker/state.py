@@ -621,10 +621,16 @@ class Core:
         runs: owners.Runs = owners.ANY_OWNER,
         draining: bool = False,
         spool: str = "",
+        instance: str = "",
     ) -> Worker:
         """A worker (re)connects and lists the attempts it holds (SPEC §5), and whose jobs it
         runs (SPEC §6). One that is stopping (`draining`), or that an admin drained, comes
-        back draining."""
+        back draining.
+
+        An attempt it does not list was lost with the worker process if that process is new;
+        if it is the same process (`instance`), the assignment never reached it (the broker
+        stopped between recording and sending it, or the connection it went on was gone),
+        and the job is queued again as if never claimed."""
         worker = self.tx.get_worker(name)
         cpus, memory, gpus = capacity
         if worker is None:
@@ -640,8 +646,14 @@ class Core:
         else:
             worker.state = WorkerState.ACTIVE.value
         listed = dict(running)
+        same = bool(instance) and instance == worker.instance
+        worker.instance = instance
         for job_id, token in list(worker.running.items()):
-            if listed.get(job_id) != token:
+            if listed.get(job_id) == token:
+                continue
+            if same:
+                self._unsent(worker, job_id, token)
+            else:
                 self._lose_attempt(worker, job_id, token, f"worker {name} restarted without it")
         for job_id, token in listed.items():
             if worker.running.get(job_id) != token:
@@ -855,10 +867,27 @@ class Core:
             worker.wants += 1  # the slot it was given is free for another job
         self._settle_drain(worker)
         self.tx.put_worker(worker)
+        self._unclaim(job, attempt, reason)
+
+    def _unsent(self, worker: Worker, job_id: int, token: int) -> None:
+        """The live attempt `(job_id, token)` never reached `worker`: nothing ran, nothing is
+        spent. (The caller writes the worker.)"""
+        job = self.tx.get_job(job_id)
+        live = job is not None and job.token == token
+        attempt = self.tx.get_attempt(job_id, job.attempts) if job is not None and live else None
+        if job is None or attempt is None:  # not its attempt any more (or no record: fence)
+            self._lose_attempt(worker, job_id, token, f"worker {worker.name} does not hold it")
+            return
+        worker.running.pop(job_id, None)
+        self._unclaim(job, attempt, f"the assignment never reached worker {worker.name}")
+
+    def _unclaim(self, job: Job, attempt: Attempt, reason: str) -> None:
+        """Undo a claim whose attempt never started: the job is queued again (or, if it was
+        being cancelled, cancelled) spending no attempt; its next claim reuses the attempt's
+        number and record."""
         self.wake = True
         attempt.ended, attempt.outcome, attempt.reason = self.now, Outcome.RETURNED.value, reason
         self.tx.put_attempt(attempt)
-        # The next claim reuses this attempt's number (and record): it never ran.
         job.attempts -= 1
         job.token = job.worker = None
         if job.st == S.PENDING_CANCELLATION:
