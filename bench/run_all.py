@@ -34,6 +34,7 @@ BENCHES = (
     "many_workers",
     "restart",
     "soak",
+    "futures_map",
 )
 
 

@@ -26,6 +26,7 @@ EXPECTED = {
     "many_workers": "false losses (worst run)",
     "restart": "restart to status, 20,000 jobs",
     "soak": "store file after 40,000 jobs",
+    "futures_map": "calls/s, a job each",
 }
 
 
