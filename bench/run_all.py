@@ -35,6 +35,7 @@ BENCHES = (
     "restart",
     "soak",
     "futures_map",
+    "snakemake_workflow",
 )
 
 

@@ -303,3 +303,12 @@ def test_the_run_waits_for_a_broker_that_went_away(live: Cluster, tmp_path: Path
         "slow",
         "slow",
     ]
+
+
+def test_a_missing_key_stops_the_run_at_once_saying_so(live: Cluster, tmp_path: Path) -> None:
+    wd = snakefile(tmp_path / "nokey", RETRIED)
+    (tmp_path / "empty-home").mkdir()
+    code, out = snakemake(live, wd, "--banyan-home", str(tmp_path / "empty-home"), timeout=30)
+    assert code != 0
+    assert "Banyan refused this machine's key:" in out and "client.key_secret is missing" in out
+    assert not (wd / "done.txt").exists()

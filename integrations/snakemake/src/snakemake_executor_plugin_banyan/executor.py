@@ -66,6 +66,7 @@ class Executor(RemoteExecutor):  # type: ignore[misc]
         self.refused: dict[int, str] = {}  # jobs no worker can ever run, and why
         self.group_made = False
         self.cancelled = False
+        self.closed = False
         self.next_recheck = time.monotonic() + RUNNABLE_RECHECK
         self.workdir = str(workflow.workdir_init)
         Path(self.workdir, ".snakemake", "banyan_logs").mkdir(parents=True, exist_ok=True)
@@ -297,6 +298,9 @@ class Executor(RemoteExecutor):  # type: ignore[misc]
                 self.client.wait(done.pending, timeout=CANCEL_WAIT)
 
     def shutdown(self) -> None:
+        if self.closed:  # after a cancel, Snakemake may shut down again
+            return
+        self.closed = True
         super().shutdown()
         if self.group_made and not self.cancelled:
             with contextlib.suppress(BanyanError):  # sealed: kept no longer than its last job
