@@ -19,6 +19,7 @@ and scheduling round, and the submit.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -86,7 +87,7 @@ def reactions(client: Any, group: str) -> list[float]:
         if rule not in ("simulate", "summarize"):
             continue
         detail = client.job(int(j["id"])).raw
-        sample = str(detail["command"]).split("sim/")[1].split(".txt")[0]
+        sample = re.findall(r"s\d\d", str(detail["command"]))[0]  # s00 .. s39
         by_sample.setdefault(sample, {})[rule] = j
     return [
         s["summarize"]["submitted"] - s["simulate"]["ended"]
@@ -98,10 +99,14 @@ def reactions(client: Any, group: str) -> list[float]:
 def main() -> int:
     p = parser(__doc__)
     p.add_argument("--samples", type=int, help="samples (default 40; --quick 2)")
+    p.add_argument(
+        "--spawn-snakemake", action="store_true", help="every job as `python -m snakemake`"
+    )
     args = p.parse_args()
     samples = args.samples or (2 if args.quick else 40)
     jobs = 2 * samples + 1
     params = {"samples": samples, "jobs": jobs, "worker_cpus": 2, "local_cores": 2}
+    params["spawn_snakemake"] = args.spawn_snakemake
     report = Report("snakemake_workflow", args.quick, args.repeat, params)
     with workdir(args.keep, "snakemake") as root, cluster(root) as c:
         c.start_broker()
@@ -110,6 +115,8 @@ def main() -> int:
         config = ["--config", f"samples={samples}"]
         banyan_args = ["--executor", "banyan", "--jobs", "100", "--banyan-broker", c.address]
         banyan_args.append("--verbose")  # the plugin's debug lines say when it reported
+        if args.spawn_snakemake:
+            banyan_args.append("--banyan-spawn-snakemake")
 
         def run(i: int) -> dict[str, Any]:
             local = snakemake(root / f"local-{i}", ["--cores", "2", *config], env)
