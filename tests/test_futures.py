@@ -82,7 +82,7 @@ def test_cancel_kills_a_running_call_and_drops_a_queued_one(ex: Executor, tmp_pa
     with pytest.raises(concurrent.futures.CancelledError):
         running.result(0)
     wait_for(lambda: not psutil.pid_exists(pid), 20, what="the call's process to end")
-    assert ex.client.job(running.job).state == "cancelled"
+    wait_for(lambda: ex.client.job(running.job).state == "cancelled", 10, what="its job's end")
     done = ex.submit(calls.square, 2)
     assert done.result(scaled(20)) == 4 and not done.cancel()
 
