@@ -6,18 +6,24 @@ STAMP := $(VENV)/.installed
 
 .PHONY: test lint demo bench bench-quick faults clean
 
-$(STAMP): setup.py pyproject.toml
+SNAKEMAKE_PLUGIN := integrations/snakemake
+
+# The Snakemake plugin goes in as `compat` editable: Snakemake finds executor plugins by
+# scanning sys.path for their package, which a finder-based editable install hides.
+$(STAMP): setup.py pyproject.toml $(SNAKEMAKE_PLUGIN)/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,dev]'
+	$(PY) -m pip install --quiet --config-settings editable_mode=compat \
+		-e '$(SNAKEMAKE_PLUGIN)[test]'
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests $(SNAKEMAKE_PLUGIN)/tests
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check banyan bench tests
-	$(VENV)/bin/ruff format --check banyan bench tests
+	$(VENV)/bin/ruff check banyan bench tests integrations
+	$(VENV)/bin/ruff format --check banyan bench tests integrations
 	$(VENV)/bin/mypy
 
 demo: $(STAMP)

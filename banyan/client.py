@@ -91,6 +91,16 @@ class JobInfo:
 
 
 @dataclass(frozen=True)
+class TargetError:
+    """A job (or group) named in a request asked `each`, passed over: `code` and `message`
+    as an error reply would give them (`not_found`, `forbidden`)."""
+
+    target: int | str
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
 class Status:
     jobs: list[JobInfo]
     groups: list[dict[str, Any]]
@@ -99,6 +109,7 @@ class Status:
     counts: dict[str, int] = field(default_factory=dict)  # every match by state, not the shown
     matched: int | None = None  # all of them (None when jobs were named by id)
     exact: bool = True  # False: counting stopped at the broker's bound; counts are a floor
+    errors: list[TargetError] = field(default_factory=list)  # named jobs not shown, and why
 
 
 @dataclass(frozen=True)
@@ -119,6 +130,7 @@ class Cancelled:
     cancelled: list[int]
     pending: list[int]
     already: list[int]
+    errors: list[TargetError] = field(default_factory=list)  # targets passed over (`each`)
 
 
 @dataclass(frozen=True)
@@ -385,14 +397,20 @@ class Client:
         groups: Sequence[str | int] = (),
         reason: str | None = None,
         select: dict[str, Any] | None = None,
+        each: bool = False,
     ) -> Cancelled:
         """Cancel jobs by id and groups by name or id (each must exist and be yours), and the
-        unfinished jobs `select` matches (see `Client.select`). Many jobs take the broker a
-        while: the reply comes when all are done, and the client waits for it as long as the
-        broker answers meanwhile."""
+        unfinished jobs `select` matches (see `Client.select`). With `each`, a named job or
+        group that is missing or not yours is listed in `errors` and the rest are cancelled;
+        without, it refuses the whole request. Many jobs take the broker a while: the reply
+        comes when all are done, and the client waits for it as long as the broker answers
+        meanwhile."""
         body = {"jobs": list(jobs), "groups": list(groups), "reason": reason, "select": select}
+        if each:
+            body["each"] = True
         reply = self.request("cancel", body)
-        return Cancelled(reply["cancelled"], reply["pending"], reply["already"])
+        errors = _errors(reply)
+        return Cancelled(reply["cancelled"], reply["pending"], reply["already"], errors)
 
     @staticmethod
     def select(
@@ -454,23 +472,28 @@ class Client:
         since: float | None = None,
         until: float | None = None,
         cursor: int | None = None,
+        each: bool = False,
     ) -> Status:
         """The named jobs, in that order; or without `jobs`, the newest `limit` (default
         1,000) jobs that match: active ones, or with `all` every one, or those in `state`,
         `owner`'s, in `group`, named like the glob `name`, submitted in [since, until) (Unix
         times), below `cursor` (a previous page's `next`). The broker answers a page at a
-        time; this asks for as many pages as `limit` takes."""
+        time; this asks for as many pages as `limit` takes. A named job that does not exist
+        refuses the request, or with `each` is listed in `errors` with why."""
         body: dict[str, Any] = {"group": group, "state": state, "owner": owner, "all": all}
         body |= {"detail": detail, "name": name, "since": since, "until": until}
         want = limit or defaults.STATUS_LIMIT
         page = defaults.STATUS_PAGE
         if jobs:
             ids = list(jobs)[:want]
-            rows = []
+            rows, errors = [], []
+            if each:
+                body["each"] = True
             for i in range(0, len(ids), page):
                 reply = self.request("status", body | {"jobs": ids[i : i + page]})
                 rows += reply["jobs"]
-            return Status([JobInfo.of(j) for j in rows], [], len(jobs) > want)
+                errors += _errors(reply)
+            return Status([JobInfo.of(j) for j in rows], [], len(jobs) > want, errors=errors)
         rows, first = [], None
         while True:
             reply = self.request(
@@ -642,8 +665,19 @@ class Client:
         )
         return LogChunk(reply["data"], reply["offset"], reply["size"], reply["live"], reply["eof"])
 
-    def events(self, since: int = 1, limit: int = 1000) -> tuple[list[list[Any]], int]:
-        reply = self.request("events", {"since": since, "limit": limit})
+    def events(
+        self, since: int = 1, limit: int = 1000, wait: float | None = None
+    ) -> tuple[list[list[Any]], int]:
+        """Up to `limit` events `[seq, time, job, from, to, reason]` from sequence number
+        `since`, and the `since` of the next read. With `wait` (at most EVENTS_WAIT_MAX s),
+        a read that finds none yet is answered when the next one is recorded, or empty once
+        `wait` is over: follow the log with one request outstanding and no polling."""
+        body: dict[str, Any] = {"since": since, "limit": limit}
+        timeout = None
+        if wait:
+            body["wait"] = wait
+            timeout = wait + self.timeout
+        reply = self.request("events", body, timeout)
         return reply["events"], reply["next"]
 
     def events_head(self) -> int:
@@ -668,3 +702,7 @@ class Client:
             else:
                 lo = mid
         return hi
+
+
+def _errors(reply: dict[str, Any]) -> list[TargetError]:
+    return [TargetError(target, code, message) for target, code, message in reply.get("errors", ())]

@@ -87,6 +87,9 @@ STATUS_PAGE = 1000
 STATUS_SCAN = 20_000
 STATUS_COUNT_KEYS = 100_000
 EVENTS_LIMIT = 10_000
+# An `events` read may wait this long for the log to grow: long enough that a follower asks a
+# few times a minute when nothing happens, short enough that a broker that died is noticed soon.
+EVENTS_WAIT_MAX = 60.0
 
 # LMDB: start small and double on MapFullError, so a test store costs nothing and a big one grows.
 INITIAL_MAP_SIZE = 64 * 1024 * 1024

@@ -989,6 +989,9 @@ _CLIENT_REQUEST_SCHEMAS: Final[dict[str, Check]] = {
             "groups": (_GROUP_REFS, []),
             "reason": (_nullable(_REASON), None),
             "select": (_SELECTOR, None),
+            # A named job or group that is missing or not the sender's is listed in the reply's
+            # `errors` rather than refusing the whole request.
+            "each": (_bool, False),
         }
     ),
     "modify_many": _record(
@@ -1024,6 +1027,8 @@ _CLIENT_REQUEST_SCHEMAS: Final[dict[str, Check]] = {
             "since": (_num(0.0, MAX_TIME, null=True), None),
             "until": (_num(0.0, MAX_TIME, null=True), None),
             "cursor": (_nullable(_ID), None),
+            # A named job that is missing is listed in the reply's `errors`, not refused.
+            "each": (_bool, False),
         }
     ),
     "wait": _record(
@@ -1057,6 +1062,8 @@ _CLIENT_REQUEST_SCHEMAS: Final[dict[str, Check]] = {
         {
             "since": (_INDEX, 0),
             "limit": (_int(1, defaults.EVENTS_LIMIT), defaults.EVENTS_LIMIT),
+            # Seconds to wait for an event at or after `since` when there is none yet.
+            "wait": (_num(0.0, defaults.EVENTS_WAIT_MAX, null=True), None),
         }
     ),
     "logs": _record(
@@ -1077,6 +1084,9 @@ _ERROR = _record(
 )
 _INT_LIST = _list(_ANY_INT, _BIG)
 _FREE_LIST = _list(_free, _BIG)
+# Per named target (a job id, or a group's name or id): why it was passed over.
+_TARGET = _either("a job id (int) or a group's name (str) or id", _str(0, _BIG), _ANY_INT)
+_TARGET_ERRORS = _list(_row("[target, code, message]", _TARGET, _str(0, _BIG), _str(0, _BIG)), _BIG)
 _EVENT = _row(
     "[seq, time, job, from, to, reason]",
     _ANY_INT,
@@ -1100,6 +1110,7 @@ _CLIENT_REPLY_SCHEMAS: Final[dict[str, Check]] = {
             "cancelled": (_INT_LIST, _REQUIRED),
             "pending": (_INT_LIST, _REQUIRED),
             "already": (_INT_LIST, _REQUIRED),
+            "errors": (_TARGET_ERRORS, _OMIT),
         }
     ),
     "modified": _record(
@@ -1119,6 +1130,7 @@ _CLIENT_REPLY_SCHEMAS: Final[dict[str, Check]] = {
             "counts": (_map(_str(0, _BIG), _ANY_INT, _BIG), {}),
             "matched": (_nullable(_ANY_INT), None),
             "exact": (_bool, True),
+            "errors": (_TARGET_ERRORS, _OMIT),
         }
     ),
     "waited": _record({"jobs": (_FREE_LIST, _REQUIRED), "timed_out": (_bool, _REQUIRED)}),
@@ -1159,6 +1171,8 @@ _WORKER_TO_BROKER_SCHEMAS: Final[dict[str, Check]] = {
             # name's session; another process may not while that session is alive.
             "instance": (_str(0, 64), ""),
             "draining": (_bool, False),  # it is stopping (its own SIGTERM): assign nothing
+            # Its spool directory: where status says a job's output files are.
+            "spool": (_str(0, defaults.MAX_PATH, nul=False), ""),
         }
     ),
     # The worker's first SIGTERM or SIGINT (named in `reason`): claim nothing more for it.
@@ -1228,6 +1242,9 @@ _ASSIGNMENT = _record(
         "account": (_NAME, _REQUIRED),
         "environ": (_nullable(_str(1, 64)), None),
         "umask": (_UMASK, None),
+        # What the job reserved, for its environment (BANYAN_CPUS, BANYAN_MEMORY_MB).
+        "cpus": (_num(0.0, MAX_CPUS, above=True), float(defaults.CPUS)),
+        "memory": (_int(0, MAX_MEMORY), defaults.MEMORY_MIB),
     }
 )
 

@@ -34,6 +34,8 @@ BENCHES = (
     "many_workers",
     "restart",
     "soak",
+    "futures_map",
+    "snakemake_workflow",
 )
 
 

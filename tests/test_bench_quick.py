@@ -26,6 +26,8 @@ EXPECTED = {
     "many_workers": "false losses (worst run)",
     "restart": "restart to status, 20,000 jobs",
     "soak": "store file after 40,000 jobs",
+    "futures_map": "calls/s, a job each",
+    "snakemake_workflow": "job end -> next job submitted, p99",
 }
 
 

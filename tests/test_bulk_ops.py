@@ -42,7 +42,7 @@ def run(h: Harness, actor: Actor, kind: str, b: dict[str, Any], per_step: int) -
     """Admit and step an operation to its end, one transaction a step as the server does,
     storing it between steps; returns the reply lists (each job once)."""
     op = h.do(lambda c: bulk.admit(c, actor, kind, b))
-    lists = bulk.empty(kind)
+    lists = bulk.empty(op)
     seen: set[int] = set()
     for _ in range(10_000):
         done = h.do(lambda c: bulk.step(c, op, per_step))
@@ -113,6 +113,27 @@ def test_a_refusal_while_checking_changes_nothing(h: Harness) -> None:
         with pytest.raises(error):
             run(h, ALICE, bulk.CANCEL, body(jobs=named, groups=["g"]), per_step=3)
         assert h.store.dump() == before  # the group is not even sealed
+
+
+@pytest.mark.parametrize("per_step", [1, 1000])
+def test_a_cancel_asked_each_answers_per_target_and_cancels_the_rest(
+    h: Harness, per_step: int
+) -> None:
+    ids = h.submit(spec(), spec(groups=["g"]), groups=[{"name": "g"}])
+    (bobs,) = h.submit(spec(groups=["b"]), actor=BOB, groups=[{"name": "b"}])
+    named = [ids[0], 999, bobs]
+    b = body(jobs=named, groups=["nope", "b", "g"], each=True)
+    got = run(h, ALICE, bulk.CANCEL, b, per_step)
+    assert got["cancelled"] == [ids[1], ids[0]]
+    assert got["errors"] == [
+        ["nope", "not_found", "no group 'nope'"],
+        ["b", "forbidden", "group 'b' belongs to bob"],
+        [999, "not_found", "no job 999"],
+        [bobs, "forbidden", f"job {bobs} belongs to bob; only they or an admin may cancel it"],
+    ]
+    assert [h.state(j) for j in (*ids, bobs)] == ["cancelled", "cancelled", "available"]
+    plain = run(h, ALICE, bulk.CANCEL, body(jobs=[ids[0]]), per_step)
+    assert "errors" not in plain  # the reply's shape is unchanged unless asked
 
 
 def test_a_users_selector_means_only_their_own_jobs(h: Harness) -> None:

@@ -324,6 +324,7 @@ def test_the_submitters_environment_is_exported_as_asked(
     clean = env_of(export="NONE")
     login = {"HOME", "USER", "LOGNAME", "SHELL", "PATH", "PWD", "SHLVL"}  # no worker's OLDPWD
     job_vars = {"BANYAN_JOB_ID", "BANYAN_ATTEMPT", "BANYAN_PROGRESS_FILE", "BANYAN_MARKER"}
+    job_vars |= {"BANYAN_CPUS", "BANYAN_MEMORY_MB", "BANYAN_GPUS"}
     assert set(clean) <= login | job_vars | {"CUDA_VISIBLE_DEVICES", "_"}
     assert clean["HOME"] == alice.home and "MARKER" not in clean
 

@@ -17,10 +17,11 @@ import pytest
 
 from banyan import defaults
 from banyan.errors import BadRequest, NotFound
+from banyan.outputs import output_paths
 from banyan.worker import accounts
 from banyan.worker.procs import MARKER_VAR
 from banyan.worker.progress import parse_progress
-from banyan.worker.runner import Finished, Launch, Runner, RunningJob, output_paths
+from banyan.worker.runner import Finished, Launch, Runner, RunningJob
 from tests.cluster import need_cgroups
 
 

@@ -64,3 +64,27 @@ def test_a_reported_start_is_kept_when_the_result_comes(h: Harness) -> None:
     h.now += 1.0
     h.do(lambda c: c.result("w", a["job"], a["token"], "exited", 0, None, runtime=0.9))
     assert attempt(h, a["job"]).started == pytest.approx(1000.05)
+
+
+def test_a_job_starts_when_its_first_process_does_not_when_it_is_claimed(tmp_path: Path) -> None:
+    h = Harness(tmp_path / "store")
+    h.add_worker("w")
+    h.submit(spec(max_attempts=2))
+    (a,) = h.claim("w")
+    assert h.job(a["job"]).started is None  # claimed, but nothing runs yet
+    h.now += 2.0
+    h.do(lambda c: c.started("w", a["job"], a["token"], 0.5))
+    assert h.job(a["job"]).started == pytest.approx(1001.5)
+    h.do(lambda c: c.result("w", a["job"], a["token"], "exited", 1, None))
+    (b,) = h.claim("w")
+    h.now += 1.0
+    h.do(lambda c: c.started("w", b["job"], b["token"], 0.0))
+    assert h.job(a["job"]).started == pytest.approx(1001.5)  # a retry keeps the first start
+    h.store.close()
+
+
+def test_a_short_job_starts_when_its_runtime_says(h: Harness) -> None:
+    a = claimed(h)
+    h.now += 3.0
+    h.do(lambda c: c.result("w", a["job"], a["token"], "exited", 0, None, runtime=0.01))
+    assert h.job(a["job"]).started == pytest.approx(1002.99)

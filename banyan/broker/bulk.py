@@ -11,7 +11,9 @@ or it is carried to the end. What the clients see meanwhile is the server's busi
 An operation goes through its sources in order, each walked from a cursor:
 
     check   every named job exists and is the actor's (or the actor is an admin); a refusal
-            here refuses the request whole, before anything has changed
+            here refuses the request whole, before anything has changed. A cancel asked
+            `each` has no check: a named job or group that is missing or not the actor's is
+            listed in the reply's `errors`, and the rest goes ahead
     seal    (cancel) each named group is sealed and given its cancel reason
     group   (cancel) each named group's members, cancelled
     jobs    the named jobs
@@ -78,7 +80,10 @@ class Op:
         return step(core, self, budget)
 
     def reply(self, lists: dict[str, list[Any]]) -> dict[str, Any]:
-        return {**empty(self.kind), **lists}
+        out = empty(self)
+        for what, items in lists.items():
+            out[what] = out.get(what, []) + items
+        return out
 
     @property
     def selector(self) -> Selector | None:
@@ -88,7 +93,7 @@ class Op:
 
     def sources(self) -> list[tuple[str, int]]:
         """(kind, group id or 0) for each source, in the order they are walked."""
-        out = [("check", 0)] if self.jobs else []
+        out = [("check", 0)] if self.jobs and not self.each else []
         if self.groups:
             out += [("seal", 0)] + [("group", g) for g in self.groups]
         if self.jobs:
@@ -96,6 +101,11 @@ class Op:
         if self.select is not None:
             out.append(("select", 0))
         return out
+
+    @property
+    def each(self) -> bool:
+        """Named targets are answered for one by one (`errors`), not all or nothing."""
+        return bool(self.args.get("each"))
 
     @property
     def applying(self) -> bool:
@@ -125,19 +135,29 @@ def admit(core: Core, actor: Actor, kind: str, body: dict[str, Any]) -> Op:
     groups exist and are the actor's, its selector is one the actor may use. Nothing is
     written; the caller stores it (`Core.tx.put_op`) unless its first steps finish it."""
     tx = core.tx
+    each = kind == CANCEL and bool(body.get("each"))
     groups: list[int] = []
+    errors: list[list[Any]] = []
     for ref in body.get("groups", ()):
         group = tx.get_group(ref) if isinstance(ref, int) else tx.group_by_name(ref)
-        if group is None:
-            raise NotFound(f"no group {ref!r}")
-        if not actor.may_touch(group.owner):
-            raise Forbidden(f"group {group.name!r} belongs to {group.owner}")
+        try:
+            if group is None:
+                raise NotFound(f"no group {ref!r}")
+            if not actor.may_touch(group.owner):
+                raise Forbidden(f"group {group.name!r} belongs to {group.owner}")
+        except BanyanError as e:
+            if not each:
+                raise
+            errors.append([ref, e.code, e.message])
+            continue
         if group.id not in groups:
             groups.append(group.id)
     select = body.get("select")
     selector = None if select is None else _selector(core, actor, kind, select)
     if kind == CANCEL:
         args: dict[str, Any] = {"reason": body.get("reason")}
+        if each:
+            args |= {"each": True, "errors": errors}
     else:
         args = {"set": body["set"], "hold": body["hold"], "release": body["release"]}
         if body["hold"] and body["release"]:
@@ -188,16 +208,27 @@ class Done:
     finished: bool = False
 
 
-def empty(kind: str) -> dict[str, list[Any]]:
-    if kind == CANCEL:
-        return {"cancelled": [], "pending": [], "already": []}
+def blank(op: Op) -> dict[str, list[Any]]:
+    """A step's lists, empty."""
+    if op.kind == CANCEL:
+        lists: dict[str, list[Any]] = {"cancelled": [], "pending": [], "already": []}
+        return lists | {"errors": []} if op.each else lists
     return {"modified": [], "skipped": []}
+
+
+def empty(op: Op) -> dict[str, list[Any]]:
+    """The reply's lists before the first step: a cancel asked `each` starts with the groups
+    it passed over."""
+    lists = blank(op)
+    if op.each:
+        lists["errors"] += op.args["errors"]
+    return lists
 
 
 def step(core: Core, op: Op, budget: int) -> Done:
     """Carry `op` on by about `budget` jobs (each job looked at counts one), moving its
     phase and cursor; raises the BanyanError that refuses it while it is still checking."""
-    done = Done(empty(op.kind))
+    done = Done(blank(op))
     sources = op.sources()
     left = budget
     while left > 0 and op.phase < len(sources):
@@ -251,14 +282,24 @@ def _walk(core: Core, op: Op, kind: str, group_id: int, budget: int, done: Done)
 def _check(core: Core, op: Op, job_id: int) -> None:
     """A named job exists (or, for a cancel, ended so long ago that it was purged) and the
     actor may act on it."""
+    refusal = _refusal(core, op, job_id)
+    if refusal is not None:
+        raise refusal
+
+
+def _refusal(core: Core, op: Op, job_id: int) -> BanyanError | None:
+    """Why the actor may not act on the named job `job_id`, or None."""
     job = core.tx.get_job(job_id)
     if job is None:
         if op.kind == CANCEL and purged(core.tx, job_id):
-            return
-        raise NotFound(gone(core.tx, job_id))
+            return None
+        return NotFound(gone(core.tx, job_id))
     if not op.who.may_touch(job.owner):
         verb = "cancel" if op.kind == CANCEL else "modify"
-        raise Forbidden(f"job {job.id} belongs to {job.owner}; only they or an admin may {verb} it")
+        return Forbidden(
+            f"job {job.id} belongs to {job.owner}; only they or an admin may {verb} it"
+        )
+    return None
 
 
 def _seal(core: Core, op: Op) -> None:
@@ -283,6 +324,11 @@ def _why(op: Op) -> str:
 def _apply(core: Core, op: Op, job_id: int, via: int | Selector | None, done: Done) -> None:
     """Do the operation to one job; `via` is the group or the selector that found it."""
     job = core.tx.get_job(job_id)
+    if via is None and op.each:
+        refusal = _refusal(core, op, job_id)
+        if refusal is not None:
+            done.lists["errors"].append([job_id, refusal.code, refusal.message])
+            return
     if job is None:
         if via is None and op.kind == CANCEL:  # a named job, purged: long over
             done.lists["already"].append(job_id)

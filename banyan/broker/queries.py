@@ -96,15 +96,20 @@ def status(tx: Tx, body: dict[str, Any]) -> dict[str, Any]:
     limit = min(body.get("limit") or defaults.STATUS_LIMIT, defaults.STATUS_PAGE)
     ids = body["jobs"][:limit]
     out: list[dict[str, Any]] = []
+    errors: list[list[Any]] = []
     limits: dict[str, str | None] = {}
     for job_id in ids:
         job = tx.get_job(job_id)
         if job is None:
-            raise NotFound(retention.gone(tx, job_id))
+            if not body.get("each"):
+                raise NotFound(retention.gone(tx, job_id))
+            errors.append([job_id, NotFound.code, retention.gone(tx, job_id)])
+            continue
         if body.get("owner") not in (None, job.owner) or body.get("state") not in (None, job.state):
             continue
         out.append(views.job_info(tx, job, live, bool(body.get("detail")), limits))
-    return {"jobs": out, "groups": [], "truncated": len(body["jobs"]) > limit}
+    reply = {"jobs": out, "groups": [], "truncated": len(body["jobs"]) > limit}
+    return reply | {"errors": errors} if body.get("each") else reply
 
 
 def may_read_output(actor: Actor, job: Job | None, job_id: int) -> BanyanError | None:

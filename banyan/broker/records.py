@@ -279,6 +279,8 @@ class Worker(Record):
     # cloned machines with one host name apart) and the worker key it authenticated with.
     address: str = ""
     key: str | None = None  # None: the broker runs without keys
+    spool: str = ""  # its spool directory, as it registered ("": not known)
+    instance: str = ""  # the worker process that registered last (its register's `instance`)
 
     @property
     def gone(self) -> bool:

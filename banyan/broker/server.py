@@ -27,7 +27,7 @@ from typing import Any, TypeVar, cast
 import zmq
 
 from banyan import defaults, protocol
-from banyan.broker import longops, owners, queries, retention
+from banyan.broker import follow, longops, owners, queries, retention
 from banyan.broker.auth import ZapHandler
 from banyan.broker.state import Actor, Config, Core, Effect, Logged
 from banyan.broker.store import ReadTx, Store, StoreFull, WriteTx
@@ -114,6 +114,7 @@ class Turn:
     effects: list[Effect] = field(default_factory=list)
     events: list[Logged] = field(default_factory=list)
     waiters: list[Waiter] = field(default_factory=list)
+    followers: list[follow.Follower] = field(default_factory=list)  # events reads that wait
     fetches: list[LogFetch] = field(default_factory=list)
     deferred: list[Inbound] = field(default_factory=list)  # client requests left for later
     # Workers whose sessions end once this turn is durable (lost, stopped): log level, line.
@@ -129,6 +130,7 @@ class Turn:
         self.effects += other.effects
         self.events += other.events
         self.waiters += other.waiters
+        self.followers += other.followers
         self.fetches += other.fetches
         self.deferred += other.deferred
         self.gone.update(other.gone)
@@ -200,6 +202,7 @@ class Broker:
         self.deadlines: list[tuple[float, int, Waiter]] = []
         self._deadline_seq = itertools.count()
         self.fetches: dict[int, LogFetch] = {}
+        self.followers = follow.Followers()
         self.backlog: list[Inbound] = []  # client requests a turn left for the next
         self.longops = longops.LongOps()
         self.next_fetch = 1
@@ -281,7 +284,8 @@ class Broker:
         if self.backlog or self.longops.ready(self.clock()):
             return 0.0
         purge = self.next_purge if self.config.core.retention is not None else math.inf
-        wait = min(self.next_heartbeat, purge) - self.clock()
+        reads = self.followers.next_deadline()
+        wait = min(self.next_heartbeat, purge, math.inf if reads is None else reads) - self.clock()
         return max(0.0, min(wait, self.config.core.heartbeat))
 
     def step(self, timeout: float = 0.0) -> None:
@@ -315,6 +319,8 @@ class Broker:
             # that came in meanwhile waits for one slice, not for a slice and a turn.
             self._turn([], [], [], self.wall(), False, slices=True)
         self._expire_fetches(mono)
+        for identity, payload in self.followers.due(mono):
+            _send(self.client, identity, payload)
         if mono >= self.next_heartbeat:
             self._heartbeat(mono)
             self._report_refusals()
@@ -648,6 +654,13 @@ class Broker:
                 return core.wake
             reply = {"jobs": reply["jobs"], "timed_out": False}
         assert reply is not None
+        if msg.type == "events" and not reply["events"] and msg.body.get("wait"):
+            deadline = self.mono + msg.body["wait"]
+            b = msg.body
+            turn.followers.append(
+                follow.Follower(identity, msg.req, b["since"], b["limit"], deadline)
+            )
+            return core.wake
         rtype, body = reply.pop("_type", None) or queries.REPLY[msg.type], reply
         turn.replies.append(("client", identity, protocol.encode(rtype, body, msg.req)))
         return core.wake
@@ -904,6 +917,8 @@ class Broker:
                 draining,
                 address=address,
                 key=key,
+                spool=body.get("spool", ""),
+                instance=instance,
             ),
         )
 
@@ -1006,6 +1021,12 @@ class Broker:
         # after it in this turn is in `turn.events`, so this one pass settles them too.
         ended = {e.job for e in turn.events if e.to in ("terminated", "cancelled")}
         self._wake_waiters(ended)
+        for follower in turn.followers:
+            self.followers.add(follower)
+        if turn.events and len(self.followers):
+            with self.store.read() as tx:
+                for identity, payload in self.followers.wake(tx.events_from):
+                    _send(self.client, identity, payload)
 
     def _wake_waiters(self, ended: set[int]) -> None:
         ready: list[Waiter] = []

@@ -697,16 +697,23 @@ class Core:
         draining: bool = False,
         address: str = "",
         key: str | None = None,
+        spool: str = "",
+        instance: str = "",
     ) -> Worker:
         """A worker (re)connects and lists the attempts it holds (SPEC §5), and whose jobs it
         runs (SPEC §6). One that is stopping (`draining`), or that an admin drained, comes
-        back draining. `address` and `key` say where from and with which worker key."""
+        back draining. `address` and `key` say where from and with which worker key.
+
+        An attempt it does not list was lost with the worker process if that process is new;
+        if it is the same process (`instance`), the assignment never reached it (the broker
+        stopped between recording and sending it, or the connection it went on was gone),
+        and the job is queued again as if never claimed."""
         worker = self.tx.get_worker(name)
         cpus, memory, gpus = capacity
         if worker is None:
             worker = Worker(name, host, cpus, memory, gpus, list(tags), registered=self.now)
         worker.host, worker.cpus, worker.memory, worker.gpus = host, cpus, memory, gpus
-        worker.tags = list(tags)
+        worker.tags, worker.spool = list(tags), spool
         worker.only_account, worker.refused = runs.only_account, dict(runs.refused)
         worker.address, worker.key = address, key
         worker.registered = worker.last_seen = self.now
@@ -717,8 +724,14 @@ class Core:
         else:
             worker.state = WorkerState.ACTIVE.value
         listed = dict(running)
+        same = bool(instance) and instance == worker.instance
+        worker.instance = instance
         for job_id, token in list(worker.running.items()):
-            if listed.get(job_id) != token:
+            if listed.get(job_id) == token:
+                continue
+            if same:
+                self._unsent(worker, job_id, token)
+            else:
                 self._lose_attempt(worker, job_id, token, f"worker {name} restarted without it")
         for job_id, token in listed.items():
             if worker.running.get(job_id) != token:
@@ -864,8 +877,6 @@ class Core:
         job.attempts += 1
         job.token, job.worker = token, worker.name
         job.progress = job.progress_message = None
-        if job.started is None:
-            job.started = self.now
         self.tx.put_attempt(Attempt(job.id, job.attempts, token, worker.name, self.now, gpu_ids))
         self._move(job, S.RUNNING, f"claimed by {worker.name}")
         worker.used_cpus += job.cpus
@@ -887,6 +898,8 @@ class Core:
             "account": job.runs_as,
             "environ": job.environ,
             "umask": job.umask,
+            "cpus": job.cpus,
+            "memory": job.memory,
         }
 
     # ---- reports about attempts -------------------------------------------------------------
@@ -914,8 +927,12 @@ class Core:
     def started(self, name: str, job_id: int, token: int, age: float = 0.0) -> None:
         held = self._held(name, job_id, token)
         if held is not None:
-            held[1].started = max(held[1].claimed, self.now - age)
-            self.tx.put_attempt(held[1])
+            job, attempt = held
+            attempt.started = max(attempt.claimed, self.now - age)
+            self.tx.put_attempt(attempt)
+            if job.started is None:  # a job started when its first process did, not its claim
+                job.started = attempt.started
+                self.tx.put_job(job)
 
     def hand_back(self, name: str, job_id: int, token: int, reason: str) -> None:
         """The worker cannot run the attempt's Unix account, and never started it (SPEC §6):
@@ -932,14 +949,29 @@ class Core:
             worker.wants += 1  # the slot it was given is free for another job
         self._settle_drain(worker)
         self.tx.put_worker(worker)
+        self._unclaim(job, attempt, reason)
+
+    def _unsent(self, worker: Worker, job_id: int, token: int) -> None:
+        """The live attempt `(job_id, token)` never reached `worker`: nothing ran, nothing is
+        spent. (The caller writes the worker.)"""
+        job = self.tx.get_job(job_id)
+        live = job is not None and job.token == token
+        attempt = self.tx.get_attempt(job_id, job.attempts) if job is not None and live else None
+        if job is None or attempt is None:  # not its attempt any more (or no record: fence)
+            self._lose_attempt(worker, job_id, token, f"worker {worker.name} does not hold it")
+            return
+        worker.running.pop(job_id, None)
+        self._unclaim(job, attempt, f"the assignment never reached worker {worker.name}")
+
+    def _unclaim(self, job: Job, attempt: Attempt, reason: str) -> None:
+        """Undo a claim whose attempt never started: the job is queued again (or, if it was
+        being cancelled, cancelled) spending no attempt; its next claim reuses the attempt's
+        number and record."""
         self.wake = True
         attempt.ended, attempt.outcome, attempt.reason = self.now, Outcome.RETURNED.value, reason
         self.tx.put_attempt(attempt)
-        # The next claim reuses this attempt's number (and record): it never ran.
         job.attempts -= 1
         job.token = job.worker = None
-        if job.attempts == 0:
-            job.started = None
         if job.st == S.PENDING_CANCELLATION:
             self._move(job, S.CANCELLED, job.cancel_reason)
             self._ended(job)
@@ -990,6 +1022,8 @@ class Core:
         job, attempt = held
         if attempt.started is None and runtime is not None:
             attempt.started = max(attempt.claimed, self.now - runtime)
+        if job.started is None:
+            job.started = attempt.started
         attempt.ended, attempt.exit_code, attempt.signal = self.now, exit_code, signal
         attempt.stdout_tail, attempt.stderr_tail = tails
         self._charge(job, attempt)

@@ -5,6 +5,7 @@ Pure functions over records; the server feeds them from a read transaction.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from banyan.broker import owners
@@ -20,6 +21,7 @@ from banyan.broker.records import (
     Worker,
     WorkerState,
 )
+from banyan.outputs import account_spool, job_dir, output_paths
 
 S = JobState
 
@@ -191,7 +193,10 @@ def job_info(
     info["attempt_started"] = None if run is None else run.started or run.claimed
     info["attempt_ended"] = None if run is None else run.ended
     if detail:
-        info["history"] = [attempt_info(a) for a in history]
+        spools = {w.name: w.spool for w in workers}
+        info["history"] = [
+            attempt_info(a) | attempt_outputs(job, a, spools.get(a.worker, "")) for a in history
+        ]
         last = history[-1] if history else None
         info["output_tail"] = {
             "stdout": last.stdout_tail if last else "",
@@ -239,6 +244,20 @@ def attempt_info(a: Attempt) -> dict[str, Any]:
         "gpu_ids": a.gpu_ids,
         "reason": a.reason,
     }
+
+
+def attempt_outputs(job: Job, attempt: Attempt, spool: str) -> dict[str, str | None]:
+    """The attempt's output files, as its worker named them: the `--output` template expanded
+    for this attempt, or the worker's spool. None where that depends on a spool the worker has
+    not said (it registered before workers told their spool, or was forgotten)."""
+    spool = account_spool(spool, job.runs_as) if spool else ""
+    cwd = job.cwd or (job_dir(spool, job.id, attempt.number) if spool else "")
+    template = job.output
+    known = bool(spool) if template is None else bool(cwd) or os.path.isabs(template)
+    if not known:
+        return {"stdout": None, "stderr": None}
+    out, err = output_paths(template, spool, cwd, job.id, attempt.number)
+    return {"stdout": out, "stderr": err}
 
 
 def _group_name(tx: Tx, gid: int) -> str:

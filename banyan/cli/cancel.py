@@ -8,8 +8,16 @@ from __future__ import annotations
 
 import sys
 
-from banyan.cli import EXIT_OK
-from banyan.cli.output import CONNECT_OPTIONS, Args, UsageError, connect, print_json, run
+from banyan.cli.output import (
+    CONNECT_OPTIONS,
+    Args,
+    UsageError,
+    connect,
+    print_json,
+    report_errors,
+    run,
+    target_errors,
+)
 from banyan.cli.targets import Targets, ids_text
 
 TOOL = "banyan-cancel"
@@ -21,7 +29,8 @@ Usage:
 
 A TARGET is a job id (12), a range of ids (100-2000) or a group name; the jobs of an
 array are the group array-ID, ID being the array's first job. Named jobs and groups must
-exist and be yours (an admin may cancel anyone's). A range, and the filters below, select
+exist and be yours (an admin may cancel anyone's): each one that is not is reported, the
+rest are cancelled, and the exit status is 1. A range, and the filters below, select
 unfinished jobs: your own, or an admin's pick of anyone's. Filters narrow the ranges given,
 or stand alone; --group G alone cancels group G. Queued and held jobs are cancelled at once;
 running ones get SIGTERM, then SIGKILL after their grace period. Everything that depends on
@@ -48,11 +57,18 @@ def cancel(args: Args) -> int:
         raise UsageError("nothing to cancel: give job ids, ranges, groups or a filter")
     with connect(args) as client:
         done = client.cancel(
-            targets.ids, targets.groups, reason=args["--reason"], select=targets.select
+            targets.ids, targets.groups, reason=args["--reason"], select=targets.select, each=True
         )
     if args["--json"]:
-        print_json({"cancelled": done.cancelled, "pending": done.pending, "already": done.already})
-        return EXIT_OK
+        print_json(
+            {
+                "cancelled": done.cancelled,
+                "pending": done.pending,
+                "already": done.already,
+                "errors": target_errors(done.errors),
+            }
+        )
+        return report_errors(TOOL, done.errors, True)
     for ids, what in (
         (done.cancelled, "cancelled"),
         (done.pending, "stopping (cancel sent to the worker)"),
@@ -60,9 +76,9 @@ def cancel(args: Args) -> int:
     ):
         if ids:
             print(f"{what}: {ids_text(ids)}")
-    if not (done.cancelled or done.pending or done.already):
+    if not (done.cancelled or done.pending or done.already or done.errors):
         print("nothing to cancel: nothing matched")
-    return EXIT_OK
+    return report_errors(TOOL, done.errors, False)
 
 
 if __name__ == "__main__":

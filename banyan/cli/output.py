@@ -26,7 +26,7 @@ from banyan import defaults
 from banyan.cli import EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE
 from banyan.cli.usage import Explain, UsageError, flag_words, parse
 from banyan.cli.visible import visible
-from banyan.client import Client
+from banyan.client import Client, TargetError
 from banyan.errors import BanyanError, BrokerUnavailable
 from banyan.protocol import ProtocolError
 
@@ -99,6 +99,24 @@ def fail(tool: str, code: str, message: str, status: int, as_json: bool, hint: s
         # The broker's messages quote names that others chose.
         print(f"{tool}: {visible(message)}" + (f"\n{hint}" if hint else ""), file=sys.stderr)
     return status
+
+
+def target_errors(errors: Sequence[TargetError]) -> list[dict[str, Any]]:
+    """Targets a request passed over, as `--json` prints them beside what it did."""
+    return [{"target": e.target, "error": e.code, "message": e.message} for e in errors]
+
+
+def report_errors(tool: str, errors: Sequence[TargetError], as_json: bool) -> int:
+    """The targets a request passed over (the rest went ahead): each on its own line, or with
+    `--json` one error document naming them all (the first one's code). Exit 1 if any."""
+    if not errors:
+        return EXIT_OK
+    if as_json:
+        message = "; ".join(e.message for e in errors)
+        return fail(tool, errors[0].code, message, EXIT_REFUSED, as_json)
+    for e in errors:
+        print(f"{tool}: {e.message}", file=sys.stderr)
+    return EXIT_REFUSED
 
 
 def connect(args: Args) -> Client:

@@ -27,10 +27,12 @@ from banyan.cli.output import (
     parse_duration,
     plural,
     print_json,
+    report_errors,
     run,
     since,
     size,
     table,
+    target_errors,
     use_color,
     visible,
 )
@@ -46,7 +48,8 @@ Usage:
 With no ID it lists the active jobs (held, queued, running, being cancelled), newest first,
 with the reason each waiting job waits; the last line counts every job that matched, shown
 or not. With IDs it shows each job in full: its attempts, worker, progress, usage, exit and
-the tail of its output.
+the tail of its output; an ID that is not a job is reported, the others are shown, and the
+exit status is 1.
 
 Options:
   --group G             Every job of group G, with the group's summary (an array's group
@@ -97,8 +100,9 @@ def status(args: Args) -> int:
     count = number(args["--count"], "--count", minimum=1, integer=True) if args["--count"] else 0
     with connect(args) as client:
         if not args["--watch"]:
-            show(fetch(client, args, limit), args)
-            return EXIT_OK
+            st = fetch(client, args, limit)
+            show(st, args)
+            return report_errors(TOOL, st.errors, args["--json"])
         return watch(client, args, limit, interval, count)
 
 
@@ -134,6 +138,7 @@ def fetch(client: Client, args: Args, limit: int) -> Status:
         since=args["since"],
         until=args["until"],
         cursor=args["cursor"],
+        each=True,
     )
 
 
@@ -141,11 +146,13 @@ def show(st: Status, args: Args) -> None:
     if args["--json"]:
         out: dict[str, Any] = {"jobs": [j.raw for j in st.jobs], "groups": st.groups}
         out["truncated"] = st.truncated
-        if not args["ID"]:
+        if args["ID"]:
+            out["errors"] = target_errors(st.errors)
+        else:
             out |= {"next": st.next, "counts": st.counts, "matched": st.matched}
             out["exact"] = st.exact
         print_json(out)
-    else:
+    elif st.jobs or not args["ID"]:
         sys.stdout.write(render(st, args, use_color(sys.stdout)) + "\n")
     sys.stdout.flush()
 
@@ -324,7 +331,9 @@ def detail(r: dict[str, Any], color: bool) -> str:
     usage = r.get("usage") or {}
     if usage.get("cpu_percent") is not None or usage.get("rss") is not None:
         facts.append(("usage", _usage(usage.get("cpu_percent"), usage.get("rss"))))
-    facts += [(k, str(r[k])) for k in ("cwd", "output") if r.get(k)]
+    if r.get("cwd"):
+        facts.append(("cwd", str(r["cwd"])))
+    facts += outputs(r)
     if r.get("env"):
         facts.append(("env", " ".join(f"{k}={v}" for k, v in r["env"].items())))
     if r.get("env_hidden"):
@@ -346,6 +355,19 @@ def detail(r: dict[str, Any], color: bool) -> str:
             lines += ["", f"  {stream}{note}:"]
             lines += [f"    {visible(line, tabs=True)}" for line in text.rstrip("\n").split("\n")]
     return "\n".join(lines)
+
+
+def outputs(r: dict[str, Any]) -> list[tuple[str, str]]:
+    """Each attempt's output files as its worker named them (its `--output` expanded), or
+    the template while no attempt has any."""
+    named = [a for a in r.get("history") or () if a.get("stdout")]
+    if not named:
+        return [("output", str(r["output"]))] if r.get("output") else []
+    lines = []
+    for a in named:
+        files = a["stdout"] if a["stdout"] == a.get("stderr") else f"{a['stdout']}, {a['stderr']}"
+        lines.append(f"attempt {a['attempt']}: {files}" if len(named) > 1 else files)
+    return [("output", lines[0])] + [("", line) for line in lines[1:]]
 
 
 def state_line(r: dict[str, Any], now: float) -> str:

@@ -168,6 +168,7 @@ class WorkerDaemon:
                 "refused": dict(self.policy.refused),
                 "instance": self.instance,
                 "draining": self.stop_requested > 0,
+                "spool": self.runner.spool,
             },
             self.link.register_req,
         )
@@ -432,6 +433,8 @@ class WorkerDaemon:
             account=account,
             environment=environment,
             umask=a["umask"],
+            cpus=float(a["cpus"]),
+            memory=int(a["memory"]),
         )
         running = self.runner.start(launch, now)
         self._unreported[(launch.job, launch.token)] = (running.pid or 0, running.started)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import re
 import secrets
 import shlex
 import signal
@@ -47,6 +46,7 @@ import psutil
 
 from banyan import defaults, export
 from banyan.errors import BadRequest, NotFound
+from banyan.outputs import account_spool, job_dir, output_paths
 from banyan.worker import accounts, cgroups, procs, spawn
 from banyan.worker.accounts import Account
 from banyan.worker.cgroups import Cgroups, move_time
@@ -61,7 +61,6 @@ SPAWN_FAILED = 127  # the shell's "command not found": the job never ran
 # Seconds a move into a cgroup may take before the launcher is worth its round trip (~1 ms):
 # moves cost 0.2-0.8 ms with `favordynmods` (or a kernel that behaves so), 10-40 ms without.
 SLOW_MOVE = 0.003
-_OUTPUT_FIELD = re.compile(r"%%|%j|\{job\}|\{attempt\}|\{stream\}")
 _WRITE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
 # After a TERM, how soon to look again for survivors: quick for the usual prompt exit, then
 # backing off, since each look is a pass over /proc.
@@ -86,6 +85,8 @@ class Launch:
     account: Account | None = None  # whom it runs as; None: this process's own account
     environment: dict[str, str] | None = None  # what the submitter exported
     umask: int | None = None  # None: defaults.UMASK
+    cpus: float = 1.0  # what the job reserved: its BANYAN_CPUS
+    memory: int = 0  # MiB; 0: no reservation
 
 
 @dataclass(frozen=True)
@@ -113,31 +114,6 @@ class Finished:
     stderr_tail: bytes
     started: float
     ended: float
-
-
-def output_paths(
-    template: str | None, spool: str, cwd: str, job: int, attempt: int
-) -> tuple[str, str]:
-    """Where stdout and stderr go: the spool by default, else the `--output` template.
-
-    `{job}`/`%j`, `{attempt}` and `{stream}` (out/err) expand; `%%` is a literal `%`. Without
-    `{stream}`, stderr goes next to stdout with `.err` appended. Relative paths are relative to
-    the job's working directory, as in Slurm.
-    """
-    if template is None:
-        return f"{spool}/{job}.{attempt}.out", f"{spool}/{job}.{attempt}.err"
-    if template == os.devnull:
-        return os.devnull, os.devnull
-
-    def expand(stream: str) -> str:
-        values = {"%%": "%", "%j": str(job), "{job}": str(job), "{attempt}": str(attempt)}
-        values["{stream}"] = stream
-        return os.path.join(cwd, _OUTPUT_FIELD.sub(lambda m: values[m.group()], template))
-
-    if "{stream}" in template:
-        return expand("out"), expand("err")
-    out = expand("out")
-    return out, out + ".err"
 
 
 def _open_owned(path: str, flags: int, uid: int) -> int:
@@ -286,8 +262,8 @@ class Runner:
         if key in self._jobs:
             return self._jobs[key].info
         account = launch.account or self.me
-        home = os.path.join(self.spool, account.name)
-        stem = f"{home}/{launch.job}.{launch.attempt}"
+        home = account_spool(self.spool, account.name)
+        stem = job_dir(home, launch.job, launch.attempt)
         cwd = os.path.abspath(launch.cwd) if launch.cwd else stem
         out, err = output_paths(launch.output, home, cwd, launch.job, launch.attempt)
         marker = f"{self._nonce}:{launch.job}:{launch.token}"
@@ -368,6 +344,10 @@ class Runner:
         env["BANYAN_JOB_ID"] = str(launch.job)
         env["BANYAN_ATTEMPT"] = str(launch.attempt)
         env["BANYAN_PROGRESS_FILE"] = progress
+        # What it reserved, so it can size its threads and buffers to match.
+        env["BANYAN_CPUS"] = f"{launch.cpus:g}"
+        env["BANYAN_MEMORY_MB"] = str(launch.memory)
+        env["BANYAN_GPUS"] = str(len(launch.gpu_ids))
         # Always set, even to "": a job must not see GPUs it was not given.
         env["CUDA_VISIBLE_DEVICES"] = ",".join(self._gpu_name(i) for i in launch.gpu_ids)
         env[MARKER_VAR] = marker
