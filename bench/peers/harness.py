@@ -146,17 +146,17 @@ class Peer:
         return path.read_text(errors="replace")[-2000:] if path.exists() else ""
 
     def stop(self) -> None:
-        """The client first (end of its input), then the services in reverse order: SIGTERM,
-        wait, and SIGKILL the process tree of any that is left."""
+        """The client first (end of its input), then the services in reverse order: the end of
+        its input or SIGTERM, a wait, and SIGKILL for the process tree of any that is left."""
         if self.client:
             self.client.close()
             self.client = None
         for key in reversed(list(self.procs)):
             proc = self.procs.pop(key)
-            if proc.stdin:
+            if proc.stdin:  # HyperQueue's cluster stops when its input ends
                 proc.stdin.close()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=2)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=10)
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGTERM)
