@@ -579,9 +579,19 @@ class Client:
 
         req, on = ask()
         ping_req, ping_sent = 0, 0.0
+        renewed: float | None = None  # when the connection was made anew under a change
         while True:
             now = time.monotonic()
             outlive = kind == "wait" and self.reached
+            if renewed is not None and now - renewed > self.timeout:
+                # The broker restarted with the change on its way: a new broker answers pings
+                # but never this request, which it may or may not have carried out.
+                self._reset()
+                raise BrokerUnavailable(
+                    f"the broker at {self.endpoint} restarted while the {kind} was on its way "
+                    "and did not answer it: it may or may not have been carried out (look with "
+                    "banyan-status; a submission with a submit key can be sent again safely)"
+                )
             if end is not None and now > end + (0.0 if away else self.timeout):
                 silent = self._no_answer(self.timeout)
                 self._reset()
@@ -612,6 +622,8 @@ class Client:
             if self.watch.handshakes > on and (kind == "wait" or kind in READS):
                 req, on = ask()
                 ping_req = 0
+            elif self.watch.handshakes > on and renewed is None:
+                renewed = now  # its reply may still come, if it went on the new connection
             if msg is not None and away is not None:
                 away = None
                 if notice is not None:

@@ -377,6 +377,49 @@ def test_the_broker_counts_ordinary_refusals_apart(op: Operator) -> None:
     wait_for(lambda: said + "refusal (no such job" in op.log("broker"), 10, what="the count")
 
 
+def _unread_bytes(port: int) -> int:
+    """Bytes the kernel holds for the broker's reading on its client port (/proc/net/tcp)."""
+    total = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port and fields[3] == "01":  # ESTABLISHED
+            total += int(fields[4].split(":")[1], 16)
+    return total
+
+
+def test_a_change_on_its_way_when_the_broker_restarts_is_not_waited_for(op: Operator) -> None:
+    """A submission sent to a broker that dies before reading it: the restarted broker answers
+    pings but never that request, so the client says so instead of waiting forever."""
+    broker = op.start_broker()
+    c = op.client()
+    c.timeout = scaled(1)
+    c.ping()
+    broker.send_signal(signal.SIGSTOP)
+    box: dict[str, Any] = {}
+
+    def submit() -> None:
+        try:
+            box["jobs"] = c.submit("true", submit_key="on-its-way").jobs
+        except BrokerUnavailable as e:
+            box["error"] = str(e)
+
+    api = threading.Thread(target=submit)
+    try:
+        api.start()
+        wait_for(lambda: _unread_bytes(op.client_port) > 0, 10, what="the request to arrive")
+    finally:
+        broker.send_signal(signal.SIGKILL)
+        broker.send_signal(signal.SIGCONT)
+    broker.wait(timeout=scaled(10))
+    op.start_broker("broker2")
+    api.join(timeout=scaled(20))
+    assert not api.is_alive(), "the submission is still waited for"
+    assert "restarted while the submit was on its way" in box["error"], box
+    # A submit key makes sending it again safe: the broker never had it, so now it has it once.
+    again = op.client().submit("true", submit_key="on-its-way").jobs
+    assert len(again) == 1
+
+
 def test_a_wait_outlives_an_outage_longer_than_its_timeout(op: Operator) -> None:
     """A broker away for longer than the tool's --timeout (an upgrade, a slow restart): the
     waiting tool says so once, waits on, and ends with the job's outcome."""
