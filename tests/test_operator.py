@@ -372,7 +372,7 @@ def test_a_fenced_worker_says_once_per_attempt_that_it_is_not_its_own(op: Operat
 
 def test_the_broker_counts_ordinary_refusals_apart(op: Operator) -> None:
     op.start_broker()
-    assert op.run("cancel", "999").code == 1
+    assert op.run("modify", "--priority", "3", "999").code == 1
     said = "refused 1 message so far: 0 key handshakes, 0 malformed, 1 request answered with a "
     wait_for(lambda: said + "refusal (no such job" in op.log("broker"), 10, what="the count")
 
