@@ -76,9 +76,9 @@ def test_quick_peers(name: str, tmp_path: Path) -> None:
         assert report["params"]["peers"] == []
         for label in PEERS.values():
             assert f"{label} left out: not set up (make bench-peers-setup)" in report["notes"]
-        names = [f["name"] for f in report["figures"]]
-        assert EXPECTED[name] in names
-        assert not [n for n in names for label in PEERS.values() if label in n]
+        shown = [f["name"] for f in report["figures"]]
+        assert EXPECTED[name] in shown
+        assert not [n for n in shown for label in PEERS.values() if label in n]
         return
     report = run_quick(name, tmp_path, "--peers", ",".join(ready))
     assert report["params"]["peers"] == ready
