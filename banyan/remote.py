@@ -15,6 +15,7 @@ This module is what each such job imports first: it stays light (no zmq, no clie
 from __future__ import annotations
 
 import base64
+import io
 import os
 import pickle
 import sys
@@ -57,12 +58,35 @@ class PayloadTooLarge(ValueError):
     """A call's pickled function and arguments, or its result, is over its limit."""
 
 
+class NotImportable(pickle.PicklingError):
+    """A function or class the worker could not import (defined in `__main__`), and no
+    cloudpickle to send it by value."""
+
+
+class _ByReference(pickle.Pickler):
+    """pickle, refusing what it would send by a reference the worker cannot follow: on the
+    worker `__main__` is Banyan's own runner, not the caller's script."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        named = isinstance(obj, type) or (callable(obj) and hasattr(obj, "__qualname__"))
+        if named and getattr(obj, "__module__", None) == "__main__":
+            raise NotImportable(
+                f"{obj.__qualname__} is defined in __main__, which a worker cannot import: "
+                "install cloudpickle (pip install cloudpickle) to send it by value, or move "
+                "it into a module the worker can import"
+            )
+        return NotImplemented
+
+
 def dumps(obj: Any) -> bytes:
-    """cloudpickle when installed (lambdas, closures, functions of `__main__`), else pickle."""
+    """cloudpickle when installed (lambdas, closures, functions of `__main__`), else pickle,
+    which refuses what is defined in `__main__` (NotImportable)."""
     try:
         import cloudpickle  # type: ignore[import-not-found, unused-ignore]
     except ImportError:
-        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        out = io.BytesIO()
+        _ByReference(out, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+        return out.getvalue()
     return bytes(cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import signal
+import sys
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from banyan import remote
 from banyan.errors import KeyRefused
 from banyan.futures import Executor, JobCancelled, PayloadTooLarge, RemoteTraceback
+from banyan.remote import NotImportable
 from tests import calls
 from tests.cluster import Cluster, scaled, wait_for
 
@@ -128,6 +130,30 @@ def test_calls_are_ordinary_jobs(ex: Executor, live: Cluster) -> None:
     assert info.raw["output_tail"]["stderr"] == "working on 41\n"
     assert info.raw["history"][0]["progress_message"] == "half of 41"
     assert ex.submit(calls.job_id).result(scaled(20)) != str(fut.job)
+
+
+def test_a_function_of_main_without_cloudpickle_is_refused_at_once(
+    ex: Executor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A script's own function would go by a reference the worker cannot follow (there,
+    __main__ is Banyan's runner): refused before anything is submitted, saying what to do."""
+    monkeypatch.setitem(sys.modules, "cloudpickle", None)  # as where it is not installed
+
+    def simulate(seed: int) -> int:
+        return seed * seed
+
+    class Params:
+        pass
+
+    simulate.__qualname__, Params.__qualname__ = "simulate", "Params"  # as at a script's top
+    simulate.__module__ = Params.__module__ = "__main__"
+    before = ex.client.events_head()
+    with pytest.raises(NotImportable, match=r"simulate is defined in __main__.*cloudpickle"):
+        ex.submit(simulate, 3)
+    with pytest.raises(NotImportable, match="Params is defined in __main__"):
+        list(ex.map(calls.square, [Params()]))
+    assert ex.client.events_head() == before  # nothing was submitted
+    assert ex.submit(calls.square, 3).result(scaled(20)) == 9
 
 
 def test_payload_limits_are_refused_clearly(ex: Executor) -> None:
