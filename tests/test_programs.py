@@ -205,3 +205,24 @@ def test_status_names_each_attempts_output_files(
     assert f"  output      attempt 1: {stem}-1.txt, {stem}-1.txt.err\n" in text
     assert f"              attempt 2: {stem}-2.txt, {stem}-2.txt.err\n" in text
     assert "{job}" not in text
+
+
+def test_an_open_group_is_closed_from_the_command_line(cli: Runner, live: Cluster) -> None:
+    """A job after an open group waits, and says it waits for the group to be closed, until
+    banyan-modify --close-group closes it; then it runs."""
+    group = f"opened-{time.monotonic_ns()}"
+    member = int(cli("submit", "--group", group, "--open", "--", "true").out)
+    after = int(cli("submit", "--after", group, "--", "true").out)
+    c = live.client()
+    assert c.wait([member], timeout=scaled(20)).all_succeeded
+    said = f"waiting for 1 dependency; group {group} still open: a dependency on a group is "
+    wait_for(lambda: (c.job(after).reason or "").startswith(said), 10, what="the reason")
+    assert f"(banyan-modify --close-group {group})" in (c.job(after).reason or "")
+    assert cli("modify", "--close-group", group, "1").code == 2  # no job ids with it
+    closed = cli("modify", "--close-group", group)
+    assert closed.code == 0 and closed.out.startswith(f"group {group} (id "), closed
+    assert ", sealed, " in closed.out
+    assert c.wait([after], timeout=scaled(20)).all_succeeded
+    again = cli("modify", "--json", "--close-group", group)
+    assert again.code == 0 and json.loads(again.out)["group"]["open"] is False
+    assert cli("modify", "--close-group", "no-such-group").code == 1

@@ -185,7 +185,7 @@ def job_info(
         "started": job.started,
         "ended": job.ended,
         "cancel_reason": job.cancel_reason,
-        "reason": waiting_reason(job, workers, limits.get(job.owner)),
+        "reason": open_groups(tx, job, waiting_reason(job, workers, limits.get(job.owner))),
         "pending_dependencies": job.pending,
     }
     history = tx.attempts_of(job.id) if detail else []
@@ -244,6 +244,26 @@ def attempt_info(a: Attempt) -> dict[str, Any]:
         "gpu_ids": a.gpu_ids,
         "reason": a.reason,
     }
+
+
+def open_groups(tx: Tx, job: Job, reason: str | None) -> str | None:
+    """A reason that says which open groups a waiting job depends on: such a dependency is met
+    only once its group is closed, however its members ended."""
+    if not job.pending or reason is None or not reason.startswith("waiting for"):
+        return reason
+    names = []
+    for _kind, target, gid in job.depends_on:
+        group = tx.get_group(gid) if target == "group" else None
+        if group is not None and group.open and group.name not in names:
+            names.append(group.name)
+    if not names:
+        return reason
+    which = ", ".join(names)
+    first = names[0]
+    return (
+        f"{reason}; group{'s' if len(names) > 1 else ''} {which} still open: a dependency on "
+        f"a group is met once it is closed (banyan-modify --close-group {first})"
+    )
 
 
 def attempt_outputs(job: Job, attempt: Attempt, spool: str) -> dict[str, str | None]:

@@ -20,6 +20,7 @@ from banyan.cli.output import (
     run,
     visible,
 )
+from banyan.cli.status import group_line
 from banyan.cli.submit import job_fields
 from banyan.cli.targets import Targets, ids_text
 
@@ -63,6 +64,8 @@ Options:
   --state S             Only jobs in state S (default: inactive and available).
   --named GLOB          Only jobs whose name (the command, if unnamed) matches GLOB.
   --group G             Only the members of group G (an array's is array-ID).
+  --close-group G       Close the open group G (made with submit --group G --open): no job
+                        may join it any more, and jobs that depend on it can then go.
 """
     + CONNECT_OPTIONS
 )
@@ -73,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def modify(args: Args) -> int:
+    if args["--close-group"] is not None:
+        return close_group(args)
     targets = Targets.parse(args["TARGET"], args, name_option="--named", whole_groups=False)
     if targets.empty:
         raise UsageError("nothing to modify: give job ids, ranges or a filter")
@@ -94,6 +99,18 @@ def modify(args: Args) -> int:
     what = [f"{k}={_show(v)}" for k, v in changes.items()]
     what += ["held"] * args["--hold"] + ["released"] * args["--release"]
     print(visible(f"job {job.id} ({job.state}): {', '.join(what)}"))
+    return EXIT_OK
+
+
+def close_group(args: Args) -> int:
+    if args["TARGET"] or job_fields(args) or args["--hold"] or args["--release"]:
+        raise UsageError("--close-group takes no job ids and no other change")
+    with connect(args) as client:
+        group = client.close_group(args["--close-group"])
+    if args["--json"]:
+        print_json({"group": group})
+    else:
+        print(visible(group_line(group)))
     return EXIT_OK
 
 
