@@ -144,8 +144,9 @@ class LogChunk:
     data: bytes
     offset: int
     size: int
-    live: bool  # read from the worker's file now (False: the stored tail)
+    live: bool  # the job runs, and this was read from the worker's file now
     eof: bool  # the job has ended and this is the end of its output
+    tail: bool = False  # the broker's stored tail (the last 4 KiB), not the worker's file
 
 
 @dataclass(frozen=True)
@@ -675,7 +676,14 @@ class Client:
         reply = self.request(
             "logs", {"job": job, "stream": stream, "offset": offset, "limit": limit}
         )
-        return LogChunk(reply["data"], reply["offset"], reply["size"], reply["live"], reply["eof"])
+        return LogChunk(
+            reply["data"],
+            reply["offset"],
+            reply["size"],
+            reply["live"],
+            reply["eof"],
+            reply["tail"],
+        )
 
     def events(
         self, since: int = 1, limit: int = 1000, wait: float | None = None

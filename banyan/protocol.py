@@ -1145,6 +1145,7 @@ _CLIENT_REPLY_SCHEMAS: Final[dict[str, Check]] = {
             "size": (_ANY_INT, _REQUIRED),
             "live": (_bool, _REQUIRED),
             "eof": (_bool, _REQUIRED),
+            "tail": (_bool, False),
         }
     ),
     "error": _ERROR,

@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from banyan import protocol
+from banyan.cli import logs as logs_cli
 from banyan.client import Client, JobInfo, LogChunk
 from tests.cluster import HEARTBEAT, LIVENESS, Cluster, pids_with_marker, scaled, wait_for
 
@@ -308,7 +309,12 @@ def test_many_small_jobs(cluster: Cluster, n: int) -> None:
     assert set(ended(c, ids, timeout=60).values()) == {"terminated/success"}
 
 
-def test_logs_of_running_and_ended_job(cluster: Cluster, tmp_path: Path) -> None:
+def test_logs_of_running_and_ended_job(
+    cluster: Cluster,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     cluster.start_worker("w1")
     c = cluster.client()
     go = tmp_path / "go"
@@ -332,6 +338,20 @@ def test_logs_of_running_and_ended_job(cluster: Cluster, tmp_path: Path) -> None
     stored = c.logs(j)  # its worker is gone: the stored 4 KiB tail
     assert not stored.live and stored.eof and stored.data.endswith(b"3000\n")
     assert len(stored.data) <= 4096
+    assert stored.tail and not whole.tail
+    # banyan-logs says that what it prints is only the kept tail; of a short output, nothing.
+    monkeypatch.setenv("BANYAN_HOME", str(cluster.home))
+    broker = ["--broker", f"127.0.0.1:{cluster.client_port}"]
+    capsys.readouterr()
+    assert logs_cli.main([*broker, str(j)]) == 0
+    out, err = capsys.readouterr()
+    assert out.endswith("2999\n3000\n") and len(out) <= 4096
+    assert err == (
+        f"banyan-logs: job {j}: only the last 4096 bytes of its stdout, which the broker keeps, "
+        "are left: its worker no longer has the file, or is not connected\n"
+    )
+    assert logs_cli.main([*broker, "--stderr", str(j)]) == 0
+    assert capsys.readouterr() == ("err\n", "")
 
 
 def test_idle_worker_stays_alive_and_gets_work(cluster: Cluster) -> None:

@@ -752,6 +752,7 @@ class Broker:
             "size": len(data),
             "live": False,
             "eof": True,
+            "tail": True,  # the stored tail, not the worker's file
         }
         session = self.sessions.get(last.worker) if last else None
         if last is None or session is None or session.identity is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
+from banyan import defaults
 from banyan.cli import EXIT_OK
 from banyan.cli.output import CONNECT_OPTIONS, Args, UsageError, connect, run
 from banyan.client import Client, LogChunk
@@ -27,6 +28,9 @@ Options:
     + CONNECT_OPTIONS
 )
 
+# A stored tail this long is most likely cut (a tail cut at a character boundary may be up to
+# three bytes short); a shorter one is the whole output.
+CUT = defaults.OUTPUT_TAIL_BYTES - 3
 PACE = 0.25  # seconds between fetches when following: live enough, cheap for the worker
 CHUNKS_PER_FETCH = 256  # a bound on one catch-up (256 MiB at the 1 MiB chunk size)
 
@@ -72,6 +76,7 @@ class Reader:
         self.stream = stream
         self.offset = 0
         self.attempts: int | None = None
+        self.told_tail = False
 
     def poll(self) -> bool:
         """Note the job's attempt; True once it has ended."""
@@ -88,6 +93,15 @@ class Reader:
             if chunk.size < self.offset:
                 # Only the stored tail is left, and more than it has been shown already.
                 return LogChunk(b"", self.offset, self.offset, False, True)
+            if chunk.tail and chunk.size >= CUT and not self.told_tail:
+                self.told_tail = True
+                print(
+                    f"{TOOL}: job {self.job}: only the last {defaults.OUTPUT_TAIL_BYTES} bytes of "
+                    f"its {self.stream}, which the broker keeps, are left: its worker no longer "
+                    "has the file, or is not connected",
+                    file=sys.stderr,
+                    flush=True,
+                )
             _write(chunk.data)
             self.offset = chunk.offset + len(chunk.data)
             if not chunk.data or self.offset >= chunk.size:
