@@ -688,3 +688,20 @@ def test_queued_only_while_a_worker_that_takes_jobs_has_room(h):
         assert reason(j) == "every worker that could run it is draining"
     h.do(lambda c: c.drain(ROOT, "gpu", resume=True))
     assert reason(wide) == reason(gpu) == "queued"  # the next claim from gpu takes them
+
+
+def test_a_result_that_waited_for_the_broker_is_dated_by_its_run(h):
+    """A job that ran 4 s and whose result reached the broker 20 s after it started (the
+    broker was away): its attempt ended at its start + 4 s, and its owner is charged 4 s."""
+    h.add_worker("w1")
+    (job,) = h.submit(spec("sleep 4", cpus=2))
+    (a,) = h.claim("w1")
+    h.now += 1
+    h.do(lambda c: c.started("w1", job, a["token"], age=0.5))
+    h.now += 20
+    h.do(lambda c: c.result("w1", job, a["token"], "exited", 0, None, ("", ""), runtime=4.0))
+    with h.store.read() as tx:
+        attempt = tx.get_attempt(job, 1)
+        user = tx.get_user(ALICE.name)
+    assert attempt.started == 1000.5 and attempt.ended == 1004.5
+    assert user is not None and user.usage == pytest.approx(2 * 4.0, rel=1e-3)

@@ -1024,7 +1024,12 @@ class Core:
             attempt.started = max(attempt.claimed, self.now - runtime)
         if job.started is None:
             job.started = attempt.started
-        attempt.ended, attempt.exit_code, attempt.signal = self.now, exit_code, signal
+        # Dated by the worker's own measure of the run where it has one: a result that waited
+        # for a broker that was away ended when the job did, not when the broker heard of it.
+        attempt.ended = self.now
+        if runtime is not None and attempt.started is not None:
+            attempt.ended = min(self.now, attempt.started + runtime)
+        attempt.exit_code, attempt.signal = exit_code, signal
         attempt.stdout_tail, attempt.stderr_tail = tails
         self._charge(job, attempt)
         job.exit_code, job.signal = exit_code, signal
@@ -1082,7 +1087,8 @@ class Core:
     def _charge(self, job: Job, attempt: Attempt) -> None:
         """Add the ended attempt's cpu-seconds (held, not used) to its owner's usage."""
         start = attempt.started if attempt.started is not None else attempt.claimed
-        held = job.cpus * max(0.0, self.now - start)
+        end = attempt.ended if attempt.ended is not None else self.now
+        held = job.cpus * max(0.0, end - start)
         user = self.tx.get_user(job.owner) or User(job.owner)
         user.usage = decayed(user, self.now, self.config.half_life) + held
         user.usage_at = self.now

@@ -334,10 +334,12 @@ class WorkerDaemon:
             again = self.link.ever_registered
             self.link.registered = self.link.ever_registered = True
             if again:
+                ended = len(set(self.link.unacked) - set(self.runner.running()))
                 log.info(
-                    "registered again with the broker at %s (%s re-attached)",
+                    "registered again with the broker at %s (%s re-attached%s)",
                     self.config.broker,
                     _running(len(self.runner.running())),
+                    f"; {ended} ended meanwhile, results to deliver" if ended else "",
                 )
             else:
                 log.info("registered with the broker at %s", self.config.broker)
