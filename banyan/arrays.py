@@ -62,7 +62,9 @@ def window(spec: str, lo: int, hi: int) -> list[str]:
 
 
 def ranges(spec: str) -> list[range]:
-    out: list[range] = []
+    """The ranges `spec` names, refused (ValueError) past MAX_JOBS_PER_SUBMIT indices in all.
+    Counted as Python integers first: len() of a range past 2^63 - 1 items raises."""
+    parts: list[tuple[int, int, int]] = []
     total = 0
     for part in spec.split(","):
         rng, colon, step_text = part.strip().partition(":")
@@ -77,11 +79,11 @@ def ranges(spec: str) -> list[range]:
             raise ValueError(f"{part!r}: an index or step is at most {MAX_INDEX} (2^63 - 1)")
         if lo < 0 or hi < lo or step < 1:
             raise ValueError(f"{part!r} is empty or backwards (need 0 <= N <= M)")
-        out.append(range(lo, hi + 1, step))
-        total += len(out[-1])
+        parts.append((lo, hi, step))
+        total += (hi - lo) // step + 1
     if total > defaults.MAX_JOBS_PER_SUBMIT:
         raise ValueError(too_many(total))
-    return out
+    return [range(lo, hi + 1, step) for lo, hi, step in parts]
 
 
 def text_bytes(spec: dict[str, Any]) -> int:

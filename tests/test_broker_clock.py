@@ -268,3 +268,26 @@ def test_a_second_live_worker_with_the_name_is_refused(site: Site, clocks: Clock
     again.close()
     clocks.mono += WINDOW + HEARTBEAT
     site.worker("w1", instance="cccc")
+
+
+def test_a_message_its_checks_fail_on_is_refused_and_the_broker_goes_on(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever a message makes the broker's checks raise (here a fault put into them), that
+    message is refused and counted, and the broker answers the next one."""
+    real = protocol.decode
+
+    def faulty(payload: bytes, allowed: Any = None) -> protocol.Message:
+        if b"trip" in payload:
+            raise OverflowError("a check's own fault")
+        return real(payload, allowed) if allowed is not None else real(payload)
+
+    monkeypatch.setattr(protocol, "decode", faulty)
+    refused = site.broker.refused
+    site.tool.send("submit", {"jobs": [{"command": "trip"}]}, 7)
+    for _ in range(STEPS):
+        site.broker.step(0.005)
+        if site.broker.refused > refused:
+            break
+    assert site.broker.refused == refused + 1
+    assert site.ask("submit", {"jobs": [{"command": "true"}]})["jobs"]

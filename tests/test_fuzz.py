@@ -218,3 +218,25 @@ def test_fuzz_changes_nothing(seeded: tuple[Cluster, bytes], socket_kind: str) -
     handshakes = re.findall(r"refused \d+ messages? so far: (\d+) key handshakes?", log)
     assert handshakes and int(handshakes[-1]) >= 1
     assert counted and int(counted[-1]) >= authed.sent * 0.9 + int(handshakes[-1])
+
+
+def test_an_array_past_what_a_range_can_count_is_refused_and_the_broker_lives(
+    seeded: tuple[Cluster, bytes],
+) -> None:
+    """`0-9223372036854775807` is 2^63 indices, more than len() of a range can say: once, it
+    made the broker's check raise an error it did not catch, and the broker exited."""
+    cluster, before = seeded
+    raw = Fuzzer(cluster, cluster.client_port, "client")
+    try:
+        for i, spec in enumerate(("0-9223372036854775807", "1-2,0-9223372036854775807:1")):
+            body = {"jobs": [{"command": "true"}], "groups": [], "array": spec}
+            raw.send([packb([1, "submit", 100 + i, body])])
+            assert raw.sock.poll(int(scaled(10) * 1000)), "no answer: is the broker alive?"
+            reply = protocol.decode(raw.sock.recv())
+            assert (reply.type, reply.req, reply.body["code"]) == ("error", 100 + i, "bad_request")
+            assert "over the 200000 one submission may hold" in reply.body["message"]
+        raw.settle()
+    finally:
+        raw.close()
+    assert cluster.procs["broker"].poll() is None
+    assert cluster.dump() == before

@@ -1287,6 +1287,16 @@ def test_an_array_stays_a_template_and_makes_its_jobs_a_slice_at_a_time() -> Non
             "array",
             "1000001 jobs, over the 200000 one submission may hold (MAX_JOBS_PER_SUBMIT)",
         ),
+        (  # more indices than len() of a range can count
+            {"jobs": [{"command": "a"}], "array": "0-9223372036854775807"},
+            "array",
+            "9223372036854775808 jobs, over the 200000 one submission may hold",
+        ),
+        (
+            {"jobs": [{"command": "a"}], "array": "0-9223372036854775807:1,5"},
+            "array",
+            "9223372036854775809 jobs, over the 200000",
+        ),
         (
             {"jobs": [{"command": "a", "name": "n" * 252 + "{}"}], "array": "100000-100001"},
             "jobs[0].name",

@@ -119,6 +119,7 @@ def test_a_variable_all_cannot_carry_is_left_out_with_a_warning(
         ("0-99999999999999999999:99999999999999999999", "an index or step is at most"),
         ("٠-٩", "expected N-M or N-M:STEP"),  # Arabic-Indic digits
         ("1_000", "expected N-M or N-M:STEP"),
+        ("0-9223372036854775807", "9223372036854775808 jobs, over the 200000"),
     ],
 )
 def test_array_indices_are_ascii_and_fit_64_bits(

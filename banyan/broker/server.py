@@ -539,6 +539,10 @@ class Broker:
             if e.req is not None:
                 turn.replies.append((kind, identity, _error(code, reason, e.req)))
             return None
+        except Exception:  # a checker's own bug: this message is refused, the broker goes on
+            self.refused += 1
+            log.exception("refused a %s message that its checks failed on", kind)
+            return None
 
     def _wrong_port(self, kind: str) -> str:
         """What a peer at the other socket is told (keyless brokers; with keys, the ZAP handler
