@@ -31,7 +31,7 @@ import zmq
 from banyan import defaults, protocol
 from banyan import export as _export
 from banyan.config import address, home
-from banyan.errors import BrokerUnavailable, from_wire
+from banyan.errors import BrokerUnavailable, Invalid, from_wire
 from banyan.link import Credentials, Watch, credentials
 
 # Requests that wait behind a long operation in the broker (its longops.PARKED) or are one
@@ -258,7 +258,11 @@ class Client:
 
     def _send(self, kind: str, body: dict[str, Any], flags: int = 0) -> int:
         req = next(self._reqs)
-        self.sock.send(protocol.encode(kind, body, req, allowed=protocol.CLIENT_REQUESTS), flags)
+        try:
+            frame = protocol.encode(kind, body, req, allowed=protocol.CLIENT_REQUESTS)
+        except protocol.ProtocolError as e:
+            raise Invalid(e.reason) from None
+        self.sock.send(frame, flags)
         return req
 
     def _begin(self) -> None:

@@ -25,6 +25,11 @@ class BadRequest(BanyanError):
     code = "bad_request"
 
 
+class Invalid(BadRequest):
+    """A request the client's own checks refuse before sending it, as the broker would: a
+    field past its limit or of the wrong form. Nothing was sent."""
+
+
 class NotFound(BanyanError):
     code = "not_found"
 

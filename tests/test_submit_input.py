@@ -13,6 +13,8 @@ import pytest
 
 from banyan import arrays, protocol
 from banyan.cli import submit
+from banyan.client import Client
+from banyan.errors import BadRequest, Invalid
 from tests.cluster import Cluster, free_port, scaled
 
 
@@ -130,3 +132,14 @@ def test_array_indices_are_ascii_and_fit_64_bits(
     with pytest.raises(protocol.ProtocolError, match=said):  # and the broker's check
         protocol.encode("submit", body, 1)
     assert arrays.count("9223372036854775806-9223372036854775807") == 2  # the top still fits
+
+
+def test_the_api_refuses_a_bad_request_with_a_typed_error(tmp_path: Path) -> None:
+    """What the client's own checks refuse is `banyan.errors.Invalid` (a BadRequest), as the
+    README promises typed errors, and nothing is sent."""
+    with Client(f"127.0.0.1:{free_port()}", tmp_path, timeout=1) as c:
+        with pytest.raises(Invalid, match="9223372036854775808 jobs, over the 200000") as e:
+            c.submit("true", array="0-9223372036854775807", export="NONE")
+        assert isinstance(e.value, BadRequest) and e.value.code == "bad_request"
+        with pytest.raises(Invalid, match="name"):
+            c.submit("true", name="n" * 100_000, export="NONE")

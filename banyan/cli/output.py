@@ -27,7 +27,7 @@ from banyan.cli import EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE
 from banyan.cli.usage import Explain, UsageError, flag_words, parse
 from banyan.cli.visible import visible
 from banyan.client import Client, TargetError
-from banyan.errors import BanyanError, BrokerUnavailable
+from banyan.errors import BanyanError, BrokerUnavailable, Invalid
 from banyan.protocol import ProtocolError
 
 Args = dict[str, Any]
@@ -77,9 +77,11 @@ def run(
         return fail(tool, "usage", str(e), EXIT_USAGE, as_json, e.hint)
     except BrokerUnavailable as e:
         return fail(tool, e.code, e.message, EXIT_UNAVAILABLE, as_json)
+    except Invalid as e:  # a value the broker's rules refuse, found before sending
+        return fail(tool, "usage", flag_words(e.message), EXIT_USAGE, as_json)
     except BanyanError as e:
         return fail(tool, e.code, e.message, EXIT_REFUSED, as_json)
-    except ProtocolError as e:  # a value the broker's rules refuse, found before sending
+    except ProtocolError as e:  # likewise, found by the tool's own checks
         return fail(tool, "usage", flag_words(e.reason), EXIT_USAGE, as_json)
     except KeyboardInterrupt:
         return INTERRUPTED

@@ -33,7 +33,7 @@ from banyan.cli.output import (
 from banyan.cli.usage import flag_words
 from banyan.cli.workflow import DEP_KINDS, load_workflow, read_text
 from banyan.client import Client, JobInfo, Waited
-from banyan.errors import BanyanError, BrokerUnavailable
+from banyan.errors import BanyanError, BrokerUnavailable, Invalid
 from banyan.protocol import ProtocolError
 
 TOOL = "banyan-submit"
@@ -149,7 +149,7 @@ def _in_words(e: ProtocolError | BanyanError, path: str | None) -> Exception:
         return e
     text = e.reason if isinstance(e, ProtocolError) else e.message
     text = f"--file: {path}: {text}" if path else flag_words(text)
-    if isinstance(e, ProtocolError):
+    if isinstance(e, (ProtocolError, Invalid)):
         return UsageError(text)
     return type(e)(text, e.code)
 
