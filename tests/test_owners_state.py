@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from banyan.broker import owners
+from banyan.broker import matching, owners
 from banyan.broker.records import Job
 from banyan.broker.state import Actor
 from banyan.broker.views import job_info, waiting_reason
@@ -191,3 +191,25 @@ def test_umask_is_kept_and_editable_while_held(h: Harness) -> None:
     h.add_worker("w")
     (a,) = h.claim("w")
     assert a["umask"] == 0o027
+
+
+def test_a_rebound_keys_new_jobs_are_not_held_back_by_its_old_ones(h: Harness) -> None:
+    """carol's key was bound to a missing account, then rebound: her older jobs can run
+    nowhere, and the newer ones (same shape, so the same queue, behind them) go at once."""
+    old = [h.submit(spec(), actor=Actor("carol", "user", "ghost"))[0] for _ in range(5)]
+    new = h.submit(spec(), spec(), actor=CAROL)
+    register(h, "w1", owners.Runs(refused={"ghost": "account ghost does not exist on worker w1"}))
+    assert sorted(int(a["job"]) for a in h.claim("w1", 2)) == new
+    assert all(h.state(j) == "available" for j in old)
+    assert "ghost does not exist" in (reason(h, old[0]) or "")
+
+
+def test_the_walk_past_refused_jobs_is_bounded_per_claim(h: Harness) -> None:
+    """Past REFUSED_WALK refused entries in a claim, a queue waits: a claim costs bounded
+    reads however many jobs no worker runs."""
+    for _ in range(matching.REFUSED_WALK + 1):
+        h.submit(spec(), actor=Actor("carol", "user", "ghost"))
+    (late,) = h.submit(spec(), actor=CAROL)
+    register(h, "w1", owners.Runs(refused={"ghost": "account ghost does not exist on worker w1"}))
+    assert h.claim("w1", 1) == []
+    assert h.state(late) == "available"

@@ -31,6 +31,11 @@ Reload = Callable[[bytes, Head | None], Head | None]
 # Entries looked at behind a held head, per queue and pick: past them the queue waits for its
 # operation to end (a cancel of a whole queue would otherwise be walked at every claim).
 HELD_WALK = 32
+# Entries looked at behind heads of accounts the worker does not run, per pick, over all
+# queues. One owner's jobs usually run as one account, so such a head mostly means its whole
+# queue is refused; but a key rebound to another account leaves older jobs of the old one at
+# the front, and the new ones behind them must not wait for those.
+REFUSED_WALK = 64
 # The least weight an owner can have: 2^(-U/S) underflows to 0 for tiny shares.
 _MIN_WEIGHT = 1e-12
 
@@ -82,23 +87,37 @@ class Account:
         return (self.cpus / self.weight, -self.weight, oldest)
 
     def best(
-        self, room: Room, tags: Collection[str], refused: Skip, held: Skip, behind: Behind
+        self,
+        room: Room,
+        tags: Collection[str],
+        refused: Skip,
+        held: Skip,
+        behind: Behind,
+        budget: list[int],
     ) -> Head | None:
-        """Its best head that fits: highest priority, then oldest. A `refused` head (one
-        owner's queue: the same account) closes its queue; `held` entries are passed over, at
-        most HELD_WALK of them per queue."""
+        """Its best entry that fits: highest priority, then oldest. `held` entries are passed
+        over, at most HELD_WALK of them per queue; `refused` ones too, while `budget[0]` (the
+        pick's REFUSED_WALK) lasts."""
         best: Head | None = None
         for head in self.heads.values():
-            if not fits(head.request, room, tags) or (refused is not None and refused(head.job)):
+            if not fits(head.request, room, tags):
                 continue
             candidate: Head | None = head
-            if held is not None:
-                for _ in range(HELD_WALK):
-                    if candidate is None or not held(candidate.job):
+            held_left = HELD_WALK
+            while candidate is not None:
+                if held is not None and held(candidate.job):
+                    if held_left == 0:
+                        candidate = None
                         break
-                    candidate = behind(candidate)
-                if candidate is not None and held(candidate.job):
-                    candidate = None
+                    held_left -= 1
+                elif refused is not None and refused(candidate.job):
+                    if budget[0] == 0:
+                        candidate = None
+                        break
+                    budget[0] -= 1
+                else:
+                    break
+                candidate = behind(candidate)
             if candidate is not None and (
                 best is None or (candidate.priority, -candidate.job) > (best.priority, -best.job)
             ):
@@ -159,10 +178,11 @@ class Board:
                 heads[taken.queue] = after
         self._taken.clear()
         waiting = [a for a in self.accounts.values() if a.heads]
+        budget = [REFUSED_WALK]
         for account in sorted(waiting, key=Account.order):
             if account.max_running is not None and account.running >= account.max_running:
                 continue
-            head = account.best(room, tags, refused, held, self._behind)
+            head = account.best(room, tags, refused, held, self._behind, budget)
             if head is not None:
                 return head
         return None
