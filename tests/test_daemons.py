@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -421,3 +422,28 @@ def test_pipelined_submits_each_get_their_own_answer(cluster: Cluster) -> None:
     commands = {j.id: j.raw["command"] for j in c.status(ids, detail=True).jobs}
     assert [commands[j] for j in ids] == ["echo a", "echo b", "echo c", "echo e"]
     assert len(c.status(all=True, limit=100).jobs) == 8  # nothing of the refused one
+
+
+def test_a_broker_out_of_descriptors_says_so_and_recovers(tmp_path: Path) -> None:
+    """Idle connections (no key needed) can take every descriptor the broker may hold: it says
+    at start that its limit is low, says when it cannot take connections, and takes them again
+    once they are gone."""
+    c = Cluster(tmp_path)
+    c.prefix["broker"] = ["prlimit", "--nofile=96:96", "--"]
+    crowd: list[socket.socket] = []
+    try:
+        c.start_broker()
+        assert "it may hold only 96 open files" in c.log("broker")
+        for _ in range(150):
+            crowd.append(socket.create_connection(("127.0.0.1", c.client_port)))
+        said = "cannot take new connections on the client port (Too many open files)"
+        wait_for(lambda: said in c.log("broker"), 10, what="the broker to say so")
+        for s in crowd:
+            s.close()
+        crowd.clear()
+        assert c.client().ping()
+        assert c.procs["broker"].poll() is None
+    finally:
+        for s in crowd:
+            s.close()
+        c.stop()

@@ -18,6 +18,8 @@ import heapq
 import itertools
 import logging
 import math
+import os
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from banyan import defaults, protocol
 from banyan.broker import follow, longops, owners, queries, retention
@@ -191,6 +194,15 @@ class Broker:
         self.worker_port = _port(self.worker)
         self.poller.register(self.client, zmq.POLLIN)
         self.poller.register(self.worker, zmq.POLLIN)
+        # Connections the kernel would not let it take (no descriptors left): said in the log,
+        # since the peers only see a connection that never answers.
+        self.refusing = {
+            sock.get_monitor_socket(zmq.EVENT_ACCEPT_FAILED): name
+            for sock, name in ((self.client, "client"), (self.worker, "worker"))
+        }
+        for monitor in self.refusing:
+            self.poller.register(monitor, zmq.POLLIN)
+        self._refusing_told = -math.inf
         self.sessions: dict[str, Session] = {}
         self.names: dict[bytes, str] = {}  # routing id -> name, for live sessions only
         # The peer address of each worker connection without a session that sent something
@@ -293,6 +305,9 @@ class Broker:
         ready = dict(self.poller.poll(math.ceil(timeout * 1000)))  # never a 0 ms spin
         if self.zap is not None and self.zap.sock in ready:
             self.zap.handle()
+        for monitor in self.refusing:
+            if monitor in ready:
+                self._accept_failed(monitor)
         # Workers' messages are all taken at once and never deferred; clients' are taken one by
         # one while the turn's budget lasts (see TURN_BUDGET), after any the last turn left.
         inbox: list[Inbound] = []
@@ -1101,8 +1116,32 @@ class Broker:
             )
             self._reported = count
 
+    def _accept_failed(self, monitor: zmq.Socket[Any]) -> None:
+        """Connections the kernel refused the broker: said at most once a minute."""
+        failed, errnos = 0, set()
+        while monitor.poll(0):
+            event = recv_monitor_message(monitor)
+            failed += 1
+            errnos.add(int(event["value"]))
+        now = self.clock()
+        if failed and now - self._refusing_told >= 60:
+            self._refusing_told = now
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            why = ", ".join(sorted(os.strerror(e) for e in errnos))
+            log.warning(
+                "cannot take new connections on the %s port (%s): it holds as many as its "
+                "open-files limit (%d) allows; raise it (LimitNOFILE= in its systemd unit, "
+                "ulimit -n) or find who holds so many connections",
+                self.refusing[monitor],
+                why,
+                soft,
+            )
+
     def close(self) -> None:
         self._save_seen()
+        for monitor, name in self.refusing.items():
+            (self.client if name == "client" else self.worker).disable_monitor()
+            monitor.close(linger=0)
         self.client.close(linger=0)
         self.worker.close(linger=0)
         if self.zap is not None:

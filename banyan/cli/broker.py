@@ -33,6 +33,7 @@ from typing import Any
 
 import zmq
 
+from banyan import openfiles
 from banyan.broker.server import Broker, BrokerConfig
 from banyan.broker.state import Config
 from banyan.cli import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, daemon_logging
@@ -72,6 +73,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     daemon_logging(args["--log-level"])
     log = logging.getLogger("banyan.broker")
+    # Every connection (a tool, a worker, one still in its handshake) holds a descriptor.
+    limit = openfiles.raise_to_hard()
+    if limit < openfiles.ADVISED:
+        log.warning(
+            "it may hold only %d open files, so about as many connections of tools and "
+            "workers at once; raise the limit (LimitNOFILE= in its systemd unit, ulimit -n) "
+            "to %d or more",
+            limit,
+            openfiles.ADVISED,
+        )
     if not config.secure and not _loopback(config.bind):
         log.warning(
             "INSECURE: listening on %s with no keys; anyone who can reach these ports can "
