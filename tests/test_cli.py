@@ -777,6 +777,26 @@ def test_stats(cli: Runner, live: Cluster) -> None:
     store = doc["store"]
     assert 0 < store["used"] <= store["file"] and store["retention"] == 30 * 86400
     assert store["oldest_job"]["id"] == 1 and store["jobs"] == sum(doc["counts"].values())
+    assert doc["window_since"] is None  # a window that is not full reaches back all the way
+
+
+def test_stats_say_how_far_back_a_full_window_reaches() -> None:
+    """After a burst (a big cancel) the last 20,000 changes may cover two minutes: the
+    minutes before are shown unknown, not as zeros, and a line says how far back it reaches."""
+    per = {"submitted": [5, 3, 9, 0, 0], "started": [5, 0, 0, 0, 0], "finished": [0] * 5}
+    summary = {
+        "per_minute": per,
+        "time": 1000.0,
+        "window_since": 1000.0 - 130,
+        "window_events": 20000,
+    }
+    text = stats.render(summary)
+    (row,) = [line for line in text.splitlines() if line.startswith("submitted")]
+    assert row.split() == ["submitted", "5", "3", "9", "-", "-", "17"]
+    assert "(the last 20,000 changes reach back 2m10s: rates, times and success cover only" in text
+    whole = stats.render({**summary, "window_since": None})
+    (row,) = [line for line in whole.splitlines() if line.startswith("submitted")]
+    assert row.split() == ["submitted", "5", "3", "9", "0", "0", "17"]
 
 
 def test_logs_whole_output_from_the_worker(cli: Runner, live: Cluster) -> None:

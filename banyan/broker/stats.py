@@ -74,7 +74,10 @@ def summary(tx: Tx, now: float, retention: float | None = None) -> dict[str, Any
             "used_cpus": sum(w.used_cpus for w in live),
             "utilisation": sum(w.used_cpus for w in live) / total_cpus if total_cpus else None,
         },
+        "time": now,
         "window_events": len(events),
+        # A full window may reach back less far than the per-minute columns: when it starts.
+        "window_since": since if len(events) >= WINDOW_EVENTS else None,
         "store": store(tx, retention),
     }
 

@@ -65,12 +65,28 @@ def render(s: dict[str, Any]) -> str:
     per_minute: dict[str, list[int]] = s.get("per_minute", {})
     minutes = max((len(v) for v in per_minute.values()), default=0)
     if minutes:
+        # Minutes the window of recent changes does not reach are not known to be zero.
+        since, now = s.get("window_since"), s.get("time")
+        known = minutes
+        if since is not None and now is not None:
+            known = min(minutes, max(1, int((now - since) // 60) + 1))
         head = ["PER MINUTE", "now", *(f"-{m}m" for m in range(1, minutes)), "TOTAL"]
         rows = [
-            [k, *map(str, per_minute.get(k, [0] * minutes)), str(sum(per_minute.get(k, [])))]
+            [
+                k,
+                *(str(n) if m < known else "-" for m, n in enumerate(per_minute.get(k, []))),
+                str(sum(per_minute.get(k, []))),
+            ]
             for k in SERIES
         ]
-        out += [table(head, rows), ""]
+        out += [table(head, rows)]
+        if known < minutes and since is not None and now is not None:
+            reach = duration(now - since)
+            out.append(
+                f"(the last {s.get('window_events', 0):,} changes reach back {reach}: rates, "
+                "times and success cover only those)"
+            )
+        out.append("")
     rows = [
         [name, *_quantiles(s.get(key) or {})]
         for name, key in (("queue wait", "queue_wait"), ("run time", "run_time"))
