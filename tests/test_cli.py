@@ -39,7 +39,7 @@ from banyan.cli import (
     worker,
     workers,
 )
-from banyan.cli.usage import parse
+from banyan.cli.usage import flag_words, parse
 from banyan.client import Client
 from tests.cluster import Cluster, free_port, scaled, wait_for
 
@@ -631,6 +631,16 @@ def test_modify(cli: Runner, live: Cluster, tmp_path: Path) -> None:
     assert refused.code == 1 and refused.out == ""
     assert refused.err.startswith("banyan-modify: cpus: may only be changed while")
     cli("cancel", str(running))
+    # A change the broker checks as a submission's job is said in the options' words.
+    parked = cli("submit", "--hold", "true").ids()[0]
+    missing = cli("modify", str(parked), "--after", "999999")
+    assert (missing.code, missing.err) == (1, "banyan-modify: --after: no job 999999\n")
+    cli("cancel", str(parked))
+
+
+def test_status_count_needs_watch(cli: Runner) -> None:
+    r = cli("status", "--count", "2")
+    assert r.code == 2 and "--count counts the redraws of --watch: give --watch too" in r.err
 
 
 # ---- status ---------------------------------------------------------------------------------
@@ -877,3 +887,12 @@ def test_keygen_refuses_where_no_broker_keeps_its_keys(
     assert not home.exists()  # nothing made
     doc = json.loads(cli("keygen", "--json", "worker", "n1", broker=False).err)
     assert doc["error"] == "not_found" and "is not a broker's home" in doc["message"]
+
+
+def test_a_users_limit_is_named_as_set_not_as_an_option() -> None:
+    said = "max_queued: alice may have at most 5 jobs waiting (3 now, and this submission adds 3)"
+    assert flag_words(said) == said
+    assert flag_words("max_running: at most 3").startswith("max_running: ")
+    assert (
+        flag_words("jobs[0].max_attempts: must be >= 1, got 0") == "--attempts: at least 1 (got 0)"
+    )

@@ -23,6 +23,8 @@ from banyan.cli.output import (
 from banyan.cli.status import group_line
 from banyan.cli.submit import job_fields
 from banyan.cli.targets import Targets, ids_text
+from banyan.cli.usage import flag_words
+from banyan.errors import BanyanError
 
 TOOL = "banyan-modify"
 USAGE = (
@@ -92,7 +94,13 @@ def modify(args: Args) -> int:
             done = client.modify_many(targets.ids, targets.select, hold, release, **changes)
         return _many(done.modified, done.skipped, args["--json"])
     with connect(args) as client:
-        job = client.modify(targets.ids[0], hold=hold, release=release, **changes)
+        try:
+            job = client.modify(targets.ids[0], hold=hold, release=release, **changes)
+        except BanyanError as e:
+            if not e.message.startswith("jobs["):
+                raise
+            # The broker checks a change as a submission's job: say it as the options.
+            raise type(e)(flag_words(e.message), e.code) from None
     if args["--json"]:
         print_json({"job": job.raw})
         return EXIT_OK

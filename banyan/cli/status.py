@@ -98,6 +98,8 @@ def status(args: Args) -> int:
     if interval > MAX_INTERVAL:
         raise UsageError(f"--interval: at most {MAX_INTERVAL:g} seconds")
     count = number(args["--count"], "--count", minimum=1, integer=True) if args["--count"] else 0
+    if count and not args["--watch"]:
+        raise UsageError("--count counts the redraws of --watch: give --watch too")
     with connect(args) as client:
         if not args["--watch"]:
             st = fetch(client, args, limit)

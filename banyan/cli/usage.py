@@ -159,6 +159,9 @@ FLAGS = {
     "environment": "--export",
     "body": "the request",
     "frame": "the request",
+    # Limits set with banyan-users, named as the refusal names them, not as an option here.
+    "max_queued": "max_queued",
+    "max_running": "max_running",
 }
 _PATH = re.compile(r"(?:^|(?<=; ))([A-Za-z_][\w.\[\]]*)(?=: )")
 
