@@ -685,7 +685,8 @@ def test_queued_only_while_a_worker_that_takes_jobs_has_room(h):
     for j in (wide, gpu):
         h.do(lambda c, j=j: c.modify(ALICE, j, {}, release=True))
         # Only the drained worker could run it, and it has room: not "queued".
-        assert reason(j) == "every worker that could run it is draining"
+        said = "every worker that could run it is drained: gpu (banyan-workers --resume)"
+        assert reason(j) == said
     h.do(lambda c: c.drain(ROOT, "gpu", resume=True))
     assert reason(wide) == reason(gpu) == "queued"  # the next claim from gpu takes them
 

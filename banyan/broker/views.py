@@ -58,7 +58,11 @@ def waiting_reason(job: Job, workers: list[Worker], limit: str | None = None) ->
     request = (job.cpus, job.memory, job.gpus, job.tags)
     takers = [w for w in live if w.state == WorkerState.ACTIVE.value and w.could_ever_fit(*request)]
     if not takers:
-        return "every worker that could run it is draining"
+        fit = [w for w in live if w.could_ever_fit(*request)]
+        if fit and all(w.state == WorkerState.DRAINED.value for w in fit):
+            names = ", ".join(sorted(w.name for w in fit)[:3]) + (", ..." if len(fit) > 3 else "")
+            return f"every worker that could run it is drained: {names} (banyan-workers --resume)"
+        return "every worker that could run it is draining or drained"
     if any(w.fits(*request) for w in takers):
         return "queued"
     return "waiting for free resources"
