@@ -7,7 +7,7 @@ cycle must pass through something this request adds, which lets the walk stay sm
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from banyan.broker.records import Dep, Tx
 from banyan.errors import Conflict
@@ -16,8 +16,11 @@ Node = tuple[str, int]  # ("job", id) or ("group", id)
 
 
 class DepGraph:
-    def __init__(self, tx: Tx) -> None:
+    def __init__(self, tx: Tx, label: Callable[[int], str | None] | None = None) -> None:
+        """`label` names a job this request makes, as its sender knows it (`jobs[1] (b)`):
+        its id is not given out unless the request goes through."""
         self.tx = tx
+        self.label = label
 
     def check(
         self,
@@ -85,4 +88,5 @@ class DepGraph:
         if kind == "group":
             group = self.tx.get_group(ident)
             return f"group {group.name!r}" if group else f"group {ident}"
-        return f"job {ident}"
+        said = self.label(ident) if self.label is not None and ident in self.new else None
+        return said or f"job {ident}"

@@ -281,7 +281,9 @@ class Core:
             for name in spec.get("groups", ()):
                 members.setdefault(by_name[name].id, []).append(ids[i])
         if any(new.values()):  # with no new edge no cycle can close
-            DepGraph(self.tx).check(new, members, joined)
+            DepGraph(self.tx, lambda job_id: in_request(jobs, job_id - first)).check(
+                new, members, joined
+            )
 
         for gid, member_ids in members.items():
             self._group_of(by_name, gid).total += len(member_ids)
@@ -1355,3 +1357,11 @@ def _ended_verdict(kind: str, succeeded: bool, what: str) -> str:
     if kind == DepKind.AFTER.value:
         return MET if succeeded else f"{what} did not succeed"
     return f"{what} succeeded, so after_fail will never run" if succeeded else MET
+
+
+def in_request(jobs: list[dict[str, Any]], index: int) -> str | None:
+    """Job `index` of a request as its sender knows it: `jobs[1]`, with its name if it has one."""
+    if not 0 <= index < len(jobs):
+        return None
+    name = jobs[index].get("name")
+    return f"jobs[{index}]" + (f" ({name})" if name else "")

@@ -30,7 +30,7 @@ from banyan import arrays, defaults, protocol
 from banyan.broker import bulk, owners, state
 from banyan.broker.graph import DepGraph
 from banyan.broker.records import Dep, Group, Job
-from banyan.broker.state import Actor, Core, NewJobs, paused_gc
+from banyan.broker.state import Actor, Core, NewJobs, in_request, paused_gc
 
 SUBMIT = "submit"
 # Jobs made per step: about 4 ms, so a slice of longops.SLICE_SECONDS makes several, and the
@@ -249,7 +249,10 @@ def admit(
         by_name[own.name] = own
         totals[own.id] = count
     if any(new.values()):  # with no new edge no cycle can close
-        DepGraph(tx).check(new, members, joined)
+        label = None if source.array is not None or source.each else source.jobs
+        DepGraph(tx, None if label is None else lambda j: in_request(label, j - first)).check(
+            new, members, joined
+        )
     for gid, n in totals.items():
         core._group_of(by_name, gid).total += n
     for group in by_name.values():
