@@ -338,6 +338,11 @@ class Client:
             )
         elif not self.watch.handshakes:
             why = "it took the connection but never answered: is banyan-broker stopped there?"
+        elif self.watch.closed:
+            why = (
+                "its connection closed: banyan-broker stopped or restarted there (see its "
+                "log), and is not back"
+            )
         else:
             why = "it is connected: is banyan-broker stopped or overloaded? see its log"
         return BrokerUnavailable(

@@ -39,6 +39,7 @@ _EVENTS = (
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
     | zmq.EVENT_CONNECT_RETRIED
+    | zmq.EVENT_DISCONNECTED
 )
 # A CURVE handshake the broker drops this many times in a row (with no other word) means a
 # broker that cannot read this machine's HELLO (keys/broker.key is not its key) or one that
@@ -112,6 +113,7 @@ class Watch:
         self.handshakes = 0
         self.drops = 0
         self.reached = False  # a TCP connection was made: something listens there
+        self.closed = False  # the connection made last was closed since (its broker went away)
         self.unreachable: BrokerUnavailable | None = None  # why connecting fails, once probed
 
     def read(self) -> BrokerUnavailable | None:
@@ -138,6 +140,10 @@ class Watch:
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self.handshakes += 1
             self.drops = 0
+            self.closed = False
+            return None
+        if event == zmq.EVENT_DISCONNECTED:
+            self.closed = self.closed or self.handshakes > 0
             return None
         if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             return self._refused() if value != 500 else self._wrong_port()

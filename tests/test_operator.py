@@ -420,6 +420,21 @@ def test_a_change_on_its_way_when_the_broker_restarts_is_not_waited_for(op: Oper
     assert len(again) == 1
 
 
+def test_a_request_whose_broker_went_away_says_so(op: Operator) -> None:
+    """The broker dies with a request on its way and is not back: the tool is told that the
+    connection closed, not that a broker there is overloaded."""
+    broker = op.start_broker()
+    c = op.client()
+    c.timeout = scaled(1)
+    c.ping()
+    broker.send_signal(signal.SIGKILL)
+    broker.wait(timeout=scaled(10))
+    with pytest.raises(BrokerUnavailable) as e:
+        c.workers()
+    assert "its connection closed: banyan-broker stopped or restarted there" in str(e.value)
+    assert "overloaded" not in str(e.value)
+
+
 def test_a_wait_outlives_an_outage_longer_than_its_timeout(op: Operator) -> None:
     """A broker away for longer than the tool's --timeout (an upgrade, a slow restart): the
     waiting tool says so once, waits on, and ends with the job's outcome."""
