@@ -11,7 +11,9 @@ about. What stays consistent, and how:
   like one on a job that never existed, with a message that says it was purged.
 - Groups: a member's entry goes with it; the group's counts (total, done, succeeded) stay as
   they were. A sealed group whose members have all ended and been deleted is deleted too, and
-  its name is free again. An open group stays until it is closed.
+  its name is free again. An open group stays until it is closed. A group that never had a
+  member and that no job depends on goes once it was made before the cutoff, open or not (a
+  submission of groups alone would otherwise keep them, and their names, for ever).
 - Submit keys: forgotten once older than the cutoff; a submission that repeats one after that
   makes new jobs. A key is never older than its jobs' endings, so no key outlives its jobs.
 - Numbers: job ids and event seqs are never reused (the store keeps the last one issued).
@@ -27,6 +29,8 @@ from banyan.broker.records import TERMINAL, Tx
 _ENDED = frozenset(s.value for s in TERMINAL)
 # Events read per look at the log; `more` is asked before each one.
 _BATCH = 64
+# The meta key of the first group id the next look for memberless groups starts from.
+_GROUPS_AT = "retention_groups_at"
 
 
 @dataclass
@@ -71,9 +75,33 @@ def purge(tx: Tx, cutoff: float, more: Callable[[], bool]) -> Purged:
         expired = tx.expire_submit_keys(cutoff, _BATCH)
         out.submit_keys += expired
         if expired < _BATCH:
-            out.done = True
             break
+    else:
+        return out
+    out.done = _memberless(tx, cutoff, more, out)
     return out
+
+
+def _memberless(tx: Tx, cutoff: float, more: Callable[[], bool], out: Purged) -> bool:
+    """Delete the groups made before `cutoff` that never had a member and that no job depends
+    on (a submission of groups alone makes them; nothing else would ever take them away).
+    Groups are walked once, in id order, from where the last pass stopped."""
+    at = int(tx.get_meta(_GROUPS_AT) or 1)
+    try:
+        while more():
+            groups = tx.groups_from(at, _BATCH)
+            for group in groups:
+                if group.created >= cutoff:
+                    return True
+                if group.total == 0 and not tx.dependents("group", group.id):
+                    tx.delete_group(group.id)
+                    out.groups += 1
+                at = group.id + 1
+            if len(groups) < _BATCH:
+                return True
+        return False
+    finally:
+        tx.put_meta(_GROUPS_AT, at)
 
 
 def _forget_job(tx: Tx, job_id: int, out: Purged) -> None:

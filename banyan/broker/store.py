@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import os
 import struct
 import time
@@ -506,6 +507,10 @@ class ReadTx:
     def groups(self) -> Iterator[Group]:
         for _, value in self._scan(self._db.groups, b""):
             yield Group.unpack(_unpack(value))
+
+    def groups_from(self, first: int, limit: int) -> list[Group]:
+        scan = self._scan(self._db.groups, b"", _U64.pack(first))
+        return [Group.unpack(_unpack(value)) for _, value in itertools.islice(scan, limit)]
 
     def get_worker(self, name: str) -> Worker | None:
         raw = self._txn.get(_text_key(name), db=self._db.workers)
