@@ -492,8 +492,16 @@ class ReadTx:
         return [Attempt.unpack(_unpack(value)) for _, value in scan]
 
     def dependents(self, target: str, target_id: int) -> list[tuple[int, str]]:
-        scan = self._scan(self._db.edges, _TARGETS[target] + _U64.pack(target_id))
-        return [(_U64.unpack_from(key, 9)[0], value.decode()) for key, value in scan]
+        return list(self.dependents_after(target, target_id, 0))
+
+    def dependents_after(
+        self, target: str, target_id: int, after: int
+    ) -> Iterator[tuple[int, str]]:
+        """The edges to a job or group from dependents with ids past `after`, in id order,
+        read as they are walked: a cascade resumes a walk where its last slice stopped."""
+        prefix = _TARGETS[target] + _U64.pack(target_id)
+        scan = self._scan(self._db.edges, prefix, prefix + _U64.pack(after + 1))
+        return ((_U64.unpack_from(key, 9)[0], value.decode()) for key, value in scan)
 
     def get_group(self, group_id: int) -> Group | None:
         raw = self._txn.get(_U64.pack(group_id), db=self._db.groups)
