@@ -27,12 +27,12 @@ class Harness:
         self.config = config or Config()
         self.effects: list[Effect] = []
         self.per_step = 128  # dependents a step of the cascade settles
+        self.settle = True  # each `do` carries out the cascade it started
 
     def do(self, fn: Callable[[Core], T], wake: bool = False) -> T:
         """`wake`: match afterwards whatever the Core said, as the server does after a result.
         What the message left to the cascade is then carried out, a transaction a step as the
-        server does, before anything else: at most `steps` steps if given (a broker killed
-        in the middle of it)."""
+        server does, unless `settle` is off (the caller takes the cascade's steps)."""
         with self.store.write() as tx:
             with tx.child() as child:
                 core = Core(child, self.now, self.config)
@@ -42,7 +42,8 @@ class Harness:
                 matcher = Core(tx, self.now, self.config)
                 matcher.match()
                 self.effects += matcher.effects
-        self.cascade()
+        if self.settle:
+            self.cascade()
         return result
 
     def cascade(self, steps: int | None = None) -> int:
