@@ -118,10 +118,8 @@ class Cluster(RuleBasedStateMachine):
             return fn(tx)
 
     def _request(self, fn: Callable[[Core], Any], allowed: bool, what: str) -> Any:
-        """A client request whose acceptance the SPEC predicts; a refusal changes nothing. It
-        waits for the cascade to end, as the server keeps such requests meanwhile."""
-        self.h.cascade()
-        self._deliver()
+        """A client request whose acceptance the SPEC predicts; a refusal changes nothing."""
+        self._after_cascade()
         before = self.h.store.dump()
         self.h.now += 1.0
         try:
@@ -230,6 +228,7 @@ class Cluster(RuleBasedStateMachine):
     # arguments more often, and these should come up about equally.
     @rule(data=st.data())
     def submit(self, data: st.DataObject) -> None:
+        self._after_cascade()
         n = data.draw(st.integers(1, 4))
         grouping = data.draw(st.sampled_from(["none", "none", "new", "open", "join"]))
         keyed = data.draw(st.sampled_from(["no", "no", "new key", "again"]))
@@ -313,6 +312,7 @@ class Cluster(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def modify(self, data: st.DataObject) -> None:
+        self._after_cascade()
         what = data.draw(
             st.sampled_from(
                 ["hold", "release", "priority", "fields", "deps", "deps+release", "close group"]
@@ -363,6 +363,7 @@ class Cluster(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def request_cancel(self, data: st.DataObject) -> None:
+        self._after_cascade()
         by_group = data.draw(st.booleans())
         actor = data.draw(st.sampled_from([ALICE, ROOT]))
 
@@ -468,8 +469,11 @@ class Cluster(RuleBasedStateMachine):
         self.h.cascade(data.draw(st.integers(1, 4)))
         self._deliver()
 
-    def _cascading(self) -> bool:
-        return bool(self._read(cascade.waiting))
+    def _after_cascade(self) -> None:
+        """A client's request (and what it is predicted to do) waits for the cascade to end,
+        as the server keeps such requests meanwhile."""
+        self.h.cascade()
+        self._deliver()
 
     @rule(data=st.data())
     def lose(self, data: st.DataObject) -> None:

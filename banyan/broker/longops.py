@@ -172,12 +172,16 @@ class LongOps:
         """Whether the cascade is queued."""
         return any(isinstance(r.op, cascade.Cascade) for r in self.queue)
 
+    def _cascade_queued(self, staged: Staged) -> bool:
+        """Whether the cascade is queued as of this point of the turn."""
+        queued = self.queue[1:] if staged.ended else self.queue
+        return staged.cascade is not None or any(
+            isinstance(r.op, cascade.Cascade) for r in queued
+        )
+
     def notice(self, tx: WriteTx, staged: Staged) -> None:
         """Queue the cascade if the turn's messages so far have started it (left it work)."""
-        if staged.cascade is not None or not cascade.waiting(tx):
-            return
-        queued = self.queue[1:] if staged.ended else self.queue
-        if any(isinstance(r.op, cascade.Cascade) for r in queued):
+        if self._cascade_queued(staged) or not cascade.waiting(tx):
             return
         staged.cascade = Running(cascade.Cascade(), None, 0)
 
@@ -206,12 +210,17 @@ class LongOps:
         frames: list[bytes],
         staged: Staged,
         key: tuple[str, str] | None = None,
+        reads: bool = False,
     ) -> bool:
         """Whether a request must wait: a PARKED kind while an operation runs, or behind an
         earlier operation of its own client; an operation (`op`) also while others wait for
         their turn; a submit whose (user, submit key) a submission being made has, so that it
-        finds that submission's reply. A request let go after an operation ended runs."""
+        finds that submission's reply; a submit that `reads` existing jobs (depends on some,
+        or joins a group) while the cascade is queued, whose dependencies it may not see half
+        settled. A request let go after an operation ended runs."""
         if not op and mtype not in PARKED:
+            if reads and id(frames) not in self.cleared and self._cascade_queued(staged):
+                return True
             return key is not None and key in self._keys(staged)
         if self.current(staged) is not None:
             return True

@@ -562,7 +562,8 @@ class Broker:
         # this request must then wait for, as for whatever the turn's messages started so far.
         wake = False if mergeable else self._run_submits(tx, now, turn)
         self.longops.notice(tx, turn.ops)
-        if self.longops.parks(msg.type, op, identity, frames, turn.ops, mine):
+        reads = msg.type == "submit" and _reads(msg)
+        if self.longops.parks(msg.type, op, identity, frames, turn.ops, mine, reads):
             submit = msg.type == "submit"
             parked = longops.Parked(("client", frames, user), identity, actor.name, op, submit)
             try:
@@ -1115,6 +1116,11 @@ def _mergeable(msg: protocol.Message) -> bool:
         and b.get("each") is None
         and not any("local" in dep for job in b["jobs"] for dep in job["depends_on"])
     )
+
+
+def _reads(msg: protocol.Message) -> bool:
+    """A submit whose jobs depend on others or join groups: what it is told depends on them."""
+    return any(job["depends_on"] or job.get("groups") for job in msg.body["jobs"])
 
 
 def _runs(register: dict[str, Any]) -> owners.Runs:
