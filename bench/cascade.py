@@ -24,7 +24,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
 
@@ -50,9 +49,9 @@ def one(root: Path, scenario: str, n: int) -> dict[str, float]:
             sleep = "sleep 300" if scenario == "cancel" else "sleep 2"
             p = client.submit(sleep).jobs[0]
             kind = "after_fail" if scenario == "fail" else "after"
-            extra = {"tags": ["nope"]} if scenario == "release" else {}
+            tags = ["nope"] if scenario == "release" else []  # no worker has it
             deps = client.submit(
-                "true", array=f"1-{n}", depends_on=[{"kind": kind, "job": p}], **extra
+                "true", array=f"1-{n}", depends_on=[{"kind": kind, "job": p}], tags=tags
             )
             group = f"array-{deps.jobs[0]}"
             wait_for(lambda: client.status([p]).jobs[0].state == "running", 60, "P to run")

@@ -37,8 +37,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from banyan import defaults
-from banyan.broker.records import Job, JobState
 from banyan.broker import cascade
+from banyan.broker.records import Job, JobState
 from banyan.broker.state import Config, Core
 from banyan.broker.store import ReadTx
 from banyan.errors import BanyanError, Conflict

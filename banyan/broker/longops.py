@@ -175,9 +175,7 @@ class LongOps:
     def _cascade_queued(self, staged: Staged) -> bool:
         """Whether the cascade is queued as of this point of the turn."""
         queued = self.queue[1:] if staged.ended else self.queue
-        return staged.cascade is not None or any(
-            isinstance(r.op, cascade.Cascade) for r in queued
-        )
+        return staged.cascade is not None or any(isinstance(r.op, cascade.Cascade) for r in queued)
 
     def notice(self, tx: WriteTx, staged: Staged) -> None:
         """Queue the cascade if the turn's messages so far have started it (left it work)."""
