@@ -1,0 +1,145 @@
+"""Cascades against a real broker (SPEC §4, §6): one job's end settles tens of thousands of
+dependents a slice at a time, while the broker answers pings and workers; a status asked
+meanwhile sees all of it or none; the result that started it is acknowledged; a broker killed
+in the middle finishes it after a restart."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from banyan import defaults, protocol
+from banyan.broker.store import Store
+from banyan.client import Client
+from tests.cluster import Cluster, scaled, wait_for
+
+# Dependents: a cascade of this many held the broker's loop for about a second at once.
+N = 30_000
+
+
+@contextmanager
+def pinging(cluster: Cluster) -> Iterator[list[float]]:
+    """A client pinging every 50 ms meanwhile; yields the latencies (s) as they come."""
+    latencies: list[float] = []
+    stop = threading.Event()
+
+    def pinger() -> None:
+        with Client(f"127.0.0.1:{cluster.client_port}", cluster.home, timeout=scaled(10)) as p:
+            for _ in range(100_000):
+                if stop.is_set():
+                    return
+                started = time.monotonic()
+                p.ping()
+                latencies.append(time.monotonic() - started)
+                stop.wait(0.05)
+
+    thread = threading.Thread(target=pinger)
+    thread.start()
+    try:
+        wait_for(lambda: latencies, what="the first ping")
+        yield latencies
+    finally:
+        stop.set()
+        thread.join(timeout=scaled(20))
+
+
+def _changes(client: Client, since: int, to: str) -> int:
+    """How many state changes to `to` the event log has from `since` on."""
+    n = 0
+    for _ in range(10_000):
+        page, since = client.events(since, defaults.EVENTS_LIMIT)
+        n += sum(1 for e in page if e[4] == to)
+        if len(page) < defaults.EVENTS_LIMIT:
+            return n
+    raise AssertionError("the event log did not end")
+
+
+def _reason(client: Client, job: int) -> str:
+    (info,) = client.status([job], detail=True).jobs
+    return str(info.raw.get("cancel_reason") or info.raw)
+
+
+def _dependents(client: Client, parent: int, kind: str) -> tuple[str, int]:
+    """N jobs that depend on `parent` (an array); returns their group's name and last id."""
+    deps = [{"kind": kind, "job": parent}]
+    ids = client.submit("true", array=f"1-{N}", depends_on=deps, name="dep-{}").jobs
+    assert len(ids) == N
+    return f"array-{ids[0]}", ids[-1]
+
+
+def test_a_cancel_that_cascades_keeps_the_broker_answering(cluster: Cluster) -> None:
+    """Cancelling one running job cancels its N `after` dependents: the cancel is answered,
+    pings every 50 ms are answered within 200 ms throughout (the cascade held the loop for
+    about a second), and a status sent while the cascade is under way waits for it and sees
+    every dependent cancelled."""
+    cluster.start_worker("w")
+    client = cluster.client(timeout=60)
+    parent = client.submit("sleep 300").jobs[0]
+    group, last = _dependents(client, parent, "after")
+    wait_for(lambda: client.status([parent]).jobs[0].state == "running", what="P to run")
+    watcher = cluster.client()
+    head = watcher.events_head()
+    with pinging(cluster) as latencies:
+        started = time.monotonic()
+        done = client.cancel([parent])
+        assert done.pending == [parent]
+        asking = cluster.client(timeout=60)
+        asking.sock.send(protocol.encode("status", {"group": group, "limit": 1}, 9))
+        so_far = _changes(watcher, head, "cancelled")
+        assert asking.sock.poll(int(scaled(60) * 1000)), "no reply to the status"
+        seen = protocol.decode(asking.sock.recv(), protocol.CLIENT_REPLIES)
+        took = time.monotonic() - started
+    assert len(latencies) >= took / 0.25, "the pinger stalled"
+    assert max(latencies) < scaled(0.2), f"slowest ping {max(latencies):.3f} s in {took:.1f} s"
+    assert 0 < so_far < N, f"{so_far} cancelled when the status was sent: nothing was tested"
+    assert seen.body["groups"][0]["counts"] == {"cancelled": N}, seen.body["groups"]
+    assert _reason(client, last) == f"dependency {parent} was cancelled"
+
+
+def test_a_result_that_cascades_is_acknowledged_and_recorded(cluster: Cluster) -> None:
+    """A job with N `after_fail` dependents succeeds: its result is acked and recorded (the
+    worker keeps its session, and is not told the job is no longer its own), the dependents
+    are cancelled a slice at a time while pings are answered, and a status sees them all."""
+    cluster.start_worker("w")
+    client = cluster.client(timeout=60)
+    parent = client.submit("sleep 3").jobs[0]
+    group, last = _dependents(client, parent, "after_fail")
+    wait_for(lambda: client.status([parent]).jobs[0].state == "running", what="P to run")
+    with pinging(cluster) as latencies:
+        done = cluster.client(timeout=60).wait([parent], timeout=scaled(60))
+        counts = client.status(group=group, limit=1).groups[0]["counts"]
+    (job,) = done.jobs
+    assert (job.state, job.outcome, job.attempts) == ("terminated", "success", 1)
+    assert counts == {"cancelled": N}
+    assert max(latencies) < scaled(0.2), f"slowest ping {max(latencies):.3f} s"
+    reason = f"dependency {parent} succeeded, so after_fail will never run"
+    assert _reason(client, last) == reason
+    log = cluster.log("w")
+    assert "not ours" not in log and "silent" not in log, log[-2000:]
+    assert [w.state for w in client.workers()] == ["idle"]
+
+
+def test_a_cascade_killed_in_the_middle_is_finished_after_restart(cluster: Cluster) -> None:
+    """kill -9 while a cancel's cascade is under way: the store holds the cascade and part of
+    its work; the restarted broker finishes it, each dependent cancelled once."""
+    client = cluster.client(timeout=60)
+    parent = client.submit("true", hold=True).jobs[0]
+    group, _ = _dependents(client, parent, "after")
+    head = client.events_head()
+    client.cancel([parent])
+    cluster.kill("broker")
+    with Store(cluster.state_dir) as store, store.read() as tx:
+        cancelled = tx.state_counts()["cancelled"]
+        kinds = [row[1] for row in tx.ops()]
+    assert 1 < cancelled < N + 1, f"{cancelled} cancelled at the kill; nothing was tested"
+    assert kinds == ["cascade"]
+    cluster.start_broker()
+    client = cluster.client(timeout=60)
+    status = client.status(group=group, limit=1)  # waits for the cascade to end
+    assert status.groups[0]["counts"] == {"cancelled": N}
+    assert _changes(client, head, "cancelled") == N + 1  # each once
+    assert "resuming cascade operation" in cluster.log("broker")
+    with Store(cluster.state_dir) as store, store.read() as tx:
+        assert tx.ops() == []
