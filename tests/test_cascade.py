@@ -1,7 +1,8 @@
-"""Cascades against a real broker (SPEC §4, §6): one job's end settles tens of thousands of
-dependents a slice at a time, while the broker answers pings and workers; a status asked
-meanwhile sees all of it or none; the result that started it is acknowledged; a broker killed
-in the middle finishes it after a restart."""
+"""Cascades (cascade.py) against a real broker (SPEC §4, §6): one job's end settles tens of
+thousands of dependents a slice at a time, while the broker answers pings and workers; a status
+asked meanwhile sees all of it or none; the result that started it is acknowledged; a broker
+killed in the middle finishes it after a restart. And on the pure state machine: settled a few
+at a time, dependents end exactly as settled at once, and a deep chain does too."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from banyan import defaults, protocol
+from banyan.broker.state import Config
 from banyan.broker.store import Store
 from banyan.client import Client
 from tests.cluster import Cluster, scaled, wait_for
+from tests.statekit import ALICE, Harness, after, spec
 
 # Dependents: a cascade of this many held the broker's loop for about a second at once.
 N = 30_000
@@ -143,3 +147,58 @@ def test_a_cascade_killed_in_the_middle_is_finished_after_restart(cluster: Clust
     assert "resuming cascade operation" in cluster.log("broker")
     with Store(cluster.state_dir) as store, store.read() as tx:
         assert tx.ops() == []
+
+
+# ---- the pure state machine (tests/statekit.py drives it as the server does) ----------------
+
+
+def _chain(h: Harness, n: int) -> list[int]:
+    """A held job and n - 1 more, each `after` the one before."""
+    deps = [spec(depends_on=[{"kind": "after", "local": i}]) for i in range(n - 1)]
+    return h.submit(spec(hold=True), *deps)
+
+
+def test_a_chain_deeper_than_the_stack_is_settled(tmp_path: Path) -> None:
+    """Cancelling the head of a 600-job chain cancels every job after it (settled at once,
+    one inside another, it overflowed Python's stack)."""
+    h = Harness(tmp_path / "store")
+    ids = _chain(h, 600)
+    h.do(lambda c: c.cancel(ALICE, [ids[0]], [], None))
+    assert {h.state(i) for i in ids} == {"cancelled"}
+    assert h.job(ids[-1]).cancel_reason == f"dependency {ids[-2]} was cancelled"
+
+
+def _workflow(h: Harness) -> tuple[list[int], int]:
+    """Fans, chains and groups downstream of one running job P; returns every id and P's."""
+    h.add_worker("w", cpus=1)
+    (p,) = h.submit(spec())
+    (running,) = h.claim("w")
+    assert running["job"] == p
+    kinds = ["after", "after_any", "after_fail"]
+    fan = h.submit(
+        *(spec(depends_on=after(p, kind=kinds[i % 3]), groups=["g"]) for i in range(40)),
+        groups=[{"name": "g"}],
+    )
+    ids = [p, *fan, *_chain(h, 30)]
+    ids += h.submit(spec(depends_on=[{"group": "g"}]), spec(depends_on=after(fan[1], ids[-1])))
+    ids += h.submit(*(spec(depends_on=[{"group": "g", "kind": "after_any"}]) for _ in range(9)))
+    return ids, p
+
+
+def test_a_cascade_in_slices_ends_as_it_would_at_once(tmp_path: Path) -> None:
+    """P fails, the chain's head is cancelled: settled three dependents a message and two a
+    step, everything ends as settled at once, each job with the same reason."""
+    once = _ends(Harness(tmp_path / "once", Config(cascade_jobs=10**9)))
+    assert {s for s, _, _ in once} == {"terminated", "cancelled", "available"}
+    sliced = Harness(tmp_path / "sliced", Config(cascade_jobs=3))
+    sliced.per_step = 2
+    assert _ends(sliced) == once
+
+
+def _ends(h: Harness) -> list[tuple[str, str | None, int]]:
+    ids, p = _workflow(h)
+    h.do(lambda c: c.result("w", p, 1, "exited", 1, None))
+    h.do(lambda c: c.cancel(ALICE, [ids[41]], [], None))
+    out = [(j.state, j.cancel_reason, j.pending) for j in map(h.job, ids)]
+    h.store.close()
+    return out
