@@ -4,7 +4,8 @@ its worker see meanwhile.
 Each scenario on a fresh broker (durable commits, default keys) with one worker, while another
 process pings the broker every 50 ms from before the job ends until every dependent is settled:
 
-- fail: P (`sleep 2`) with N `--after-fail P` dependents; P succeeds, so all N are cancelled;
+- fail: P (`sleep 2`, held until its dependents exist) with N `--after-fail P` dependents; P
+  succeeds, so all N are cancelled;
 - cancel: P (`sleep 300`) with N `--after P` dependents; `banyan-cancel P` cancels all N + 1
   (the tool's exit code and time are reported: it waits while the broker answers pings);
 - release: P (`sleep 2`) with N `--after P` dependents that no worker fits (`--tag nope`); P
@@ -59,14 +60,16 @@ def one(root: Path, scenario: str, n: int) -> dict[str, float]:
         c.start_broker()
         c.start_worker("w")
         with c.client(timeout=600) as client:
+            # Held until its dependents exist, which takes a while.
             sleep = "sleep 300" if scenario == "cancel" else "sleep 2"
-            p = client.submit(sleep).jobs[0]
+            p = client.submit(sleep, hold=True).jobs[0]
             kind = "after_fail" if scenario == "fail" else "after"
             tags = ["nope"] if scenario == "release" else []  # no worker has it
             deps = client.submit(
                 "true", array=f"1-{n}", depends_on=[{"kind": kind, "job": p}], tags=tags
             )
             group = f"array-{deps.jobs[0]}"
+            client.release(p)
             wait_for(lambda: client.status([p]).jobs[0].state == "running", 60, "P to run")
             stop, ready, out = CTX.Event(), CTX.Event(), CTX.Queue()
             probe = CTX.Process(target=pinger, args=(c.address, str(c.home), stop, ready, out))
