@@ -313,7 +313,7 @@ def _modify(core: Core, op: Op, job: Job, done: Done) -> None:
     core.events += inner.events
     core.wake = core.wake or inner.wake
     # What it settled counts, and what it left to the cascade keeps its place (Core._walk).
-    core.spent, core.inline, core._ahead = inner.spent, inner.inline, inner._ahead
+    core.spent, core.inline, core._band = inner.spent, inner.inline, inner._band
     done.lists["modified"].append(job.id)
 
 

@@ -4,8 +4,9 @@ When a job or a group ends, or is known never to succeed, its dependents are set
 released (one dependency fewer to wait for) or cancelled, and each that ends so settles its own
 (SPEC §4). A message settles up to `Config.cascade_jobs` dependents itself (state.py,
 `Core._walk`); what lies past them is left to the cascade as "walks" (a job or group, what
-happened to it, and how far its dependents are settled), in one row of the store's long
-operations, written in the transaction of the message that left them. The cascade is a long
+happened to it, and how far its dependents are settled), each a record of its own under the
+cascade's row of the store's long operations, written in the transaction of the message that
+left them. The cascade is a long
 operation like a big cancel (longops.py): each turn carries it on by a slice and stores how far
 it got with that slice's changes, so a broker killed in the middle finishes it after a restart.
 
@@ -31,9 +32,9 @@ from banyan.broker.state import CASCADE, CASCADE_KIND, Core
 @dataclass
 class Cascade:
     """The running cascade; its walks live in the store (`Core.tx`), where messages add to
-    them, and `row` is the stored row as the last step left it."""
+    them, and `row` is its stored row as the last step left it (see Core._defer)."""
 
-    row: list[Any] = field(default_factory=lambda: [CASCADE, CASCADE_KIND, []])
+    row: list[Any] = field(default_factory=lambda: [CASCADE, CASCADE_KIND, 0, 0])
 
     id = CASCADE
     kind = CASCADE_KIND
@@ -47,7 +48,7 @@ class Cascade:
         return cls(row)
 
     def copy(self) -> Cascade:
-        return Cascade([self.row[0], self.row[1], [list(w) for w in self.row[2]]])
+        return Cascade(list(self.row))
 
     def step(self, core: Core, budget: int) -> bulk.Done:
         return bulk.Done({}, step(core, budget, self))
@@ -65,15 +66,13 @@ def step(core: Core, budget: int, cascade: Cascade | None = None) -> bool:
     core.limit = core.spent + budget
     core.inline = True
     for _ in range(budget + 1):  # each walk taken settles one dependent at least, or ends
-        row = core.tx.get_op(CASCADE)
-        if row is None or not row[2]:
-            core.tx.delete_op(CASCADE)
-            return True
         if core.spent >= core.limit or not core.inline:
             break
-        walk = row[2].pop(0)
-        core.tx.put_op(CASCADE, row)
-        core._ahead = 0
+        walk = core.tx.take_walk(CASCADE)
+        if walk is None:
+            core.tx.delete_op(CASCADE)
+            return True
+        core._band = None
         core._walk(walk)
     if cascade is not None:
         cascade.row = core.tx.get_op(CASCADE) or cascade.row

@@ -204,7 +204,7 @@ class Core:
     limit: int | None = None
     inline: bool | None = None
     _depth: int = 0  # walks under way, one inside another
-    _ahead: int = 0  # where the next walk left to the cascade goes (see _defer)
+    _band: int | None = None  # the cascade's band for the walks it leaves itself (see _defer)
 
     # ---- transitions ------------------------------------------------------------------------
 
@@ -559,7 +559,8 @@ class Core:
         if self.inline is None:
             self.inline = self.tx.get_op(CASCADE) is None
         if not self.inline or self._depth >= CASCADE_DEPTH:
-            self._defer(source)
+            if next(self.tx.dependents_after(source[0], source[1], source[5]), None):
+                self._defer(source)  # (one with nothing to settle is over already)
             return
         limit = self.config.cascade_jobs if self.limit is None else self.limit
         target, target_id, mode, text, success, cursor = source
@@ -585,16 +586,19 @@ class Core:
             self._depth -= 1
 
     def _defer(self, source: list[Any]) -> None:
-        """Leave a walk to the cascade, in its stored row: a message's after what is there,
-        since it came later; those of a slice of the cascade (`limit` set) before the rest,
-        in the order left, since they lie inside the walk it was carrying out. Every walk
-        after it in this Core is left too."""
-        row = self.tx.get_op(CASCADE) or [CASCADE, CASCADE_KIND, []]
+        """Leave a walk to the cascade (a record of its own: walks taken in (band, seq) order;
+        the cascade's row keeps the next seq and the lowest band). A message's go after every
+        walk kept, since it came later (band 0); those a step of the cascade (`limit` set)
+        leaves go before them all, in the order left, since they lie inside the walk it was
+        carrying out (a band below any so far). Every walk after it in this Core is left too."""
+        row = self.tx.get_op(CASCADE) or [CASCADE, CASCADE_KIND, 0, 0]
+        band = 0
         if self.limit is not None:
-            row[2].insert(self._ahead, source)
-            self._ahead += 1
-        else:
-            row[2].append(source)
+            if self._band is None:
+                self._band = row[3] = row[3] - 1
+            band = self._band
+        self.tx.put_walk(CASCADE, band, row[2], source)
+        row[2] += 1
         self.tx.put_op(CASCADE, row)
         self.inline = False
 

@@ -113,6 +113,7 @@ _QUEUE = struct.Struct(">II")  # owner, shape: the prefix of one queue's entries
 _RANK = struct.Struct(">IQ")  # inverted priority, id: the rest of an eligible key
 _U32 = struct.Struct(">I")
 _PAIR = struct.Struct(">QQ")
+_BAND_ZERO = 1 << 63  # a cascade walk's band 0, so that negative bands sort before it
 _PRIORITY_TOP = 2**31 - 1
 _TARGETS = {"job": b"j", "group": b"g"}
 _AVAILABLE = JobState.AVAILABLE.value
@@ -673,6 +674,12 @@ class ReadTx:
     def note_doomed(self, op_id: int, job_id: int, reason: str) -> None:
         raise ReadOnly("note_doomed on a read view")
 
+    def put_walk(self, op_id: int, band: int, seq: int, walk: list[Any]) -> None:
+        raise ReadOnly("put_walk on a read view")
+
+    def take_walk(self, op_id: int) -> list[Any] | None:
+        raise ReadOnly("take_walk on a read view")
+
     def take_doomed(self, op_id: int, limit: int) -> list[tuple[int, str]]:
         raise ReadOnly("take_doomed on a read view")
 
@@ -930,6 +937,24 @@ class WriteTx(ReadTx):
         the submission's jobs all exist."""
         key = _U64.pack(op_id) + b"d" + _U64.pack(job_id)
         self._txn.put(key, reason.encode(), db=self._db.op_data)
+
+    @_writes
+    def put_walk(self, op_id: int, band: int, seq: int, walk: list[Any]) -> None:
+        """One walk of the cascade `op_id` (cascade.py), taken in (band, seq) order: a band
+        may be negative, to go before every walk kept so far."""
+        key = _U64.pack(op_id) + b"w" + _PAIR.pack(band + _BAND_ZERO, seq)
+        self._txn.put(key, self._batch.pack(walk), db=self._db.op_data)
+
+    @_writes
+    def take_walk(self, op_id: int) -> list[Any] | None:
+        """The first walk kept for `op_id`, forgotten as taken; None when there is none."""
+        prefix = _U64.pack(op_id) + b"w"
+        cursor = self._txn.cursor(self._db.op_data)
+        if not cursor.set_range(prefix) or not cursor.key().startswith(prefix):
+            return None
+        walk = list(_unpack(cursor.value()))
+        cursor.delete()
+        return walk
 
     @_writes
     def take_doomed(self, op_id: int, limit: int) -> list[tuple[int, str]]:
