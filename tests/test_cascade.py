@@ -202,3 +202,51 @@ def _ends(h: Harness) -> list[tuple[str, str | None, int]]:
     out = [(j.state, j.cancel_reason, j.pending) for j in map(h.job, ids)]
     h.store.close()
     return out
+
+
+def test_what_a_cancel_dooms_stays_doomed_when_the_job_then_succeeds(tmp_path: Path) -> None:
+    """A running job with many `after` dependents is cancelled, and its worker reports success
+    while the cascade is still cancelling them: the cancel's cascade goes on first, so every
+    dependent is cancelled as at request time; none is released by the success and started."""
+    h = Harness(tmp_path / "store", Config(cascade_jobs=3))
+    h.per_step, h.settle = 2, False
+    h.add_worker("w", cpus=1)
+    (p,) = h.submit(spec())
+    (running,) = h.claim("w")
+    deps = h.submit(*(spec(depends_on=after(p)) for _ in range(12)))
+    h.do(lambda c: c.cancel(ALICE, [p], [], None))
+    h.cascade(steps=1)  # the cancel's cascade has begun
+    h.finish("w", running)  # the job had ended by itself: success
+    h.cascade()
+    h.do(lambda c: c.claim("w", 1), wake=True)
+    assert h.job(p).outcome == "success"
+    assert [(h.state(d), h.job(d).cancel_reason) for d in deps] == [
+        ("cancelled", f"dependency {p} was cancelled")
+    ] * len(deps)
+    assert not h.take("assign")
+
+
+def _two_failures(h: Harness) -> list[str | None]:
+    """P and Y fail, in that order; Z waits for P, J for Z and Y: the reasons they end with."""
+    h.add_worker("w", cpus=2)
+    p, y = h.submit(spec(), spec())
+    running = {a["job"]: a for a in h.claim("w", 2)}
+    more = h.submit(*(spec(depends_on=after(p)) for _ in range(3)))
+    (z,) = h.submit(spec(depends_on=after(p)))
+    (j,) = h.submit(spec(depends_on=after(z, y)))
+    h.finish("w", running[p], 1)
+    h.finish("w", running[y], 1)
+    h.cascade()
+    reasons = [h.job(i).cancel_reason for i in (*more, z, j)]
+    h.store.close()
+    return reasons
+
+
+def test_the_cascade_settles_in_the_order_of_the_ends(tmp_path: Path) -> None:
+    """What an earlier end cascades into is settled before what a later end left, however deep:
+    J is cancelled because Z was (P's failure, first), not because Y failed, as at once."""
+    once = _two_failures(Harness(tmp_path / "once", Config(cascade_jobs=10**9)))
+    assert once[-1] == "dependency 6 was cancelled"
+    sliced = Harness(tmp_path / "sliced", Config(cascade_jobs=1))
+    sliced.per_step, sliced.settle = 1, False
+    assert _two_failures(sliced) == once
