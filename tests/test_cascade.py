@@ -217,6 +217,7 @@ def test_what_a_cancel_dooms_stays_doomed_when_the_job_then_succeeds(tmp_path: P
     h.do(lambda c: c.cancel(ALICE, [p], [], None))
     h.cascade(steps=1)  # the cancel's cascade has begun
     h.finish("w", running)  # the job had ended by itself: success
+    h.do(lambda c: c.claim("w", 1), wake=True)
     h.cascade()
     h.do(lambda c: c.claim("w", 1), wake=True)
     assert h.job(p).outcome == "success"
