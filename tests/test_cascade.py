@@ -77,7 +77,8 @@ def test_a_cancel_that_cascades_keeps_the_broker_answering(cluster: Cluster) -> 
     """Cancelling one running job cancels its N `after` dependents: the cancel is answered,
     pings every 50 ms are answered within 200 ms throughout (the cascade held the loop for
     about a second), and a status sent while the cascade is under way waits for it and sees
-    every dependent cancelled."""
+    every dependent cancelled; so does a wait whose timeout runs out meanwhile, and a
+    submission that depends on one of them."""
     cluster.start_worker("w")
     client = cluster.client(timeout=60)
     parent = client.submit("sleep 300").jobs[0]
@@ -85,21 +86,33 @@ def test_a_cancel_that_cascades_keeps_the_broker_answering(cluster: Cluster) -> 
     wait_for(lambda: client.status([parent]).jobs[0].state == "running", what="P to run")
     watcher = cluster.client()
     head = watcher.events_head()
+    waiting = cluster.client(timeout=60)
+    waiting.sock.send(protocol.encode("wait", {"jobs": [last], "groups": [], "timeout": 0.3}, 3))
     with pinging(cluster) as latencies:
         started = time.monotonic()
         done = client.cancel([parent])
         assert done.pending == [parent]
         asking = cluster.client(timeout=60)
         asking.sock.send(protocol.encode("status", {"group": group, "limit": 1}, 9))
+        later = cluster.client(timeout=60)
+        job = {"command": "true", "depends_on": [{"kind": "after", "job": last}]}
+        later.sock.send(protocol.encode("submit", {"jobs": [job]}, 5))
         so_far = _changes(watcher, head, "cancelled")
         assert asking.sock.poll(int(scaled(60) * 1000)), "no reply to the status"
         seen = protocol.decode(asking.sock.recv(), protocol.CLIENT_REPLIES)
         took = time.monotonic() - started
+        assert waiting.sock.poll(int(scaled(60) * 1000)), "no reply to the wait"
+        waited = protocol.decode(waiting.sock.recv(), protocol.CLIENT_REPLIES)
+        assert later.sock.poll(int(scaled(60) * 1000)), "no reply to the submit"
+        (after_last,) = protocol.decode(later.sock.recv(), protocol.CLIENT_REPLIES).body["jobs"]
     assert len(latencies) >= took / 0.25, "the pinger stalled"
     assert max(latencies) < scaled(0.2), f"slowest ping {max(latencies):.3f} s in {took:.1f} s"
     assert 0 < so_far < N, f"{so_far} cancelled when the status was sent: nothing was tested"
     assert seen.body["groups"][0]["counts"] == {"cancelled": N}, seen.body["groups"]
+    assert [j["state"] for j in waited.body["jobs"]] == ["cancelled"], waited.body
     assert _reason(client, last) == f"dependency {parent} was cancelled"
+    # It saw `last` cancelled, not waiting to be (then it would be "... was cancelled").
+    assert _reason(client, after_last) == f"dependency {last} did not succeed"
 
 
 def test_a_result_that_cascades_is_acknowledged_and_recorded(cluster: Cluster) -> None:
