@@ -20,6 +20,8 @@ What clients see, while an operation runs (docs/cli.md, "Many jobs at once"):
 - The cascade (cascade.py), what a job's end does to many dependents, runs as an operation that
   nobody asked for and nobody is answered for: it joins the queue in the turn whose message
   started it (`notice`), so the requests after that message in the same turn wait for it too.
+  While it is queued, a submit that depends on jobs or joins a group waits as well, and a wait
+  whose timeout runs out is answered once it has ended (server.py).
 
 Everything here that a turn decides is staged in that turn's `Staged` and applied only after the
 turn commits (`commit`), because a turn is run again from scratch when the store had to grow.
