@@ -26,6 +26,7 @@ Keys (integers big-endian, so LMDB's byte order is numeric order):
     ops          id:u64                                    -> Op row (a long operation)
     op_data      op:u64 r                                  -> a submission's request, as sent
                  op:u64 d job:u64                          -> why that job of it is born doomed
+                 op:u64 w band+2**63:u64 seq:u64           -> a walk the cascade has to do
     owners       name                                      -> [owner:u32, {state: jobs}, mcpus]
     owner_names  owner:u32                                 -> name
     shapes       packed [cpus, memory, gpus, sorted tags]  -> shape:u32
