@@ -324,7 +324,7 @@ class LongOps:
     def held(self, staged: Staged) -> Callable[[Core], None]:
         """Ready a turn's matching Core: claims pass over what the running operation means."""
         run = self.current(staged)
-        if run is None:
+        if run is None or isinstance(run.op, cascade.Cascade):  # it holds nothing
             return lambda core: None
         op = run.op
 
