@@ -280,8 +280,10 @@ class History:
         """A worker reports an attempt's end; the same attempt always ends the same way."""
         return self.sent.setdefault(token, (outcome, exit_code))
 
-    def check(self, tx: ReadTx) -> None:
-        jobs = check_store(tx, self.max_lost_requeues)
+    def check(self, tx: ReadTx, settled: bool = True) -> None:
+        """Everything, or (`settled` false: the cascade has dependents still to settle, see
+        cascade.py) all but what holds of a job's dependencies only once they are settled."""
+        jobs = check_store(tx, self.max_lost_requeues) if settled else jobs_of(tx)
         assert self.acked <= set(jobs), f"acknowledged jobs lost: {self.acked - set(jobs)}"
         self._check_events(tx, jobs)
         for job in jobs.values():

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from banyan.broker import cascade
 from banyan.broker.records import Job, Worker
 from banyan.broker.state import Actor, Config, Core, Effect
 from banyan.broker.store import Store
@@ -25,9 +26,13 @@ class Harness:
         self.now = 1000.0
         self.config = config or Config()
         self.effects: list[Effect] = []
+        self.per_step = 128  # dependents a step of the cascade settles
+        self.settle = True  # each `do` carries out the cascade it started
 
     def do(self, fn: Callable[[Core], T], wake: bool = False) -> T:
-        """`wake`: match afterwards whatever the Core said, as the server does after a result."""
+        """`wake`: match afterwards whatever the Core said, as the server does after a result.
+        What the message left to the cascade is then carried out, a transaction a step as the
+        server does, unless `settle` is off (the caller takes the cascade's steps)."""
         with self.store.write() as tx:
             with tx.child() as child:
                 core = Core(child, self.now, self.config)
@@ -37,7 +42,27 @@ class Harness:
                 matcher = Core(tx, self.now, self.config)
                 matcher.match()
                 self.effects += matcher.effects
+        if self.settle:
+            self.cascade()
         return result
+
+    def cascade(self, steps: int | None = None) -> int:
+        """Carry out what waits for the cascade, `per_step` dependents a transaction; returns
+        the steps taken."""
+        for n in range(100_000):
+            with self.store.read() as view:
+                if not cascade.waiting(view) or n == steps:
+                    return n
+            with self.store.write() as tx:
+                with tx.child() as child:
+                    core = Core(child, self.now, self.config)
+                    cascade.step(core, self.per_step)
+                self.effects += core.effects
+                if core.wake:
+                    matcher = Core(tx, self.now, self.config)
+                    matcher.match()
+                    self.effects += matcher.effects
+        raise AssertionError("the cascade never ended")
 
     def restart(self) -> None:
         """The broker stops and starts again: it finds in its store exactly what it committed,

@@ -6,7 +6,10 @@ by themselves or because of a cancel (and a cancel may lose the race with a job'
 each result until it is acked and send it again, re-register after a partition or a broker
 restart listing what they still hold, and sometimes report on attempts they no longer hold (a
 process that outlived a partition, a worker that restarted). The broker's timer loses workers
-with their jobs running; the broker itself restarts, reopening its store mid-run. Clients
+with their jobs running; the broker itself restarts, reopening its store mid-run. A message
+settles only a couple of dependents itself and leaves the rest to the cascade (cascade.py),
+whose steps come between workers' messages and across restarts, as the server's slices do;
+clients' requests wait for it to end, as the server parks them. Clients
 submit (with dependencies of every kind, groups open and sealed, submit keys), hold, release,
 modify and cancel. A message from a worker the broker has no session for is answered
 "register again" and applied to nothing, as the server does.
@@ -34,11 +37,12 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from banyan import defaults
+from banyan.broker import cascade
 from banyan.broker.records import Job, JobState
-from banyan.broker.state import Core
+from banyan.broker.state import Config, Core
 from banyan.broker.store import ReadTx
 from banyan.errors import BanyanError, Conflict
-from tests.invariants import History, graph, has_cycle, jobs_of, members_of
+from tests.invariants import History, graph, has_cycle, jobs_of, members_of, never_met
 from tests.statekit import ALICE, ROOT, Harness
 
 S = JobState
@@ -57,6 +61,8 @@ CLAIM = defaults.MAX_CLAIM  # the daemon's standing claim, made once registered
 EXAMPLES = int(os.environ.get("BANYAN_PROPERTY_EXAMPLES", "600"))
 STEPS = 100
 DRAIN_ROUNDS = 300  # bounds the end-of-run drive to quiescence
+CASCADE_JOBS = 2  # dependents a message settles itself (Config.cascade_jobs)
+PER_STEP = 1  # dependents a step of the cascade settles
 
 
 @dataclass
@@ -94,7 +100,9 @@ class Cluster(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.dir = Path(tempfile.mkdtemp(prefix="banyan-prop-"))
-        self.h = Harness(self.dir / "store")
+        self.h = Harness(self.dir / "store", Config(cascade_jobs=CASCADE_JOBS))
+        self.h.per_step = PER_STEP
+        self.h.settle = False  # the cascade's steps are rules of their own
         self.history = History(self.h.config.max_lost_requeues)
         self.workers = {n: SimWorker(n, cap, tags) for n, (cap, tags) in WORKERS.items()}
         self.groups: list[str] = []
@@ -111,6 +119,7 @@ class Cluster(RuleBasedStateMachine):
 
     def _request(self, fn: Callable[[Core], Any], allowed: bool, what: str) -> Any:
         """A client request whose acceptance the SPEC predicts; a refusal changes nothing."""
+        self._after_cascade()
         before = self.h.store.dump()
         self.h.now += 1.0
         try:
@@ -219,6 +228,7 @@ class Cluster(RuleBasedStateMachine):
     # arguments more often, and these should come up about equally.
     @rule(data=st.data())
     def submit(self, data: st.DataObject) -> None:
+        self._after_cascade()
         n = data.draw(st.integers(1, 4))
         grouping = data.draw(st.sampled_from(["none", "none", "new", "open", "join"]))
         keyed = data.draw(st.sampled_from(["no", "no", "new key", "again"]))
@@ -302,6 +312,7 @@ class Cluster(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def modify(self, data: st.DataObject) -> None:
+        self._after_cascade()
         what = data.draw(
             st.sampled_from(
                 ["hold", "release", "priority", "fields", "deps", "deps+release", "close group"]
@@ -352,6 +363,7 @@ class Cluster(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def request_cancel(self, data: st.DataObject) -> None:
+        self._after_cascade()
         by_group = data.draw(st.booleans())
         actor = data.draw(st.sampled_from([ALICE, ROOT]))
 
@@ -452,6 +464,18 @@ class Cluster(RuleBasedStateMachine):
         self._from_worker(w, lambda c: c.heartbeat(w.name, rows))
 
     @rule(data=st.data())
+    def cascade_steps(self, data: st.DataObject) -> None:
+        """The broker's loop gives the cascade a slice or a few."""
+        self.h.cascade(data.draw(st.integers(1, 4)))
+        self._deliver()
+
+    def _after_cascade(self) -> None:
+        """A client's request (and what it is predicted to do) waits for the cascade to end,
+        as the server keeps such requests meanwhile."""
+        self.h.cascade()
+        self._deliver()
+
+    @rule(data=st.data())
     def lose(self, data: st.DataObject) -> None:
         """The broker hears nothing from it for the liveness window; its jobs run on. It last
         heard from it a while ago, or (after a restart) never."""
@@ -513,7 +537,13 @@ class Cluster(RuleBasedStateMachine):
     @invariant()
     def consistent(self) -> None:
         with self.h.store.read() as tx:
-            self.history.check(tx)
+            settled = not cascade.waiting(tx)
+            self.history.check(tx, settled)
+            if not settled:  # what it has to settle is behind; no job runs ahead of it
+                jobs = jobs_of(tx)
+                for job in jobs.values():
+                    if job.st in (S.RUNNING, S.AVAILABLE) and job.pending == 0:
+                        assert not any(never_met(tx, jobs, *d) for d in job.depends_on), job
             for w in self.workers.values():
                 record = tx.get_worker(w.name)
                 assert record is not None
@@ -564,6 +594,8 @@ class Cluster(RuleBasedStateMachine):
                 for key in w.unacked():
                     self._result(w, key)
                 self._from_worker(w, functools.partial(Core.claim, name=w.name, count=CLAIM))
+            self.h.cascade()
+            self._deliver()
             self.consistent()
             left = self._read(lambda tx: [j for j in jobs_of(tx).values() if not j.st.terminal])
             if not left and not any(w.procs for w in self.workers.values()):

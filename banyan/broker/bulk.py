@@ -358,6 +358,8 @@ def _modify(core: Core, op: Op, job: Job, done: Done) -> None:
     core.effects += inner.effects
     core.events += inner.events
     core.wake = core.wake or inner.wake
+    # What it settled counts, and what it left to the cascade keeps its place (Core._walk).
+    core.spent, core.inline, core._band = inner.spent, inner.inline, inner._band
     done.lists["modified"].append(job.id)
 
 

@@ -17,6 +17,11 @@ What clients see, while an operation runs (docs/cli.md, "Many jobs at once"):
 - A broker restarted in the middle finds the operation in the store and finishes it first. The
   requester's connection died with the old broker, so nobody is answered; repeating the request
   is harmless (cancelling what is over is a success; a modify sets the same values again).
+- The cascade (cascade.py), what a job's end does to many dependents, runs as an operation that
+  nobody asked for and nobody is answered for: it joins the queue in the turn whose message
+  started it (`notice`), so the requests after that message in the same turn wait for it too.
+  While it is queued, a submit that depends on jobs or joins a group waits as well, and a wait
+  whose timeout runs out is answered once it has ended (server.py).
 
 Everything here that a turn decides is staged in that turn's `Staged` and applied only after the
 turn commits (`commit`), because a turn is run again from scratch when the store had to grow.
@@ -31,7 +36,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from banyan import protocol
-from banyan.broker import bulk, submission
+from banyan.broker import bulk, cascade, submission
 from banyan.broker.state import Actor, Core
 from banyan.broker.store import ReadTx, WriteTx
 from banyan.errors import BanyanError, BrokerUnavailable, Busy
@@ -71,7 +76,8 @@ class Parked:
 
 
 class Operation(Protocol):
-    """What runs a slice at a time: bulk.Op (cancel, modify) or submission.Submission."""
+    """What runs a slice at a time: bulk.Op (cancel, modify), submission.Submission or
+    cascade.Cascade."""
 
     @property
     def id(self) -> int: ...
@@ -114,9 +120,10 @@ class Staged:
     head: Running | None = None  # the running operation as this turn left it
     ended: bool = False  # the one running at the start of the turn ended
     parked: list[Parked] = field(default_factory=list)
+    cascade: Running | None = None  # a cascade this turn's messages started
 
     def copy(self) -> Staged:
-        return Staged(self.head, self.ended, list(self.parked))
+        return Staged(self.head, self.ended, list(self.parked), self.cascade)
 
 
 class LongOps:
@@ -142,7 +149,9 @@ class LongOps:
         """Operations a previous broker left unfinished, to be finished first."""
         for row in view.ops():
             op: Operation
-            if row[1] == submission.SUBMIT:
+            if row[1] == cascade.Cascade.kind:
+                op = cascade.Cascade.unpack(row)
+            elif row[1] == submission.SUBMIT:
                 request = view.get_op_request(row[0])
                 assert request is not None  # stored with the operation, deleted with it
                 op = submission.Submission.unpack(row, request)
@@ -152,11 +161,29 @@ class LongOps:
             log.info("resuming %s operation %d of %s", op.kind, op.id, op.actor)
 
     def submitting(self) -> bool:
-        """Whether a submission is being made or waits to be: retention holds off meanwhile,
-        so that nothing its jobs depend on is purged between its admission and their making."""
-        return any(isinstance(r.op, submission.Submission) for r in self.queue) or any(
+        """Whether a submission is being made or waits to be, or the cascade has work:
+        retention holds off meanwhile, so that nothing a submission's jobs depend on is purged
+        between its admission and their making, and no job whose dependents the cascade has
+        still to settle is purged with its edges to them."""
+        kinds = (submission.Submission, cascade.Cascade)
+        return any(isinstance(r.op, kinds) for r in self.queue) or any(
             p.op and p.submit for p in self.parked
         )
+
+    def cascading(self) -> bool:
+        """Whether the cascade is queued."""
+        return any(isinstance(r.op, cascade.Cascade) for r in self.queue)
+
+    def _cascade_queued(self, staged: Staged) -> bool:
+        """Whether the cascade is queued as of this point of the turn."""
+        queued = self.queue[1:] if staged.ended else self.queue
+        return staged.cascade is not None or any(isinstance(r.op, cascade.Cascade) for r in queued)
+
+    def notice(self, tx: WriteTx, staged: Staged) -> None:
+        """Queue the cascade if the turn's messages so far have started it (left it work)."""
+        if self._cascade_queued(staged) or not cascade.waiting(tx):
+            return
+        staged.cascade = Running(cascade.Cascade(), None, 0)
 
     def _keys(self, staged: Staged) -> set[tuple[str, str]]:
         """The (user, submit key) of each submission admitted and not yet made."""
@@ -168,12 +195,12 @@ class LongOps:
         }
 
     def current(self, staged: Staged) -> Running | None:
-        """The running operation as of this point of the turn."""
+        """The running operation as of this point of the turn (after one ended, the next
+        queued; else a cascade the turn started)."""
         if staged.head is not None:
             return staged.head
-        if staged.ended or not self.queue:
-            return None
-        return self.queue[0]
+        queued = self.queue[1:] if staged.ended else self.queue
+        return queued[0] if queued else staged.cascade
 
     def parks(
         self,
@@ -183,12 +210,17 @@ class LongOps:
         frames: list[bytes],
         staged: Staged,
         key: tuple[str, str] | None = None,
+        reads: bool = False,
     ) -> bool:
         """Whether a request must wait: a PARKED kind while an operation runs, or behind an
         earlier operation of its own client; an operation (`op`) also while others wait for
         their turn; a submit whose (user, submit key) a submission being made has, so that it
-        finds that submission's reply. A request let go after an operation ended runs."""
+        finds that submission's reply; a submit that `reads` existing jobs (depends on some,
+        or joins a group) while the cascade is queued, whose dependencies it may not see half
+        settled. A request let go after an operation ended runs."""
         if not op and mtype not in PARKED:
+            if reads and id(frames) not in self.cleared and self._cascade_queued(staged):
+                return True
             return key is not None and key in self._keys(staged)
         if self.current(staged) is not None:
             return True
@@ -282,6 +314,8 @@ class LongOps:
             run.add(done)
             if done.finished:
                 tx.delete_op(run.op.id)
+                if run.identity is None:
+                    return b""  # nobody to answer
                 return protocol.encode(REPLIES[run.op.kind], run.op.reply(run.lists), run.req)
             if time.monotonic() >= deadline:
                 tx.put_op(run.op.id, run.op.pack())
@@ -290,7 +324,7 @@ class LongOps:
     def held(self, staged: Staged) -> Callable[[Core], None]:
         """Ready a turn's matching Core: claims pass over what the running operation means."""
         run = self.current(staged)
-        if run is None:
+        if run is None or isinstance(run.op, cascade.Cascade):  # it holds nothing
             return lambda core: None
         op = run.op
 
@@ -314,6 +348,8 @@ class LongOps:
                 self.queue.insert(0, staged.head)
                 self.started += 1
                 self.turns[staged.head.op.actor] = self.started
+        if staged.cascade is not None:
+            self.queue.append(staged.cascade)
         self.cleared &= {id(frames) for _, frames, _ in left}
         if self.queue or not self.parked:
             return left

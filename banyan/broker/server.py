@@ -325,7 +325,9 @@ class Broker:
             if not (m[0] == "worker" and m[1] and self._touch(m[1][0], mono) and m[1][-1] == IDLE)
         ]
         lost = self._expired(mono)
-        due = self._due_waiters(mono)
+        # A wait that times out while the cascade runs is answered once it has ended: its
+        # jobs' states are then all or nothing of the cascade, as a status's are.
+        due = [] if self.longops.cascading() else self._due_waiters(mono)
         if inbox or lost or due or pull:
             self._turn(inbox, lost, due, self.wall(), pull)
         self.addresses.clear()
@@ -509,6 +511,7 @@ class Broker:
         if wake:
             ready = self.longops.held(turn.ops)
             self._in_child(tx, now, turn, lambda c: (ready(c), c.match()))
+        self.longops.notice(tx, turn.ops)
         return turn
 
     def _in_child(self, tx: WriteTx, now: float, turn: Turn, fn: Callable[[Core], Any]) -> bool:
@@ -579,7 +582,13 @@ class Broker:
         op = longops.starts(msg)
         key = msg.body.get("submit_key") if msg.type == "submit" else None
         mine = (actor.name, key) if key else None
-        if self.longops.parks(msg.type, op, identity, frames, turn.ops, mine):
+        mergeable = _mergeable(msg)
+        # The submits waiting to be run came first: run now, they may start the cascade, which
+        # this request must then wait for, as for whatever the turn's messages started so far.
+        wake = False if mergeable else self._run_submits(tx, now, turn)
+        self.longops.notice(tx, turn.ops)
+        reads = msg.type == "submit" and _reads(msg)
+        if self.longops.parks(msg.type, op, identity, frames, turn.ops, mine, reads):
             submit = msg.type == "submit"
             parked = longops.Parked(("client", frames, user), identity, actor.name, op, submit)
             try:
@@ -587,15 +596,14 @@ class Broker:
             except BanyanError as e:
                 self.refused += 1
                 turn.replies.append(("client", identity, _error(e.code, e.message, msg.req)))
-            return False
-        if _mergeable(msg):
+            return wake
+        if mergeable:
             environment = msg.body["environment"]
             alike = turn.submitter is actor and turn.environment == environment
             wake = self._run_submits(tx, now, turn) if not alike else False
             turn.submits.append((identity, msg))
             turn.submitter, turn.environment = actor, environment
             return wake
-        wake = self._run_submits(tx, now, turn)
         return self._request(tx, identity, msg, actor, now, turn, frames[1]) or wake
 
     def _run_submits(self, tx: WriteTx, now: float, turn: Turn) -> bool:
@@ -1173,6 +1181,11 @@ def _mergeable(msg: protocol.Message) -> bool:
         and b.get("each") is None
         and not any("local" in dep for job in b["jobs"] for dep in job["depends_on"])
     )
+
+
+def _reads(msg: protocol.Message) -> bool:
+    """A submit whose jobs depend on others or join groups: what it is told depends on them."""
+    return any(job["depends_on"] or job.get("groups") for job in msg.body["jobs"])
 
 
 def _runs(register: dict[str, Any]) -> owners.Runs:

@@ -85,6 +85,20 @@ USER_SETTINGS = ("shares", "max_running", "max_queued")
 MIN_CPUS = 1e-6
 # Submissions of at least this many jobs run with the cyclic GC paused (see Core.submit).
 GC_PAUSE_JOBS = 256
+# Dependents one message may settle (cancel or release) itself, about 30 ms of the loop: what
+# lies past them is left to the cascade (see Core._walk and cascade.py), carried out a slice
+# at a time, so that one job's end cannot hold the loop for seconds.
+CASCADE_JOBS = 1000
+# How far down a chain of dependents one settling may go before it leaves the rest to the
+# cascade: each step down is a few frames of the Python stack.
+CASCADE_DEPTH = 50
+# The long operation (longops.py) that carries out what messages left to the cascade; its row
+# in the store's operations, under an id that operations admitted for requests never take.
+CASCADE = 0
+CASCADE_KIND = "cascade"
+# What a walk does to each dependent: DOOM cancels the `after` ones of what will never
+# succeed; END settles every one of what has ended (see _ended_verdict).
+DOOM, END = "doom", "end"
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +133,7 @@ class Config:
     max_lost_requeues: int = defaults.MAX_LOST_REQUEUES
     half_life: float = defaults.USAGE_HALF_LIFE  # of users' usage, for fair share
     retention: float | None = defaults.RETENTION  # how long ended jobs are kept; None: ever
+    cascade_jobs: int = CASCADE_JOBS  # dependents one message settles itself (Core._walk)
     # The broker's own Unix account, told to workers: a root worker runs no job as it, as it
     # runs none as root, since such a job could read the broker's keys and state (SPEC §6).
     account: str | None = None
@@ -183,6 +198,13 @@ class Core:
     wake: bool = False  # a job became eligible or a claim arrived: run `match`
     # Jobs that claims pass over for now: the targets of a long operation (bulk.py).
     held: Callable[[int], bool] | None = None
+    # The dependents this Core has looked at, and how many it may (None: config.cascade_jobs);
+    # `inline` None: whether the cascade has work waiting is yet to be looked up (see _walk).
+    spent: int = 0
+    limit: int | None = None
+    inline: bool | None = None
+    _depth: int = 0  # walks under way, one inside another
+    _band: int | None = None  # the cascade's band for the walks it leaves itself (see _defer)
 
     # ---- transitions ------------------------------------------------------------------------
 
@@ -473,18 +495,14 @@ class Core:
             return
         job.doomed = True
         self.tx.put_job(job)
-        for dep_id, kind in self._dependents("job", job.id):
-            if kind == DepKind.AFTER.value:
-                self._cancel(self._load(dep_id), f"dependency {job.id} {reason}")
+        self._walk(["job", job.id, DOOM, f"dependency {job.id} {reason}", False, 0])
         for gid in job.groups:
             group = self._group(gid)
             group.doomed += 1
             self.tx.put_group(group)
             if group.doomed == 1:
-                for dep_id, kind in self._dependents("group", gid):
-                    if kind == DepKind.AFTER.value:
-                        why = f"group {group.name!r}: job {job.id} {reason}"
-                        self._cancel(self._load(dep_id), why)
+                why = f"group {group.name!r}: job {job.id} {reason}"
+                self._walk(["group", gid, DOOM, why, False, 0])
 
     def _reprieve(self, job: Job) -> None:
         """A job doomed by a cancel ended in success after all: it had ended by itself before
@@ -504,8 +522,7 @@ class Core:
             self._doom(job, _failure_word(job))
         elif job.doomed:
             self._reprieve(job)
-        for dep_id, kind in self._dependents("job", job.id):
-            self._settle(dep_id, _ended_verdict(kind, success, f"dependency {job.id}"))
+        self._walk(["job", job.id, END, f"dependency {job.id}", success, 0])
         for gid in job.groups:
             group = self._group(gid)
             group.ended += 1
@@ -517,13 +534,9 @@ class Core:
         if not group.complete:
             return
         success = group.succeeded == group.total
-        for dep_id, kind in self._dependents("group", group.id):
-            self._settle(dep_id, _ended_verdict(kind, success, f"group {group.name!r}"))
+        self._walk(["group", group.id, END, f"group {group.name!r}", success, 0])
 
-    def _settle(self, job_id: int, verdict: str) -> None:
-        job = self._load(job_id)
-        if job.st.terminal:
-            return
+    def _settle(self, job: Job, verdict: str) -> None:
         if verdict != MET:
             self._cancel(job, verdict)
             return
@@ -532,24 +545,64 @@ class Core:
         if job.eligible:
             self.wake = True
 
-    def _dependents(self, target: str, target_id: int) -> list[tuple[int, str]]:
-        """Live dependents of a job or group, with the kind their own record gives.
+    def _walk(self, source: list[Any]) -> None:
+        """Settle the dependents of a job or group, `source` = [target ("job" or "group"),
+        its id, DOOM or END, the reason's text, whether it succeeded (END), the last
+        dependent id already settled]. Each dependent counts against the Core's `limit`; what
+        lies past it, or deeper than CASCADE_DEPTH, is left to the cascade (`_defer`), and so
+        is every walk while the cascade has work waiting and all that follows a walk left to
+        it: walks are carried out in the order that settling each at once would take (depth
+        first), so a dependent is never released by one end while a cancel from an earlier
+        one is still on its way to it.
 
-        The edge index may hold edges a `modify` has since dropped; the job's own
-        `depends_on` is the truth. Callers reload each dependent before acting on it, since
-        settling one may already have cascaded into the next.
-        """
-        out = []
-        for dep_id, _ in self.tx.dependents(target, target_id):
-            job = self.tx.get_job(dep_id)
-            if job is None or job.st.terminal:
-                continue
-            out += [
-                (dep_id, kind)
-                for kind, t, tid in job.depends_on
-                if t == target and tid == target_id
-            ]
-        return out
+        The edge index may hold edges a `modify` has since dropped: the dependent's own
+        `depends_on` is the truth, and each is read just before it is settled, since settling
+        one may already have cascaded into the next."""
+        if self.inline is None:
+            self.inline = self.tx.get_op(CASCADE) is None
+        if not self.inline or self._depth >= CASCADE_DEPTH:
+            if next(self.tx.dependents_after(source[0], source[1], source[5]), None):
+                self._defer(source)  # (one with nothing to settle is over already)
+            return
+        limit = self.config.cascade_jobs if self.limit is None else self.limit
+        target, target_id, mode, text, success, cursor = source
+        self._depth += 1
+        try:
+            for dep_id, _ in self.tx.dependents_after(target, target_id, cursor):
+                if self.spent >= limit or not self.inline:
+                    self._defer([target, target_id, mode, text, success, cursor])
+                    return
+                self.spent += 1
+                cursor = dep_id
+                job = self.tx.get_job(dep_id)
+                if job is None or job.st.terminal:
+                    continue
+                for kind, t, tid in job.depends_on:
+                    if t != target or tid != target_id:
+                        continue
+                    if mode == END:
+                        self._settle(job, _ended_verdict(kind, success, text))
+                    elif kind == DepKind.AFTER.value:
+                        self._cancel(job, text)
+        finally:
+            self._depth -= 1
+
+    def _defer(self, source: list[Any]) -> None:
+        """Leave a walk to the cascade (a record of its own: walks taken in (band, seq) order;
+        the cascade's row keeps the next seq and the lowest band). A message's go after every
+        walk kept, since it came later (band 0); those a step of the cascade (`limit` set)
+        leaves go before them all, in the order left, since they lie inside the walk it was
+        carrying out (a band below any so far). Every walk after it in this Core is left too."""
+        row = self.tx.get_op(CASCADE) or [CASCADE, CASCADE_KIND, 0, 0]
+        band = 0
+        if self.limit is not None:
+            if self._band is None:
+                self._band = row[3] = row[3] - 1
+            band = self._band
+        self.tx.put_walk(CASCADE, band, row[2], source)
+        row[2] += 1
+        self.tx.put_op(CASCADE, row)
+        self.inline = False
 
     # ---- cancellation -----------------------------------------------------------------------
 

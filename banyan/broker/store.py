@@ -26,6 +26,7 @@ Keys (integers big-endian, so LMDB's byte order is numeric order):
     ops          id:u64                                    -> Op row (a long operation)
     op_data      op:u64 r                                  -> a submission's request, as sent
                  op:u64 d job:u64                          -> why that job of it is born doomed
+                 op:u64 w band+2**63:u64 seq:u64           -> a walk the cascade has to do
     owners       name                                      -> [owner:u32, {state: jobs}, mcpus]
     owner_names  owner:u32                                 -> name
     shapes       packed [cpus, memory, gpus, sorted tags]  -> shape:u32
@@ -114,6 +115,7 @@ _QUEUE = struct.Struct(">II")  # owner, shape: the prefix of one queue's entries
 _RANK = struct.Struct(">IQ")  # inverted priority, id: the rest of an eligible key
 _U32 = struct.Struct(">I")
 _PAIR = struct.Struct(">QQ")
+_BAND_ZERO = 1 << 63  # a cascade walk's band 0, so that negative bands sort before it
 _PRIORITY_TOP = 2**31 - 1
 _TARGETS = {"job": b"j", "group": b"g"}
 _AVAILABLE = JobState.AVAILABLE.value
@@ -493,8 +495,16 @@ class ReadTx:
         return [Attempt.unpack(_unpack(value)) for _, value in scan]
 
     def dependents(self, target: str, target_id: int) -> list[tuple[int, str]]:
-        scan = self._scan(self._db.edges, _TARGETS[target] + _U64.pack(target_id))
-        return [(_U64.unpack_from(key, 9)[0], value.decode()) for key, value in scan]
+        return list(self.dependents_after(target, target_id, 0))
+
+    def dependents_after(
+        self, target: str, target_id: int, after: int
+    ) -> Iterator[tuple[int, str]]:
+        """The edges to a job or group from dependents with ids past `after`, in id order,
+        read as they are walked: a cascade resumes a walk where its last slice stopped."""
+        prefix = _TARGETS[target] + _U64.pack(target_id)
+        scan = self._scan(self._db.edges, prefix, prefix + _U64.pack(after + 1))
+        return ((_U64.unpack_from(key, 9)[0], value.decode()) for key, value in scan)
 
     def get_group(self, group_id: int) -> Group | None:
         raw = self._txn.get(_U64.pack(group_id), db=self._db.groups)
@@ -669,6 +679,12 @@ class ReadTx:
 
     def note_doomed(self, op_id: int, job_id: int, reason: str) -> None:
         raise ReadOnly("note_doomed on a read view")
+
+    def put_walk(self, op_id: int, band: int, seq: int, walk: list[Any]) -> None:
+        raise ReadOnly("put_walk on a read view")
+
+    def take_walk(self, op_id: int) -> list[Any] | None:
+        raise ReadOnly("take_walk on a read view")
 
     def take_doomed(self, op_id: int, limit: int) -> list[tuple[int, str]]:
         raise ReadOnly("take_doomed on a read view")
@@ -927,6 +943,24 @@ class WriteTx(ReadTx):
         the submission's jobs all exist."""
         key = _U64.pack(op_id) + b"d" + _U64.pack(job_id)
         self._txn.put(key, reason.encode(), db=self._db.op_data)
+
+    @_writes
+    def put_walk(self, op_id: int, band: int, seq: int, walk: list[Any]) -> None:
+        """One walk of the cascade `op_id` (cascade.py), taken in (band, seq) order: a band
+        may be negative, to go before every walk kept so far."""
+        key = _U64.pack(op_id) + b"w" + _PAIR.pack(band + _BAND_ZERO, seq)
+        self._txn.put(key, self._batch.pack(walk), db=self._db.op_data)
+
+    @_writes
+    def take_walk(self, op_id: int) -> list[Any] | None:
+        """The first walk kept for `op_id`, forgotten as taken; None when there is none."""
+        prefix = _U64.pack(op_id) + b"w"
+        cursor = self._txn.cursor(self._db.op_data)
+        if not cursor.set_range(prefix) or not cursor.key().startswith(prefix):
+            return None
+        walk = list(_unpack(cursor.value()))
+        cursor.delete()
+        return walk
 
     @_writes
     def take_doomed(self, op_id: int, limit: int) -> list[tuple[int, str]]:
