@@ -18,6 +18,7 @@ import pytest
 import zmq
 
 from banyan import protocol
+from banyan.broker import server
 from banyan.broker.server import Broker, BrokerConfig
 from banyan.broker.state import Config
 
@@ -291,3 +292,31 @@ def test_a_message_its_checks_fail_on_is_refused_and_the_broker_goes_on(
             break
     assert site.broker.refused == refused + 1
     assert site.ask("submit", {"jobs": [{"command": "true"}]})["jobs"]
+
+
+def test_what_one_user_waits_on_at_once_is_bounded(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Waits on many jobs, piled up, cost the broker memory and turns: past
+    MAX_WAITED_PER_USER jobs waited on at once a wait is refused (busy), and once the waits
+    before it are answered there is room again."""
+    monkeypatch.setattr(server, "MAX_WAITED_PER_USER", 5)
+    jobs = site.ask("submit", {"jobs": [{"command": "true", "hold": True}] * 3})["jobs"]
+    site.tool.send("wait", {"jobs": jobs}, 50)
+    site.tool.send("wait", {"jobs": jobs[:2]}, 51)  # 3 + 2: at the bound
+    site.tool.send("wait", {"jobs": jobs[:1]}, 52)  # one more: past it
+    refused = site.tool.expect(site.broker, "error", 52)
+    assert refused["code"] == "busy" and "MAX_WAITED_PER_USER" in refused["message"]
+    assert "waits on 5 jobs in other requests, and this wait adds up to 1" in refused["message"]
+    site.tool.send("cancel", {"jobs": jobs}, 53)
+    answered = []
+    for _ in range(STEPS):
+        site.broker.step(0.005)
+        answered += [m for m in site.tool.take() if m.type == "waited"]
+        if len(answered) == 2:
+            break
+    assert sorted(m.req for m in answered) == [50, 51]
+    assert all(j["state"] == "cancelled" for m in answered for j in m.body["jobs"])
+    assert site.broker.waited["local"] == 0
+    site.tool.send("wait", {"jobs": jobs}, 54)  # ended jobs: answered at once
+    assert site.tool.expect(site.broker, "waited", 54)["timed_out"] is False

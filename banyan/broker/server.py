@@ -13,6 +13,7 @@ people read (records, events, "last seen").
 
 from __future__ import annotations
 
+import collections
 import functools
 import heapq
 import itertools
@@ -35,7 +36,7 @@ from banyan.broker.auth import ZapHandler
 from banyan.broker.state import Actor, Config, Core, Effect, Logged
 from banyan.broker.store import ReadTx, Store, StoreFull, WriteTx
 from banyan.config import home
-from banyan.errors import BanyanError, NoSpace, NotFound
+from banyan.errors import BanyanError, Busy, NoSpace, NotFound
 from banyan.keys import Authorizer, ensure_local, own_account, parse_user_id, private_dir
 
 log = logging.getLogger("banyan.broker")
@@ -69,6 +70,9 @@ SLOW_CONSUMER = 1000
 CLIENT_HWM = (64, 2 * SLOW_CONSUMER)
 # A worker that does not send the output it was asked for within this time is answered for.
 LOG_FETCH_TIMEOUT = 2.0
+# Jobs one user may wait on at once, over all its pending waits: two of the biggest
+# submission. Each costs a few hundred bytes and a look when it ends.
+MAX_WAITED_PER_USER = 2 * defaults.MAX_JOBS_PER_SUBMIT
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,7 @@ class Waiter:
     jobs: set[int]
     all_jobs: list[int]
     deadline: float | None
+    owner: str = ""  # who asked: what each user waits on is bounded (MAX_WAITED_PER_USER)
 
 
 @dataclass
@@ -209,6 +214,7 @@ class Broker:
         # this step (a registration comes from one): read once, forgotten when the step ends.
         self.addresses: dict[bytes, str] = {}
         self.waiters: dict[int, list[Waiter]] = {}
+        self.waited: collections.Counter[str] = collections.Counter()  # jobs waited on, by user
         # Waits with a timeout, soonest first: a step looks only at those that are due, not at
         # every job anyone waits for (one `wait` on 100k jobs made each step cost 0.15 s).
         self.deadlines: list[tuple[float, int, Waiter]] = []
@@ -662,6 +668,8 @@ class Broker:
             return self._long_start(tx, identity, msg, actor, now, turn, request)
 
         def handle() -> tuple[Core, Any]:
+            if msg.type == "wait":
+                self._check_waited(tx, actor, msg.body, turn)
             with tx.child() as child:
                 core = Core(child, now, self.config.core)
                 return core, queries.handle(core, actor, msg.type, msg.body, self._last_seen())
@@ -677,7 +685,8 @@ class Broker:
             if pending:
                 timeout = msg.body.get("timeout")
                 deadline = self.mono + timeout if timeout is not None else None
-                turn.waiters.append(Waiter(identity, msg.req, pending, reply["all"], deadline))
+                waiter = Waiter(identity, msg.req, pending, reply["all"], deadline, actor.name)
+                turn.waiters.append(waiter)
                 return core.wake
             reply = {"jobs": reply["jobs"], "timed_out": False}
         assert reply is not None
@@ -721,6 +730,23 @@ class Broker:
         if reply is not None:
             turn.replies.append(("client", identity, reply))
         return core.wake
+
+    def _check_waited(self, tx: WriteTx, actor: Actor, body: dict[str, Any], turn: Turn) -> None:
+        """Refuse a wait that would take its user past MAX_WAITED_PER_USER jobs waited on, as
+        counted before the wait is looked at: every job waited on costs the broker's memory
+        and its loop until it ends."""
+        asked = len(body["jobs"])
+        for ref in body["groups"]:
+            group = tx.get_group(ref) if isinstance(ref, int) else tx.group_by_name(ref)
+            asked += group.total if group is not None else 0
+        held = self.waited[actor.name]
+        held += sum(len(w.jobs) for w in turn.waiters if w.owner == actor.name)  # this turn's
+        if held + asked > MAX_WAITED_PER_USER:
+            raise Busy(
+                f"{actor.name} waits on {held:,} jobs in other requests, and this wait adds "
+                f"up to {asked:,}: at most {MAX_WAITED_PER_USER:,} may be waited on at once "
+                "(MAX_WAITED_PER_USER); wait for fewer, or once others have been answered"
+            )
 
     def _answering(
         self, identity: bytes, msg: protocol.Message, turn: Turn, fn: Callable[[], T]
@@ -1040,6 +1066,7 @@ class Broker:
             self.fetches[request] = fetch
             _send(self.worker, session.identity, protocol.encode("fetch_log", fetch.body))
         for waiter in turn.waiters:
+            self.waited[waiter.owner] += len(waiter.jobs)
             for job in waiter.jobs:
                 self.waiters.setdefault(job, []).append(waiter)
             if waiter.deadline is not None:
@@ -1061,6 +1088,7 @@ class Broker:
         for job in ended:
             for waiter in self.waiters.pop(job, []):
                 waiter.jobs.discard(job)
+                self.waited[waiter.owner] -= 1
                 if not waiter.jobs:
                     ready.append(waiter)
         if not ready:
@@ -1076,6 +1104,7 @@ class Broker:
             waiter = heapq.heappop(self.deadlines)[2]
             if not waiter.jobs:
                 continue  # answered already: every job it waited for ended
+            self.waited[waiter.owner] -= len(waiter.jobs)
             for job in waiter.jobs:
                 left = [w for w in self.waiters.get(job, ()) if w is not waiter]
                 if left:
