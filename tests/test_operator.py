@@ -435,6 +435,24 @@ def test_a_request_whose_broker_went_away_says_so(op: Operator) -> None:
     assert "overloaded" not in str(e.value)
 
 
+def test_a_second_broker_on_the_same_state_is_refused(op: Operator) -> None:
+    """A second banyan-broker on a live one's state directory (other ports: a test start, a
+    second unit) refuses to start and changes nothing: the live one's workers stay."""
+    broker = op.start_broker()
+    op.start_worker("w1")
+    argv = ["banyan-broker", "--client-port", str(free_port()), "--worker-port"]
+    second = op.spawn("second", [*argv, str(free_port())])
+    assert second.wait(timeout=scaled(20)) == 1
+    said = f"is in use by another broker (pid {broker.pid}): one broker per state directory"
+    assert said in op.log("second"), op.log("second")
+    assert "state loaded" not in op.log("second")
+    assert op.states() == {"w1": "idle"}
+    broker.send_signal(signal.SIGTERM)
+    assert broker.wait(timeout=scaled(20)) == 0
+    op.start_broker("broker2")  # once it has stopped, its state is free
+    wait_for(lambda: op.states().get("w1") == "idle", 20, what="w1 back")
+
+
 def test_a_wait_outlives_an_outage_longer_than_its_timeout(op: Operator) -> None:
     """A broker away for longer than the tool's --timeout (an upgrade, a slow restart): the
     waiting tool says so once, waits on, and ends with the job's outcome."""

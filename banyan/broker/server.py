@@ -31,7 +31,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from banyan import defaults, protocol
-from banyan.broker import follow, longops, owners, queries, retention
+from banyan.broker import follow, longops, owners, queries, retention, statelock
 from banyan.broker.auth import ZapHandler
 from banyan.broker.state import Actor, Config, Core, Effect, Logged
 from banyan.broker.store import ReadTx, Store, StoreFull, WriteTx
@@ -180,7 +180,12 @@ class Broker:
         self._own_ctx = ctx is None
         # A first start makes its state directory (and $BANYAN_HOME), private to this account.
         private_dir(Path(config.state_dir))
-        self.store = Store(config.state_dir, sync=config.sync)
+        self._lock = statelock.take(Path(config.state_dir))
+        try:
+            self.store = Store(config.state_dir, sync=config.sync)
+        except BaseException:
+            os.close(self._lock)
+            raise
         # Without keys every peer is the local administrator (loopback or --insecure only),
         # and its jobs run as the broker's own account.
         self.actor = actor or Actor("local", "admin", own_account())
@@ -1184,6 +1189,7 @@ class Broker:
         if self.zap is not None:
             self.zap.close()
         self.store.close()
+        os.close(self._lock)
         if self._own_ctx:
             self.ctx.destroy(linger=0)  # and any socket a caller made on it
         log.info("stopped; %d messages refused in this run", self.refusals())
