@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import logging
 import os
 import pwd
 import re
@@ -259,6 +260,9 @@ def parse_user_id(user: str) -> Identity:
 RACY_SECONDS = 1.0
 
 
+_log = logging.getLogger("banyan.broker")
+
+
 class Authorizer:
     """Maps a peer's public key to its Identity, reloading when `authorized/` changes, so a
     deleted key is refused at its next connection without a restart."""
@@ -291,11 +295,22 @@ class Authorizer:
     def _load(self) -> dict[bytes, Identity]:
         known: dict[bytes, Identity] = {}
         for role in ROLES:
-            for path in sorted((self.root / role).glob("*.key")):
+            folder = self.root / role
+            if folder.is_dir() and not os.access(folder, os.R_OK | os.X_OK):
+                # Its keys are refused as unknown: say why once, at each change.
+                _log.warning(
+                    "cannot read %s: permission denied, so its %s keys are refused (made by "
+                    "another account? chown -R it to this one)",
+                    folder,
+                    role,
+                )
+                continue
+            for path in sorted(folder.glob("*.key")):
                 try:
                     public, _ = zmq.auth.load_certificate(path)
                     account = None if role == "worker" else account_of(path) or path.stem
-                except (OSError, ValueError):
+                except (OSError, ValueError) as e:
+                    _log.warning("cannot read the key %s, which is refused: %s", path, e)
                     continue
                 known[public] = Identity(path.stem, role, account)
         return known

@@ -41,7 +41,7 @@ from banyan.cli import (
 )
 from banyan.cli.usage import flag_words, parse
 from banyan.client import Client
-from tests.cluster import Cluster, free_port, scaled, wait_for
+from tests.cluster import Cluster, cannot_run, free_port, scaled, wait_for
 
 TOOLS: dict[str, Callable[[list[str] | None], int]] = {
     "submit": submit.main,
@@ -887,6 +887,31 @@ def test_keygen_refuses_where_no_broker_keeps_its_keys(
     assert not home.exists()  # nothing made
     doc = json.loads(cli("keygen", "--json", "worker", "n1", broker=False).err)
     assert doc["error"] == "not_found" and "is not a broker's home" in doc["message"]
+
+
+def test_keygen_refuses_to_write_keys_the_broker_could_not_read(
+    cli: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run as root on the home of a broker that runs as its own account (forgetting sudo -u):
+    refused, saying as whom to run it, and nothing made (the files would be root's, and the
+    broker could read none of its users' keys)."""
+    if os.geteuid() != 0:
+        cannot_run("making another account's broker home needs root")
+    home = tmp_path / "brokers"
+    keys.ensure_local(home)
+    nobody = pwd.getpwnam("nobody")
+    for path in [home, *home.rglob("*")]:
+        os.chown(path, nobody.pw_uid, nobody.pw_gid)
+    before = sorted(p.name for p in home.rglob("*"))
+    monkeypatch.setenv("BANYAN_HOME", str(home))
+    r = cli("keygen", "user", "t2bob", broker=False)
+    assert r.code == 1 and r.out == ""
+    assert r.err == (
+        f"banyan-keygen: {home}/keys belongs to the account nobody, which runs the broker: run "
+        f"banyan-keygen as it (sudo -u nobody BANYAN_HOME={home} banyan-keygen user t2bob), so "
+        "that the broker can read the key\n"
+    )
+    assert sorted(p.name for p in home.rglob("*")) == before
 
 
 def test_a_users_limit_is_named_as_set_not_as_an_option() -> None:

@@ -8,6 +8,8 @@ the secret half as `keys/client.key_secret` (users, admins) or `keys/worker.key_
 
 from __future__ import annotations
 
+import os
+import pwd
 import sys
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from banyan import keys
 from banyan.cli import EXIT_OK
 from banyan.cli.output import Args, UsageError, print_json, run
 from banyan.config import home
-from banyan.errors import Conflict, NotFound
+from banyan.errors import Conflict, Forbidden, NotFound
 
 TOOL = "banyan-keygen"
 USAGE = """banyan-keygen: make and authorize a key for a user, an admin or a worker machine.
@@ -73,12 +75,27 @@ def keygen(args: Args) -> int:
             "with BANYAN_HOME set to the broker's (for the shipped systemd unit: sudo -u "
             f"banyan BANYAN_HOME=/var/lib/banyan banyan-keygen {role} {name})"
         )
+    # Files made by another account (root, forgetting sudo -u) would be unreadable to the
+    # broker: every key in them refused, and its account's next keygen denied.
+    owner = keys.keys_dir(root).stat().st_uid
+    if owner != os.geteuid():
+        account = _account_name(owner)
+        raise Forbidden(
+            f"{keys.keys_dir(root)} belongs to the account {account}, which runs the broker: "
+            f"run banyan-keygen as it (sudo -u {account} BANYAN_HOME={root} banyan-keygen "
+            f"{role} {name}), so that the broker can read the key"
+        )
     try:
         public, secret, authorized = keys.issue(root, role, name, args["--unix-user"])
     except FileExistsError as e:
         raise Conflict(f"{e}; pick another name, or delete the old files first") from None
     except ValueError as e:
         raise UsageError(str(e)) from None
+    except PermissionError as e:
+        raise Forbidden(
+            f"cannot write {e.filename}: permission denied (run banyan-keygen as the account "
+            "that owns it and runs the broker)"
+        ) from None
     mine = "worker.key_secret" if role == "worker" else "client.key_secret"
     broker = keys.keys_dir(root) / "broker.key"
     install = {f"keys/{mine}": str(secret), "keys/broker.key": str(broker)}
@@ -132,3 +149,10 @@ def instructions(
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _account_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
