@@ -921,3 +921,16 @@ def test_a_users_limit_is_named_as_set_not_as_an_option() -> None:
     assert (
         flag_words("jobs[0].max_attempts: must be >= 1, got 0") == "--attempts: at least 1 (got 0)"
     )
+
+
+def test_a_worker_with_a_spool_it_cannot_make_says_so_as_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Exit 2 and a sentence, not a traceback and exit 1 (a unit restarts on 1)."""
+    monkeypatch.setenv("BANYAN_HOME", str(tmp_path / "home"))
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    code = worker.main(["--name", "m7", "--broker", "127.0.0.1:1", "--spool", f"{blocker}/sub"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"banyan-worker: --spool {blocker}/sub: cannot make or use it: Not a directory" in err

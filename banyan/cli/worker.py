@@ -91,7 +91,20 @@ def main(argv: list[str] | None = None) -> int:
         ",".join(config.tags) or "-",
         config.broker,
     )
-    return WorkerDaemon(config).run()
+    try:
+        daemon = WorkerDaemon(config)
+    except OSError as e:
+        spool = os.path.abspath(config.spool)
+        if not str(e.filename or "").startswith(spool) and not spool.startswith(
+            str(e.filename or "\0")
+        ):
+            raise
+        # A usage error, not exit 1: a unit restarts on 1 (a taken name frees itself).
+        print(
+            f"{TOOL}: --spool {config.spool}: cannot make or use it: {e.strerror}", file=sys.stderr
+        )
+        return EXIT_USAGE
+    return daemon.run()
 
 
 def worker_config(args: Args) -> WorkerConfig:
