@@ -312,3 +312,16 @@ def test_a_missing_key_stops_the_run_at_once_saying_so(live: Cluster, tmp_path: 
     assert code != 0
     assert "Banyan refused this machine's key:" in out and "client.key_secret is missing" in out
     assert not (wd / "done.txt").exists()
+
+
+def test_the_brokers_worker_port_stops_the_run_at_once_saying_so(
+    live: Cluster, tmp_path: Path
+) -> None:
+    """Like a refused key, an address that is the broker's other port does not get better
+    by waiting."""
+    wd = snakefile(tmp_path / "wrongport", RETRIED)
+    port = f"127.0.0.1:{live.worker_port}"
+    code, out = snakemake(live, wd, "--banyan-broker", port, timeout=30)
+    assert code != 0
+    assert "Banyan's broker address is wrong:" in out and "not on this port" in out
+    assert not (wd / "done.txt").exists()

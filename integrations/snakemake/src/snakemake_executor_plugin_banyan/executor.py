@@ -33,7 +33,7 @@ from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
 
 from banyan import defaults as banyan_defaults
 from banyan.client import Client
-from banyan.errors import BanyanError, BrokerUnavailable, KeyRefused
+from banyan.errors import BanyanError, BrokerUnavailable, KeyRefused, WrongPort
 from snakemake_executor_plugin_banyan import direct, request
 
 T = TypeVar("T")
@@ -315,13 +315,16 @@ class Executor(RemoteExecutor):  # type: ignore[misc]
 
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
         """`fn()`, tried again while the broker cannot be reached: a run never fails for
-        that. A refused key fails the run at once, with what to do."""
+        that. A refused key, or an address that is the broker's other port, fails the run at
+        once, with what to do: waiting changes neither."""
         backoff = RETRY_MIN
         while True:
             try:
                 return fn()
             except KeyRefused as e:
                 raise WorkflowError(f"Banyan refused this machine's key: {e}") from None
+            except WrongPort as e:
+                raise WorkflowError(f"Banyan's broker address is wrong: {e}") from None
             except BrokerUnavailable as e:
                 self._say_trouble(what, e)
                 time.sleep(backoff)
