@@ -12,9 +12,9 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterator
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from typing import Any
 
+from banyan.broker.glob import matcher
 from banyan.broker.records import Job, JobState, Tx
 
 MAX_ID = 2**64 - 1
@@ -42,7 +42,7 @@ class Selector:
             and (self.owner is None or job.owner == self.owner)
             and (self.group is None or self.group in job.groups)
             and (not self.ranges or any(lo <= job.id <= hi for lo, hi in self.ranges))
-            and (self.name is None or fnmatchcase(job.name or job.command, self.name))
+            and (self.name is None or matcher(self.name)(job.name or job.command))
         )
 
     def ids(self, tx: Tx, lo: int = 1, hi: int = MAX_ID, descending: bool = False) -> Iterator[int]:
