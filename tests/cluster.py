@@ -12,8 +12,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
@@ -281,3 +282,29 @@ def need_cgroups() -> None:
     """A cgroup per job is what the test is about: without one, `cannot_run`."""
     if not have_cgroups():
         cannot_run("there is no writable cgroup2 hierarchy here (it needs cgroup v2 and root)")
+
+
+@contextlib.contextmanager
+def pinging(cluster: Cluster) -> Iterator[list[float]]:
+    """A client pinging every 50 ms meanwhile; yields the latencies (s) as they come."""
+    latencies: list[float] = []
+    stop = threading.Event()
+
+    def pinger() -> None:
+        with Client(f"127.0.0.1:{cluster.client_port}", cluster.home, timeout=scaled(10)) as p:
+            for _ in range(100_000):
+                if stop.is_set():
+                    return
+                started = time.monotonic()
+                p.ping()
+                latencies.append(time.monotonic() - started)
+                stop.wait(0.05)
+
+    thread = threading.Thread(target=pinger)
+    thread.start()
+    try:
+        wait_for(lambda: latencies, what="the first ping")
+        yield latencies
+    finally:
+        stop.set()
+        thread.join(timeout=scaled(20))

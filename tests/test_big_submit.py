@@ -3,14 +3,13 @@ keeps answering, seen only whole, and finished by a broker restarted after a kil
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
 from banyan import defaults, protocol
 from banyan.broker.store import Store
 from banyan.client import Client
-from tests.cluster import Cluster, scaled, wait_for
+from tests.cluster import Cluster, pinging, scaled, wait_for
 
 MIB = 1 << 20
 
@@ -41,23 +40,7 @@ def test_a_100000_job_array_keeps_the_broker_answering(cluster: Cluster) -> None
     pid = cluster.procs["broker"].pid
     head = cluster.client().events_head()
     before = _peak_rss(pid)
-    latencies: list[float] = []
-    stop = threading.Event()
-
-    def pinger() -> None:
-        with Client(f"127.0.0.1:{cluster.client_port}", cluster.home, timeout=scaled(5)) as p:
-            for _ in range(10_000):
-                if stop.is_set():
-                    return
-                started = time.monotonic()
-                p.ping()
-                latencies.append(time.monotonic() - started)
-                stop.wait(0.05)
-
-    thread = threading.Thread(target=pinger)
-    thread.start()
-    try:
-        wait_for(lambda: latencies, what="the first ping")
+    with pinging(cluster) as latencies:
         started = time.monotonic()
         submitter = cluster.client()
         body = {"jobs": [{"command": "echo {}", "name": "big-{}", "hold": True}], "array": f"1-{n}"}
@@ -68,9 +51,6 @@ def test_a_100000_job_array_keeps_the_broker_answering(cluster: Cluster) -> None
         assert submitter.sock.poll(int(scaled(60) * 1000)), "no reply to the submit"
         reply = protocol.decode(submitter.sock.recv(), protocol.CLIENT_REPLIES)
         took = time.monotonic() - started
-    finally:
-        stop.set()
-        thread.join(timeout=scaled(10))
     assert reply.type == "submitted", reply.body
     ids = reply.body["jobs"]
     assert ids == list(range(ids[0], ids[0] + n))

@@ -7,7 +7,6 @@ the broker keeps answering, and it is all-or-nothing even across a kill -9.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +18,7 @@ import zmq
 from banyan import defaults, protocol
 from banyan.cli import cancel, main, modify, status, submit
 from banyan.client import Client
-from tests.cluster import Cluster, scaled, wait_for
+from tests.cluster import Cluster, pinging, scaled, wait_for
 
 MIB = 1 << 20
 
@@ -117,23 +116,7 @@ def test_a_100000_job_cancel_keeps_the_broker_answering(cluster: Cluster) -> Non
     for the cancel to end (the client waits as long as pings are answered), and sees it whole."""
     ids = _group_of(cluster.client(), 100_000)
     head = cluster.client().events_head()
-    latencies: list[float] = []
-    stop = threading.Event()
-
-    def pinger() -> None:
-        with Client(f"127.0.0.1:{cluster.client_port}", cluster.home, timeout=scaled(5)) as p:
-            for _ in range(10_000):
-                if stop.is_set():
-                    return
-                started = time.monotonic()
-                p.ping()
-                latencies.append(time.monotonic() - started)
-                stop.wait(0.05)
-
-    thread = threading.Thread(target=pinger)
-    thread.start()
-    try:
-        wait_for(lambda: latencies, what="the first ping")
+    with pinging(cluster) as latencies:
         started = time.monotonic()
         canceller = cluster.client(timeout=10)
         canceller.sock.send(protocol.encode("cancel", {"groups": ["g"]}, 7))
@@ -144,9 +127,6 @@ def test_a_100000_job_cancel_keeps_the_broker_answering(cluster: Cluster) -> Non
         assert canceller.sock.poll(int(scaled(60) * 1000)), "no reply to the cancel"
         done = protocol.decode(canceller.sock.recv(), protocol.CLIENT_REPLIES).body
         took = time.monotonic() - started
-    finally:
-        stop.set()
-        thread.join(timeout=scaled(10))
     assert seen == {"cancelled": len(ids)}
     assert sorted(done["cancelled"]) == ids
     assert len(latencies) >= took / 0.25, "the pinger stalled"

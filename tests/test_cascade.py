@@ -6,47 +6,18 @@ at a time, dependents end exactly as settled at once, and a deep chain does too.
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from banyan import defaults, protocol
 from banyan.broker.state import Config
 from banyan.broker.store import Store
 from banyan.client import Client
-from tests.cluster import Cluster, scaled, wait_for
+from tests.cluster import Cluster, pinging, scaled, wait_for
 from tests.statekit import ALICE, Harness, after, spec
 
 # Dependents: a cascade of this many held the broker's loop for about a second at once.
 N = 30_000
-
-
-@contextmanager
-def pinging(cluster: Cluster) -> Iterator[list[float]]:
-    """A client pinging every 50 ms meanwhile; yields the latencies (s) as they come."""
-    latencies: list[float] = []
-    stop = threading.Event()
-
-    def pinger() -> None:
-        with Client(f"127.0.0.1:{cluster.client_port}", cluster.home, timeout=scaled(10)) as p:
-            for _ in range(100_000):
-                if stop.is_set():
-                    return
-                started = time.monotonic()
-                p.ping()
-                latencies.append(time.monotonic() - started)
-                stop.wait(0.05)
-
-    thread = threading.Thread(target=pinger)
-    thread.start()
-    try:
-        wait_for(lambda: latencies, what="the first ping")
-        yield latencies
-    finally:
-        stop.set()
-        thread.join(timeout=scaled(20))
 
 
 def _changes(client: Client, since: int, to: str) -> int:
