@@ -708,3 +708,13 @@ def test_a_result_that_waited_for_the_broker_is_dated_by_its_run(h):
         user = tx.get_user(ALICE.name)
     assert attempt.started == 1000.5 and attempt.ended == 1004.5
     assert user is not None and user.usage == pytest.approx(2 * 4.0, rel=1e-3)
+
+
+def test_a_long_cycle_is_named_by_its_start(h):
+    n = 50  # each job after the next, the last after the first
+    jobs = [spec(depends_on=[{"local": (i + 1) % n}]) for i in range(n)]
+    with pytest.raises(Conflict) as e:
+        h.submit(*jobs)
+    said = str(e.value)
+    assert said.startswith("dependency cycle: jobs[0] -> jobs[1] -> ")
+    assert said.endswith(" -> jobs[9] -> ... (50 jobs and groups in all)"), said

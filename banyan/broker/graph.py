@@ -13,6 +13,8 @@ from banyan.broker.records import Dep, Tx
 from banyan.errors import Conflict
 
 Node = tuple[str, int]  # ("job", id) or ("group", id)
+# Steps of a cycle a refusal names before it says how long the cycle is.
+CYCLE_SHOWN = 10
 
 
 class DepGraph:
@@ -59,7 +61,10 @@ class DepGraph:
             state = color.get(node)
             if state == 1:
                 loop = [*path[path.index(node) :], node]
-                raise Conflict("dependency cycle: " + " -> ".join(self._label(n) for n in loop))
+                shown = [self._label(n) for n in loop[:CYCLE_SHOWN]]
+                if len(loop) > CYCLE_SHOWN:  # a long cycle is named by its start, not whole
+                    shown.append(f"... ({len(loop) - 1} jobs and groups in all)")
+                raise Conflict("dependency cycle: " + " -> ".join(shown))
             if state == 2:
                 continue
             color[node] = 1
