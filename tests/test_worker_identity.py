@@ -90,7 +90,7 @@ def site(tmp_path: Path) -> Iterator[Site]:
     s = Site(tmp_path, ctx)
     yield s
     s.close()
-    ctx.term()
+    ctx.destroy(linger=0)  # a failed test's open sockets must not hang its teardown
 
 
 def test_clones_with_one_host_name_are_told_apart_by_address_and_key(

@@ -4,6 +4,7 @@ sockets on loopback and a real LMDB store, restarted on the same state directory
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from tests.test_broker_clock import HEARTBEAT, STEPS, WINDOW, Clocks, Peer, Site
 def ctx() -> Iterator[zmq.Context[Any]]:
     context: zmq.Context[Any] = zmq.Context()
     yield context
-    context.term()
+    context.destroy(linger=0)  # a failed test's open sockets must not hang its teardown
 
 
 @pytest.fixture
@@ -51,10 +52,14 @@ def row(site: Site, name: str) -> dict[str, Any]:
 
 
 def crash(broker: Broker) -> None:
-    """What kill -9 leaves: the store as last committed, nothing written on the way out."""
+    """What kill -9 leaves: the store as last committed, nothing written on the way out; the
+    kernel closes the sockets and lets the state directory's lock go."""
     broker.client.close(linger=0)
     broker.worker.close(linger=0)
+    for monitor in broker.refusing:
+        monitor.close(linger=0)
     broker.store.close()
+    os.close(broker.state_lock)
 
 
 def test_a_lost_worker_was_last_seen_at_its_last_heartbeat(

@@ -180,11 +180,11 @@ class Broker:
         self._own_ctx = ctx is None
         # A first start makes its state directory (and $BANYAN_HOME), private to this account.
         private_dir(Path(config.state_dir))
-        self._lock = statelock.take(Path(config.state_dir))
+        self.state_lock = statelock.take(Path(config.state_dir))
         try:
             self.store = Store(config.state_dir, sync=config.sync)
         except BaseException:
-            os.close(self._lock)
+            os.close(self.state_lock)
             raise
         # Without keys every peer is the local administrator (loopback or --insecure only),
         # and its jobs run as the broker's own account.
@@ -1189,7 +1189,7 @@ class Broker:
         if self.zap is not None:
             self.zap.close()
         self.store.close()
-        os.close(self._lock)
+        os.close(self.state_lock)
         if self._own_ctx:
             self.ctx.destroy(linger=0)  # and any socket a caller made on it
         log.info("stopped; %d messages refused in this run", self.refusals())
