@@ -434,10 +434,13 @@ def test_a_broker_out_of_descriptors_says_so_and_recovers(tmp_path: Path) -> Non
     try:
         c.start_broker()
         assert "it may hold only 96 open files" in c.log("broker")
+        connected = c.client()
+        connected.ping()
         for _ in range(150):
             crowd.append(socket.create_connection(("127.0.0.1", c.client_port)))
         said = "cannot take new connections on the client port (Too many open files)"
         wait_for(lambda: said in c.log("broker"), 10, what="the broker to say so")
+        assert connected.ping()  # those it holds are served meanwhile
         for s in crowd:
             s.close()
         crowd.clear()

@@ -1161,7 +1161,11 @@ class Broker:
     def _accept_failed(self, monitor: zmq.Socket[Any]) -> None:
         """Connections the kernel refused the broker: said at most once a minute."""
         failed, errnos = 0, set()
-        while monitor.poll(0):
+        # ZeroMQ tries the accept again at once, and says so each time: take a bounded number
+        # of its events a turn, or the turn would never end while the connections wait.
+        for _ in range(1000):
+            if not monitor.poll(0):
+                break
             event = recv_monitor_message(monitor)
             failed += 1
             errnos.add(int(event["value"]))
