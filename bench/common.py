@@ -85,6 +85,10 @@ class Report:
     def finish(self, out_dir: Path) -> Path:
         """Print the table and write `<out_dir>/<bench>.json`."""
         probes = [r["probe"] for r in self.runs if isinstance(r.get("probe"), dict)]
+        loads = [r["loadavg"] for r in self.runs if isinstance(r.get("loadavg"), dict)]
+        if loads:
+            each = ", ".join(f"{x['before'][0]:.2f}-{x['after'][0]:.2f}" for x in loads)
+            self.notes.append(f"load average (1 min) before-after each run: {each}")
         if probes:
             p50 = median([p["commit_p50_ms"] for p in probes])
             p90 = median([p["commit_p90_ms"] for p in probes])
@@ -107,7 +111,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
-        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+        "loadavg_at_end": loadavg(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -161,17 +165,25 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def repeated(n: int, fn: Callable[[int], T]) -> list[T]:
     """fn(i) for i in range(n), with a line of progress on stderr. A run that returns a dict
-    gets the disk probe taken just before it under "probe"."""
+    gets the disk probe taken just before it under "probe", and the machine's load average
+    (1, 5, 15 min) before and after it under "loadavg": the machine is shared."""
     out = []
     for i in range(n):
         probe = commit_probe()
+        load = loadavg()
         started = time.perf_counter()
         result = fn(i)
         if isinstance(result, dict):
             result["probe"] = probe
+            result["loadavg"] = {"before": load, "after": loadavg()}
         out.append(result)
-        print(f"  run {i + 1}/{n}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        took = time.perf_counter() - started
+        print(f"  run {i + 1}/{n}: {took:.1f} s, load average {load[0]:.2f}", file=sys.stderr)
     return out
+
+
+def loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def commit_probe(commits: int = 50) -> dict[str, float]:

@@ -47,8 +47,9 @@ from bench.common import (
 )
 
 WINDOW = 128
-SYNC_TARGET = 4000
-PIPELINED_TARGET = 20_000
+# Durable single-job submits from 4 clients, synchronous and pipelined, as a share of the ideal
+# broker's rate in the same run.
+RATIO_TARGET = {"sync x4": 0.8, "pipelined x4": 0.8}
 BULK_TARGET = 50_000
 BODY = {"jobs": [{"command": "true"}], "groups": [], "submit_key": None}
 CTX = mp.get_context("spawn")  # no zmq context crosses a fork
@@ -268,11 +269,10 @@ def add_figures(report: Report, bulk_n: int, array_n: int) -> None:
     def med_ratio(a: str, b: str, key: str | None = None) -> float:
         return median([(r[a][key] / r[b][key]) if key else r[a] / r[b] for r in runs])
 
-    targets = {"sync x4": SYNC_TARGET, "pipelined x1": PIPELINED_TARGET}
-    targets["pipelined x4"] = PIPELINED_TARGET
     for name, _, _ in SHAPES:
         got = med("banyan", name)
-        target = targets.get(name)
+        ratio = med_ratio("banyan", "ideal", name)
+        target = RATIO_TARGET.get(name)
         report.add(
             Figure(
                 f"submits/s, {name}",
@@ -280,9 +280,9 @@ def add_figures(report: Report, bulk_n: int, array_n: int) -> None:
                 "req/s",
                 "ideal broker",
                 med("ideal", name),
-                med_ratio("banyan", "ideal", name),
-                f">= {target:,}/s" if target else "",
-                got >= target if target else None,
+                ratio,
+                f">= {target:g} x ideal" if target else "",
+                ratio >= target if target else None,
             )
         )
         if "banyan_insecure" in runs[0]:
