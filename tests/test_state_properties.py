@@ -5,7 +5,10 @@ The workers are simulated as the worker daemon behaves: they run what they are a
 by themselves or because of a cancel (and a cancel may lose the race with a job's own end), keep
 each result until it is acked and send it again, re-register after a partition or a broker
 restart listing what they still hold, and sometimes report on attempts they no longer hold (a
-process that outlived a partition, a worker that restarted). The broker's timer loses workers
+process that outlived a partition, a worker that restarted). They hold jobs ahead (claim-ahead,
+SPEC §5) as the daemon does: started, in order, when a job's end frees room for them (named in
+that result), given back when asked back, cancelled or drained, dropped when they register,
+never started while partitioned. The broker's timer loses workers
 with their jobs running; the broker itself restarts, reopening its store mid-run. Clients
 submit (with dependencies of every kind, groups open and sealed, submit keys), hold, release,
 modify and cancel. A message from a worker the broker has no session for is answered
@@ -35,7 +38,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from banyan import defaults
 from banyan.broker.records import Job, JobState
-from banyan.broker.state import Core
+from banyan.broker.state import Config, Core
 from banyan.broker.store import ReadTx
 from banyan.errors import BanyanError, Conflict
 from tests.invariants import History, graph, has_cycle, jobs_of, members_of
@@ -48,6 +51,9 @@ WORKERS: dict[str, tuple[tuple[float, int, int], list[str]]] = {
     "w1": ((2.0, 1000, 1), []),
     "w2": ((3.0, 1000, 2), ["ssd"]),
 }
+# How many jobs each holds ahead: the broker's default (PREFETCH), its own, or none.
+PREFETCH = 1
+PREFETCHES: dict[str, int | None] = {"w0": None, "w1": 2, "w2": 0}
 KINDS = ["after", "after_any", "after_fail"]
 CLAIM = defaults.MAX_CLAIM  # the daemon's standing claim, made once registered
 # `make test` runs EXAMPLES runs of up to STEPS steps (about 70 s on two busy cores). Longer
@@ -65,6 +71,7 @@ class Proc:
 
     ended: tuple[str, int | None] | None = None  # (outcome, exit code) once over, until acked
     cancel: bool = False  # the broker asked to cancel it
+    size: tuple[float, int] = (0.0, 0)  # cpus and memory it takes
 
 
 @dataclass
@@ -75,9 +82,27 @@ class SimWorker:
     session: bool = False  # the broker holds a live session for it
     procs: dict[tuple[int, int], Proc] = field(default_factory=dict)
     seen: list[tuple[int, int]] = field(default_factory=list)  # every attempt ever assigned
+    # Jobs held ahead, in the order they came, with their (cpus, memory).
+    ahead: dict[tuple[int, int], tuple[float, int]] = field(default_factory=dict)
 
     def running(self) -> list[tuple[int, int]]:
         return [k for k, p in self.procs.items() if p.ended is None]
+
+    def start_ahead(self) -> list[tuple[int, int]]:
+        """Start, in order, the jobs held ahead that its free room takes (as the daemon)."""
+        if not self.session:  # partitioned: it may have been lost, with them given back
+            return []
+        cpus = self.capacity[0] - sum(self.procs[k].size[0] for k in self.running())
+        memory = self.capacity[1] - sum(self.procs[k].size[1] for k in self.running())
+        started: list[tuple[int, int]] = []
+        for key, (c, m) in list(self.ahead.items()):
+            if c > cpus + 1e-9 or m > memory:
+                break
+            del self.ahead[key]
+            self.procs[key] = Proc(size=(c, m))
+            cpus, memory = cpus - c, memory - m
+            started.append(key)
+        return started
 
     def unacked(self) -> list[tuple[int, int]]:
         return [k for k, p in self.procs.items() if p.ended is not None]
@@ -85,7 +110,7 @@ class SimWorker:
     def stale(self) -> list[tuple[int, int]]:
         """Attempts it no longer holds; first those of jobs it holds again under a new token,
         where a report that slipped past the fence would do the most harm."""
-        gone = [k for k in self.seen if k not in self.procs]
+        gone = [k for k in self.seen if k not in self.procs and k not in self.ahead]
         again = {j for j, _ in self.procs}
         return sorted(gone, key=lambda k: k[0] not in again)
 
@@ -94,12 +119,13 @@ class Cluster(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.dir = Path(tempfile.mkdtemp(prefix="banyan-prop-"))
-        self.h = Harness(self.dir / "store")
+        self.h = Harness(self.dir / "store", Config(prefetch=PREFETCH))
         self.history = History(self.h.config.max_lost_requeues)
         self.workers = {n: SimWorker(n, cap, tags) for n, (cap, tags) in WORKERS.items()}
         self.groups: list[str] = []
         self.keys: dict[str, tuple[dict[str, Any], list[Any], list[Any]]] = {}
         self.gone_seen: dict[str, float] = {}  # last_seen of each worker while it is gone
+        self.started: set[int] = set()  # every token a worker started
         for w in self.workers.values():
             self._register(w)
 
@@ -135,12 +161,15 @@ class Cluster(RuleBasedStateMachine):
         self._deliver()
 
     def _deliver(self) -> None:
-        """Send what the commit decided; a worker without a session gets nothing."""
+        """Send what the commit decided; a worker without a session gets nothing. What the
+        workers answer (jobs held ahead given back or started) goes once all are delivered."""
+        answers: list[Callable[[], None]] = []
         for effect in self.h.take():
             w = self.workers[effect.worker]
             if not w.session:
                 continue
             b = effect.body
+            key = (b.get("job", 0), b.get("token", 0))
             if effect.type == "assign":
                 for a in b["jobs"]:
                     key = (a["job"], a["token"])
@@ -148,38 +177,81 @@ class Cluster(RuleBasedStateMachine):
                     assert (job.state, job.token, job.worker) == ("running", key[1], w.name), (
                         f"assigned {key} to {w.name} but the store says {job}"
                     )
-                    assert key not in w.procs
-                    w.procs[key] = Proc()
+                    assert key not in w.procs and key not in w.ahead
+                    if a["ahead"]:
+                        w.ahead[key] = (a["cpus"], a["memory"])
+                    else:
+                        w.procs[key] = Proc(size=(a["cpus"], a["memory"]))
+                        self.started.add(key[1])
                     w.seen.append(key)
+                answers.append(functools.partial(self._start_ahead, w))
+            elif effect.type in ("revoke", "cancel") and key in w.ahead:
+                del w.ahead[key]
+                answers.append(functools.partial(self._give_back, w, key, effect.type))
+            elif effect.type == "revoke":
+                pass  # started already: its report went first, and it runs here
+            elif effect.type == "drain" and not b["resume"]:
+                for held in list(w.ahead):
+                    del w.ahead[held]
+                    answers.append(functools.partial(self._give_back, w, held, "drain"))
             elif effect.type == "cancel":
                 proc = w.procs.get((b["job"], b["token"]))
                 if proc is not None and proc.ended is None:
                     proc.cancel = True
             elif effect.type == "kill_stale":
+                w.ahead.pop(key, None)
                 w.procs.pop((b["job"], b["token"]), None)
             elif effect.type == "ack":
                 proc = w.procs.get((b["job"], b["token"]))
                 assert proc is None or proc.ended is not None, f"ack of a running {b}"
                 w.procs.pop((b["job"], b["token"]), None)
+        for answer in answers:
+            answer()
+
+    def _start_ahead(self, w: SimWorker) -> None:
+        """Jobs held ahead that fit the room it has now start, each reported at once."""
+        for job, token in w.start_ahead():
+            self.started.add(token)
+            self._from_worker(
+                w, functools.partial(Core.started, name=w.name, job_id=job, token=token)
+            )
+
+    def _give_back(self, w: SimWorker, key: tuple[int, int], why: str) -> None:
+        job, token = key
+        assert token not in self.started
+        self._from_worker(w, lambda c: c.returned(w.name, job, token, why), wake=True)
 
     def _register(self, w: SimWorker) -> None:
-        """Connect and list what it holds; then, as the daemon does once registered, send
-        again every result not yet acked, and claim."""
+        """Connect and list what it holds, dropping what it held ahead (the broker takes it
+        back); then, as the daemon does once registered, send again every result not yet
+        acked, and claim."""
         held = sorted(w.procs)
+        w.ahead.clear()
         w.session = True
         self.h.now += 1.0
-        self.h.do(lambda c: c.register(w.name, "host-" + w.name, w.capacity, w.tags, held))
+        prefetch = PREFETCHES[w.name]
+        self.h.do(
+            lambda c: c.register(
+                w.name, "host-" + w.name, w.capacity, w.tags, held, prefetch=prefetch
+            )
+        )
         self._deliver()
         for key in w.unacked():
             self._result(w, key)
         self._from_worker(w, lambda c: c.claim(w.name, CLAIM))
 
-    def _result(self, w: SimWorker, key: tuple[int, int]) -> None:
+    def _result(
+        self, w: SimWorker, key: tuple[int, int], then: list[tuple[int, int]] | None = None
+    ) -> None:
         proc = w.procs.get(key)
         outcome, code = proc.ended if proc is not None and proc.ended else self.history.sent[key[1]]
         job, token = key
+        nxt = then or []
+        self.started.update(t for _, t in nxt)
         self._from_worker(
-            w, lambda c: c.result(w.name, job, token, outcome, code, None, ("o", "e")), wake=True
+            w,
+            lambda c: c.result(w.name, job, token, outcome, code, None, ("o", "e"), None, nxt),
+            wake=True,
         )
 
     def _job(self, job_id: int) -> Job:
@@ -410,7 +482,7 @@ class Cluster(RuleBasedStateMachine):
         else:  # mostly success; last, the worker's own cold stop
             ends += [("exited", 0), ("timeout", None), ("exited", 0), ("cancelled", None)]
         proc.ended = self.history.report(key[1], *data.draw(st.sampled_from(ends)))
-        self._result(w, key)
+        self._result(w, key, w.start_ahead())  # what it held ahead starts in the room freed
 
     @rule(data=st.data())
     def report(self, data: st.DataObject) -> None:
@@ -450,6 +522,14 @@ class Cluster(RuleBasedStateMachine):
             (j, t, 1.0, 1 << 20) for j, t in sorted(w.procs)
         ]
         self._from_worker(w, lambda c: c.heartbeat(w.name, rows))
+
+    @rule(data=st.data())
+    def sigterm(self, data: st.DataObject) -> None:
+        """Its first SIGTERM: it drops what it held ahead and tells the broker it drains."""
+        w = data.draw(st.sampled_from(list(self.workers.values())))
+        if w.session:
+            w.ahead.clear()
+        self._from_worker(w, lambda c: c.draining(w.name))
 
     @rule(data=st.data())
     def lose(self, data: st.DataObject) -> None:
@@ -528,9 +608,17 @@ class Cluster(RuleBasedStateMachine):
                     assert w.session or w.name not in self.gone_seen, f"{record} came back"
                     self.gone_seen.pop(w.name, None)
                 if w.session:
-                    # The broker's view of what a connected worker runs is the worker's own.
+                    # The broker's view of what a connected worker runs is the worker's own,
+                    # and so is its view of what it holds ahead.
                     assert set(record.running.items()) <= set(w.procs), (w, record.running)
                     assert set(w.running()) <= set(record.running.items()), (w, record.running)
+                    assert set(record.ahead.items()) == set(w.ahead), (w, record.ahead)
+                assert not set(w.ahead) & set(w.procs), w
+            # The fence: no job given back unstarted had started, so none runs twice.
+            for job_id in range(1, tx.next_job_id()):
+                for a in tx.attempts_of(job_id):
+                    if a.outcome == "returned":
+                        assert a.token not in self.started, f"{a} started, yet given back"
 
     def teardown(self) -> None:
         try:

@@ -904,6 +904,7 @@ class Broker:
                 draining,
                 address=address,
                 key=key,
+                prefetch=body.get("prefetch"),
             ),
         )
 
@@ -1149,6 +1150,8 @@ def _worker_report(core: Core, name: str, msg: protocol.Message) -> None:
         core.started(name, b["job"], b["token"], b["age"])
     elif msg.type == "hand_back":
         core.hand_back(name, b["job"], b["token"], b["reason"])
+    elif msg.type == "returned":
+        core.returned(name, b["job"], b["token"], b["reason"])
     elif msg.type == "progress":
         core.progress(
             name, b["job"], b["token"], b["percent"], b["message"], (b["cpu_percent"], b["rss"])
@@ -1164,6 +1167,7 @@ def _worker_report(core: Core, name: str, msg: protocol.Message) -> None:
             b["signal"],
             tails,
             b["runtime"],
+            [(int(j), int(t)) for j, t in b.get("then", ())],
         )
         core.wake = True  # its resources are free again for its standing claim
 

@@ -36,6 +36,8 @@ def waiting_reason(job: Job, workers: list[Worker], limit: str | None = None) ->
         return "held"
     if st == S.PENDING_CANCELLATION:
         return f"cancel sent to {job.worker}"
+    if st == S.RUNNING and held_ahead(job, workers):
+        return f"assigned to {job.worker}, waiting for a slot"
     if st != S.AVAILABLE:
         return None
     if job.pending:
@@ -60,6 +62,12 @@ def waiting_reason(job: Job, workers: list[Worker], limit: str | None = None) ->
     if any(w.fits(*request) for w in takers):
         return "queued"
     return "waiting for free resources"
+
+
+def held_ahead(job: Job, workers: list[Worker]) -> bool:
+    """Whether the running job is one its worker holds ahead: assigned, waiting for a slot
+    there (SPEC §5, claim-ahead)."""
+    return any(w.name == job.worker and job.id in w.ahead for w in workers)
 
 
 def held_back(tx: Tx, owner: str) -> str | None:
@@ -184,6 +192,7 @@ def job_info(
         "ended": job.ended,
         "cancel_reason": job.cancel_reason,
         "reason": waiting_reason(job, workers, limits.get(job.owner)),
+        "ahead": job.worker is not None and held_ahead(job, workers),
         "pending_dependencies": job.pending,
     }
     history = tx.attempts_of(job.id) if detail else []
@@ -289,6 +298,8 @@ def worker_info(
         "used_gpus": len(worker.used_gpus),
         "tags": worker.tags,
         "running": sorted(worker.running),
+        "ahead": sorted(worker.ahead),
+        "prefetch": worker.prefetch,
         "completed": worker.completed,
         "only_account": worker.only_account,
         "refused_accounts": dict(worker.refused),
