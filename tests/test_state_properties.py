@@ -509,11 +509,15 @@ class Cluster(RuleBasedStateMachine):
         elif kind == "progress":
             self._from_worker(w, lambda c: c.started(w.name, job, token, 0.2))
             self._from_worker(w, lambda c: c.progress(w.name, job, token, 10.0, "a tenth"))
-        elif data.draw(st.sampled_from(["result", "result", "progress"])) == "result":
+        elif (what := data.draw(st.sampled_from(["result", "result", "progress", "returned"]))) == (
+            "result"
+        ):
             end = data.draw(st.sampled_from([("exited", 0), ("exited", 1), ("timeout", None)]))
             outcome, code = self.history.report(token, *end)
             report = lambda c: c.result(w.name, job, token, outcome, code, None)  # noqa: E731
             self._from_worker(w, report, wake=True)
+        elif what == "returned":  # a give-back that crossed its job's new claim on the wire
+            self._from_worker(w, lambda c: c.returned(w.name, job, token, "late"), wake=True)
         else:
             self._from_worker(w, lambda c: c.progress(w.name, job, token, 50.0, "half"))
 
@@ -567,9 +571,17 @@ class Cluster(RuleBasedStateMachine):
     @rule(data=st.data())
     def restart_broker(self, data: st.DataObject) -> None:
         """The broker stops, or crashes between a turn's commit and its sends: a claim's
-        assignment or a result's ack is durable but never reaches the worker."""
+        assignment or a result's ack is durable but never reaches the worker; or before it
+        reads a result, and with it the start of jobs held ahead in the room it freed."""
         connected = [w for w in self.workers.values() if w.session]
-        if data.draw(st.booleans()) and connected:
+        ending = [w for w in connected if w.running() and w.ahead]
+        unread: bool = data.draw(st.booleans())
+        if ending and unread:
+            w = data.draw(st.sampled_from(ending))
+            key = data.draw(st.sampled_from(w.running()))
+            w.procs[key].ended = self.history.report(key[1], "exited", 0)
+            self.started.update(t for _, t in w.start_ahead())
+        elif data.draw(st.booleans()) and connected:
             w = data.draw(st.sampled_from(connected))
             running = w.running()
             result: bool = data.draw(st.booleans())
