@@ -63,9 +63,7 @@ def test_a_job_held_ahead_waits_for_a_slot_then_runs_there(cluster: Cluster, tmp
         assert m.read_text() == "1\n" and c.job(j).attempts == 1 and c.job(j).worker == "w1"
 
 
-def test_a_job_held_ahead_is_asked_back_for_a_worker_with_room(
-    cluster: Cluster, tmp_path: Path
-):
+def test_a_job_held_ahead_is_asked_back_for_a_worker_with_room(cluster: Cluster, tmp_path: Path):
     c, first, gate = busy_worker(cluster, tmp_path)
     mark = tmp_path / "second"
     (second,) = c.submit(marker(mark)).jobs
@@ -82,17 +80,13 @@ def test_a_job_held_ahead_is_asked_back_for_a_worker_with_room(
     assert ended(c, [first]) == {first: "terminated/success"}
 
 
-def test_a_draining_worker_gives_back_what_it_held_ahead_at_once(
-    cluster: Cluster, tmp_path: Path
-):
+def test_a_draining_worker_gives_back_what_it_held_ahead_at_once(cluster: Cluster, tmp_path: Path):
     c, first, gate = busy_worker(cluster, tmp_path)
     marks = [tmp_path / "a", tmp_path / "b"]
     ids = [c.submit(marker(m)).jobs[0] for m in marks]
     wait_for(lambda: all(held_ahead(c, j, "w1") for j in ids), 10, what="two held ahead")
     cluster.procs["w1"].send_signal(signal.SIGTERM)
-    wait_for(
-        lambda: all(c.job(j).state == "available" for j in ids), 5, what="the jobs given back"
-    )
+    wait_for(lambda: all(c.job(j).state == "available" for j in ids), 5, what="the jobs given back")
     assert c.job(first).state == "running"  # the one it runs, it finishes
     cluster.start_worker("w2", cpus=1)
     gate.touch()
@@ -106,7 +100,7 @@ def test_a_draining_worker_gives_back_what_it_held_ahead_at_once(
 def test_an_admins_drain_has_the_worker_give_back_what_it_held_ahead(
     cluster: Cluster, tmp_path: Path
 ):
-    c, first, gate = busy_worker(cluster, tmp_path)
+    c, _first, gate = busy_worker(cluster, tmp_path)
     (second,) = c.submit(marker(tmp_path / "second")).jobs
     wait_for(lambda: held_ahead(c, second, "w1"), 10, what="the job held ahead")
     c.drain("w1")

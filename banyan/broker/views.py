@@ -298,8 +298,6 @@ def worker_info(
         "used_gpus": len(worker.used_gpus),
         "tags": worker.tags,
         "running": sorted(worker.running),
-        "ahead": sorted(worker.ahead),
-        "prefetch": worker.prefetch,
         "completed": worker.completed,
         "only_account": worker.only_account,
         "refused_accounts": dict(worker.refused),
@@ -307,6 +305,8 @@ def worker_info(
         "address": worker.address,
         "key": worker.key,
         "held": worker.held,
+        "ahead": sorted(worker.ahead),
+        "prefetch": worker.prefetch,
     }
 
 
