@@ -27,7 +27,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -446,15 +446,18 @@ class WorkerDaemon:
     def _give_back(self, key: Key, reason: str) -> None:
         self._send("returned", {"job": key[0], "token": key[1], "reason": reason})
 
-    def _room(self) -> tuple[float, int]:
-        """Free cpus and memory, by the sizes of the jobs this worker runs."""
+    def _room(self, freed: Collection[Key] = ()) -> tuple[float, int]:
+        """Free cpus and memory, by the sizes of the jobs this worker runs (but those in
+        `freed`, which have ended)."""
         cpus, memory = float(self.config.cpus), int(self.config.memory)
         for key in self.runner.running():
+            if key in freed:
+                continue
             c, m = self._sizes.get(key, (0.0, 0))
             cpus, memory = cpus - c, memory - m
         return cpus, memory
 
-    def _start_ahead(self, now: float) -> list[tuple[Key, int]]:
+    def _start_ahead(self, now: float, freed: Collection[Key] = ()) -> list[tuple[Key, int]]:
         """Start the jobs held ahead that the free room takes, in the order they came;
         returns those started with their pids (the caller reports them at once)."""
         if not self.ahead or self.draining:
@@ -463,7 +466,7 @@ class WorkerDaemon:
             # Cut off long enough that the broker may count it lost, and so have given these
             # back: they wait for the broker (registering again drops them).
             return []
-        cpus, memory = self._room()
+        cpus, memory = self._room(freed)
         started: list[tuple[Key, int]] = []
         for key, (a, environment) in list(self.ahead.items()):
             if a["cpus"] > cpus + 1e-9 or a["memory"] > memory:
@@ -524,10 +527,19 @@ class WorkerDaemon:
                 )
 
     def _report(self, now: float) -> None:
+        # Jobs held ahead start in the room that frees, as soon as a job's leader has exited
+        # (before its end is handled: its output tails, what it left behind), and before the
+        # results go: the last result names them (`then`), so the broker sees the room freed
+        # and taken at once.
+        freed = self.runner.exited(now) if self.ahead else []
+        first = self._start_ahead(now, freed) if freed else []
         ended = self.runner.poll(now)
-        # Jobs held ahead start in the room that frees, before the results go: the last
-        # result names them (`then`), so the broker sees the room freed and taken at once.
-        then = [key for key, _ in self._start_ahead(now)] if ended else []
+        then = [key for key, _ in first]
+        if ended:  # and room that a cancel or a time limit freed
+            then += [key for key, _ in self._start_ahead(now)]
+        else:  # cannot be (poll ends what exited by itself), but never leave a start untold
+            for (job, token), pid in first:
+                self._send("started", {"job": job, "token": token, "pid": pid, "age": 0.0})
         for i, done in enumerate(ended):
             self._result(done, now, then if i == len(ended) - 1 else [])
         self._report_started(now)

@@ -472,6 +472,16 @@ class Runner:
                 times.append(a.deadline)
         return min(times, default=None)
 
+    def exited(self, now: float) -> list[Key]:
+        """Attempts whose leader has exited by itself: their room is free for another job
+        now, before `poll` finishes them (kills what they left, reads their output tails)."""
+        self._reap(now)
+        return [
+            key
+            for key, a in self._jobs.items()
+            if a.info.pid is not None and a.exit is not None and a.kill_at is None
+        ]
+
     def poll(self, now: float) -> list[Finished]:
         self._reap(now)
         live = list(self._jobs.values())
