@@ -29,6 +29,7 @@ def runner(tmp_path: Path) -> Iterator[Runner]:
     r = Runner(tmp_path / "spool", [], cgroups=True)
     r.launcher = Launcher()  # whether or not moves are slow on this machine
     r.clone_into_cgroups = True
+    r.warm_moves = 0.0  # every job through the launcher, however soon after the last
     yield r
     r.shutdown_all(time.monotonic())
     wait_for(lambda: not r.poll(time.monotonic()) and not r.running(), 15)
@@ -78,6 +79,22 @@ def test_jobs_are_born_in_their_cgroup(runner: Runner) -> None:
     assert not runner.launcher.broken
     helper = runner.launcher._proc
     assert helper is not None and psutil.pid_exists(helper.pid)
+
+
+def test_a_start_soon_after_the_last_moves_itself_and_a_later_one_is_cloned(
+    runner: Runner,
+) -> None:
+    """Under a stream of short jobs a move is cheap (runner.WARM_MOVES): a job started within
+    `warm_moves` of the last moves itself into its cgroup; later, the launcher clones one."""
+    runner.warm_moves = 3600.0  # every start after the first counts as soon
+    check_born_in_cgroup(runner, 1)  # the first: through the launcher
+    assert runner.warm_starts == 0
+    check_born_in_cgroup(runner, 2)  # its shell moved itself in before running anything
+    check_born_in_cgroup(runner, 3)
+    assert runner.warm_starts == 2
+    runner.warm_moves = 0.0
+    check_born_in_cgroup(runner, 4)
+    assert runner.warm_starts == 2 and not runner.launcher.broken
 
 
 def test_a_dead_launcher_falls_back_to_joining(runner: Runner) -> None:
