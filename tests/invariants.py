@@ -284,14 +284,19 @@ def _check_matching(workers: list[Worker], jobs: dict[int, Job], eligible: dict[
             assert not w.fits(j.cpus, j.memory, j.gpus, j.tags), (
                 f"{w.name} claims and job {job_id} fits it, yet it was not assigned"
             )
-        for holder in workers:
-            if holder is w:
-                continue
-            for job_id in holder.ahead:
-                j = jobs[job_id]
-                assert job_id in holder.revoking or not w.fits(j.cpus, j.memory, j.gpus, j.tags), (
-                    f"{w.name} claims and job {job_id} fits it, yet {holder.name} holds it ahead"
-                )
+        # A job held ahead elsewhere that fits its room now is being asked back, or the room
+        # is spoken for by one that is (a claimer's room is filled one asked-back job at once).
+        fitting = [
+            (holder.name, job_id, job_id in holder.revoking)
+            for holder in workers
+            if holder is not w
+            for job_id in holder.ahead
+            if w.fits(jobs[job_id].cpus, jobs[job_id].memory, jobs[job_id].gpus, jobs[job_id].tags)
+        ]
+        held = [(name, job_id) for name, job_id, asked in fitting if not asked]
+        assert not held or any(asked for _, _, asked in fitting), (
+            f"{w.name} claims and {held} fit it, yet they are held ahead and none is asked back"
+        )
 
 
 @dataclass

@@ -193,3 +193,18 @@ def test_waiting_reason_of_a_job_held_ahead(h):
     busy(h, "w")
     with h.store.read() as tx:
         assert waiting_reason(h.job(b), list(tx.workers())) == "assigned to w, waiting for a slot"
+
+
+def test_a_job_held_ahead_is_dated_from_its_start_not_its_claim(h):
+    first, b = h.submit(spec(), spec())
+    got = busy(h, "w")
+    claimed = h.now
+    h.now += 60.0  # it waited a minute for the slot
+    h.do(
+        lambda c: c.result(
+            "w", first, got[0]["token"], "exited", 0, None, then=[(b, got[1]["token"])]
+        )
+    )
+    with h.store.read() as tx:
+        attempt = tx.get_attempt(b, 1)
+    assert attempt is not None and attempt.claimed == claimed and attempt.started == h.now

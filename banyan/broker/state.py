@@ -827,8 +827,9 @@ class Core:
         active: list[Worker] = []
         for worker in claimers:
             if worker.state != WorkerState.ACTIVE.value:
-                worker.wants = 0
-                self.tx.put_worker(worker)
+                if worker.wants:
+                    worker.wants = 0
+                    self.tx.put_worker(worker)
                 continue
             active.append(worker)
             if worker.cpus - worker.used_cpus < MIN_CPUS:  # every job asks for some cpu
@@ -847,7 +848,8 @@ class Core:
                     board = self._board()
                 assigned += self._send_assign(worker, self._fill_ahead(worker, board))
         if dry:
-            self._revoke_for(dry, active)
+            # From a draining worker too: its own give-back may not have reached the broker.
+            self._revoke_for(dry, [w for w in claimers if w.ahead and not w.gone])
         return assigned
 
     def _send_assign(self, worker: Worker, batch: list[dict[str, Any]]) -> int:
@@ -877,11 +879,11 @@ class Core:
             board.took(head)
         return batch
 
-    def _revoke_for(self, dry: list[Worker], active: list[Worker]) -> None:
+    def _revoke_for(self, dry: list[Worker], holding: list[Worker]) -> None:
         """Each claimer in `dry` has room that no eligible job fits: ask back, from the other
         workers, jobs held ahead that fit that room, as many as the room takes. The holder
         returns each it has not started (`returned`); one it started stays where it runs."""
-        holders = [w for w in active if len(w.ahead) > len(w.revoking)]
+        holders = [w for w in holding if len(w.ahead) > len(w.revoking)]
         if not holders:
             return
         for worker in dry:
@@ -1038,6 +1040,12 @@ class Core:
         worker.used_cpus += job.cpus
         worker.used_memory += job.memory
         self.wake = True  # room ahead for another
+        attempt = self.tx.get_attempt(job.id, job.attempts)
+        if attempt is not None and attempt.started is None:
+            # Told at once (a `started` report dates it more closely, if one follows): its
+            # time waiting for the slot is not charged to its owner (_charge).
+            attempt.started = self.now
+            self.tx.put_attempt(attempt)
 
     def returned(self, name: str, job_id: int, token: int, reason: str) -> None:
         """The worker gives back a job it held ahead and never started, nor will (it was asked
