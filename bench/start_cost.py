@@ -30,7 +30,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
 
 from banyan.worker import accounts
-from banyan.worker.runner import WARM_MOVES, Launch, Runner
+from banyan.worker.runner import STREAM_SPAN, WARM_MOVES, Launch, Runner
 from bench.common import Figure, Report, median, parser, repeated
 
 
@@ -90,6 +90,7 @@ def main() -> int:
                 # One job at a time, each starts soon after the last: the launcher's own cost
                 # is measured with none moving itself for that (runner.WARM_MOVES).
                 runner.warm_moves = 0.0 if way == "launcher" else WARM_MOVES
+                runner.stream_span = 0.0 if way == "launcher" else STREAM_SPAN
                 account = other if way == "as-account" else None
                 cpu, wall, jobs = run_jobs(runner, n, next(counter), account)
                 out[f"{way}_cpu_ms"], out[f"{way}_wall_ms"] = cpu, wall

@@ -38,7 +38,7 @@ import secrets
 import shlex
 import signal
 import stat
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -62,12 +62,16 @@ SPAWN_FAILED = 127  # the shell's "command not found": the job never ran
 # moves cost 0.2-0.8 ms with `favordynmods` (or a kernel that behaves so), 10-40 ms without.
 SLOW_MOVE = 0.003
 # A move is slow only after a quiet moment: the kernel's switch for cgroup moves waits for an
-# RCU grace period when it was idle, and stays on a little while after a move. Measured here
-# (2 vCPUs, Linux 6.18, no favordynmods; median of 15 moves after each gap): 0.08-0.10 ms
-# with 1-10 ms since the last move, 9.5-12 ms with 20-50 ms. So a job started within this
-# long of the last start moves itself (as where moves are cheap) even where the launcher is
-# used otherwise: under a stream of short jobs, its round trip costs more than the move.
-WARM_MOVES = 0.003
+# RCU grace period when it was idle, and stays on a little while after a move (a clone into a
+# cgroup does not keep it on). Measured here (2 vCPUs, Linux 6.18, no favordynmods; median of
+# 15 moves after each gap): 0.08-0.10 ms with 1-10 ms since the last move, 9.5-12 ms with
+# 20-50 ms. So where the launcher is used, a job started within WARM_MOVES of the last move
+# moves itself instead: under a stream of short jobs the launcher's round trip costs more than
+# the move. A stream is STREAM_STARTS starts within STREAM_SPAN; its first move may be slow,
+# and keeps the next ones cheap. Jobs that start less often (a 50 ms job on each of two slots)
+# never move, and never wait for a grace period.
+WARM_MOVES = 0.008
+STREAM_STARTS, STREAM_SPAN = 4, 0.010
 _OUTPUT_FIELD = re.compile(r"%%|%j|\{job\}|\{attempt\}|\{stream\}")
 _WRITE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
 # After a TERM, how soon to look again for survivors: quick for the usual prompt exit, then
@@ -280,8 +284,9 @@ class Runner:
         self._logs: OrderedDict[Key, tuple[str, str, int]] = OrderedDict()
         self._sweep_at: float | None = None
         self._last_sweep = -math.inf
-        self._last_start = -math.inf  # of a job into a cgroup (see WARM_MOVES)
-        self.warm_moves = WARM_MOVES
+        self._last_move = -math.inf  # when a job last moved itself into its cgroup
+        self._starts: deque[float] = deque(maxlen=STREAM_STARTS)  # when the last ones started
+        self.warm_moves, self.stream_span = WARM_MOVES, STREAM_SPAN
         self.warm_starts = 0  # jobs that moved themselves for it, for the curious
 
     @property
@@ -319,9 +324,14 @@ class Runner:
                 raise NotADirectoryError(f"working directory {cwd!r} does not exist")
             env = self._environment(launch, account, stem + ".progress", marker)
             cgroup = self.cgroups.create(launch.job, launch.token) if self.cgroups else None
-            warm = now - self._last_start < self.warm_moves
-            self._last_start = now
+            self._starts.append(now)
+            warm = now - self._last_move < self.warm_moves or (
+                len(self._starts) == STREAM_STARTS and now - self._starts[0] < self.stream_span
+            )
+            moved = self.warm_starts
             pid = self._spawn(launch, account, cwd, env, (out, err), cgroup, warm)
+            if self.warm_starts != moved:
+                self._last_move = now
         except ChildFailed as e:
             if e.pid > 0:
                 self._reap_pids[e.pid] = None
