@@ -1170,7 +1170,6 @@ class Core:
         if held is None:
             return
         job, attempt = held
-        self._started_ahead(name, job)
         if attempt.started is None and runtime is not None:
             attempt.started = max(attempt.claimed, self.now - runtime)
         attempt.ended, attempt.exit_code, attempt.signal = self.now, exit_code, signal
@@ -1178,6 +1177,8 @@ class Core:
         self._charge(job, attempt)
         job.exit_code, job.signal = exit_code, signal
         worker = self._worker(name)
+        if worker.ahead.get(job.id) == token:  # it ran one held ahead, its start untold
+            self._promote(worker, job)
         self._release(worker, job)
         worker.completed += 1
         self._settle_drain(worker)
