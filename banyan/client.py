@@ -169,6 +169,8 @@ class WorkerInfo:
     address: str = ""  # where it registered from, as the broker saw it
     key: str | None = None  # the worker key it registered with; None without keys
     held: bool = False  # drained by an admin: drained across its restarts until resumed
+    ahead: list[int] = field(default_factory=list)  # jobs held ahead, waiting for a slot
+    prefetch: int | None = None  # how many it may hold ahead; None: the broker's default
 
     @classmethod
     def of(cls, d: dict[str, Any]) -> WorkerInfo:

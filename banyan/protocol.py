@@ -1174,6 +1174,8 @@ _WORKER_TO_BROKER_SCHEMAS: Final[dict[str, Check]] = {
             "draining": (_bool, False),  # it is stopping (its own SIGTERM): assign nothing
             # Its spool directory: where status says a job's output files are.
             "spool": (_str(0, defaults.MAX_PATH, nul=False), ""),
+            # Jobs it may hold ahead, beyond its free room (SPEC §5); null: the broker's default.
+            "prefetch": (_int(0, defaults.MAX_PREFETCH, null=True), None),
         }
     ),
     # The worker's first SIGTERM or SIGINT (named in `reason`): claim nothing more for it.
@@ -1196,6 +1198,8 @@ _WORKER_TO_BROKER_SCHEMAS: Final[dict[str, Check]] = {
     "started": _record({**_JOB_TOKEN, "pid": (_INDEX, _REQUIRED), "age": (_DURATION, 0.0)}),
     # An assigned job this worker cannot run as its account, and did not start.
     "hand_back": _record({**_JOB_TOKEN, "reason": (_REASON, _REQUIRED)}),
+    # A job it held ahead and never started, nor will: asked back, cancelled, or it drains.
+    "returned": _record({**_JOB_TOKEN, "reason": (_REASON, _REQUIRED)}),
     "progress": _record(
         {
             **_JOB_TOKEN,
@@ -1214,6 +1218,8 @@ _WORKER_TO_BROKER_SCHEMAS: Final[dict[str, Check]] = {
             "stdout_tail": (_bytes(defaults.OUTPUT_TAIL_BYTES), b""),
             "stderr_tail": (_bytes(defaults.OUTPUT_TAIL_BYTES), b""),
             "runtime": (_num(0.0, 1e9, null=True), None),
+            # Jobs it held ahead and started in the room this one freed: [[job, token], ...].
+            "then": (_list(_row("[job, token]", _ID, _ID), defaults.MAX_PREFETCH), []),
         },
         _result_post,
     ),
@@ -1243,8 +1249,10 @@ _ASSIGNMENT = _record(
         "account": (_NAME, _REQUIRED),
         "environ": (_nullable(_str(1, 64)), None),
         "umask": (_UMASK, None),
-        # What the job reserved, for its environment (BANYAN_CPUS, BANYAN_MEMORY_MB).
-        "cpus": (_num(0.0, MAX_CPUS, above=True), float(defaults.CPUS)),
+        # What the job reserved: for its environment (BANYAN_CPUS, BANYAN_MEMORY_MB) and, held
+        # ahead (SPEC §5), to start it when a slot has room for `cpus` and `memory`.
+        "ahead": (_bool, False),
+        "cpus": (_num(0.0, MAX_CPUS), float(defaults.CPUS)),
         "memory": (_int(0, MAX_MEMORY), defaults.MEMORY_MIB),
     }
 )
@@ -1267,6 +1275,9 @@ _BROKER_TO_WORKER_SCHEMAS: Final[dict[str, Check]] = {
     # The broker writes this reason, sometimes from a dependency's; only the frame bounds it.
     "cancel": _record({**_JOB_TOKEN, "reason": (_str(0, _BIG), "")}),
     "kill_stale": _record(_JOB_TOKEN),
+    # Give back this job held ahead if it has not started (`returned`); if it has, say nothing
+    # more: its `started` went first, and it stays where it runs.
+    "revoke": _record(_JOB_TOKEN),
     "ack": _record(_JOB_TOKEN),
     "drain": _record({"resume": (_bool, False)}),
     "heartbeat": _record({}),

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import platform
+import shlex
 import shutil
 import signal
 import socket
@@ -270,7 +271,8 @@ class Cluster:
         argv += ["--client-port", str(self.client_port), "--worker-port", str(self.worker_port)]
         argv += ["--state-dir", str(self.state_dir), "--heartbeat", str(heartbeat)]
         argv += ["--log-level", "warning"] + (["--insecure"] if self.insecure else [])
-        argv += args
+        # Variants without editing a script: e.g. BANYAN_BENCH_BROKER_ARGS="--prefetch 0".
+        argv += [*args, *shlex.split(os.environ.get("BANYAN_BENCH_BROKER_ARGS", ""))]
         proc = self.spawn("broker", argv)
         if wait:
             self.wait_broker()

@@ -153,10 +153,19 @@ def check_store(tx: ReadTx, max_lost_requeues: int) -> dict[int, Job]:
 
 
 def _check_workers(tx: ReadTx, workers: list[Worker], jobs: dict[int, Job]) -> dict[int, str]:
-    """The resources each worker has in use are exactly those of the attempts it holds."""
+    """The resources each worker has in use are exactly those of the attempts it holds; the
+    jobs it holds ahead (claim-ahead, SPEC §5) are claimed under their tokens and hold none."""
     holders: dict[int, str] = {}
     claimers = set(tx.claimers())
     for w in workers:
+        for job_id, token in w.ahead.items():
+            assert job_id not in holders, f"job {job_id} held by {holders[job_id]} and {w.name}"
+            assert job_id not in w.running, (w.name, job_id)
+            holders[job_id] = w.name
+            job = jobs[job_id]
+            assert (job.worker, job.token) == (w.name, token), (w.name, job_id, token, job)
+            assert job.gpus == 0, f"job {job_id} asks for a gpu, yet it is held ahead"
+        assert set(w.revoking) <= set(w.ahead) and len(set(w.revoking)) == len(w.revoking), w
         gpu_ids: list[int] = []
         for job_id, token in w.running.items():
             assert job_id not in holders, f"job {job_id} held by {holders[job_id]} and {w.name}"
@@ -172,9 +181,12 @@ def _check_workers(tx: ReadTx, workers: list[Worker], jobs: dict[int, Job]) -> d
         assert sorted(w.used_gpus) == sorted(gpu_ids), (w.name, w.used_gpus, gpu_ids)
         assert len(set(gpu_ids)) == len(gpu_ids) and all(0 <= g < w.gpus for g in gpu_ids)
         assert w.used_cpus <= w.cpus + EPS and w.used_memory <= w.memory, w
-        if w.state == "lost":
-            assert not w.running and w.wants == 0, w
-        assert (w.name in claimers) == (w.wants > 0), f"claimers index of {w.name}"
+        if w.gone:  # what it held ahead went back to the queue with it
+            assert not w.running and not w.ahead and w.wants == 0, w
+        if w.state == "drained":
+            assert not w.ahead, w
+        listed = w.wants > 0 or bool(w.ahead)
+        assert (w.name in claimers) == listed, f"claimers index of {w.name}"
     return holders
 
 
@@ -187,7 +199,15 @@ def _check_job(
     max_lost_requeues: int,
 ) -> None:
     attempts = tx.attempts_of(job.id)
+    # A claim given back unstarted (hand_back, or a job held ahead returned) spends nothing:
+    # its record waits past `attempts` for the next claim to reuse.
+    unspent = attempts[job.attempts :]
+    attempts = attempts[: job.attempts]
     assert [a.number for a in attempts] == list(range(1, job.attempts + 1)), job.id
+    assert all(a.outcome != "returned" for a in attempts), f"job {job.id} spent a returned claim"
+    assert len(unspent) <= 1 and all(
+        a.outcome == "returned" and a.started is None and a.reason for a in unspent
+    ), (job.id, unspent)
     live = [a for a in attempts if a.ended is None]
     if job.st in LIVE:
         assert holders.get(job.id) == job.worker, (job.id, holders.get(job.id), job.worker)
@@ -253,7 +273,9 @@ def _check_group(tx: ReadTx, group: Group, jobs: dict[int, Job]) -> None:
 
 
 def _check_matching(workers: list[Worker], jobs: dict[int, Job], eligible: dict[int, Any]) -> None:
-    """A claim is answered as soon as a fitting eligible job exists (SPEC §5)."""
+    """A claim is answered as soon as a fitting eligible job exists (SPEC §5); and no job
+    is held ahead on one worker that fits another's claim now, unless it is being asked back
+    (claim-ahead never holds back a job that an idle worker could run)."""
     for w in workers:
         if w.wants <= 0 or w.state != "active":
             continue
@@ -262,6 +284,19 @@ def _check_matching(workers: list[Worker], jobs: dict[int, Job], eligible: dict[
             assert not w.fits(j.cpus, j.memory, j.gpus, j.tags), (
                 f"{w.name} claims and job {job_id} fits it, yet it was not assigned"
             )
+        # A job held ahead elsewhere that fits its room now is being asked back, or the room
+        # is spoken for by one that is (a claimer's room is filled one asked-back job at once).
+        fitting = [
+            (holder.name, job_id, job_id in holder.revoking)
+            for holder in workers
+            if holder is not w
+            for job_id in holder.ahead
+            if w.fits(jobs[job_id].cpus, jobs[job_id].memory, jobs[job_id].gpus, jobs[job_id].tags)
+        ]
+        held = [(name, job_id) for name, job_id, asked in fitting if not asked]
+        assert not held or any(asked for _, _, asked in fitting), (
+            f"{w.name} claims and {held} fit it, yet they are held ahead and none is asked back"
+        )
 
 
 @dataclass
@@ -326,6 +361,9 @@ class History:
         only the broker's loss of the worker ends one without a report."""
         for a in attempts:
             if a.ended is None:
+                continue
+            if a.outcome == "returned":  # given back unstarted: no report ends it
+                assert a.reason and a.started is None, a
                 continue
             if a.outcome == "lost":
                 assert a.reason, a

@@ -203,6 +203,13 @@ def test_login_path_follows_login_defs(tmp_path: Path) -> None:
     assert accounts.login_path(0, str(defs)) == "/sbin:/bin"
     assert accounts.login_path(1000, str(defs)) == "/usr/bin:/bin:/games"
     assert accounts.login_path(1000, str(tmp_path / "none")) == "/usr/local/bin:/usr/bin:/bin"
+    # Read once, and again when it changes.
+    defs.write_text("ENV_PATH PATH=/opt/bin:/usr/bin:/bin\n")
+    assert accounts.login_path(1000, str(defs)) == "/opt/bin:/usr/bin:/bin"
+    assert (
+        accounts.login_path(0, str(defs))
+        == "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    )
 
 
 def test_limits_conf_the_users_line_beats_the_groups_which_beats_everyones(

@@ -722,7 +722,7 @@ def test_workers_table_json_and_drain(cli: Runner, live: Cluster) -> None:
     # Every field docs/cli.md lists, and no other.
     documented = "name, host, state, cpus, memory, gpus, used_cpus, used_memory, used_gpus, "
     documented += "tags, running, completed, last_seen, only_account, refused_accounts, address, "
-    documented += "key, held"
+    documented += "key, held, ahead, prefetch"
     assert list(w) == documented.split(", ")
     assert w["only_account"] is None and w["refused_accounts"] == {}
     try:

@@ -15,7 +15,7 @@ import pytest
 
 from banyan.worker import cgroups, launcher
 from banyan.worker.launcher import Launcher
-from banyan.worker.runner import SLOW_MOVE, Finished, Launch, Runner
+from banyan.worker.runner import SLOW_MOVE, STREAM_STARTS, Finished, Launch, Runner
 from tests.cluster import need_cgroups, wait_for
 
 
@@ -29,6 +29,7 @@ def runner(tmp_path: Path) -> Iterator[Runner]:
     r = Runner(tmp_path / "spool", [], cgroups=True)
     r.launcher = Launcher()  # whether or not moves are slow on this machine
     r.clone_into_cgroups = True
+    r.warm_moves = r.stream_span = 0.0  # every job through the launcher, however soon
     yield r
     r.shutdown_all(time.monotonic())
     wait_for(lambda: not r.poll(time.monotonic()) and not r.running(), 15)
@@ -78,6 +79,24 @@ def test_jobs_are_born_in_their_cgroup(runner: Runner) -> None:
     assert not runner.launcher.broken
     helper = runner.launcher._proc
     assert helper is not None and psutil.pid_exists(helper.pid)
+
+
+def test_a_stream_of_starts_moves_itself_and_a_lone_start_is_cloned(runner: Runner) -> None:
+    """Under a stream of short jobs a move is cheap (runner.WARM_MOVES): once STREAM_STARTS
+    jobs have started within `stream_span`, a job moves itself into its cgroup, and so does
+    each one started within `warm_moves` of that move; otherwise the launcher clones it."""
+    runner.warm_moves = runner.stream_span = 3600.0  # every start counts as soon
+    for job in range(1, STREAM_STARTS):
+        check_born_in_cgroup(runner, job)  # not a stream yet: through the launcher
+    assert runner.warm_starts == 0
+    check_born_in_cgroup(runner, STREAM_STARTS)  # its shell moved itself in before anything
+    assert runner.warm_starts == 1
+    runner.stream_span = 0.0
+    check_born_in_cgroup(runner, 10)  # soon after that move
+    assert runner.warm_starts == 2
+    runner.warm_moves = 0.0
+    check_born_in_cgroup(runner, 11)  # neither a stream nor soon after a move
+    assert runner.warm_starts == 2 and not runner.launcher.broken
 
 
 def test_a_dead_launcher_falls_back_to_joining(runner: Runner) -> None:

@@ -200,6 +200,7 @@ EXAMPLES: dict[str, dict[str, dict[str, Any]]] = {
             "refused": {"root": "worker w1 does not run jobs as root"},
             "instance": "5f0c2a9e1b7d3c44",
             "draining": False,
+            "prefetch": 2,
         },
         "draining": {"reason": "SIGTERM"},
         "stopping": {},
@@ -207,6 +208,7 @@ EXAMPLES: dict[str, dict[str, dict[str, Any]]] = {
         "claim": {"max": 4},
         "started": {"job": 4, "token": 17, "pid": 5151},
         "hand_back": {"job": 4, "token": 17, "reason": "account bob does not exist on worker w1"},
+        "returned": {"job": 5, "token": 18, "reason": "asked back by the broker"},
         "progress": {
             "job": 4,
             "token": 17,
@@ -223,6 +225,7 @@ EXAMPLES: dict[str, dict[str, dict[str, Any]]] = {
             "signal": None,
             "stdout_tail": b"done\n",
             "stderr_tail": b"\xff\x00binary ok",
+            "then": [[5, 18]],
         },
         "log_chunk": {
             "request": 3,
@@ -251,12 +254,16 @@ EXAMPLES: dict[str, dict[str, dict[str, Any]]] = {
                     "account": "alice",
                     "environ": "0f" * 16,
                     "umask": None,
+                    "ahead": True,
+                    "cpus": 1.0,
+                    "memory": 0,
                 }
             ],
             "environments": {"0f" * 16: {"PATH": "/usr/bin:/bin"}},
         },
         "cancel": {"job": 4, "token": 17, "reason": "cancelled by alice"},
         "kill_stale": {"job": 4, "token": 16},
+        "revoke": {"job": 5, "token": 18},
         "ack": {"job": 4, "token": 17},
         "drain": {"resume": False},
         "heartbeat": {},
@@ -394,6 +401,7 @@ def test_worker_defaults() -> None:
         "stdout_tail": b"",
         "stderr_tail": b"",
         "runtime": None,
+        "then": [],
     }
     started = decode(encode("started", {"job": 1, "token": 2, "pid": 3}), WORKER_TO_BROKER)
     assert started.body["age"] == 0.0

@@ -5,7 +5,10 @@ The workers are simulated as the worker daemon behaves: they run what they are a
 by themselves or because of a cancel (and a cancel may lose the race with a job's own end), keep
 each result until it is acked and send it again, re-register after a partition or a broker
 restart listing what they still hold, and sometimes report on attempts they no longer hold (a
-process that outlived a partition, a worker that restarted). The broker's timer loses workers
+process that outlived a partition, a worker that restarted). They hold jobs ahead (claim-ahead,
+SPEC §5) as the daemon does: started, in order, when a job's end frees room for them (named in
+that result), given back when asked back, cancelled or drained, dropped when they register,
+never started while partitioned. The broker's timer loses workers
 with their jobs running; the broker itself restarts, reopening its store mid-run. A message
 settles only a couple of dependents itself and leaves the rest to the cascade (cascade.py),
 whose steps come between workers' messages and across restarts, as the server's slices do;
@@ -52,6 +55,9 @@ WORKERS: dict[str, tuple[tuple[float, int, int], list[str]]] = {
     "w1": ((2.0, 1000, 1), []),
     "w2": ((3.0, 1000, 2), ["ssd"]),
 }
+# How many jobs each holds ahead: the broker's default (PREFETCH), its own, or none.
+PREFETCH = 1
+PREFETCHES: dict[str, int | None] = {"w0": None, "w1": 2, "w2": 0}
 KINDS = ["after", "after_any", "after_fail"]
 CLAIM = defaults.MAX_CLAIM  # the daemon's standing claim, made once registered
 # `make test` runs EXAMPLES runs of up to STEPS steps (about 70 s on two busy cores). Longer
@@ -71,6 +77,7 @@ class Proc:
 
     ended: tuple[str, int | None] | None = None  # (outcome, exit code) once over, until acked
     cancel: bool = False  # the broker asked to cancel it
+    size: tuple[float, int] = (0.0, 0)  # cpus and memory it takes
 
 
 @dataclass
@@ -81,9 +88,27 @@ class SimWorker:
     session: bool = False  # the broker holds a live session for it
     procs: dict[tuple[int, int], Proc] = field(default_factory=dict)
     seen: list[tuple[int, int]] = field(default_factory=list)  # every attempt ever assigned
+    # Jobs held ahead, in the order they came, with their (cpus, memory).
+    ahead: dict[tuple[int, int], tuple[float, int]] = field(default_factory=dict)
 
     def running(self) -> list[tuple[int, int]]:
         return [k for k, p in self.procs.items() if p.ended is None]
+
+    def start_ahead(self) -> list[tuple[int, int]]:
+        """Start, in order, the jobs held ahead that its free room takes (as the daemon)."""
+        if not self.session:  # partitioned: it may have been lost, with them given back
+            return []
+        cpus = self.capacity[0] - sum(self.procs[k].size[0] for k in self.running())
+        memory = self.capacity[1] - sum(self.procs[k].size[1] for k in self.running())
+        started: list[tuple[int, int]] = []
+        for key, (c, m) in list(self.ahead.items()):
+            if c > cpus + 1e-9 or m > memory:
+                break
+            del self.ahead[key]
+            self.procs[key] = Proc(size=(c, m))
+            cpus, memory = cpus - c, memory - m
+            started.append(key)
+        return started
 
     def unacked(self) -> list[tuple[int, int]]:
         return [k for k, p in self.procs.items() if p.ended is not None]
@@ -91,7 +116,7 @@ class SimWorker:
     def stale(self) -> list[tuple[int, int]]:
         """Attempts it no longer holds; first those of jobs it holds again under a new token,
         where a report that slipped past the fence would do the most harm."""
-        gone = [k for k in self.seen if k not in self.procs]
+        gone = [k for k in self.seen if k not in self.procs and k not in self.ahead]
         again = {j for j, _ in self.procs}
         return sorted(gone, key=lambda k: k[0] not in again)
 
@@ -100,7 +125,7 @@ class Cluster(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.dir = Path(tempfile.mkdtemp(prefix="banyan-prop-"))
-        self.h = Harness(self.dir / "store", Config(cascade_jobs=CASCADE_JOBS))
+        self.h = Harness(self.dir / "store", Config(cascade_jobs=CASCADE_JOBS, prefetch=PREFETCH))
         self.h.per_step = PER_STEP
         self.h.settle = False  # the cascade's steps are rules of their own
         self.history = History(self.h.config.max_lost_requeues)
@@ -108,6 +133,8 @@ class Cluster(RuleBasedStateMachine):
         self.groups: list[str] = []
         self.keys: dict[str, tuple[dict[str, Any], list[Any], list[Any]]] = {}
         self.gone_seen: dict[str, float] = {}  # last_seen of each worker while it is gone
+        self.started: set[int] = set()  # every token a worker started
+        self.unfenced: set[int] = set()  # tokens held ahead by a worker when it was lost
         for w in self.workers.values():
             self._register(w)
 
@@ -144,12 +171,15 @@ class Cluster(RuleBasedStateMachine):
         self._deliver()
 
     def _deliver(self) -> None:
-        """Send what the commit decided; a worker without a session gets nothing."""
+        """Send what the commit decided; a worker without a session gets nothing. What the
+        workers answer (jobs held ahead given back or started) goes once all are delivered."""
+        answers: list[Callable[[], None]] = []
         for effect in self.h.take():
             w = self.workers[effect.worker]
             if not w.session:
                 continue
             b = effect.body
+            key = (b.get("job", 0), b.get("token", 0))
             if effect.type == "assign":
                 for a in b["jobs"]:
                     key = (a["job"], a["token"])
@@ -157,38 +187,81 @@ class Cluster(RuleBasedStateMachine):
                     assert (job.state, job.token, job.worker) == ("running", key[1], w.name), (
                         f"assigned {key} to {w.name} but the store says {job}"
                     )
-                    assert key not in w.procs
-                    w.procs[key] = Proc()
+                    assert key not in w.procs and key not in w.ahead
+                    if a["ahead"]:
+                        w.ahead[key] = (a["cpus"], a["memory"])
+                    else:
+                        w.procs[key] = Proc(size=(a["cpus"], a["memory"]))
+                        self.started.add(key[1])
                     w.seen.append(key)
+                answers.append(functools.partial(self._start_ahead, w))
+            elif effect.type in ("revoke", "cancel") and key in w.ahead:
+                del w.ahead[key]
+                answers.append(functools.partial(self._give_back, w, key, effect.type))
+            elif effect.type == "revoke":
+                pass  # started already: its report went first, and it runs here
+            elif effect.type == "drain" and not b["resume"]:
+                for held in list(w.ahead):
+                    del w.ahead[held]
+                    answers.append(functools.partial(self._give_back, w, held, "drain"))
             elif effect.type == "cancel":
                 proc = w.procs.get((b["job"], b["token"]))
                 if proc is not None and proc.ended is None:
                     proc.cancel = True
             elif effect.type == "kill_stale":
+                w.ahead.pop(key, None)
                 w.procs.pop((b["job"], b["token"]), None)
             elif effect.type == "ack":
                 proc = w.procs.get((b["job"], b["token"]))
                 assert proc is None or proc.ended is not None, f"ack of a running {b}"
                 w.procs.pop((b["job"], b["token"]), None)
+        for answer in answers:
+            answer()
+
+    def _start_ahead(self, w: SimWorker) -> None:
+        """Jobs held ahead that fit the room it has now start, each reported at once."""
+        for job, token in w.start_ahead():
+            self.started.add(token)
+            self._from_worker(
+                w, functools.partial(Core.started, name=w.name, job_id=job, token=token)
+            )
+
+    def _give_back(self, w: SimWorker, key: tuple[int, int], why: str) -> None:
+        job, token = key
+        assert token not in self.started
+        self._from_worker(w, lambda c: c.returned(w.name, job, token, why), wake=True)
 
     def _register(self, w: SimWorker) -> None:
-        """Connect and list what it holds; then, as the daemon does once registered, send
-        again every result not yet acked, and claim."""
+        """Connect and list what it holds, dropping what it held ahead (the broker takes it
+        back); then, as the daemon does once registered, send again every result not yet
+        acked, and claim."""
         held = sorted(w.procs)
+        w.ahead.clear()
         w.session = True
         self.h.now += 1.0
-        self.h.do(lambda c: c.register(w.name, "host-" + w.name, w.capacity, w.tags, held))
+        prefetch = PREFETCHES[w.name]
+        self.h.do(
+            lambda c: c.register(
+                w.name, "host-" + w.name, w.capacity, w.tags, held, prefetch=prefetch
+            )
+        )
         self._deliver()
         for key in w.unacked():
             self._result(w, key)
         self._from_worker(w, lambda c: c.claim(w.name, CLAIM))
 
-    def _result(self, w: SimWorker, key: tuple[int, int]) -> None:
+    def _result(
+        self, w: SimWorker, key: tuple[int, int], then: list[tuple[int, int]] | None = None
+    ) -> None:
         proc = w.procs.get(key)
         outcome, code = proc.ended if proc is not None and proc.ended else self.history.sent[key[1]]
         job, token = key
+        nxt = then or []
+        self.started.update(t for _, t in nxt)
         self._from_worker(
-            w, lambda c: c.result(w.name, job, token, outcome, code, None, ("o", "e")), wake=True
+            w,
+            lambda c: c.result(w.name, job, token, outcome, code, None, ("o", "e"), None, nxt),
+            wake=True,
         )
 
     def _job(self, job_id: int) -> Job:
@@ -422,7 +495,7 @@ class Cluster(RuleBasedStateMachine):
         else:  # mostly success; last, the worker's own cold stop
             ends += [("exited", 0), ("timeout", None), ("exited", 0), ("cancelled", None)]
         proc.ended = self.history.report(key[1], *data.draw(st.sampled_from(ends)))
-        self._result(w, key)
+        self._result(w, key, w.start_ahead())  # what it held ahead starts in the room freed
 
     @rule(data=st.data())
     def report(self, data: st.DataObject) -> None:
@@ -449,11 +522,15 @@ class Cluster(RuleBasedStateMachine):
         elif kind == "progress":
             self._from_worker(w, lambda c: c.started(w.name, job, token, 0.2))
             self._from_worker(w, lambda c: c.progress(w.name, job, token, 10.0, "a tenth"))
-        elif data.draw(st.sampled_from(["result", "result", "progress"])) == "result":
+        elif (what := data.draw(st.sampled_from(["result", "result", "progress", "returned"]))) == (
+            "result"
+        ):
             end = data.draw(st.sampled_from([("exited", 0), ("exited", 1), ("timeout", None)]))
             outcome, code = self.history.report(token, *end)
             report = lambda c: c.result(w.name, job, token, outcome, code, None)  # noqa: E731
             self._from_worker(w, report, wake=True)
+        elif what == "returned":  # a give-back that crossed its job's new claim on the wire
+            self._from_worker(w, lambda c: c.returned(w.name, job, token, "late"), wake=True)
         else:
             self._from_worker(w, lambda c: c.progress(w.name, job, token, 50.0, "half"))
 
@@ -476,12 +553,24 @@ class Cluster(RuleBasedStateMachine):
         self._deliver()
 
     @rule(data=st.data())
+    def sigterm(self, data: st.DataObject) -> None:
+        """Its first SIGTERM: it drops what it held ahead and tells the broker it drains."""
+        w = data.draw(st.sampled_from(list(self.workers.values())))
+        if w.session:
+            w.ahead.clear()
+        self._from_worker(w, lambda c: c.draining(w.name))
+
+    @rule(data=st.data())
     def lose(self, data: st.DataObject) -> None:
         """The broker hears nothing from it for the liveness window; its jobs run on. It last
         heard from it a while ago, or (after a restart) never."""
         name = data.draw(st.sampled_from(sorted(WORKERS)))
         self.h.now += 1.0
         heard = data.draw(st.sampled_from([None, self.h.now - 5.0, self.h.now - 0.5]))
+        # What it held ahead goes back unfenced, as its running jobs do: a start the broker
+        # never heard of (its report lost with a broker that crashed) may run again elsewhere.
+        record = self._read(lambda tx: tx.get_worker(name))
+        self.unfenced.update(record.ahead.values())
         self.h.do(lambda c: c.worker_lost(name, f"worker {name} silent", heard))
         self.workers[name].session = False
         self._deliver()
@@ -511,9 +600,17 @@ class Cluster(RuleBasedStateMachine):
     @rule(data=st.data())
     def restart_broker(self, data: st.DataObject) -> None:
         """The broker stops, or crashes between a turn's commit and its sends: a claim's
-        assignment or a result's ack is durable but never reaches the worker."""
+        assignment or a result's ack is durable but never reaches the worker; or before it
+        reads a result, and with it the start of jobs held ahead in the room it freed."""
         connected = [w for w in self.workers.values() if w.session]
-        if data.draw(st.booleans()) and connected:
+        ending = [w for w in connected if w.running() and w.ahead]
+        unread: bool = data.draw(st.booleans())
+        if ending and unread:
+            w = data.draw(st.sampled_from(ending))
+            key = data.draw(st.sampled_from(w.running()))
+            w.procs[key].ended = self.history.report(key[1], "exited", 0)
+            self.started.update(t for _, t in w.start_ahead())
+        elif data.draw(st.booleans()) and connected:
             w = data.draw(st.sampled_from(connected))
             running = w.running()
             result: bool = data.draw(st.booleans())
@@ -558,9 +655,17 @@ class Cluster(RuleBasedStateMachine):
                     assert w.session or w.name not in self.gone_seen, f"{record} came back"
                     self.gone_seen.pop(w.name, None)
                 if w.session:
-                    # The broker's view of what a connected worker runs is the worker's own.
+                    # The broker's view of what a connected worker runs is the worker's own,
+                    # and so is its view of what it holds ahead.
                     assert set(record.running.items()) <= set(w.procs), (w, record.running)
                     assert set(w.running()) <= set(record.running.items()), (w, record.running)
+                    assert set(record.ahead.items()) == set(w.ahead), (w, record.ahead)
+                assert not set(w.ahead) & set(w.procs), w
+            # The fence: no job given back unstarted had started, so none runs twice.
+            for job_id in range(1, tx.next_job_id()):
+                for a in tx.attempts_of(job_id):
+                    if a.outcome == "returned" and a.token not in self.unfenced:
+                        assert a.token not in self.started, f"{a} started, yet given back"
 
     def teardown(self) -> None:
         try:

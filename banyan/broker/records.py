@@ -281,6 +281,12 @@ class Worker(Record):
     key: str | None = None  # None: the broker runs without keys
     spool: str = ""  # its spool directory, as it registered ("": not known)
     instance: str = ""  # the worker process that registered last (its register's `instance`)
+    # Claim-ahead (SPEC §5): jobs assigned beyond its free room, not yet started there (job id
+    # -> token). They hold none of its resources until it says it started one. `revoking`: those
+    # the broker asked back, until the worker returns them or says it started them.
+    ahead: dict[int, int] = field(default_factory=dict)
+    revoking: list[int] = field(default_factory=list)
+    prefetch: int | None = None  # how many it may hold ahead; None: the broker's default
 
     @property
     def gone(self) -> bool:

@@ -978,6 +978,7 @@ class Broker:
                 key=key,
                 spool=body.get("spool", ""),
                 instance=instance,
+                prefetch=body.get("prefetch"),
             ),
         )
 
@@ -1266,6 +1267,8 @@ def _worker_report(core: Core, name: str, msg: protocol.Message) -> None:
         core.started(name, b["job"], b["token"], b["age"])
     elif msg.type == "hand_back":
         core.hand_back(name, b["job"], b["token"], b["reason"])
+    elif msg.type == "returned":
+        core.returned(name, b["job"], b["token"], b["reason"])
     elif msg.type == "progress":
         core.progress(
             name, b["job"], b["token"], b["percent"], b["message"], (b["cpu_percent"], b["rss"])
@@ -1281,6 +1284,7 @@ def _worker_report(core: Core, name: str, msg: protocol.Message) -> None:
             b["signal"],
             tails,
             b["runtime"],
+            [(int(j), int(t)) for j, t in b.get("then", ())],
         )
         core.wake = True  # its resources are free again for its standing claim
 

@@ -137,6 +137,9 @@ class Config:
     # The broker's own Unix account, told to workers: a root worker runs no job as it, as it
     # runs none as root, since such a job could read the broker's keys and state (SPEC §6).
     account: str | None = None
+    # Claim-ahead (SPEC §5): how many jobs a worker may hold beyond its free room unless it
+    # says otherwise when it registers. 0: none.
+    prefetch: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -754,15 +757,19 @@ class Core:
         key: str | None = None,
         spool: str = "",
         instance: str = "",
+        prefetch: int | None = None,
     ) -> Worker:
         """A worker (re)connects and lists the attempts it holds (SPEC §5), and whose jobs it
         runs (SPEC §6). One that is stopping (`draining`), or that an admin drained, comes
-        back draining. `address` and `key` say where from and with which worker key.
+        back draining. `address` and `key` say where from and with which worker key;
+        `prefetch`, how many jobs it may hold ahead (None: the broker's default).
 
         An attempt it does not list was lost with the worker process if that process is new;
         if it is the same process (`instance`), the assignment never reached it (the broker
         stopped between recording and sending it, or the connection it went on was gone),
-        and the job is queued again as if never claimed."""
+        and the job is queued again as if never claimed. A job it held ahead and lists as
+        running, it started; one it does not list it never started (a worker drops what it
+        holds ahead when it registers): it goes back to the queue spending no attempt."""
         worker = self.tx.get_worker(name)
         cpus, memory, gpus = capacity
         if worker is None:
@@ -771,6 +778,7 @@ class Core:
         worker.tags, worker.spool = list(tags), spool
         worker.only_account, worker.refused = runs.only_account, dict(runs.refused)
         worker.address, worker.key = address, key
+        worker.prefetch = prefetch
         worker.registered = worker.last_seen = self.now
         worker.wants = 0
         if draining or worker.held:
@@ -781,6 +789,12 @@ class Core:
         listed = dict(running)
         same = bool(instance) and instance == worker.instance
         worker.instance = instance
+        for job_id, token in list(worker.ahead.items()):
+            job = self._load(job_id)
+            if listed.get(job_id) == token:
+                self._promote(worker, job)
+            else:
+                self._unclaim(worker, job, f"worker {name} registered again without starting it")
         for job_id, token in list(worker.running.items()):
             if listed.get(job_id) == token:
                 continue
@@ -826,6 +840,9 @@ class Core:
         """Usage of held attempts; resend lost cancels; fence attempts that are not its own."""
         worker = self._worker(name)
         for job_id, token, cpu, rss in running:
+            if worker.ahead.get(job_id) == token:  # its `started` was lost on the way
+                self._promote(worker, self._load(job_id))
+                self.tx.put_worker(worker)
             if worker.running.get(job_id) != token:
                 if self._already_reported(name, job_id, token):
                     # Its result is stored; the ack crossed this heartbeat on the wire.
@@ -872,22 +889,100 @@ class Core:
         claimers.sort(key=lambda w: (w.used_cpus / w.cpus if w.cpus else 1.0, w.name))
         board: Board | None = None
         assigned = 0
+        dry: list[Worker] = []  # claimers with room that no eligible job fits
+        active: list[Worker] = []
         for worker in claimers:
             if worker.state != WorkerState.ACTIVE.value:
-                worker.wants = 0
-                self.tx.put_worker(worker)
+                if worker.wants:
+                    worker.wants = 0
+                    self.tx.put_worker(worker)
                 continue
+            active.append(worker)
             if worker.cpus - worker.used_cpus < MIN_CPUS:  # every job asks for some cpu
                 continue
             if board is None:  # read once, only when some claimer has room
                 board = self._board()
             batch = self._fill(worker, board)
-            if batch:
-                self.tx.put_worker(worker)
-                for body in owners.assignments(self.tx, batch):
-                    self.effects.append(Effect(worker.name, "assign", body))
-                assigned += len(batch)
+            assigned += self._send_assign(worker, batch)
+            if worker.wants > 0 and worker.cpus - worker.used_cpus >= MIN_CPUS:
+                dry.append(worker)
+        # Claim-ahead (SPEC §5): what is still eligible now fits no claimer's free room, so a
+        # job held ahead is never one an idle worker could run now.
+        for worker in active:
+            if worker.wants > 0 and len(worker.ahead) < self._prefetch(worker):
+                if board is None:
+                    board = self._board()
+                assigned += self._send_assign(worker, self._fill_ahead(worker, board))
+        if dry:
+            # From a draining worker too: its own give-back may not have reached the broker.
+            self._revoke_for(dry, [w for w in claimers if w.ahead and not w.gone])
         return assigned
+
+    def _send_assign(self, worker: Worker, batch: list[dict[str, Any]]) -> int:
+        if batch:
+            self.tx.put_worker(worker)
+            for body in owners.assignments(self.tx, batch):
+                self.effects.append(Effect(worker.name, "assign", body))
+        return len(batch)
+
+    def _prefetch(self, worker: Worker) -> int:
+        return self.config.prefetch if worker.prefetch is None else worker.prefetch
+
+    def _fill_ahead(self, worker: Worker, board: Board) -> list[dict[str, Any]]:
+        """Assign `worker` jobs beyond its free room, up to its prefetch, best first: each
+        fits the worker whole, asks for no gpu (which gpu is free is known only at its
+        start), and waits there for a slot."""
+        runs = owners.filter_for(worker, self.tx)
+        refused = None if runs is None else (lambda job_id: not runs(job_id))
+        whole = (worker.cpus, worker.memory, 0)
+        batch: list[dict[str, Any]] = []
+        limit = self._prefetch(worker)
+        while worker.wants > 0 and len(worker.ahead) < limit:
+            head = board.pick(whole, worker.tags, refused, self.held)
+            if head is None:
+                break
+            batch.append(self._assign(worker, head.job, ahead=True))
+            board.took(head)
+        return batch
+
+    def _revoke_for(self, dry: list[Worker], holding: list[Worker]) -> None:
+        """Each claimer in `dry` has room that no eligible job fits: ask back, from the other
+        workers, jobs held ahead that fit that room, as many as the room takes. The holder
+        returns each it has not started (`returned`); one it started stays where it runs."""
+        holders = [w for w in holding if len(w.ahead) > len(w.revoking)]
+        if not holders:
+            return
+        for worker in dry:
+            runs = owners.filter_for(worker, self.tx)
+            room = [
+                worker.cpus - worker.used_cpus,
+                worker.memory - worker.used_memory,
+                worker.gpus - len(worker.used_gpus),
+            ]
+            for holder in holders:
+                if holder is worker:
+                    continue
+                for job_id in list(holder.ahead):
+                    if room[0] < MIN_CPUS:
+                        break
+                    if job_id in holder.revoking or (self.held and self.held(job_id)):
+                        continue
+                    job = self._load(job_id)
+                    if (
+                        job.cpus > room[0] + 1e-9
+                        or job.memory > room[1]
+                        or job.gpus > room[2]
+                        or not all(t in worker.tags for t in job.tags)
+                        or (runs is not None and not runs(job_id))
+                    ):
+                        continue
+                    room[0] -= job.cpus
+                    room[1] -= job.memory
+                    holder.revoking.append(job_id)
+                    self.tx.put_worker(holder)
+                    self.effects.append(
+                        Effect(holder.name, "revoke", {"job": job_id, "token": job.token})
+                    )
 
     def _board(self) -> Board:
         heads = self.tx.queue_heads()
@@ -925,7 +1020,9 @@ class Core:
             board.took(head)
         return batch
 
-    def _assign(self, worker: Worker, job_id: int) -> dict[str, Any]:
+    def _assign(self, worker: Worker, job_id: int, ahead: bool = False) -> dict[str, Any]:
+        """Open an attempt of the job on `worker`: to run now in its free room, or (`ahead`)
+        to wait there for a slot, holding none of its resources until it starts."""
         job = self._load(job_id)
         token = self.tx.next_id("token")
         gpu_ids = [i for i in range(worker.gpus) if i not in worker.used_gpus][: job.gpus]
@@ -933,11 +1030,15 @@ class Core:
         job.token, job.worker = token, worker.name
         job.progress = job.progress_message = None
         self.tx.put_attempt(Attempt(job.id, job.attempts, token, worker.name, self.now, gpu_ids))
-        self._move(job, S.RUNNING, f"claimed by {worker.name}")
-        worker.used_cpus += job.cpus
-        worker.used_memory += job.memory
-        worker.used_gpus = sorted(worker.used_gpus + gpu_ids)
-        worker.running[job.id] = token
+        if ahead:
+            self._move(job, S.RUNNING, f"assigned to {worker.name}, waiting for a slot")
+            worker.ahead[job.id] = token
+        else:
+            self._move(job, S.RUNNING, f"claimed by {worker.name}")
+            worker.used_cpus += job.cpus
+            worker.used_memory += job.memory
+            worker.used_gpus = sorted(worker.used_gpus + gpu_ids)
+            worker.running[job.id] = token
         worker.wants -= 1
         return {
             "job": job.id,
@@ -953,6 +1054,7 @@ class Core:
             "account": job.runs_as,
             "environ": job.environ,
             "umask": job.umask,
+            "ahead": ahead,
             "cpus": job.cpus,
             "memory": job.memory,
         }
@@ -983,11 +1085,72 @@ class Core:
         held = self._held(name, job_id, token)
         if held is not None:
             job, attempt = held
+            self._started_ahead(name, job)
             attempt.started = max(attempt.claimed, self.now - age)
             self.tx.put_attempt(attempt)
             if job.started is None:  # a job started when its first process did, not its claim
                 job.started = attempt.started
                 self.tx.put_job(job)
+
+    def _started_ahead(self, name: str, job: Job) -> None:
+        """If `name` held the job ahead, it started it: it now holds the job's resources."""
+        worker = self._worker(name)
+        if worker.ahead.get(job.id) == job.token:
+            self._promote(worker, job)
+            self.tx.put_worker(worker)
+
+    def _promote(self, worker: Worker, job: Job) -> None:
+        """A job held ahead started in a slot that freed. Its gpus: none (see _fill_ahead)."""
+        token = worker.ahead.pop(job.id)
+        if job.id in worker.revoking:  # asked back too late: it stays where it started
+            worker.revoking.remove(job.id)
+        worker.running[job.id] = token
+        worker.used_cpus += job.cpus
+        worker.used_memory += job.memory
+        self.wake = True  # room ahead for another
+        attempt = self.tx.get_attempt(job.id, job.attempts)
+        if attempt is not None and attempt.started is None:
+            # Told at once (a `started` report dates it more closely, if one follows): its
+            # time waiting for the slot is not charged to its owner (_charge).
+            attempt.started = self.now
+            self.tx.put_attempt(attempt)
+
+    def returned(self, name: str, job_id: int, token: int, reason: str) -> None:
+        """The worker gives back a job it held ahead and never started, nor will (it was asked
+        back, cancelled, or the worker drains): queued again spending no attempt, or, if a
+        cancel is pending, cancelled. A job it no longer holds ahead (it started it, or it was
+        given back already) is left as it is: the holder's word is the fence."""
+        worker = self._worker(name)
+        if worker.ahead.get(job_id) != token:
+            return
+        self._unclaim(worker, self._load(job_id), reason)
+        self._settle_drain(worker)
+        self.tx.put_worker(worker)
+
+    def _unclaim(self, worker: Worker, job: Job, reason: str) -> None:
+        """Undo the claim of a job `worker` held ahead and never started."""
+        del worker.ahead[job.id]
+        if job.id in worker.revoking:
+            worker.revoking.remove(job.id)
+        attempt = self.tx.get_attempt(job.id, job.attempts)
+        if attempt is not None:
+            attempt.ended, attempt.reason = self.now, reason
+            attempt.outcome = Outcome.RETURNED.value
+            self.tx.put_attempt(attempt)
+        self._forget_claim(job, reason)
+
+    def _forget_claim(self, job: Job, reason: str) -> None:
+        """The job's attempt never ran: the next claim reuses its number (and record)."""
+        job.attempts -= 1
+        job.token = job.worker = None
+        if job.attempts == 0:
+            job.started = None
+        self.wake = True
+        if job.st == S.PENDING_CANCELLATION:
+            self._move(job, S.CANCELLED, job.cancel_reason)
+            self._ended(job)
+        else:
+            self._move(job, S.AVAILABLE, reason)
 
     def hand_back(self, name: str, job_id: int, token: int, reason: str) -> None:
         """The worker cannot run the attempt's Unix account, and never started it (SPEC §6):
@@ -998,13 +1161,17 @@ class Core:
             return
         job, attempt = held
         worker = self._worker(name)
-        self._release(worker, job)
+        if worker.ahead.pop(job.id, None) is not None:  # held ahead: it held no resources
+            if job.id in worker.revoking:
+                worker.revoking.remove(job.id)
+        else:
+            self._release(worker, job)
         owners.refuse(worker, job.runs_as, reason)
         if worker.state == WorkerState.ACTIVE.value:
             worker.wants += 1  # the slot it was given is free for another job
         self._settle_drain(worker)
         self.tx.put_worker(worker)
-        self._unclaim(job, attempt, reason)
+        self._undo_claim(job, attempt, reason)
 
     def _unsent(self, worker: Worker, job_id: int, token: int) -> None:
         """The live attempt `(job_id, token)` never reached `worker`: nothing ran, nothing is
@@ -1016,22 +1183,16 @@ class Core:
             self._lose_attempt(worker, job_id, token, f"worker {worker.name} does not hold it")
             return
         worker.running.pop(job_id, None)
-        self._unclaim(job, attempt, f"the assignment never reached worker {worker.name}")
+        self._undo_claim(job, attempt, f"the assignment never reached worker {worker.name}")
 
-    def _unclaim(self, job: Job, attempt: Attempt, reason: str) -> None:
+    def _undo_claim(self, job: Job, attempt: Attempt, reason: str) -> None:
         """Undo a claim whose attempt never started: the job is queued again (or, if it was
         being cancelled, cancelled) spending no attempt; its next claim reuses the attempt's
         number and record."""
         self.wake = True
         attempt.ended, attempt.outcome, attempt.reason = self.now, Outcome.RETURNED.value, reason
         self.tx.put_attempt(attempt)
-        job.attempts -= 1
-        job.token = job.worker = None
-        if job.st == S.PENDING_CANCELLATION:
-            self._move(job, S.CANCELLED, job.cancel_reason)
-            self._ended(job)
-        else:
-            self._move(job, S.AVAILABLE, reason)
+        self._forget_claim(job, reason)
 
     def progress(
         self,
@@ -1063,10 +1224,30 @@ class Core:
         signal: int | None,
         tails: tuple[str, str] = ("", ""),
         runtime: float | None = None,
+        then: Sequence[tuple[int, int]] = (),
     ) -> None:
         """An attempt ended on the worker. Idempotent per token: a repeat is acked again.
 
-        A job that ended before its `started` report was due has only `runtime` to date it."""
+        A job that ended before its `started` report was due has only `runtime` to date it.
+        `then`: jobs it held ahead and started in the room this one freed (one report, so the
+        broker never sees that room both free and taken)."""
+        self._result(name, job_id, token, outcome, exit_code, signal, tails, runtime)
+        for next_id, next_token in then:
+            held = self._held(name, next_id, next_token)
+            if held is not None:
+                self._started_ahead(name, held[0])
+
+    def _result(
+        self,
+        name: str,
+        job_id: int,
+        token: int,
+        outcome: str,
+        exit_code: int | None,
+        signal: int | None,
+        tails: tuple[str, str],
+        runtime: float | None,
+    ) -> None:
         ack = Effect(name, "ack", {"job": job_id, "token": token})
         if self._already_reported(name, job_id, token):
             self.effects.append(ack)
@@ -1089,6 +1270,8 @@ class Core:
         self._charge(job, attempt)
         job.exit_code, job.signal = exit_code, signal
         worker = self._worker(name)
+        if worker.ahead.get(job.id) == token:  # it ran one held ahead, its start untold
+            self._promote(worker, job)
         self._release(worker, job)
         worker.completed += 1
         self._settle_drain(worker)
@@ -1160,7 +1343,7 @@ class Core:
             worker.used_gpus = [g for g in worker.used_gpus if g not in attempt.gpu_ids]
 
     def _settle_drain(self, worker: Worker) -> None:
-        if worker.state == WorkerState.DRAINING.value and not worker.running:
+        if worker.state == WorkerState.DRAINING.value and not worker.running and not worker.ahead:
             worker.state = WorkerState.DRAINED.value
 
     def drain(self, actor: Actor, name: str, resume: bool) -> Worker:
@@ -1216,6 +1399,9 @@ class Core:
         if worker.state == WorkerState.ACTIVE.value:
             worker.state = WorkerState.DRAINING.value
         worker.wants = 0
+        # It dropped what it held ahead before it said so, and reported what it had started.
+        for job_id in list(worker.ahead):
+            self._unclaim(worker, self._load(job_id), f"worker {name} drains")
         self._settle_drain(worker)
         self.tx.put_worker(worker)
         return worker
@@ -1265,8 +1451,13 @@ class Core:
     def _gone(
         self, worker: Worker, state: WorkerState, reason: str, heard: float | None
     ) -> list[tuple[int, str]]:
-        """The worker is no longer there (`state`): what it held goes back to the queue."""
+        """The worker is no longer there (`state`): what it held goes back to the queue; what
+        it held ahead, spending nothing (it is not known to have started any of it)."""
         moved = [self._lose_attempt(worker, j, t, reason) for j, t in list(worker.running.items())]
+        for job_id in list(worker.ahead):
+            job = self._load(job_id)
+            self._unclaim(worker, job, reason)
+            moved.append((job.id, job.state))
         worker.state = state.value
         worker.wants = 0
         if heard is not None:

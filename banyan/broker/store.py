@@ -11,7 +11,7 @@ Keys (integers big-endian, so LMDB's byte order is numeric order):
     group_names  name                                      -> id:u64
     edges        target:1 byte (j|g) target:u64 dependent:u64 -> DepKind value
     workers      name                                      -> Worker row
-    claimers     name                                      -> name   (workers with wants > 0)
+    claimers     name                                      -> name   (wants > 0, or jobs ahead)
     submit_keys  owner NUL key                             -> msgpack value
     submit_times time:f64 owner NUL key                    -> empty (when each key was made)
     events       seq:u64                                   -> Event row
@@ -1070,9 +1070,11 @@ class WriteTx(ReadTx):
         self._txn.put(key, self._batch.pack(worker.pack()), db=self._db.workers)
         # Heartbeats rewrite workers all the time: touch the claimers index only on a change.
         claiming = self._txn.get(key, db=self._db.claimers) is not None
-        if worker.wants > 0 and not claiming:
+        # One that holds jobs ahead stays listed: a match may ask them back (state.py).
+        listed = worker.wants > 0 or bool(worker.ahead)
+        if listed and not claiming:
             self._txn.put(key, worker.name.encode(), db=self._db.claimers)
-        elif worker.wants <= 0 and claiming:
+        elif not listed and claiming:
             self._txn.delete(key, db=self._db.claimers)
 
     @_writes

@@ -38,6 +38,8 @@ def waiting_reason(job: Job, workers: list[Worker], limit: str | None = None) ->
         return "held"
     if st == S.PENDING_CANCELLATION:
         return f"cancel sent to {job.worker}"
+    if st == S.RUNNING and held_ahead(job, workers):
+        return f"assigned to {job.worker}, waiting for a slot"
     if st != S.AVAILABLE:
         return None
     if job.pending:
@@ -66,6 +68,12 @@ def waiting_reason(job: Job, workers: list[Worker], limit: str | None = None) ->
     if any(w.fits(*request) for w in takers):
         return "queued"
     return "waiting for free resources"
+
+
+def held_ahead(job: Job, workers: list[Worker]) -> bool:
+    """Whether the running job is one its worker holds ahead: assigned, waiting for a slot
+    there (SPEC §5, claim-ahead)."""
+    return any(w.name == job.worker and job.id in w.ahead for w in workers)
 
 
 def held_back(tx: Tx, owner: str) -> str | None:
@@ -190,6 +198,7 @@ def job_info(
         "ended": job.ended,
         "cancel_reason": job.cancel_reason,
         "reason": open_groups(tx, job, waiting_reason(job, workers, limits.get(job.owner))),
+        "ahead": job.worker is not None and held_ahead(job, workers),
         "pending_dependencies": job.pending,
     }
     history = tx.attempts_of(job.id) if detail else []
@@ -339,6 +348,8 @@ def worker_info(
         "address": worker.address,
         "key": worker.key,
         "held": worker.held,
+        "ahead": sorted(worker.ahead),
+        "prefetch": worker.prefetch,
     }
 
 

@@ -13,6 +13,8 @@ Options:
   --state-dir DIR      LMDB state directory (default: $BANYAN_HOME/state).
   --heartbeat S        Heartbeat interval in seconds [default: 1.0].
   --liveness N         Missed heartbeats before a worker is lost [default: 5].
+  --prefetch N         Jobs a worker may hold ahead, beyond its free room, unless it sets
+                       its own (banyan-worker --prefetch); 0: none [default: 2].
   --retention T        Keep ended jobs, their attempts and events this long (2h, 30d),
                        then purge them; `none` keeps them forever [default: 30d].
   --usage-half-life T  Fair share: a user's past usage counts half after T (1h30m, 7d)
@@ -37,7 +39,7 @@ from banyan import openfiles
 from banyan.broker.server import Broker, BrokerConfig
 from banyan.broker.state import Config
 from banyan.cli import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, daemon_logging
-from banyan.cli.output import number, positive_duration
+from banyan.cli.output import number, positive_duration, prefetch
 from banyan.cli.usage import UsageError, parse
 from banyan.config import home
 from banyan.keys import KeyExposed
@@ -61,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                 liveness=number(args["--liveness"], "--liveness", minimum=1, integer=True),
                 half_life=positive_duration(args["--usage-half-life"], "--usage-half-life"),
                 retention=retention(args["--retention"]),
+                prefetch=prefetch(args["--prefetch"]),
             ),
             secure=not args["--insecure"],
         )

@@ -133,6 +133,14 @@ def connect(args: Args) -> Client:
 # ---- reading values ---------------------------------------------------------------------------
 
 
+def prefetch(text: str) -> int:
+    """`--prefetch` (of the broker and of a worker): a count of jobs, 0 to 1024."""
+    count = number(text, "--prefetch", minimum=0, integer=True)
+    if count > defaults.MAX_PREFETCH:
+        raise UsageError(f"--prefetch: at most {defaults.MAX_PREFETCH}")
+    return int(count)
+
+
 def number(
     text: str, option: str, minimum: float = 0.0, integer: bool = False, positive: bool = False
 ) -> Any:

@@ -21,6 +21,8 @@ Options:
   --memory SIZE         Memory to offer: MiB, or a size such as 64G (default: all physical).
   --gpus N              GPUs to offer (default: CUDA_VISIBLE_DEVICES or nvidia-smi).
   --tag T               A label jobs can ask for; repeat for more.
+  --prefetch N          Jobs to hold ahead, beyond free room, so that a slot that frees
+                        starts its next job at once; 0: none (default: the broker's).
   --spool DIR           Where job output goes, in a directory per account (default:
                         /var/spool/banyan/NAME as root, else $BANYAN_HOME/spool/NAME).
   --spool-retention T   Delete a job's output in the spool this long after it last
@@ -49,7 +51,7 @@ import sys
 from pathlib import Path
 
 from banyan.cli import EXIT_UNAVAILABLE, EXIT_USAGE, daemon_logging
-from banyan.cli.output import Args, number, parse_memory, positive_duration
+from banyan.cli.output import Args, number, parse_memory, positive_duration, prefetch
 from banyan.cli.usage import UsageError, parse
 from banyan.config import home, worker_address
 from banyan.errors import KeyRefused
@@ -145,6 +147,7 @@ def worker_config(args: Args) -> WorkerConfig:
         ),
         run_any_owner=bool(args["--run-any-owner"]),
         allow_root_jobs=bool(args["--allow-root-jobs"]),
+        prefetch=None if args["--prefetch"] is None else prefetch(args["--prefetch"]),
     )
 
 

@@ -27,7 +27,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,7 @@ class WorkerConfig:
     run_any_owner: bool = False  # not root: run everyone's jobs as this account
     allow_root_jobs: bool = False  # root: run root's jobs as root
     home: Path | None = None  # where that key lives ($BANYAN_HOME), named in messages
+    prefetch: int | None = None  # jobs to hold ahead (SPEC §5); None: the broker's default
 
 
 @dataclass
@@ -129,6 +130,10 @@ class WorkerDaemon:
         self._stale: set[Key] = set()  # attempts the broker said are not ours, logged once
         # Started jobs whose `started` report is not due yet: key -> (pid, start time).
         self._unreported: dict[Key, tuple[int, float]] = {}
+        # Claim-ahead (SPEC §5): jobs assigned beyond free room, in the order they came, each
+        # with its exported environment; started as room frees, or given back (`returned`).
+        self.ahead: dict[Key, tuple[dict[str, Any], dict[str, Any] | None]] = {}
+        self._sizes: dict[Key, tuple[float, int]] = {}  # (cpus, memory) of each started job
         self._wakeup_r, self._wakeup_w = socket.socketpair()
         self._wakeup_r.setblocking(False)
         self._wakeup_w.setblocking(False)
@@ -148,7 +153,9 @@ class WorkerDaemon:
         self._register(now)
 
     def _register(self, now: float) -> None:
-        """Say who this worker is, what it has and runs, and whose jobs it refuses."""
+        """Say who this worker is, what it has and runs, and whose jobs it refuses. What it
+        held ahead it drops: the broker takes back every such job it does not list."""
+        self.ahead.clear()
         self.link.registered = False
         self.link.claim_left = 0
         self.link.last_heard = now
@@ -169,6 +176,7 @@ class WorkerDaemon:
                 "instance": self.instance,
                 "draining": self.stop_requested > 0,
                 "spool": self.runner.spool,
+                "prefetch": self.config.prefetch,
             },
             self.link.register_req,
         )
@@ -278,6 +286,9 @@ class WorkerDaemon:
         if self.stop_requested and not self.announced:
             self.announced = self.draining = True
             self.link.claim_left = 0
+            # Given back by `draining` (or, unregistered, by `register`): the broker takes back
+            # at once what it held ahead, as its `started` reports went first.
+            self.ahead.clear()
             log.info(
                 "%s: draining; finishing %s, claiming nothing new (a second signal cancels "
                 "them, to run elsewhere)",
@@ -352,11 +363,31 @@ class WorkerDaemon:
         elif msg.type == "assign":
             self.link.claim_left -= len(b["jobs"])
             for a in b["jobs"]:
-                self._start(a, b["environments"], now)
+                environment = b["environments"].get(a["environ"]) if a["environ"] else None
+                if not a["ahead"]:
+                    self._start(a, environment, now)
+                elif self.draining:
+                    self._give_back((a["job"], a["token"]), "the worker drains")
+                else:
+                    self.ahead[(a["job"], a["token"])] = (a, environment)
+            for (job, token), pid in self._start_ahead(now):  # room it had already
+                self._send("started", {"job": job, "token": token, "pid": pid, "age": 0.0})
+        elif msg.type == "revoke":
+            key = (b["job"], b["token"])
+            if key in self.ahead:  # not started: it never will be here
+                del self.ahead[key]
+                self._give_back(key, "asked back by the broker for a worker with room")
         elif msg.type == "cancel":
-            self.runner.cancel(b["job"], b["token"], now, b.get("reason", ""))
+            key = (b["job"], b["token"])
+            if key in self.ahead:
+                del self.ahead[key]
+                self._give_back(key, "cancelled before it started")
+            else:
+                self.runner.cancel(b["job"], b["token"], now, b.get("reason", ""))
         elif msg.type == "kill_stale":
             key = (b["job"], b["token"])
+            self.ahead.pop(key, None)
+            self._sizes.pop(key, None)
             self.link.unacked.pop(key, None)
             self._unreported.pop(key, None)
             self.runner.kill_stale(*key)
@@ -371,6 +402,10 @@ class WorkerDaemon:
         elif msg.type == "drain":
             self.draining = not b["resume"] or self.stop_requested > 0
             self.link.claim_left = 0  # the broker dropped the claim; resuming needs a new one
+            if self.draining:
+                for key in list(self.ahead):
+                    del self.ahead[key]
+                    self._give_back(key, "the worker drains")
             if b["resume"] and self.stop_requested:  # resumed while stopping: still stopping
                 self._send("draining", {"reason": self.signals[0]})
         elif msg.type == "reregister":
@@ -411,14 +446,57 @@ class WorkerDaemon:
             )
         self._send("log_chunk", reply)
 
-    def _start(self, a: dict[str, Any], environments: dict[str, Any], now: float) -> None:
+    def _give_back(self, key: Key, reason: str) -> None:
+        self._send("returned", {"job": key[0], "token": key[1], "reason": reason})
+
+    def _room(self, freed: Collection[Key] = ()) -> tuple[float, int]:
+        """Free cpus and memory, by the sizes of the jobs this worker runs (but those in
+        `freed`, which have ended)."""
+        cpus, memory = float(self.config.cpus), int(self.config.memory)
+        for key in self.runner.running():
+            if key in freed:
+                continue
+            c, m = self._sizes.get(key, (0.0, 0))
+            cpus, memory = cpus - c, memory - m
+        return cpus, memory
+
+    def _start_ahead(self, now: float, freed: Collection[Key] = ()) -> list[tuple[Key, int]]:
+        """Start the jobs held ahead that the free room takes, in the order they came;
+        returns those started with their pids (the caller reports them at once)."""
+        if not self.ahead or self.draining:
+            return []
+        if now - self.link.last_heard > self.heartbeat * self.liveness / 2:
+            # Cut off long enough that the broker may count it lost, and so have given these
+            # back: they wait for the broker (registering again drops them).
+            return []
+        cpus, memory = self._room(freed)
+        started: list[tuple[Key, int]] = []
+        for key, (a, environment) in list(self.ahead.items()):
+            if a["cpus"] > cpus + 1e-9 or a["memory"] > memory:
+                break  # in order: a big job is not passed over by small ones behind it
+            del self.ahead[key]
+            pid = self._start(a, environment, now, report=False)
+            if pid is not None:
+                started.append((key, pid))
+                cpus, memory = cpus - a["cpus"], memory - a["memory"]
+        return started
+
+    def _start(
+        self,
+        a: dict[str, Any],
+        environment: dict[str, Any] | None,
+        now: float,
+        report: bool = True,
+    ) -> int | None:
+        """Start an assigned job: its pid (0: not known), or None if it was handed back.
+        `report`: its `started` goes out a little later (`_report_started`); else the caller
+        reports it at once."""
         account = self.policy.resolve(a["account"], now)
         if isinstance(account, str):
             log.info("job %d handed back: %s", a["job"], account)
             self._send("hand_back", {"job": a["job"], "token": a["token"], "reason": account})
             self.link.claim_left += 1
-            return
-        environment = environments.get(a["environ"]) if a["environ"] else None
+            return None
         if a["environ"] and environment is None:
             log.warning("job %d came without its exported environment", a["job"])
         launch = Launch(
@@ -439,7 +517,11 @@ class WorkerDaemon:
             memory=int(a["memory"]),
         )
         running = self.runner.start(launch, now)
-        self._unreported[(launch.job, launch.token)] = (running.pid or 0, running.started)
+        key = (launch.job, launch.token)
+        self._sizes[key] = (float(a["cpus"]), int(a["memory"]))
+        if report:
+            self._unreported[key] = (running.pid or 0, running.started)
+        return running.pid or 0
 
     def _report_started(self, now: float) -> None:
         for (job, token), (pid, started) in list(self._unreported.items()):
@@ -450,8 +532,21 @@ class WorkerDaemon:
                 )
 
     def _report(self, now: float) -> None:
-        for done in self.runner.poll(now):
-            self._result(done, now)
+        # Jobs held ahead start in the room that frees, as soon as a job's leader has exited
+        # (before its end is handled: its output tails, what it left behind), and before the
+        # results go: the last result names them (`then`), so the broker sees the room freed
+        # and taken at once.
+        freed = self.runner.exited(now) if self.ahead else []
+        first = self._start_ahead(now, freed) if freed else []
+        ended = self.runner.poll(now)
+        then = [key for key, _ in first]
+        if ended:  # and room that a cancel or a time limit freed
+            then += [key for key, _ in self._start_ahead(now)]
+        else:  # cannot be (poll ends what exited by itself), but never leave a start untold
+            for (job, token), pid in first:
+                self._send("started", {"job": job, "token": token, "pid": pid, "age": 0.0})
+        for i, done in enumerate(ended):
+            self._result(done, now, then if i == len(ended) - 1 else [])
         self._report_started(now)
         for p in self.runner.progress(now):
             self._send(
@@ -466,7 +561,7 @@ class WorkerDaemon:
                 },
             )
 
-    def _result(self, done: Finished, now: float) -> None:
+    def _result(self, done: Finished, now: float, then: list[Key]) -> None:
         payload = protocol.encode(
             "result",
             {
@@ -478,9 +573,11 @@ class WorkerDaemon:
                 "stdout_tail": done.stdout_tail,
                 "stderr_tail": done.stderr_tail,
                 "runtime": max(0.0, done.ended - done.started),
+                "then": [list(k) for k in then],
             },
         )
         self._unreported.pop((done.job, done.token), None)
+        self._sizes.pop((done.job, done.token), None)
         self.link.unacked[(done.job, done.token)] = (payload, now)
         assert self.sock is not None
         with contextlib.suppress(zmq.Again):

@@ -368,7 +368,8 @@ def _check_counters(a: Audit, c: Client) -> None:
         h["worker"]
         for info in a.jobs.values()
         for h in info["history"]
-        if h["ended"] is not None and h["outcome"] not in (None, "lost")
+        # "returned": a claim given back unstarted (held ahead, or an account it cannot run)
+        if h["ended"] is not None and h["outcome"] not in (None, "lost", "returned")
     )
     holding: dict[str, list[int]] = {}
     for job_id, info in a.jobs.items():

@@ -1,0 +1,151 @@
+"""Claim-ahead with a real broker and real workers (SPEC §5): a job held ahead shows as assigned
+and waiting for a slot, starts in the slot that frees, is asked back for a worker with room, and
+comes back unstarted, spending nothing, when its worker drains, dies or the job is cancelled."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+from banyan.client import Client
+from tests.cluster import HEARTBEAT, LIVENESS, Cluster, wait_for
+
+WINDOW = HEARTBEAT * LIVENESS
+
+
+def blocker(gate: Path, mark: Path) -> str:
+    """A job that says it runs, then waits (20 s at most) for `gate` to exist."""
+    return f"touch {mark}; for i in $(seq 1000); do [ -e {gate} ] && exit 0; sleep 0.02; done"
+
+
+def marker(mark: Path) -> str:
+    return f"echo $BANYAN_ATTEMPT >> {mark}"
+
+
+def held_ahead(c: Client, job: int, worker: str) -> bool:
+    info = c.job(job)
+    return (
+        info.state == "running"
+        and info.worker == worker
+        and info.raw["ahead"] is True
+        and info.reason == f"assigned to {worker}, waiting for a slot"
+    )
+
+
+def ended(c: Client, ids: list[int], timeout: float = 30) -> dict[int, str]:
+    w = c.wait(ids, timeout=timeout)
+    assert not w.timed_out, f"jobs still running: {[j for j in w.jobs if not j.terminal]}"
+    return {j.id: f"{j.state}/{j.outcome}" for j in w.jobs}
+
+
+def busy_worker(cluster: Cluster, tmp_path: Path, name: str = "w1") -> tuple[Client, int, Path]:
+    """A 1-cpu worker running a job that waits for the returned gate."""
+    cluster.start_worker(name, cpus=1)
+    c = cluster.client()
+    gate, mark = tmp_path / "gate", tmp_path / "first-ran"
+    (first,) = c.submit(blocker(gate, mark)).jobs
+    wait_for(mark.exists, 10, what="the first job to run")
+    return c, first, gate
+
+
+def test_a_job_held_ahead_waits_for_a_slot_then_runs_there(cluster: Cluster, tmp_path: Path):
+    c, first, gate = busy_worker(cluster, tmp_path)
+    marks = [tmp_path / f"m{i}" for i in range(3)]
+    ids = [c.submit(marker(m)).jobs[0] for m in marks]
+    wait_for(lambda: all(held_ahead(c, j, "w1") for j in ids[:2]), 10, what="two held ahead")
+    assert c.job(ids[2]).state == "available"  # beyond the broker's default prefetch, 2
+    (w1,) = [w for w in c.workers() if w.name == "w1"]
+    assert w1.ahead == ids[:2]
+    assert not any(m.exists() for m in marks)  # none started while the slot was taken
+    gate.touch()
+    assert ended(c, [first, *ids]) == {j: "terminated/success" for j in [first, *ids]}
+    for j, m in zip(ids, marks, strict=True):
+        assert m.read_text() == "1\n" and c.job(j).attempts == 1 and c.job(j).worker == "w1"
+
+
+def test_a_job_held_ahead_is_asked_back_for_a_worker_with_room(cluster: Cluster, tmp_path: Path):
+    c, first, gate = busy_worker(cluster, tmp_path)
+    mark = tmp_path / "second"
+    (second,) = c.submit(marker(mark)).jobs
+    wait_for(lambda: held_ahead(c, second, "w1"), 10, what="the job held ahead")
+    cluster.start_worker("w2", cpus=1)
+    # w2 is idle and the job fits it: w1 gives it back unstarted, and it runs on w2 while
+    # the first job still holds w1's only slot.
+    assert ended(c, [second]) == {second: "terminated/success"}
+    info = c.job(second)
+    assert info.worker == "w2" and info.attempts == 1 and mark.read_text() == "1\n"
+    assert [a["outcome"] for a in info.raw["history"]] == ["success"]
+    assert c.job(first).state == "running"
+    gate.touch()
+    assert ended(c, [first]) == {first: "terminated/success"}
+
+
+def test_a_draining_worker_gives_back_what_it_held_ahead_at_once(cluster: Cluster, tmp_path: Path):
+    c, first, gate = busy_worker(cluster, tmp_path)
+    marks = [tmp_path / "a", tmp_path / "b"]
+    ids = [c.submit(marker(m)).jobs[0] for m in marks]
+    wait_for(lambda: all(held_ahead(c, j, "w1") for j in ids), 10, what="two held ahead")
+    cluster.procs["w1"].send_signal(signal.SIGTERM)
+    wait_for(lambda: all(c.job(j).state == "available" for j in ids), 5, what="the jobs given back")
+    assert c.job(first).state == "running"  # the one it runs, it finishes
+    cluster.start_worker("w2", cpus=1)
+    gate.touch()
+    states = ended(c, [first, *ids])
+    assert states == {j: "terminated/success" for j in [first, *ids]}
+    for j, m in zip(ids, marks, strict=True):
+        assert c.job(j).worker == "w2" and c.job(j).attempts == 1
+        assert m.read_text() == "1\n"  # run once, on w2 only
+
+
+def test_an_admins_drain_has_the_worker_give_back_what_it_held_ahead(
+    cluster: Cluster, tmp_path: Path
+):
+    c, _first, gate = busy_worker(cluster, tmp_path)
+    (second,) = c.submit(marker(tmp_path / "second")).jobs
+    wait_for(lambda: held_ahead(c, second, "w1"), 10, what="the job held ahead")
+    c.drain("w1")
+    wait_for(lambda: c.job(second).state == "available", 5, what="the job given back")
+    assert c.job(second).attempts == 0
+    gate.touch()
+    wait_for(
+        lambda: any(w.name == "w1" and w.state == "drained" for w in c.workers()),
+        10,
+        what="w1 drained",
+    )
+    assert not (tmp_path / "second").exists()
+
+
+def test_cancel_of_a_job_held_ahead_never_starts_it(cluster: Cluster, tmp_path: Path):
+    c, first, gate = busy_worker(cluster, tmp_path)
+    mark = tmp_path / "never"
+    (second,) = c.submit(marker(mark)).jobs
+    wait_for(lambda: held_ahead(c, second, "w1"), 10, what="the job held ahead")
+    c.cancel([second])
+    assert ended(c, [second], timeout=10) == {second: "cancelled/None"}
+    gate.touch()
+    assert ended(c, [first]) == {first: "terminated/success"}
+    assert not mark.exists()
+
+
+def test_a_lost_worker_gives_back_what_it_held_ahead_spending_nothing(
+    cluster: Cluster, tmp_path: Path
+):
+    c, first, gate = busy_worker(cluster, tmp_path)
+    (second,) = c.submit(marker(tmp_path / "second"), max_attempts=1).jobs
+    wait_for(lambda: held_ahead(c, second, "w1"), 10, what="the job held ahead")
+    # Silent, not killed: a killed worker's helpers and jobs would become this process's
+    # zombies where an earlier test made it a child subreaper (in-process runners do).
+    cluster.procs["w1"].send_signal(signal.SIGSTOP)
+    gate.touch()
+    cluster.start_worker("w2", cpus=1)
+    assert ended(c, [first, second], timeout=WINDOW + 30) == {
+        first: "terminated/success",
+        second: "terminated/success",
+    }
+    info = c.job(second)
+    assert info.worker == "w2" and info.attempts == 1
+    assert info.raw["history"][0]["outcome"] == "success"  # the claim given back left none
+    # Woken, w1 registers again, its result for `first` is refused as stale, and it stops.
+    cluster.procs["w1"].send_signal(signal.SIGCONT)
+    cluster.kill("w1", signal.SIGTERM)
+    assert cluster.procs["w1"].returncode == 0
