@@ -522,22 +522,28 @@ def test_root_workers_run_no_job_as_the_brokers_account(bobs_broker: Cluster, us
     assert info.worker == "w2" and output(info) == [bob.name]
 
 
-def test_a_worker_refuses_a_secret_key_others_can_read(cluster: Cluster) -> None:
-    home = cluster.root / "careless"
+def _home_with_worker_key(cluster: Cluster, name: str) -> Path:
+    """A home holding a copy of the cluster's worker key (and its broker's public key)."""
+    home = cluster.root / name
     (home / "keys").mkdir(parents=True)
     for f in ("worker.key_secret", "broker.key"):
         shutil.copyfile(cluster.home / "keys" / f, home / "keys" / f)
+    return home
+
+
+def _start_worker(cluster: Cluster, home: Path, name: str) -> subprocess.CompletedProcess[str]:
+    """A worker started with `home`'s key, run until it exits."""
+    argv = [sys.executable, "-m", "banyan.cli.worker", "--name", name]
+    argv += ["--broker", f"127.0.0.1:{cluster.worker_port}"]
+    env = {**cluster.env, "BANYAN_HOME": str(home)}
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=scaled(30))
+
+
+def test_a_worker_refuses_a_secret_key_others_can_read(cluster: Cluster) -> None:
+    home = _home_with_worker_key(cluster, "careless")
     secret = home / "keys" / "worker.key_secret"
     os.chmod(secret, 0o644)
-    argv = [sys.executable, "-m", "banyan.cli.worker", "--name", "careless"]
-    argv += ["--broker", f"127.0.0.1:{cluster.worker_port}"]
-    done = subprocess.run(
-        argv,
-        env={**cluster.env, "BANYAN_HOME": str(home)},
-        capture_output=True,
-        text=True,
-        timeout=scaled(30),
-    )
+    done = _start_worker(cluster, home, "careless")
     assert done.returncode == 2
     assert f"chmod 600 {secret}" in done.stderr
     assert cluster.client().workers() == []
@@ -546,22 +552,11 @@ def test_a_worker_refuses_a_secret_key_others_can_read(cluster: Cluster) -> None
 def test_a_root_worker_refuses_a_secret_key_another_account_owns(
     cluster: Cluster, users: Users
 ) -> None:
-    home = cluster.root / "alices-key"
-    (home / "keys").mkdir(parents=True)
-    for f in ("worker.key_secret", "broker.key"):
-        shutil.copyfile(cluster.home / "keys" / f, home / "keys" / f)
+    home = _home_with_worker_key(cluster, "alices-key")
     secret = home / "keys" / "worker.key_secret"
     os.chmod(secret, 0o600)
     os.chown(secret, users.alice.uid, users.alice.gid)  # alice can read it: act as the worker
-    argv = [sys.executable, "-m", "banyan.cli.worker", "--name", "borrowed"]
-    argv += ["--broker", f"127.0.0.1:{cluster.worker_port}"]
-    done = subprocess.run(
-        argv,
-        env={**cluster.env, "BANYAN_HOME": str(home)},
-        capture_output=True,
-        text=True,
-        timeout=scaled(30),
-    )
+    done = _start_worker(cluster, home, "borrowed")
     assert done.returncode == 2, done.stderr
     assert f"belongs to {users.alice.name}, not to root" in done.stderr
     assert f"chown root {secret}" in done.stderr
