@@ -5,12 +5,28 @@ comes back unstarted, spending nothing, when its worker drains, dies or the job 
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from banyan.client import Client
 from tests.cluster import HEARTBEAT, LIVENESS, Cluster, wait_for
 
 WINDOW = HEARTBEAT * LIVENESS
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
+    """A broker with claim-ahead on (`--prefetch 2`; it is off by default)."""
+    c = Cluster(tmp_path)
+    c.broker_args = ["--prefetch", "2"]
+    monkeypatch.setenv("BANYAN_HOME", str(c.home))
+    c.start_broker()
+    try:
+        yield c
+    finally:
+        c.stop()
 
 
 def blocker(gate: Path, mark: Path) -> str:
@@ -53,7 +69,7 @@ def test_a_job_held_ahead_waits_for_a_slot_then_runs_there(cluster: Cluster, tmp
     marks = [tmp_path / f"m{i}" for i in range(3)]
     ids = [c.submit(marker(m)).jobs[0] for m in marks]
     wait_for(lambda: all(held_ahead(c, j, "w1") for j in ids[:2]), 10, what="two held ahead")
-    assert c.job(ids[2]).state == "available"  # beyond the broker's default prefetch, 2
+    assert c.job(ids[2]).state == "available"  # beyond the broker's prefetch, 2
     (w1,) = [w for w in c.workers() if w.name == "w1"]
     assert w1.ahead == ids[:2]
     assert not any(m.exists() for m in marks)  # none started while the slot was taken

@@ -14,7 +14,7 @@ Options:
   --heartbeat S        Heartbeat interval in seconds [default: 1.0].
   --liveness N         Missed heartbeats before a worker is lost [default: 5].
   --prefetch N         Jobs a worker may hold ahead, beyond its free room, unless it sets
-                       its own (banyan-worker --prefetch); 0: none [default: 2].
+                       its own (banyan-worker --prefetch); 0: none [default: 0].
   --retention T        Keep ended jobs, their attempts and events this long (2h, 30d),
                        then purge them; `none` keeps them forever [default: 30d].
   --usage-half-life T  Fair share: a user's past usage counts half after T (1h30m, 7d)
