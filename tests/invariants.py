@@ -272,16 +272,27 @@ def _check_group(tx: ReadTx, group: Group, jobs: dict[int, Job]) -> None:
     assert (group.total, group.ended, group.succeeded, group.doomed) == counts, (group, counts)
 
 
+def _fits_now(w: Worker, j: Job, jobs: dict[int, Job]) -> bool:
+    """`j` fits the room of `w` that its own jobs held ahead would not take."""
+    own = [jobs[job_id] for job_id in w.ahead]
+    return (
+        w.cpus - w.used_cpus - sum(o.cpus for o in own) >= j.cpus - 1e-9
+        and w.memory - w.used_memory - sum(o.memory for o in own) >= j.memory
+        and w.gpus - len(w.used_gpus) >= j.gpus
+        and all(t in w.tags for t in j.tags)
+    )
+
+
 def _check_matching(workers: list[Worker], jobs: dict[int, Job], eligible: dict[int, Any]) -> None:
     """A claim is answered as soon as a fitting eligible job exists (SPEC §5); and no job
     is held ahead on one worker that fits another's claim now, unless it is being asked back
-    (claim-ahead never holds back a job that an idle worker could run)."""
+    (claim-ahead never holds back a job that an idle worker could run). A claimer's room is
+    what its own jobs held ahead would not take: it starts those in any room it has."""
     for w in workers:
         if w.wants <= 0 or w.state != "active":
             continue
         for job_id in eligible:
-            j = jobs[job_id]
-            assert not w.fits(j.cpus, j.memory, j.gpus, j.tags), (
+            assert not _fits_now(w, jobs[job_id], jobs), (
                 f"{w.name} claims and job {job_id} fits it, yet it was not assigned"
             )
         # A job held ahead elsewhere that fits its room now is being asked back, or the room
@@ -291,7 +302,7 @@ def _check_matching(workers: list[Worker], jobs: dict[int, Job], eligible: dict[
             for holder in workers
             if holder is not w
             for job_id in holder.ahead
-            if w.fits(jobs[job_id].cpus, jobs[job_id].memory, jobs[job_id].gpus, jobs[job_id].tags)
+            if _fits_now(w, jobs[job_id], jobs)
         ]
         held = [(name, job_id) for name, job_id, asked in fitting if not asked]
         assert not held or any(asked for _, _, asked in fitting), (

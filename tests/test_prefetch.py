@@ -165,3 +165,31 @@ def test_a_lost_worker_gives_back_what_it_held_ahead_spending_nothing(
     cluster.procs["w1"].send_signal(signal.SIGCONT)
     cluster.kill("w1", signal.SIGTERM)
     assert cluster.procs["w1"].returncode == 0
+
+
+def _most_at_once(stamps: Path) -> int:
+    """The most jobs running together, from the `start`/`end` lines they wrote."""
+    events = []
+    for line in stamps.read_text().splitlines():
+        _, kind, at = line.split()
+        events.append((float(at), 0 if kind == "end" else 1))
+    most = now = 0
+    for _, starts in sorted(events):
+        now += 1 if starts else -1
+        most = max(most, now)
+    return most
+
+
+def test_jobs_that_end_together_never_crowd_their_worker(cluster: Cluster, tmp_path: Path):
+    """A 3-cpu worker whose jobs end together starts the ones it held ahead in their room, and
+    the broker, hearing of the ends one message at a time, must not give that same room to a
+    new claim: never more than 3 one-cpu jobs at once."""
+    cluster.start_worker("w1", cpus=3)
+    c = cluster.client()
+    stamps = tmp_path / "stamps"
+    stamp = f'echo "$BANYAN_JOB_ID {{}} $(date +%s.%N)" >> {stamps}'
+    ids = c.submit(
+        f"{stamp.format('start')}; sleep 0.3; {stamp.format('end')}", array="1-45", export="NONE"
+    ).jobs
+    assert set(ended(c, ids, timeout=120).values()) == {"terminated/success"}
+    assert _most_at_once(stamps) <= 3

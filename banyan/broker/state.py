@@ -898,13 +898,13 @@ class Core:
                     self.tx.put_worker(worker)
                 continue
             active.append(worker)
-            if worker.cpus - worker.used_cpus < MIN_CPUS:  # every job asks for some cpu
+            if self._room(worker)[0] < MIN_CPUS:  # every job asks for some cpu
                 continue
             if board is None:  # read once, only when some claimer has room
                 board = self._board()
             batch = self._fill(worker, board)
             assigned += self._send_assign(worker, batch)
-            if worker.wants > 0 and worker.cpus - worker.used_cpus >= MIN_CPUS:
+            if worker.wants > 0 and self._room(worker)[0] >= MIN_CPUS:
                 dry.append(worker)
         # Claim-ahead (SPEC §5): what is still eligible now fits no claimer's free room, so a
         # job held ahead is never one an idle worker could run now.
@@ -917,6 +917,18 @@ class Core:
             # From a draining worker too: its own give-back may not have reached the broker.
             self._revoke_for(dry, [w for w in claimers if w.ahead and not w.gone])
         return assigned
+
+    def _room(self, worker: Worker) -> tuple[float, int, int]:
+        """The worker's free room that jobs to run now may take: what its jobs held ahead
+        would not. A worker starts those in any room it has, at once, and the broker hears of
+        it only after: given to a new job meanwhile, that room would hold two."""
+        cpus = worker.cpus - worker.used_cpus
+        memory = worker.memory - worker.used_memory
+        for job_id in worker.ahead:
+            job = self.tx.get_job(job_id)
+            if job is not None:
+                cpus, memory = cpus - job.cpus, memory - job.memory
+        return cpus, memory, worker.gpus - len(worker.used_gpus)
 
     def _send_assign(self, worker: Worker, batch: list[dict[str, Any]]) -> int:
         if batch:
@@ -954,11 +966,7 @@ class Core:
             return
         for worker in dry:
             runs = owners.filter_for(worker, self.tx)
-            room = [
-                worker.cpus - worker.used_cpus,
-                worker.memory - worker.used_memory,
-                worker.gpus - len(worker.used_gpus),
-            ]
+            room = list(self._room(worker))
             for holder in holders:
                 if holder is worker:
                     continue
@@ -1006,11 +1014,7 @@ class Core:
         refused = None if runs is None else (lambda job_id: not runs(job_id))
         batch: list[dict[str, Any]] = []
         while worker.wants > 0:
-            room = (
-                worker.cpus - worker.used_cpus,
-                worker.memory - worker.used_memory,
-                worker.gpus - len(worker.used_gpus),
-            )
+            room = self._room(worker)
             if room[0] < MIN_CPUS:
                 break
             head = board.pick(room, worker.tags, refused, self.held)
