@@ -429,7 +429,10 @@ def test_a_broker_out_of_descriptors_says_so_and_recovers(tmp_path: Path) -> Non
     at start that its limit is low, says when it cannot take connections, and takes them again
     once they are gone."""
     c = Cluster(tmp_path)
-    c.prefix["broker"] = ["prlimit", "--nofile=96:96", "--"]
+    # The broker's process starts with at most 96 descriptors, soft and hard (as `prlimit`).
+    limit = "import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (96, 96)); "
+    limit += "os.execv(sys.argv[1], sys.argv[1:])"
+    c.prefix["broker"] = [sys.executable, "-c", limit]
     crowd: list[socket.socket] = []
     try:
         c.start_broker()
