@@ -934,3 +934,11 @@ def test_a_worker_with_a_spool_it_cannot_make_says_so_as_a_usage_error(
     err = capsys.readouterr().err
     assert code == 2, err
     assert f"banyan-worker: --spool {blocker}/sub: cannot make or use it: Not a directory" in err
+
+
+def test_an_attempt_given_back_unstarted_shows_no_start_and_no_run() -> None:
+    given_back = {"attempt": 1, "worker": "w1", "claimed": 100.0, "ended": 109.0}
+    row = status.attempt_row({**given_back, "outcome": "returned"}, now=110.0)
+    assert (row[2], row[3]) == ("-", "-")
+    ran = status.attempt_row({**given_back, "started": 100.0, "outcome": "success"}, now=110.0)
+    assert (ran[2], ran[3]) == ("10s ago", "9s")

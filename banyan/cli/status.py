@@ -427,8 +427,9 @@ ATTEMPT_HEADERS = ("ATTEMPT", "WORKER", "STARTED", "RAN", "OUTCOME", "EXIT", "CP
 
 
 def attempt_row(a: dict[str, Any], now: float) -> list[Cell]:
-    started = a.get("started") or a.get("claimed")
     outcome = a.get("outcome") or "running"
+    # Given back unstarted (held ahead, handed back, never sent): it neither started nor ran.
+    started = None if outcome == "returned" else a.get("started") or a.get("claimed")
     exit_text = f"signal {a['signal']}" if a.get("signal") else str(a.get("exit_code") or "-")
     if a.get("exit_code") == 0:
         exit_text = "0"
