@@ -16,10 +16,12 @@ and how much the broker's peak memory (VmHWM) grew.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,26 @@ def pinger(address: str, home: str, stop: Any, ready: Any, out: Any) -> None:
             latencies.append(time.perf_counter() - started)
             stop.wait(PING_EVERY)
     out.put(latencies)
+
+
+@contextlib.contextmanager
+def pinging(address: str, home: str) -> Iterator[list[float]]:
+    """A process pinging the broker every PING_EVERY s from its first answer; the list it
+    yields gets the latencies (s) once the block ends."""
+    stop, ready, out = CTX.Event(), CTX.Event(), CTX.Queue()
+    probe = CTX.Process(target=pinger, args=(address, home, stop, ready, out))
+    probe.start()
+    latencies: list[float] = []
+    try:
+        ready.wait(60)
+        yield latencies
+    finally:
+        stop.set()
+        latencies += out.get(timeout=120)
+        probe.join(timeout=30)
+        if probe.is_alive():
+            probe.terminate()  # by PID
+            probe.join()
 
 
 def peak_rss(pid: int) -> int:
@@ -76,23 +98,12 @@ def one(root: Path, form: str, n: int) -> dict[str, float]:
     try:
         c.start_broker()
         pid = c.procs["broker"].pid
-        stop, ready, out = CTX.Event(), CTX.Event(), CTX.Queue()
-        probe = CTX.Process(target=pinger, args=(c.address, str(c.home), stop, ready, out))
-        probe.start()
-        try:
-            ready.wait(60)
+        with pinging(c.address, str(c.home)) as latencies:
             before = peak_rss(pid)
             started = time.perf_counter()
             submit(c, form, n)
             seconds = time.perf_counter() - started
             grown = peak_rss(pid) - before
-        finally:
-            stop.set()
-            latencies: list[float] = out.get(timeout=120)
-            probe.join(timeout=30)
-            if probe.is_alive():
-                probe.terminate()  # by PID
-                probe.join()
         with c.client() as client:
             assert client.status(limit=1).matched == n, "jobs missing"
         return {

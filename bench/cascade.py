@@ -21,7 +21,6 @@ meanwhile, and the worker's "broker silent" reconnections.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import subprocess
 import sys
 import time
@@ -30,10 +29,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
 
 from banyan.client import Client
-from bench.big_submit import pinger
+from bench.big_submit import pinging
 from bench.common import Cluster, Figure, Report, median, parser, percentile, wait_for, workdir
 
-CTX = mp.get_context("spawn")  # no zmq context crosses a fork
 SCENARIOS = ("fail", "cancel", "release")
 
 
@@ -71,13 +69,9 @@ def one(root: Path, scenario: str, n: int) -> dict[str, float]:
             group = f"array-{deps.jobs[0]}"
             client.release(p)
             wait_for(lambda: client.status([p]).jobs[0].state == "running", 60, "P to run")
-            stop, ready, out = CTX.Event(), CTX.Event(), CTX.Queue()
-            probe = CTX.Process(target=pinger, args=(c.address, str(c.home), stop, ready, out))
-            probe.start()
             rc, cancel_seconds = 0, 0.0
             head = client.events_head()
-            try:
-                ready.wait(60)
+            with pinging(c.address, str(c.home)) as latencies:
                 if scenario == "cancel":
                     started = time.perf_counter()
                     tool = [sys.executable, "-m", "banyan.cli.cancel", "--broker", c.address]
@@ -89,13 +83,6 @@ def one(root: Path, scenario: str, n: int) -> dict[str, float]:
                 state = "available" if scenario == "release" else "cancelled"
                 wait_for(lambda: settled(client, group, state, n), 600, "the dependents")
                 seconds = time.time() - ended_at(client, head, p)
-            finally:
-                stop.set()
-                latencies: list[float] = out.get(timeout=120)
-                probe.join(timeout=30)
-                if probe.is_alive():
-                    probe.terminate()  # by PID
-                    probe.join()
         silent = (c.root / "w.log").read_text(errors="replace").count("broker silent")
         figures = {
             "seconds": seconds,
