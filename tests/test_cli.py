@@ -934,6 +934,10 @@ def test_a_worker_with_a_spool_it_cannot_make_says_so_as_a_usage_error(
     err = capsys.readouterr().err
     assert code == 2, err
     assert f"banyan-worker: --spool {blocker}/sub: cannot make or use it: Not a directory" in err
+    code = worker.main(["--name", "m7", "--broker", "127.0.0.1:1", "--spool", str(blocker)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"banyan-worker: --spool {blocker}: cannot make or use it: it is no directory" in err
 
 
 def test_an_attempt_given_back_unstarted_shows_no_start_and_no_run() -> None:

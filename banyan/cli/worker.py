@@ -59,6 +59,7 @@ from banyan.keys import KeyExposed, check_name, private_dir
 from banyan.link import credentials
 from banyan.worker import resources
 from banyan.worker.daemon import WorkerConfig, WorkerDaemon
+from banyan.worker.runner import SpoolUnusable
 from banyan.worker.spool import SpoolPolicy
 
 TOOL = "banyan-worker"
@@ -95,16 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         daemon = WorkerDaemon(config)
-    except OSError as e:
-        spool = os.path.abspath(config.spool)
-        if not str(e.filename or "").startswith(spool) and not spool.startswith(
-            str(e.filename or "\0")
-        ):
-            raise
+    except SpoolUnusable as e:
         # A usage error, not exit 1: a unit restarts on 1 (a taken name frees itself).
-        print(
-            f"{TOOL}: --spool {config.spool}: cannot make or use it: {e.strerror}", file=sys.stderr
-        )
+        print(f"{TOOL}: --spool {e}", file=sys.stderr)
         return EXIT_USAGE
     return daemon.run()
 

@@ -811,11 +811,19 @@ class Runner:
             os.close(fd)
 
 
+class SpoolUnusable(OSError):
+    """The spool directory cannot be made, or what is there is no directory."""
+
+
 def make_spool(path: str, mode: int) -> None:
     """Make the spool directory with `mode`; one that exists is left as the operator made it
     (a spool may be a shared mount), but jobs' files in it are their owners' alone anyway."""
     try:
         os.makedirs(path, mode)
     except FileExistsError:
-        return
+        if os.path.isdir(path):
+            return
+        raise SpoolUnusable(f"{path}: cannot make or use it: it is no directory") from None
+    except OSError as e:
+        raise SpoolUnusable(f"{path}: cannot make or use it: {e.strerror}") from None
     os.chmod(path, mode)  # makedirs applies the process's umask too
