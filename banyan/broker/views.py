@@ -262,7 +262,7 @@ def attempt_info(a: Attempt) -> dict[str, Any]:
 def open_groups(tx: Tx, job: Job, reason: str | None) -> str | None:
     """A reason that says which open groups a waiting job depends on: such a dependency is met
     only once its group is closed, however its members ended."""
-    if not job.pending or reason is None or not reason.startswith("waiting for"):
+    if reason is None or not job.pending or job.st != S.AVAILABLE:  # held: it says so
         return reason
     names = []
     for _kind, target, gid in job.depends_on:
