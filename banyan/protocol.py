@@ -1580,13 +1580,20 @@ _VARIABLES = ("env", "environment")
 
 
 def encode(
-    type: str, body: dict[str, Any], req: int = 0, *, allowed: frozenset[str] | None = None
+    type: str,
+    body: dict[str, Any],
+    req: int = 0,
+    *,
+    allowed: frozenset[str] | None = None,
+    checked: bool = True,
 ) -> bytes:
     """Check `body` against the schema for `type` and pack the frame.
 
     The body goes out as given, without defaults filled in, to keep frames small. `allowed`
     works as in `decode`: pass the receiving socket's constant to pick the direction of a name
-    used both ways (`drain`, `cancel`, `heartbeat`).
+    used both ways (`drain`, `cancel`, `heartbeat`). `checked=False` skips the schema (the
+    size limit still holds): for bodies built from records the broker checked on the way in,
+    on the per-job path, where the receiver checks them anyway.
     """
     if not _is_int(req) or not 0 <= req <= MAX_INT:
         raise ProtocolError(BAD_REQUEST, f"req: must be an int in 0..{MAX_INT}, got {_show(req)}")
@@ -1594,13 +1601,13 @@ def encode(
     # Checking a big body makes a map per item, like decoding one (see _GC_PAUSE_BYTES); the
     # big lists of this protocol are all called `jobs`.
     jobs = body.get("jobs") if isinstance(body, dict) else None  # `type` is the message's here
-    if isinstance(jobs, list) and len(jobs) >= _GC_PAUSE_ITEMS and gc.isenabled():
+    if checked and isinstance(jobs, list) and len(jobs) >= _GC_PAUSE_ITEMS and gc.isenabled():
         gc.disable()
         try:
             _validate(mtype, body, req, allowed)
         finally:
             gc.enable()
-    else:
+    elif checked:
         _validate(mtype, body, req, allowed)
     try:
         frame: bytes = _packb([PROTOCOL_VERSION, mtype, int(req), body], use_bin_type=True)

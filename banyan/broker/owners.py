@@ -101,6 +101,27 @@ def environment_key(env: dict[str, str]) -> str:
 
 _last_key: tuple[dict[str, str] | None, str] = (None, "")
 
+# Environments by content key, as assignments last read them, with their sizes: a stream of
+# jobs from one submitter names one environment in every `assign`. A key names its content,
+# so an entry never goes stale.
+_KEPT_ENVIRONMENTS = 64
+_environments: dict[str, dict[str, str]] = {}
+_sizes: dict[str, int] = {}
+
+
+def _environment(tx: Tx, key: str) -> dict[str, str] | None:
+    env = _environments.get(key)
+    if env is None:
+        env = tx.get_environment(key)
+        if env is None:
+            return None
+        if len(_environments) >= _KEPT_ENVIRONMENTS:
+            _environments.clear()
+            _sizes.clear()
+        _environments[key] = env
+        _sizes[key] = sum(len(k) + len(v) + 2 for k, v in env.items())
+    return env
+
 
 def new_job_tail(
     tx: Tx, account: str, environment: dict[str, str] | None, jobs: int
@@ -123,7 +144,7 @@ def assignments(tx: Tx, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
     keys = {a["environ"] for a in batch if a["environ"]}
     if not keys:
         return [{"jobs": batch}]
-    found = {key: tx.get_environment(key) for key in keys}
+    found = {key: _environment(tx, key) for key in keys}
     bodies: list[dict[str, Any]] = []
     jobs: list[dict[str, Any]] = []
     envs: dict[str, dict[str, str]] = {}
@@ -132,7 +153,7 @@ def assignments(tx: Tx, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
         key = a["environ"]
         env = found.get(key) if key else None
         if env is not None and key not in envs:
-            need = sum(len(k) + len(v) + 2 for k, v in env.items())
+            need = _sizes[key]
             if jobs and size + need > ASSIGN_ENVIRONMENT_BYTES:
                 bodies.append({"jobs": jobs, "environments": envs})
                 jobs, envs, size = [], {}, 0

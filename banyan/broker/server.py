@@ -1058,7 +1058,8 @@ class Broker:
             session = self.sessions.get(effect.worker)
             if session is None or session.identity is None:
                 continue  # it will re-register and be reconciled then
-            _send(self.worker, session.identity, protocol.encode(effect.type, effect.body))
+            payload = protocol.encode(effect.type, effect.body, checked=False)
+            _send(self.worker, session.identity, payload)
         for fetch in turn.fetches:
             session = self.sessions.get(fetch.worker)
             if session is None or session.identity is None:

@@ -208,6 +208,13 @@ def kill(path: str) -> None:
 
 def remove(path: str) -> bool:
     """Remove the cgroup and its children, deepest first; False while processes remain."""
+    try:
+        os.rmdir(path)  # the usual case: one empty cgroup, no children
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError:
+        pass
     for d, _, _ in sorted(os.walk(path), key=lambda w: -w[0].count(os.sep)):
         try:
             os.rmdir(d)

@@ -40,10 +40,15 @@ from banyan.errors import BrokerUnavailable, KeyRefused, WrongPort
 from banyan.keys import Curve
 from banyan.link import Credentials, Watch
 from banyan.worker import accounts, cgroups, watchdog
+from banyan.worker.accounts import Account
 from banyan.worker.runner import Finished, Launch, Runner
 from banyan.worker.spool import Spool, SpoolPolicy
 
 log = logging.getLogger("banyan.worker")
+
+# Jobs held ahead made ready to start at a time (Runner.stage): those next in line. Each holds
+# its two output files open.
+STAGED_AHEAD = 2
 
 Key = tuple[int, int]  # (job, token)
 
@@ -135,6 +140,7 @@ class WorkerDaemon:
         self.ahead: dict[Key, tuple[dict[str, Any], dict[str, Any] | None]] = {}
         self._sizes: dict[Key, tuple[float, int]] = {}  # (cpus, memory) of each started job
         self._wakeup_r, self._wakeup_w = socket.socketpair()
+        self._poller: tuple[zmq.Socket[Any] | None, zmq.Poller] = (None, zmq.Poller())
         self._wakeup_r.setblocking(False)
         self._wakeup_w.setblocking(False)
         self._connect(self.clock())
@@ -252,10 +258,13 @@ class WorkerDaemon:
 
     def step(self, timeout: float = 0.0) -> None:
         assert self.sock is not None and self.watch is not None
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        poller.register(self.watch.monitor, zmq.POLLIN)
-        poller.register(self._wakeup_r.fileno(), zmq.POLLIN)
+        if self._poller[0] is not self.sock:  # made anew with each connection
+            poller = zmq.Poller()
+            poller.register(self.sock, zmq.POLLIN)
+            poller.register(self.watch.monitor, zmq.POLLIN)
+            poller.register(self._wakeup_r.fileno(), zmq.POLLIN)
+            self._poller = (self.sock, poller)
+        poller = self._poller[1]
         # Rounded up: a deadline 0.3 ms away must not become a busy loop of 0 ms polls.
         ready = dict(poller.poll(math.ceil(timeout * 1000)))
         if self._wakeup_r.fileno() in ready:
@@ -275,8 +284,23 @@ class WorkerDaemon:
         self._report(now)
         self._maybe_claim()
         self._timers(now)
+        self._stage(now)
         busy = {job for job, _ in self.runner.running()} | {job for job, _ in self.link.unacked}
+        busy.update(job for job, _ in self.runner.staged())
         self.spool.step(now, time.time(), busy, defaults.SPOOL_SLICE)
+
+    def _stage(self, now: float) -> None:
+        """Keep the next jobs held ahead made ready to start (Runner.stage), and only them:
+        what was asked back, cancelled or dropped is undone here."""
+        nexts = [] if self.draining else list(itertools.islice(self.ahead, STAGED_AHEAD))
+        for key in self.runner.staged():
+            if key not in nexts:
+                self.runner.unstage(key)
+        for key in nexts:
+            a, environment = self.ahead[key]
+            account = self.policy.resolve(a["account"], now)
+            if not isinstance(account, str):
+                self.runner.stage(_launch(a, environment, account))
 
     def _obey_signals(self, now: float) -> None:
         running = len(self.runner.running())
@@ -499,23 +523,7 @@ class WorkerDaemon:
             return None
         if a["environ"] and environment is None:
             log.warning("job %d came without its exported environment", a["job"])
-        launch = Launch(
-            job=a["job"],
-            token=a["token"],
-            attempt=a["attempt"],
-            command=a["command"],
-            cwd=a["cwd"],
-            env=dict(a["env"]),
-            gpu_ids=list(a["gpu_ids"]),
-            time_limit=a["time_limit"],
-            cancel_grace=float(a["cancel_grace"]),
-            output=a["output"],
-            account=account,
-            environment=environment,
-            umask=a["umask"],
-            cpus=float(a["cpus"]),
-            memory=int(a["memory"]),
-        )
+        launch = _launch(a, environment, account)
         running = self.runner.start(launch, now)
         key = (launch.job, launch.token)
         self._sizes[key] = (float(a["cpus"]), int(a["memory"]))
@@ -620,6 +628,8 @@ class WorkerDaemon:
             self.sock.send(payload, zmq.NOBLOCK)
 
     def close(self) -> None:
+        for key in self.runner.staged():
+            self.runner.unstage(key)
         self._disconnect(linger=defaults.STOP_LINGER)  # a last `stopping` gets time to leave
         self._wakeup_r.close()
         self._wakeup_w.close()
@@ -629,6 +639,27 @@ class WorkerDaemon:
         os.close(self._lifeline)  # the watchdog sweeps (nothing, after a clean stop) and exits
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.watchdog.wait(timeout=5)
+
+
+def _launch(a: dict[str, Any], environment: dict[str, Any] | None, account: Account) -> Launch:
+    """The runner's view of an `assign` entry."""
+    return Launch(
+        job=a["job"],
+        token=a["token"],
+        attempt=a["attempt"],
+        command=a["command"],
+        cwd=a["cwd"],
+        env=dict(a["env"]),
+        gpu_ids=list(a["gpu_ids"]),
+        time_limit=a["time_limit"],
+        cancel_grace=float(a["cancel_grace"]),
+        output=a["output"],
+        account=account,
+        environment=environment,
+        umask=a["umask"],
+        cpus=float(a["cpus"]),
+        memory=int(a["memory"]),
+    )
 
 
 def _running(n: int) -> str:

@@ -141,6 +141,12 @@ def _open_owned(path: str, flags: int, uid: int) -> int:
 
 def _read_tail(path: str, size: int, uid: int = -1) -> bytes:
     try:
+        st = os.lstat(path)
+    except OSError:
+        return b""
+    if st.st_size == 0 and stat.S_ISREG(st.st_mode):
+        return b""  # the usual stderr, and often stdout: nothing to open
+    try:
         fd = _open_owned(path, os.O_RDONLY, uid)
     except OSError:
         return b""
@@ -181,12 +187,36 @@ def _owned_file(path: str, account: Account) -> int:
     return fd
 
 
+def _first_exited() -> int | None:
+    """A child that has exited and is not reaped yet (the first the kernel lists), if any:
+    one syscall."""
+    try:
+        info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return None
+    return None if info is None else info.si_pid
+
+
 def _open_output(path: str, mode: int) -> int:
     """Open an output file the worker itself may write. Non-blocking while opening, so a FIFO
     without a reader fails at once instead of stopping the worker."""
     fd = os.open(path, _WRITE | os.O_NONBLOCK, mode)
     os.set_blocking(fd, True)
     return fd
+
+
+@dataclass(eq=False)
+class _Prep:
+    """What a start takes before its process: made at the start, or ahead (Runner.stage)."""
+
+    stem: str  # the job's own directory, and the stem of its progress file
+    cwd: str
+    out: str
+    err: str
+    marker: str
+    env: dict[str, str] = field(default_factory=dict)
+    cgroup: str | None = None
+    fds: tuple[int, int] | None = None  # its output files, opened when staged
 
 
 @dataclass(eq=False)
@@ -252,6 +282,12 @@ class Runner:
         self._me = os.getpid()
         self._my_sid = os.getsid(0)
         self._jobs: dict[Key, _Attempt] = {}
+        self._staged: dict[Key, tuple[Launch, _Prep]] = {}  # jobs held ahead, made ready
+        self._homes: set[str] = set()  # accounts' spool directories, checked
+        # The environment a job starts from, before its own variables, for the last account
+        # and exported environment (_environment).
+        self._last_base: tuple[tuple[Account, str] | None, dict[str, str] | None, dict[str, str]]
+        self._last_base = (None, None, {})
         self._by_marker: dict[str, _Attempt] = {}
         # Groups and pids released by ended attempts, still waited for until the given time
         # (None: from the next poll) so that what we killed does not linger as zombies.
@@ -272,69 +308,144 @@ class Runner:
 
     # --- starting -------------------------------------------------------------------------
 
-    def start(self, launch: Launch, now: float) -> RunningJob:
+    def stage(self, launch: Launch) -> None:
+        """Make ready what starting a job held ahead takes (its directories, output files,
+        environment and cgroup) while a slot is busy, so that when the slot frees only its
+        process is left to start. Only a job of the worker's own account writing to the spool
+        is staged: nothing of a job that may never run here may touch a file it names.
+        `unstage` undoes it."""
         key = (launch.job, launch.token)
-        if key in self._jobs:
-            return self._jobs[key].info
         account = launch.account or self.me
+        if key in self._staged or key in self._jobs:
+            return
+        if account.uid != self.me.uid or launch.output is not None:
+            return
+        try:
+            prep = self._prepare(launch, account)
+        except (OSError, ValueError):
+            return  # its start tries again, and says what went wrong
+        try:
+            mode = 0o600  # spool files: the owner's alone
+            out_fd = _open_output(prep.out, mode)
+            try:
+                err_fd = os.dup(out_fd) if prep.err == prep.out else _open_output(prep.err, mode)
+            except OSError:
+                os.close(out_fd)
+                raise
+        except OSError:
+            self._undo(launch, prep)
+            return
+        prep.fds = (out_fd, err_fd)
+        self._staged[key] = (launch, prep)
+
+    def staged(self) -> list[Key]:
+        return list(self._staged)
+
+    def unstage(self, key: Key) -> None:
+        """Undo `stage` for a job that will not start here (asked back, cancelled, dropped)."""
+        launch, prep = self._staged.pop(key)
+        if prep.fds is not None:
+            for fd in prep.fds:
+                os.close(fd)
+        for path in {prep.out, prep.err}:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        self._undo(launch, prep)
+
+    def _undo(self, launch: Launch, prep: _Prep) -> None:
+        if not launch.cwd:
+            with contextlib.suppress(OSError):
+                os.rmdir(prep.stem)
+        if prep.cgroup:
+            cgroups.remove(prep.cgroup)
+
+    def _prepare(self, launch: Launch, account: Account) -> _Prep:
+        """The job's directory (made), paths, environment and cgroup (made)."""
         home = account_spool(self.spool, account.name)
         stem = job_dir(home, launch.job, launch.attempt)
         cwd = os.path.abspath(launch.cwd) if launch.cwd else stem
         out, err = output_paths(launch.output, home, cwd, launch.job, launch.attempt)
         marker = f"{self._nonce}:{launch.job}:{launch.token}"
+        if home not in self._homes:  # checked once; made anew if spool cleaning removed it
+            self._account_dir(home, account)
+            self._homes.add(home)
+        elif not os.path.isdir(home):
+            self._homes.discard(home)
+            self._account_dir(home, account)
+            self._homes.add(home)
+        if not launch.cwd:
+            # The job gets a directory of its own, its owner's alone. It is left in place
+            # like the output files (rmdir costs up to a ms on some filesystems); spool
+            # retention removes it.
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(stem, 0o700)
+                if account.uid != self.me.uid:
+                    # Not through a link the owner may have put in its place meanwhile.
+                    os.chown(stem, account.uid, account.gid, follow_symlinks=False)
+        elif account.uid == self.me.uid and not os.path.isdir(cwd):
+            raise NotADirectoryError(f"working directory {cwd!r} does not exist")
+        env = self._environment(launch, account, stem + ".progress", marker)
+        cgroup = self.cgroups.create(launch.job, launch.token) if self.cgroups else None
+        return _Prep(stem, cwd, out, err, marker, env, cgroup)
+
+    def start(self, launch: Launch, now: float) -> RunningJob:
+        key = (launch.job, launch.token)
+        if key in self._jobs:
+            return self._jobs[key].info
+        account = launch.account or self.me
+        staged = self._staged.pop(key, None)
+        if staged is not None:
+            launch, prep = staged[0], staged[1]
+        else:
+            home = account_spool(self.spool, account.name)
+            stem = job_dir(home, launch.job, launch.attempt)
+            cwd = os.path.abspath(launch.cwd) if launch.cwd else stem
+            out, err = output_paths(launch.output, home, cwd, launch.job, launch.attempt)
+            prep = _Prep(stem, cwd, out, err, f"{self._nonce}:{launch.job}:{launch.token}")
         pid: int | None = None
         failure: str | None = None
-        cgroup: str | None = None
         try:
-            self._account_dir(home, account)
-            if not launch.cwd:
-                # The job gets a directory of its own, its owner's alone. It is left in place
-                # like the output files (rmdir costs up to a ms on some filesystems); spool
-                # retention removes it.
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(stem, 0o700)
-                    if account.uid != self.me.uid:
-                        # Not through a link the owner may have put in its place meanwhile.
-                        os.chown(stem, account.uid, account.gid, follow_symlinks=False)
-            elif account.uid == self.me.uid and not os.path.isdir(cwd):
-                raise NotADirectoryError(f"working directory {cwd!r} does not exist")
-            env = self._environment(launch, account, stem + ".progress", marker)
-            cgroup = self.cgroups.create(launch.job, launch.token) if self.cgroups else None
+            if staged is None:
+                prep = self._prepare(launch, account)
             self._starts.append(now)
             warm = now - self._last_move < self.warm_moves or (
                 len(self._starts) == STREAM_STARTS and now - self._starts[0] < self.stream_span
             )
             moved = self.warm_starts
-            pid = self._spawn(launch, account, cwd, env, (out, err), cgroup, warm)
+            pid = self._spawn(launch, account, prep, warm)
             if self.warm_starts != moved:
                 self._last_move = now
         except ChildFailed as e:
             if e.pid > 0:
                 self._reap_pids[e.pid] = None
             failure = f"banyan: job {launch.job} attempt {launch.attempt} could not start: {e}\n"
-            _append(err, failure, account.uid)
+            _append(prep.err, failure, account.uid)
         except (OSError, ValueError) as e:
             failure = f"banyan: job {launch.job} attempt {launch.attempt} could not start: {e}\n"
-            _append(err, failure, account.uid)
+            _append(prep.err, failure, account.uid)
+        finally:
+            for fd in prep.fds or ():
+                os.close(fd)
+            prep.fds = None
         info = RunningJob(
             job=launch.job,
             token=launch.token,
             attempt=launch.attempt,
             pid=pid,
             started=now,
-            stdout_path=out,
-            stderr_path=err,
-            progress_path=stem + ".progress",
-            marker=marker,
+            stdout_path=prep.out,
+            stderr_path=prep.err,
+            progress_path=prep.stem + ".progress",
+            marker=prep.marker,
             uid=account.uid,
         )
-        a = _Attempt(info, launch, failure=failure, cgroup=cgroup)
+        a = _Attempt(info, launch, failure=failure, cgroup=prep.cgroup)
         if pid is not None:
             a.watch = ProgressWatch(info.progress_path, now, account.uid)
             with contextlib.suppress(OSError, AttributeError):
                 a.pidfd = os.pidfd_open(pid)
         self._jobs[key] = a
-        self._by_marker[marker] = a
+        self._by_marker[prep.marker] = a
         return info
 
     def _account_dir(self, path: str, account: Account) -> None:
@@ -358,10 +469,17 @@ class Runner:
         """The account's login environment, what the submitter exported (never the daemons'
         variables), the account's own HOME, USER, LOGNAME and SHELL, the job's --env, and
         the worker's variables for the job (banyan/export.py)."""
-        env = account.login_environment()
-        if launch.environment:
-            env.update(export.exported(launch.environment))
-            env.update(account.variables())
+        # A stream of jobs comes from one submitter: the same account, login PATH (login.defs
+        # is read again when it changes) and environment.
+        login = (account, accounts.login_path(account.uid))
+        last_login, last_environment, base = self._last_base
+        if login != last_login or launch.environment != last_environment:
+            base = account.login_environment()
+            if launch.environment:
+                base.update(export.exported(launch.environment))
+                base.update(account.variables())
+            self._last_base = (login, launch.environment, base)
+        env = dict(base)
         env.update(launch.env)
         env["BANYAN_JOB_ID"] = str(launch.job)
         env["BANYAN_ATTEMPT"] = str(launch.attempt)
@@ -375,16 +493,8 @@ class Runner:
         env[MARKER_VAR] = marker
         return env
 
-    def _spawn(
-        self,
-        launch: Launch,
-        account: Account,
-        cwd: str,
-        env: dict[str, str],
-        outputs: tuple[str, str],
-        cgroup: str | None,
-        warm: bool = False,
-    ) -> int:
+    def _spawn(self, launch: Launch, account: Account, prep: _Prep, warm: bool = False) -> int:
+        cwd, env, outputs, cgroup = prep.cwd, prep.env, (prep.out, prep.err), prep.cgroup
         # Neither start has a chdir action, so the shell changes directory itself (as the
         # job's owner); on the same line as the command, so the user's line numbers in error
         # messages stay right. The cd leaves the directory it left (the worker's) in OLDPWD:
@@ -401,10 +511,13 @@ class Runner:
         # Spool files are the owner's alone; a file the job names takes the usual mode.
         mode = 0o600 if launch.output is None else 0o666
         with contextlib.ExitStack() as fds:
-            out_fd = _open_output(out, mode)
-            fds.callback(os.close, out_fd)
-            err_fd = os.dup(out_fd) if err == out else _open_output(err, mode)
-            fds.callback(os.close, err_fd)
+            if prep.fds is not None:  # staged: opened already, closed by the caller
+                out_fd, err_fd = prep.fds
+            else:
+                out_fd = _open_output(out, mode)
+                fds.callback(os.close, out_fd)
+                err_fd = os.dup(out_fd) if err == out else _open_output(err, mode)
+                fds.callback(os.close, err_fd)
             if warm and cgroup and self.clone_into_cgroups:
                 self.warm_starts += 1
             elif cgroup and self.clone_into_cgroups and not self.launcher.broken:
@@ -506,9 +619,12 @@ class Runner:
             elif a.kill_at is None:
                 # Ended by itself: nothing it started may outlive it.
                 procs.signal_group(a.pgid, signal.SIGKILL)
-                # A kill costs the kernel work that slowed the next start by ~1 ms even on
-                # an empty cgroup, and most jobs leave nothing behind.
-                if a.cgroup and cgroups.populated(a.cgroup):
+                # Most jobs leave nothing behind: their cgroup goes at once. A kill costs the
+                # kernel work that slowed the next start by ~1 ms even on an empty cgroup, so
+                # only one that is not empty gets it (and is removed by the sweep).
+                if a.cgroup and cgroups.remove(a.cgroup):
+                    a.cgroup = None
+                elif a.cgroup:
                     cgroups.kill(a.cgroup)
                 self._schedule_sweep()
                 done.append(self._finish(a, now))
@@ -544,11 +660,9 @@ class Runner:
                     pending[key] = now + _REAP_WINDOW
                 elif now > until:
                     del pending[key]
-        try:
-            if os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-                return  # the common case: one syscall, nothing has ended
-        except ChildProcessError:
-            return
+        first = _first_exited()
+        if first is None:
+            return  # the common case: one syscall, nothing has ended
         for a in self._jobs.values():
             if a.info.pid is not None and a.exit is None:
                 a.exit = procs.peek_exit(a.info.pid)
@@ -556,13 +670,21 @@ class Runner:
             for key in list(pending):
                 if not procs.reap_some(number * key):
                     del pending[key]
-        self._reap_orphans()
+        self._reap_orphans(first)
 
-    def _reap_orphans(self) -> None:
+    def _reap_orphans(self, first: int | None = None) -> None:
         """Reap every exited process that came to us as a subreaper (a job's orphans: a fork
         loop makes thousands, each holding a pid and counting against its account's process
         limit), but the leaders of running attempts, held on purpose, and the children of
-        the worker's own session."""
+        the worker's own session.
+
+        `first`, the child the kernel shows first among those exited: the leader of an
+        attempt that ended by itself (the usual case, a job that left nothing) needs no look
+        at the others now; its end reaps it and looks again (`_forget`)."""
+        if first is not None:
+            a = next((a for a in self._jobs.values() if a.info.pid == first), None)
+            if a is not None and a.exit is not None and a.kill_at is None:
+                return
         exited = procs.exited_children(self._me)
         if exited is None:  # no child lists here: the sweep's pass over /proc reaps them
             self._schedule_sweep()
@@ -701,6 +823,9 @@ class Runner:
         if a.info.pid is not None:
             if a.exit is not None:
                 procs.reap_some(a.info.pid)  # the leader's zombie, held until now
+                first = _first_exited()
+                if first is not None:  # what exited behind it (see _reap_orphans)
+                    self._reap_orphans(first)
             self._reap_groups[a.pgid] = None  # members reparented to us die into zombies
         with contextlib.suppress(OSError):
             os.unlink(a.info.progress_path)
