@@ -74,10 +74,14 @@ MAX_TAGS = 64
 MAX_DEPS_PER_JOB = 1000
 MAX_CLAIM = 1024
 # Claim-ahead (SPEC §5): jobs a worker may hold beyond its free room, so that a slot that frees
-# starts its next job without a round trip to the broker. Two per worker keeps two slots fed
-# through one result's commit; more only moves jobs away from workers that may free up sooner.
-PREFETCH = 2
+# starts its next job without a round trip to the broker. At most PREFETCH per worker by
+# default; within that, each worker asks for as many as its slots run in AHEAD_HORIZON at the
+# length of its recent jobs (claim's `ahead`): a stream of short jobs gets its slots fed, while
+# jobs longer than the horizon are held nowhere, so priorities and fair share decide at every
+# slot as without claim-ahead.
+PREFETCH = 8
 MAX_PREFETCH = 1024
+AHEAD_HORIZON = 0.02  # seconds
 OUTPUT_TAIL_BYTES = 4096  # the tail of stdout/stderr sent with a result
 PROGRESS_MESSAGE_MAX = 1024
 # Id ranges in one selector (`banyan-cancel 1-9 20-29 ...`): each is one index walk.

@@ -1191,7 +1191,14 @@ _WORKER_TO_BROKER_SCHEMAS: Final[dict[str, Check]] = {
             )
         }
     ),
-    "claim": _record({"max": (_int(1, defaults.MAX_CLAIM), _REQUIRED)}),
+    # `ahead`: how many jobs the worker asks to have held ahead now (SPEC §5); absent: as many
+    # as its prefetch allows.
+    "claim": _record(
+        {
+            "max": (_int(1, defaults.MAX_CLAIM), _REQUIRED),
+            "ahead": (_int(0, defaults.MAX_PREFETCH, null=True), None),
+        }
+    ),
     # pid is only shown to people; 0 stands for "not known" (register's pid likewise). `age`:
     # seconds since the job started, as the worker reports it a little later (durations, not
     # times, so the two clocks need not agree).

@@ -126,6 +126,10 @@ class Harness:
     def claim(self, name: str, count: int = 1) -> list[dict[str, Any]]:
         """Claim and return the assignments that answered it (now or already pending)."""
         self.do(lambda c: c.claim(name, count))
+        return self.take_assigned(name)
+
+    def take_assigned(self, name: str) -> list[dict[str, Any]]:
+        """The assignments sent to worker `name` since they were last taken."""
         return [j for e in self.take("assign", name) for j in e.body["jobs"]]
 
     def finish(

@@ -5,21 +5,31 @@ comes back unstarted, spending nothing, when its worker drains, dies or the job 
 from __future__ import annotations
 
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from banyan.client import Client
-from tests.cluster import HEARTBEAT, LIVENESS, Cluster, wait_for
+from tests.cluster import ALLOW_ROOT, HEARTBEAT, LIVENESS, Cluster, wait_for
 
 WINDOW = HEARTBEAT * LIVENESS
 
 
+class HoldingCluster(Cluster):
+    """Its workers hold two jobs ahead whatever the length of their jobs (`--prefetch 2`)."""
+
+    def start_worker(self, *args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        kwargs.setdefault("extra", (*ALLOW_ROOT, "--prefetch", "2"))
+        return super().start_worker(*args, **kwargs)
+
+
 @pytest.fixture
 def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
-    """A broker with claim-ahead on (`--prefetch 2`; it is off by default)."""
-    c = Cluster(tmp_path)
+    """A broker that lets workers hold two jobs ahead (`--prefetch 2`), and workers that do."""
+    c = HoldingCluster(tmp_path)
     c.broker_args = ["--prefetch", "2"]
     monkeypatch.setenv("BANYAN_HOME", str(c.home))
     c.start_broker()
@@ -193,3 +203,52 @@ def test_jobs_that_end_together_never_crowd_their_worker(cluster: Cluster, tmp_p
     ).jobs
     assert set(ended(c, ids, timeout=120).values()) == {"terminated/success"}
     assert _most_at_once(stamps) <= 3
+
+
+@pytest.fixture
+def plain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
+    """A broker and workers on their defaults: each worker asks for as many jobs held ahead
+    as its jobs' length calls for, within the broker's prefetch."""
+    (tmp_path / "plain").mkdir()
+    c = Cluster(tmp_path / "plain")
+    monkeypatch.setenv("BANYAN_HOME", str(c.home))
+    c.start_broker()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def test_long_jobs_are_held_nowhere_so_priority_decides_at_every_slot(
+    plain: Cluster, tmp_path: Path
+):
+    plain.start_worker("w1", cpus=1)
+    plain.start_worker("w2", cpus=1)
+    c = plain.client()
+    warm = c.submit(jobs=[{"command": "sleep 0.3"}] * 2).jobs  # the workers learn the length
+    ended(c, warm)
+    starts = tmp_path / "starts"
+    lows = c.submit(jobs=[{"command": f"echo low >> {starts}; sleep 0.5"}] * 6).jobs
+    wait_for(lambda: starts.exists() and len(starts.read_text().split()) == 2, 10, what="2 runs")
+    assert all(w.ahead == [] for w in c.workers())
+    assert [c.job(j).state for j in lows[2:]] == ["available"] * 4  # held nowhere
+    (high,) = c.submit(f"echo high >> {starts}", priority=100).jobs
+    ended(c, [*lows, high])
+    # The first slot that freed took the later job of higher priority.
+    assert starts.read_text().split() == ["low", "low", "high", *["low"] * 4]
+
+
+def test_a_stream_of_short_jobs_is_held_ahead(plain: Cluster):
+    plain.start_worker("w1", cpus=2)
+    c = plain.client()
+    since = c.events_head()
+    ids = c.submit(jobs=[{"command": "true"}] * 400).jobs
+    ended(c, ids, timeout=120)
+    reasons: set[str] = set()
+    for _ in range(100):  # the events of 400 jobs, a page at a time
+        events, since = c.events(since=since)
+        if not events:
+            break
+        reasons.update(str(e[5]) for e in events)
+    assert "assigned to w1, waiting for a slot" in reasons
+    assert all(c.job(j).attempts == 1 for j in ids[::40])

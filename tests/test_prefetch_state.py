@@ -56,6 +56,19 @@ def test_a_workers_own_prefetch_overrides_the_brokers(h):
     assert h.state(jobs[1]) == "available"
 
 
+def test_a_claim_says_how_many_to_hold_ahead_within_prefetch(h):
+    jobs = h.submit(*[spec() for _ in range(6)])
+    h.add_worker("w", cpus=1)
+    h.do(lambda c: c.claim("w", 100, ahead=0))  # jobs longer than the horizon: none
+    assert ahead(h.take_assigned("w")) == [] and h.state(jobs[1]) == "available"
+    h.do(lambda c: c.claim("w", 100, ahead=1))
+    assert ahead(h.take_assigned("w")) == jobs[1:2]
+    h.do(lambda c: c.claim("w", 100, ahead=50))  # more than its prefetch: the prefetch
+    assert ahead(h.take_assigned("w")) == jobs[2:3]
+    h.do(lambda c: c.claim("w", 100))  # not said: as it said last
+    assert ahead(h.take_assigned("w")) == [] and h.worker("w").hold == 50
+
+
 def test_no_job_is_held_ahead_that_an_idle_worker_could_run(h):
     h.add_worker("idle", cpus=1)
     a, b, c = h.submit(spec(), spec(), spec())
@@ -208,3 +221,15 @@ def test_a_job_held_ahead_is_dated_from_its_start_not_its_claim(h):
     with h.store.read() as tx:
         attempt = tx.get_attempt(b, 1)
     assert attempt is not None and attempt.claimed == claimed and attempt.started == h.now
+
+
+def test_a_worker_asks_to_hold_what_its_slots_run_in_the_horizon():
+    from banyan.defaults import AHEAD_HORIZON, MAX_PREFETCH
+    from banyan.worker.daemon import ahead_wanted
+
+    assert ahead_wanted(None, 2) == 0  # no job ended here yet: nothing known, nothing held
+    assert ahead_wanted(AHEAD_HORIZON / 10, 2) == 20  # short jobs: ten per slot
+    assert ahead_wanted(AHEAD_HORIZON / 2, 1.5) == 2
+    assert ahead_wanted(AHEAD_HORIZON * 2, 64) == 32
+    assert ahead_wanted(AHEAD_HORIZON * 1.01, 1) == 0  # longer than the horizon: none
+    assert ahead_wanted(0.0, 1) == min(MAX_PREFETCH, int(AHEAD_HORIZON / 1e-4))

@@ -287,6 +287,7 @@ class Worker(Record):
     ahead: dict[int, int] = field(default_factory=dict)
     revoking: list[int] = field(default_factory=list)
     prefetch: int | None = None  # how many it may hold ahead; None: the broker's default
+    hold: int | None = None  # how many it asks to hold ahead now (claim); None: its prefetch
 
     @property
     def gone(self) -> bool:

@@ -1263,7 +1263,7 @@ def _worker_report(core: Core, name: str, msg: protocol.Message) -> None:
     elif msg.type == "draining":
         core.draining(name)
     elif msg.type == "claim":
-        core.claim(name, b["max"])
+        core.claim(name, b["max"], b.get("ahead"))
     elif msg.type == "started":
         core.started(name, b["job"], b["token"], b["age"])
     elif msg.type == "hand_back":

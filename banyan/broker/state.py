@@ -872,10 +872,13 @@ class Core:
             raise NotFound(f"no worker {name!r}")
         return worker
 
-    def claim(self, name: str, count: int) -> None:
-        """The worker has room for `count` more jobs; they are assigned by `match`."""
+    def claim(self, name: str, count: int, ahead: int | None = None) -> None:
+        """The worker has room for `count` more jobs; they are assigned by `match`. `ahead`:
+        how many it asks to have held ahead, within its prefetch (None: not said)."""
         worker = self._worker(name)
         worker.wants = count if worker.state == WorkerState.ACTIVE.value else 0
+        if ahead is not None:
+            worker.hold = ahead
         self.tx.put_worker(worker)
         self.wake = self.wake or worker.wants > 0
 
@@ -924,6 +927,8 @@ class Core:
         it only after: given to a new job meanwhile, that room would hold two."""
         cpus = worker.cpus - worker.used_cpus
         memory = worker.memory - worker.used_memory
+        if cpus < MIN_CPUS:  # full: no need to read what it holds ahead (the usual case)
+            return cpus, memory, worker.gpus - len(worker.used_gpus)
         for job_id in worker.ahead:
             job = self.tx.get_job(job_id)
             if job is not None:
@@ -938,7 +943,8 @@ class Core:
         return len(batch)
 
     def _prefetch(self, worker: Worker) -> int:
-        return self.config.prefetch if worker.prefetch is None else worker.prefetch
+        limit = self.config.prefetch if worker.prefetch is None else worker.prefetch
+        return limit if worker.hold is None else min(limit, worker.hold)
 
     def _fill_ahead(self, worker: Worker, board: Board) -> list[dict[str, Any]]:
         """Assign `worker` jobs beyond its free room, up to its prefetch, best first: each

@@ -49,6 +49,8 @@ log = logging.getLogger("banyan.worker")
 # Jobs held ahead made ready to start at a time (Runner.stage): those next in line. Each holds
 # its two output files open.
 STAGED_AHEAD = 2
+# How much each ended job moves the moving average of job length that `ahead_wanted` reads.
+LENGTH_WEIGHT = 0.2
 
 Key = tuple[int, int]  # (job, token)
 
@@ -90,6 +92,7 @@ class Link:
     ever_registered: bool = False
     trouble: BrokerUnavailable | None = None  # what the monitor last said went wrong
     told: tuple[str, float] = ("", -math.inf)  # the trouble last logged, and when
+    ahead_asked: int | None = None  # the `ahead` of the last claim
 
 
 class WorkerDaemon:
@@ -139,6 +142,7 @@ class WorkerDaemon:
         # with its exported environment; started as room frees, or given back (`returned`).
         self.ahead: dict[Key, tuple[dict[str, Any], dict[str, Any] | None]] = {}
         self._sizes: dict[Key, tuple[float, int]] = {}  # (cpus, memory) of each started job
+        self._job_length: float | None = None  # recent jobs' run time, a moving average
         self._wakeup_r, self._wakeup_w = socket.socketpair()
         self._poller: tuple[zmq.Socket[Any] | None, zmq.Poller] = (None, zmq.Poller())
         self._wakeup_r.setblocking(False)
@@ -586,6 +590,12 @@ class WorkerDaemon:
         )
         self._unreported.pop((done.job, done.token), None)
         self._sizes.pop((done.job, done.token), None)
+        length = max(0.0, done.ended - done.started)
+        self._job_length = (
+            length
+            if self._job_length is None
+            else (self._job_length + LENGTH_WEIGHT * (length - self._job_length))
+        )
         self.link.unacked[(done.job, done.token)] = (payload, now)
         assert self.sock is not None
         with contextlib.suppress(zmq.Again):
@@ -593,9 +603,15 @@ class WorkerDaemon:
 
     def _maybe_claim(self) -> None:
         link = self.link
-        if link.registered and not self.draining and link.claim_left < defaults.MAX_CLAIM // 2:
-            self._send("claim", {"max": defaults.MAX_CLAIM})
-            link.claim_left = defaults.MAX_CLAIM
+        if not link.registered or self.draining:
+            return
+        # A worker given --prefetch holds that many; else as many as its jobs' length calls for.
+        wish = None
+        if self.config.prefetch is None:
+            wish = ahead_wanted(self._job_length, self.config.cpus)
+        if link.claim_left < defaults.MAX_CLAIM // 2 or _moved(link.ahead_asked, wish):
+            self._send("claim", {"max": defaults.MAX_CLAIM, "ahead": wish})
+            link.claim_left, link.ahead_asked = defaults.MAX_CLAIM, wish
 
     def _timers(self, now: float) -> None:
         link = self.link
@@ -639,6 +655,25 @@ class WorkerDaemon:
         os.close(self._lifeline)  # the watchdog sweeps (nothing, after a clean stop) and exits
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.watchdog.wait(timeout=5)
+
+
+def ahead_wanted(length: float | None, cpus: float) -> int:
+    """How many jobs to ask the broker to hold ahead (SPEC §5): as many as `cpus` one-cpu slots
+    run in AHEAD_HORIZON at the recent job `length`, so a slot that frees starts its next job
+    without a round trip; none for jobs longer than that, or before any job has ended here."""
+    if length is None:
+        return 0
+    slots = max(1, math.floor(cpus))
+    return min(
+        defaults.MAX_PREFETCH, math.floor(slots * defaults.AHEAD_HORIZON / max(length, 1e-4))
+    )
+
+
+def _moved(asked: int | None, wish: int | None) -> bool:
+    """Whether `wish` differs enough from what the last claim asked to say it again."""
+    if asked is None or wish is None or (asked == 0) != (wish == 0):
+        return asked != wish
+    return abs(wish - asked) * 4 > asked
 
 
 def _launch(a: dict[str, Any], environment: dict[str, Any] | None, account: Account) -> Launch:
