@@ -141,13 +141,21 @@ def test_an_admins_drain_has_the_worker_give_back_what_it_held_ahead(
     assert not (tmp_path / "second").exists()
 
 
+def spooled(cluster: Cluster, worker: str, job: int) -> list[str]:
+    """What the worker's spool holds of the job's first attempt: its directory and files."""
+    return sorted(p.name for p in (cluster.root / "spool" / worker).glob(f"*/{job}.1*"))
+
+
 def test_cancel_of_a_job_held_ahead_never_starts_it(cluster: Cluster, tmp_path: Path):
     c, first, gate = busy_worker(cluster, tmp_path)
     mark = tmp_path / "never"
     (second,) = c.submit(marker(mark)).jobs
     wait_for(lambda: held_ahead(c, second, "w1"), 10, what="the job held ahead")
+    # Made ready to start while the slot is busy: its directory and output files.
+    wait_for(lambda: len(spooled(cluster, "w1", second)) == 3, 10, what="the job made ready")
     c.cancel([second])
     assert ended(c, [second], timeout=10) == {second: "cancelled/None"}
+    wait_for(lambda: spooled(cluster, "w1", second) == [], 10, what="what was made undone")
     gate.touch()
     assert ended(c, [first]) == {first: "terminated/success"}
     assert not mark.exists()

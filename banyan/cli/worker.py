@@ -22,7 +22,9 @@ Options:
   --gpus N              GPUs to offer (default: CUDA_VISIBLE_DEVICES or nvidia-smi).
   --tag T               A label jobs can ask for; repeat for more.
   --prefetch N          Jobs to hold ahead, beyond free room, so that a slot that frees
-                        starts its next job at once; 0: none (default: the broker's).
+                        starts its next job at once; 0: none (default: as many as its
+                        slots run in 20 ms at its recent job length, at most the
+                        broker's --prefetch).
   --spool DIR           Where job output goes, in a directory per account (default:
                         /var/spool/banyan/NAME as root, else $BANYAN_HOME/spool/NAME).
   --spool-retention T   Delete a job's output in the spool this long after it last

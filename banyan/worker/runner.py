@@ -209,6 +209,7 @@ def _open_output(path: str, mode: int) -> int:
 class _Prep:
     """What a start takes before its process: made at the start, or ahead (Runner.stage)."""
 
+    home: str  # its account's directory in the spool
     stem: str  # the job's own directory, and the stem of its progress file
     cwd: str
     out: str
@@ -320,9 +321,11 @@ class Runner:
             return
         if account.uid != self.me.uid or launch.output is not None:
             return
+        prep = self._paths(launch, account)
         try:
-            prep = self._prepare(launch, account)
+            self._make(launch, account, prep)
         except (OSError, ValueError):
+            self._undo(launch, prep)
             return  # its start tries again, and says what went wrong
         try:
             mode = 0o600  # spool files: the owner's alone
@@ -359,13 +362,16 @@ class Runner:
         if prep.cgroup:
             cgroups.remove(prep.cgroup)
 
-    def _prepare(self, launch: Launch, account: Account) -> _Prep:
-        """The job's directory (made), paths, environment and cgroup (made)."""
+    def _paths(self, launch: Launch, account: Account) -> _Prep:
         home = account_spool(self.spool, account.name)
         stem = job_dir(home, launch.job, launch.attempt)
         cwd = os.path.abspath(launch.cwd) if launch.cwd else stem
         out, err = output_paths(launch.output, home, cwd, launch.job, launch.attempt)
-        marker = f"{self._nonce}:{launch.job}:{launch.token}"
+        return _Prep(home, stem, cwd, out, err, f"{self._nonce}:{launch.job}:{launch.token}")
+
+    def _make(self, launch: Launch, account: Account, prep: _Prep) -> None:
+        """Make the job's directories, environment and cgroup."""
+        home, stem, cwd = prep.home, prep.stem, prep.cwd
         if home not in self._homes:  # checked once; made anew if spool cleaning removed it
             self._account_dir(home, account)
             self._homes.add(home)
@@ -384,9 +390,8 @@ class Runner:
                     os.chown(stem, account.uid, account.gid, follow_symlinks=False)
         elif account.uid == self.me.uid and not os.path.isdir(cwd):
             raise NotADirectoryError(f"working directory {cwd!r} does not exist")
-        env = self._environment(launch, account, stem + ".progress", marker)
-        cgroup = self.cgroups.create(launch.job, launch.token) if self.cgroups else None
-        return _Prep(stem, cwd, out, err, marker, env, cgroup)
+        prep.env = self._environment(launch, account, stem + ".progress", prep.marker)
+        prep.cgroup = self.cgroups.create(launch.job, launch.token) if self.cgroups else None
 
     def start(self, launch: Launch, now: float) -> RunningJob:
         key = (launch.job, launch.token)
@@ -394,19 +399,12 @@ class Runner:
             return self._jobs[key].info
         account = launch.account or self.me
         staged = self._staged.pop(key, None)
-        if staged is not None:
-            launch, prep = staged[0], staged[1]
-        else:
-            home = account_spool(self.spool, account.name)
-            stem = job_dir(home, launch.job, launch.attempt)
-            cwd = os.path.abspath(launch.cwd) if launch.cwd else stem
-            out, err = output_paths(launch.output, home, cwd, launch.job, launch.attempt)
-            prep = _Prep(stem, cwd, out, err, f"{self._nonce}:{launch.job}:{launch.token}")
+        launch, prep = staged if staged is not None else (launch, self._paths(launch, account))
         pid: int | None = None
         failure: str | None = None
         try:
             if staged is None:
-                prep = self._prepare(launch, account)
+                self._make(launch, account, prep)
             self._starts.append(now)
             warm = now - self._last_move < self.warm_moves or (
                 len(self._starts) == STREAM_STARTS and now - self._starts[0] < self.stream_span
