@@ -81,7 +81,7 @@ MAX_CLAIM = 1024
 # slot as without claim-ahead.
 PREFETCH = 8
 MAX_PREFETCH = 1024
-AHEAD_HORIZON = 0.02  # seconds
+AHEAD_HORIZON = 0.1  # seconds
 OUTPUT_TAIL_BYTES = 4096  # the tail of stdout/stderr sent with a result
 PROGRESS_MESSAGE_MAX = 1024
 # Id ranges in one selector (`banyan-cancel 1-9 20-29 ...`): each is one index walk.

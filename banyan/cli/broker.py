@@ -15,7 +15,7 @@ Options:
   --liveness N         Missed heartbeats before a worker is lost [default: 5].
   --prefetch N         Jobs a worker may hold ahead at most, beyond its free room, unless
                        it sets its own (banyan-worker --prefetch): as many as its slots
-                       run in 20 ms at its recent job length; 0: none [default: 8].
+                       run in 0.1 s at its recent job length; 0: none [default: 8].
   --retention T        Keep ended jobs, their attempts and events this long (2h, 30d),
                        then purge them; `none` keeps them forever [default: 30d].
   --usage-half-life T  Fair share: a user's past usage counts half after T (1h30m, 7d)

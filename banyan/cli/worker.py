@@ -23,7 +23,7 @@ Options:
   --tag T               A label jobs can ask for; repeat for more.
   --prefetch N          Jobs to hold ahead, beyond free room, so that a slot that frees
                         starts its next job at once; 0: none (default: as many as its
-                        slots run in 20 ms at its recent job length, at most the
+                        slots run in 0.1 s at its recent job length, at most the
                         broker's --prefetch).
   --spool DIR           Where job output goes, in a directory per account (default:
                         /var/spool/banyan/NAME as root, else $BANYAN_HOME/spool/NAME).
