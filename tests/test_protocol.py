@@ -454,7 +454,7 @@ def test_names_used_both_ways_follow_allowed() -> None:
 
 def test_custom_allowed_subset() -> None:
     only = frozenset({"claim", "result"})
-    assert decode(frame("claim", {"max": 2}), only).body == {"max": 2}
+    assert decode(frame("claim", {"max": 2}), only).body == {"max": 2, "ahead": None}
     err = refuse(frame("started", {"job": 1, "token": 1, "pid": 1}), only)
     assert err.reason == "type: 'started' is not accepted on this socket"
 
