@@ -471,8 +471,8 @@ def test_str_enums_and_tuples_accepted_by_encode() -> None:
 
 def test_memoryview_and_bytearray_frames() -> None:
     data = encode("claim", {"max": 1})
-    assert decode(bytearray(data), WORKER_TO_BROKER).body == {"max": 1}
-    assert decode(memoryview(data), WORKER_TO_BROKER).body == {"max": 1}
+    assert decode(bytearray(data), WORKER_TO_BROKER).body == {"max": 1, "ahead": None}
+    assert decode(memoryview(data), WORKER_TO_BROKER).body == {"max": 1, "ahead": None}
 
 
 def test_command_limit_counts_utf8_bytes() -> None:
