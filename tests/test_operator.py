@@ -336,7 +336,9 @@ def test_a_worker_says_when_it_is_registered_again_and_with_what(op: Operator) -
     op.start_broker()
     op.start_worker("w1")
     broker = f"tcp://127.0.0.1:{op.worker_port}"
-    assert f"INFO banyan.worker: registered with the broker at {broker}\n" in op.log("w1")
+    # Listed by the broker as it registers; its log line comes as the answer reaches it.
+    first = f"INFO banyan.worker: registered with the broker at {broker}\n"
+    wait_for(lambda: first in op.log("w1"), 20, what="the worker's first line")
     go = op.root / "go"
     (job,) = op.client().submit(f"until [ -e {go} ]; do sleep 0.05; done").jobs
     wait_for(lambda: job_row(op, job)["state"] == "running", 20, what="the job to run")
