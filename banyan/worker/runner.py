@@ -678,7 +678,8 @@ class Runner:
 
         `first`, the child the kernel shows first among those exited: the leader of an
         attempt that ended by itself (the usual case, a job that left nothing) needs no look
-        at the others now; its end reaps it and looks again (`_forget`)."""
+        at the others now. Its end reaps it, and whatever exited behind it is the first the
+        next poll sees."""
         if first is not None:
             a = next((a for a in self._jobs.values() if a.info.pid == first), None)
             if a is not None and a.exit is not None and a.kill_at is None:
@@ -821,9 +822,6 @@ class Runner:
         if a.info.pid is not None:
             if a.exit is not None:
                 procs.reap_some(a.info.pid)  # the leader's zombie, held until now
-                first = _first_exited()
-                if first is not None:  # what exited behind it (see _reap_orphans)
-                    self._reap_orphans(first)
             self._reap_groups[a.pgid] = None  # members reparented to us die into zombies
         with contextlib.suppress(OSError):
             os.unlink(a.info.progress_path)
