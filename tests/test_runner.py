@@ -469,6 +469,28 @@ def test_double_forked_escapee_is_killed_after_a_normal_exit(h: Harness) -> None
     assert not marked(info.marker)
 
 
+def test_what_a_job_leaves_in_its_cgroup_dies_with_it(tmp_path: Path) -> None:
+    """A job's end kills what it left in its cgroup at once, not at the next sweep."""
+    need_cgroups()
+    h = Harness(tmp_path / "spool", [], cgroups=True)
+    try:
+        command = (
+            "(setsid sh -c 'echo $$ > escapee; exec sleep 1000' &); "
+            "until test -s escapee; do :; done"
+        )
+        h.run(9, "true")  # its end sweeps (the first sweep is due at once): the next is 1 s on
+        h.start(1, command)
+        assert h.result(1).exit_code == 0
+        escapee = int((h.spool / "1.1" / "escapee").read_text())
+        # No poll from here on, so no sweep: only the end's own kill can have stopped it.
+        wait_for(lambda: not alive(escapee), timeout=5)
+        h.polling_until(lambda: not h.runner.running())
+    finally:
+        h.runner.launcher.close()
+        assert h.runner.cgroups is not None
+        h.runner.cgroups.close()
+
+
 def test_time_limit(h: Harness) -> None:
     info = h.start(1, "sleep 1000", time_limit=0.2)
     done = h.result(1)
