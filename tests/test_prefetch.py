@@ -260,3 +260,20 @@ def test_a_stream_of_short_jobs_is_held_ahead(plain: Cluster):
         reasons.update(str(e[5]) for e in events)
     assert "assigned to w1, waiting for a slot" in reasons
     assert all(c.job(j).attempts == 1 for j in ids[::40])
+
+
+def test_a_job_held_ahead_touches_no_file_it_names_until_it_starts(
+    cluster: Cluster, tmp_path: Path
+):
+    c, first, gate = busy_worker(cluster, tmp_path)
+    named = tmp_path / "keep.out"
+    named.write_text("the user's own\n")
+    (second,) = c.submit("echo ran", output=str(named)).jobs
+    wait_for(lambda: held_ahead(c, second, "w1"), 10, what="the job held ahead")
+    (third,) = c.submit("true").jobs  # made ready in the meantime, after the second
+    wait_for(lambda: len(spooled(cluster, "w1", third)) == 3, 10, what="the third made ready")
+    c.cancel([second])
+    assert ended(c, [second], timeout=10) == {second: "cancelled/None"}
+    assert named.read_text() == "the user's own\n"
+    gate.touch()
+    ended(c, [first, third])
