@@ -300,7 +300,10 @@ class WorkerDaemon:
         for key in self.runner.staged():
             if key not in nexts:
                 self.runner.unstage(key)
+        staged = set(self.runner.staged())
         for key in nexts:
+            if key in staged:
+                continue
             a, environment = self.ahead[key]
             account = self.policy.resolve(a["account"], now)
             if not isinstance(account, str):
