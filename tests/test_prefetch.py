@@ -242,8 +242,10 @@ def test_long_jobs_are_held_nowhere_so_priority_decides_at_every_slot(
     assert [c.job(j).state for j in lows[2:]] == ["available"] * 4  # held nowhere
     (high,) = c.submit(f"echo high >> {starts}", priority=100).jobs
     ended(c, [*lows, high])
-    # The first slot that freed took the later job of higher priority.
-    assert starts.read_text().split() == ["low", "low", "high", *["low"] * 4]
+    # One of the two slots that freed first took the later job of higher priority (the other
+    # may write its line first).
+    lines = starts.read_text().split()
+    assert sorted(lines) == ["high", *["low"] * 6] and lines.index("high") in (2, 3), lines
 
 
 def test_a_stream_of_short_jobs_is_held_ahead(plain: Cluster):
