@@ -31,6 +31,11 @@ def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster
     """A broker that lets workers hold two jobs ahead (`--prefetch 2`), and workers that do."""
     c = HoldingCluster(tmp_path)
     c.broker_args = ["--prefetch", "2"]
+    yield from serving(c, monkeypatch)
+
+
+def serving(c: Cluster, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
+    """The cluster with its broker running, for the length of a test."""
     monkeypatch.setenv("BANYAN_HOME", str(c.home))
     c.start_broker()
     try:
@@ -218,13 +223,7 @@ def plain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
     """A broker and workers on their defaults: each worker asks for as many jobs held ahead
     as its jobs' length calls for, within the broker's prefetch."""
     (tmp_path / "plain").mkdir()
-    c = Cluster(tmp_path / "plain")
-    monkeypatch.setenv("BANYAN_HOME", str(c.home))
-    c.start_broker()
-    try:
-        yield c
-    finally:
-        c.stop()
+    yield from serving(Cluster(tmp_path / "plain"), monkeypatch)
 
 
 def test_long_jobs_are_held_nowhere_so_priority_decides_at_every_slot(
