@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -278,3 +279,25 @@ def test_a_job_held_ahead_touches_no_file_it_names_until_it_starts(
     assert named.read_text() == "the user's own\n"
     gate.touch()
     ended(c, [first, third])
+
+
+def test_jobs_held_ahead_start_once_a_silent_broker_is_heard_again(
+    cluster: Cluster, tmp_path: Path
+):
+    """Held jobs wait while the broker may count the worker lost (half the window without word
+    from it), and start once it is heard from again: a pause (of the broker here, of the worker
+    in the field) must not leave them held for good."""
+    c, first, gate = busy_worker(cluster, tmp_path)
+    marks = [tmp_path / f"m{i}" for i in range(2)]
+    ids = [c.submit(marker(m)).jobs[0] for m in marks]
+    wait_for(lambda: all(held_ahead(c, j, "w1") for j in ids), 10, what="two held ahead")
+    broker = cluster.procs["broker"]
+    broker.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(0.6 * WINDOW)  # silent for more than half the window, less than all of it
+        gate.touch()  # the slot frees while the worker may not start what it holds
+        time.sleep(0.3 * WINDOW)
+    finally:
+        broker.send_signal(signal.SIGCONT)
+    assert ended(c, [first, *ids]) == {j: "terminated/success" for j in [first, *ids]}
+    assert all(m.read_text() == "1\n" for m in marks)

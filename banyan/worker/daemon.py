@@ -562,6 +562,11 @@ class WorkerDaemon:
                 self._send("started", {"job": job, "token": token, "pid": pid, "age": 0.0})
         for i, done in enumerate(ended):
             self._result(done, now, then if i == len(ended) - 1 else [])
+        if not ended:
+            # Room that went unused: jobs held ahead that waited for word from the broker
+            # (after a pause of this process, say) start once it has been heard again.
+            for (job, token), pid in self._start_ahead(now):
+                self._send("started", {"job": job, "token": token, "pid": pid, "age": 0.0})
         self._report_started(now)
         for p in self.runner.progress(now):
             self._send(
