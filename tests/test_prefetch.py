@@ -301,3 +301,17 @@ def test_jobs_held_ahead_start_once_a_silent_broker_is_heard_again(
         broker.send_signal(signal.SIGCONT)
     assert ended(c, [first, *ids]) == {j: "terminated/success" for j in [first, *ids]}
     assert all(m.read_text() == "1\n" for m in marks)
+
+
+def test_long_jobs_after_short_ones_go_back_from_where_they_were_held(plain: Cluster):
+    plain.start_worker("w1", cpus=1)
+    c = plain.client()
+    ended(c, c.submit(jobs=[{"command": "true"}] * 100).jobs)  # short: it asks for many
+    longs = c.submit(jobs=[{"command": "sleep 30"}] * 4).jobs
+    # Held behind the first while its length was not known; given back once it has run longer
+    # than a slot runs in the horizon, spending no attempt.
+    wait_for(lambda: c.job(longs[0]).state == "running", 10, what="the first long job")
+    wait_for(lambda: [w.ahead for w in c.workers()] == [[]], 10, what="nothing held ahead")
+    assert [(c.job(j).state, c.job(j).attempts) for j in longs[1:]] == [("available", 0)] * 3
+    c.cancel(longs)
+    ended(c, longs)

@@ -286,7 +286,7 @@ class WorkerDaemon:
                     break
                 self._on_message(frame, now)
         self._report(now)
-        self._maybe_claim()
+        self._maybe_claim(now)
         self._timers(now)
         self._stage(now)
         busy = {job for job, _ in self.runner.running()} | {job for job, _ in self.link.unacked}
@@ -609,17 +609,26 @@ class WorkerDaemon:
         with contextlib.suppress(zmq.Again):
             self.sock.send(payload, zmq.NOBLOCK)
 
-    def _maybe_claim(self) -> None:
+    def _maybe_claim(self, now: float) -> None:
         link = self.link
         if not link.registered or self.draining:
             return
-        # A worker given --prefetch holds that many; else as many as its jobs' length calls for.
+        # A worker given --prefetch holds that many; else as many as its jobs' length calls for:
+        # that of the jobs that ended lately, or of one running now if it has run longer (long
+        # jobs that follow short ones are not held ahead for long).
         wish = None
         if self.config.prefetch is None:
-            wish = ahead_wanted(self._job_length, self.config.cpus)
+            length = self._job_length
+            if length is not None:
+                length = max(length, self.runner.longest_running(now))
+            wish = ahead_wanted(length, self.config.cpus)
         if link.claim_left < defaults.MAX_CLAIM // 2 or _moved(link.ahead_asked, wish):
             self._send("claim", {"max": defaults.MAX_CLAIM, "ahead": wish})
             link.claim_left, link.ahead_asked = defaults.MAX_CLAIM, wish
+        if wish is not None and len(self.ahead) > wish:  # the newest go back to the queue
+            for key in list(self.ahead)[wish:]:
+                del self.ahead[key]
+                self._give_back(key, "the worker's jobs run longer now: it holds fewer ahead")
 
     def _timers(self, now: float) -> None:
         link = self.link

@@ -344,6 +344,12 @@ class Runner:
     def staged(self) -> list[Key]:
         return list(self._staged)
 
+    def longest_running(self, now: float) -> float:
+        """Seconds the longest-running job has run (0 when none runs)."""
+        return max(
+            (now - a.info.started for a in self._jobs.values() if a.exit is None), default=0.0
+        )
+
     def unstage(self, key: Key) -> None:
         """Undo `stage` for a job that will not start here (asked back, cancelled, dropped)."""
         launch, prep = self._staged.pop(key)
