@@ -315,3 +315,13 @@ def test_long_jobs_after_short_ones_go_back_from_where_they_were_held(plain: Clu
     assert [(c.job(j).state, c.job(j).attempts) for j in longs[1:]] == [("available", 0)] * 3
     c.cancel(longs)
     ended(c, longs)
+
+
+def test_a_stream_of_jobs_that_end_at_once_is_never_told_stale(plain: Cluster):
+    """A job held ahead that starts and ends within one turn of the worker is told by its own
+    result: the broker never answers it with a kill for an attempt it already ended."""
+    plain.start_worker("w1", cpus=2)
+    c = plain.client()
+    ids = c.submit(jobs=[{"command": "true"}] * 1500).jobs
+    assert set(ended(c, ids, timeout=120).values()) == {"terminated/success"}
+    assert "is not ours any more" not in plain.log("w1")

@@ -560,6 +560,9 @@ class WorkerDaemon:
         else:  # cannot be (poll ends what exited by itself), but never leave a start untold
             for (job, token), pid in first:
                 self._send("started", {"job": job, "token": token, "pid": pid, "age": 0.0})
+        # One that started and ended within this step is told by its own result.
+        over = {(done.job, done.token) for done in ended}
+        then = [key for key in then if key not in over]
         for i, done in enumerate(ended):
             self._result(done, now, then if i == len(ended) - 1 else [])
         if not ended:
