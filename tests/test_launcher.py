@@ -4,6 +4,7 @@ failed without under CI."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
@@ -99,13 +100,29 @@ def test_a_stream_of_starts_moves_itself_and_a_lone_start_is_cloned(runner: Runn
     assert runner.warm_starts == 2 and not runner.launcher.broken
 
 
-def test_a_dead_launcher_falls_back_to_joining(runner: Runner) -> None:
+def test_a_dead_launcher_falls_back_to_joining_then_gets_a_new_one(runner: Runner) -> None:
     check_born_in_cgroup(runner, 1)
     helper = runner.launcher._proc
     assert helper is not None
     os.kill(helper.pid, signal.SIGKILL)
     helper.wait(timeout=10)
     check_born_in_cgroup(runner, 2)  # the shell moved itself in before running anything
+    assert not runner.launcher.broken and runner.launcher._proc is None
+    runner._last_move = -math.inf  # a lone start again, for the launcher
+    check_born_in_cgroup(runner, 3)
+    again = runner.launcher._proc
+    assert again is not None and again.pid != helper.pid and again.poll() is None
+
+
+def test_a_launcher_that_keeps_failing_is_given_up(runner: Runner) -> None:
+    for job in range(1, launcher.RESTARTS + 2):  # each helper dies before it answers
+        runner.launcher._start()
+        helper = runner.launcher._proc
+        assert helper is not None and not runner.launcher.broken
+        os.kill(helper.pid, signal.SIGKILL)
+        helper.wait(timeout=10)
+        runner._last_move = -math.inf
+        check_born_in_cgroup(runner, job)  # the shell moved itself in
     assert runner.launcher.broken
 
 
@@ -132,7 +149,8 @@ def test_a_stuck_launcher_is_given_up_and_the_job_runs_once(
     runs = tmp_path / "runs"
     done = run(runner, 2, f"echo ran >> {runs}")
     assert done.exit_code == 0 and runs.read_text() == "ran\n"
-    assert runner.launcher.broken and helper.poll() is not None  # killed, not left stopped
+    assert helper.poll() is not None  # killed, not left stopped
+    assert not runner.launcher.broken  # the next lone start asks a new one
 
 
 def test_cancel_kills_everything_in_the_cgroup(runner: Runner) -> None:

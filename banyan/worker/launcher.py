@@ -52,6 +52,8 @@ _CLONE_PARENT = 0x00008000
 _CLONE_INTO_CGROUP = 0x200000000
 _REFUSED = (errno.ENOSYS, errno.EPERM, errno.EINVAL, errno.E2BIG, errno.EOPNOTSUPP)
 _ANSWER_WITHIN = 5.0  # seconds; a helper slower than this is broken, not busy
+# Helpers that failed to answer in a row before the worker stops asking for one (Launcher._failed).
+RESTARTS = 3
 # A request is one datagram, and an exported environment may be 512 KiB (MAX_ENVIRONMENT_BYTES):
 # the socket buffers must hold it. Root may pass the system's limit (SO_SNDBUFFORCE and
 # SO_RCVBUFFORCE, which Python does not name); anyone else gets what net.core.*mem_max allows.
@@ -113,6 +115,7 @@ class Launcher:
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self.broken = not enabled or sys.platform != "linux"
+        self._failures = 0  # requests in a row the helper did not answer
 
     def spawn(
         self,
@@ -156,13 +159,14 @@ class Launcher:
         except ChildFailed:
             raise
         except OSError as e:
-            self._give_up(f"the launcher failed ({e})")
+            self._failed(f"the launcher failed ({e})")
             return None
         try:
             pid, message = msgpack.unpackb(reply, raw=False)
         except (ValueError, TypeError):
-            self._give_up("the launcher exited")
+            self._failed("the launcher exited")
             return None
+        self._failures = 0
         if pid > 0 and message:
             raise ChildFailed(int(pid), str(message))
         if pid > 0:
@@ -190,6 +194,20 @@ class Launcher:
         ours.settimeout(_ANSWER_WITHIN)
         self._sock = ours
         return ours
+
+    def _failed(self, why: str) -> None:
+        """The helper did not answer this request (it died, or this process was stopped past
+        the answer's deadline): it is stopped, and the next request starts a new one; after
+        RESTARTS failures in a row this machine is taken not to allow it."""
+        self._failures += 1
+        if self._failures > RESTARTS:
+            self._give_up(why)
+            return
+        import logging  # only on this rare path
+
+        logging.getLogger("banyan.worker").warning("%s; starting a new one", why)
+        # At once: a helper that missed its answer must not start that job after all.
+        self.close(wait=0.0)
 
     def _give_up(self, why: str) -> None:
         import logging  # only on this rare path
