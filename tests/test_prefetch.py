@@ -15,6 +15,7 @@ import pytest
 
 from banyan.client import Client
 from tests.cluster import ALLOW_ROOT, HEARTBEAT, LIVENESS, Cluster, wait_for
+from tests.test_cli import runner
 
 WINDOW = HEARTBEAT * LIVENESS
 
@@ -325,3 +326,20 @@ def test_a_stream_of_jobs_that_end_at_once_is_never_told_stale(plain: Cluster):
     ids = c.submit(jobs=[{"command": "true"}] * 1500).jobs
     assert set(ended(c, ids, timeout=120).values()) == {"terminated/success"}
     assert "is not ours any more" not in plain.log("w1")
+
+
+def test_a_job_held_ahead_is_shown_held_not_started(
+    cluster: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    c, first, gate = busy_worker(cluster, tmp_path)
+    (second,) = c.submit("true").jobs
+    wait_for(lambda: held_ahead(c, second, "w1"), 10, what="the job held ahead")
+    assert c.job(second).raw["attempt_started"] is None
+    status = runner(cluster, capsys)
+    shown = status("status", str(second))
+    assert shown.code == 0, shown.err
+    assert "state       running, attempt 1 of 1, held ahead on w1\n" in shown.out
+    (row,) = [line.split() for line in shown.out.splitlines() if line.strip().startswith("1 ")]
+    assert row[:5] == ["1", "w1", "-", "-", "held"], shown.out
+    gate.touch()
+    ended(c, [first, second])

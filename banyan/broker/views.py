@@ -203,7 +203,9 @@ def job_info(
     }
     history = tx.attempts_of(job.id) if detail else []
     run = _run(tx, job, history)
-    info["attempt_started"] = None if run is None else run.started or run.claimed
+    # Held ahead: assigned, not started (its claim is no start).
+    held = info["ahead"]
+    info["attempt_started"] = None if run is None or held else run.started or run.claimed
     info["attempt_ended"] = None if run is None else run.ended
     if detail:
         spools = {w.name: w.spool for w in workers}

@@ -348,7 +348,16 @@ def detail(r: dict[str, Any], color: bool) -> str:
     if history:
         lines += [
             "",
-            _indent(table(ATTEMPT_HEADERS, [attempt_row(a, now) for a in history], color)),
+            _indent(
+                table(
+                    ATTEMPT_HEADERS,
+                    [
+                        attempt_row(a, now, held=bool(r.get("ahead")) and a is history[-1])
+                        for a in history
+                    ],
+                    color,
+                )
+            ),
         ]
     for stream, text in (r.get("output_tail") or {}).items():
         if text:
@@ -382,7 +391,9 @@ def state_line(r: dict[str, Any], now: float) -> str:
     free = r.get("attempts", 0) - spent
     if free > 0:
         text += f" ({plural(free, 'run')} requeued without spending an attempt)"
-    if r.get("worker") and r["state"] in ("running", "pending_cancellation"):
+    if r.get("ahead"):
+        text += f", held ahead on {r['worker']}"
+    elif r.get("worker") and r["state"] in ("running", "pending_cancellation"):
         text += f", on {r['worker']} for {elapsed(r, now)}"
     elif r.get("ended"):
         text += f", ended {ago(r['ended'], now)}"
@@ -426,10 +437,11 @@ def _usage(cpu: float | None, rss: int | None) -> str:
 ATTEMPT_HEADERS = ("ATTEMPT", "WORKER", "STARTED", "RAN", "OUTCOME", "EXIT", "CPU", "RSS", "NOTE")
 
 
-def attempt_row(a: dict[str, Any], now: float) -> list[Cell]:
-    outcome = a.get("outcome") or "running"
-    # Given back unstarted (held ahead, handed back, never sent): it neither started nor ran.
-    started = None if outcome == "returned" else a.get("started") or a.get("claimed")
+def attempt_row(a: dict[str, Any], now: float, held: bool = False) -> list[Cell]:
+    """`held`: the attempt of a job held ahead on its worker, not started yet."""
+    outcome = a.get("outcome") or ("held ahead" if held else "running")
+    # Given back unstarted (held ahead, handed back, never sent), or held ahead: not started.
+    started = None if outcome == "returned" or held else a.get("started") or a.get("claimed")
     exit_text = f"signal {a['signal']}" if a.get("signal") else str(a.get("exit_code") or "-")
     if a.get("exit_code") == 0:
         exit_text = "0"
